@@ -1,0 +1,38 @@
+"""Durable workflows for Django.
+
+Public names are imported lazily, so importing the package never imports
+models (it is safe in settings and in ``AppConfig``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .durations import RetryPolicy
+from .exceptions import (
+    InvalidTransition,
+    StepFailed,
+    WorkflowCanceled,
+    WorkflowError,
+    WorkflowFailed,
+)
+
+__all__ = [
+    "InvalidTransition",
+    "RetryPolicy",
+    "StepFailed",
+    "WorkflowCanceled",
+    "WorkflowError",
+    "WorkflowFailed",
+    "workflow",
+]
+
+__version__ = "0.1.0.dev0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "workflow":
+        from .registry import workflow
+
+        return workflow
+    raise AttributeError(f"module 'django_openworkflow' has no attribute {name!r}")

@@ -1,0 +1,102 @@
+"""System checks: bad settings are reported with an id and a hint, never asserted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import Error, Warning, register
+from django.db import connections
+
+from .conf import DEFAULTS
+
+
+@register()
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    errors: list[Any] = []
+    user = getattr(settings, "OPENWORKFLOW", None)
+    if user is None:
+        return errors
+    if not isinstance(user, dict):
+        return [
+            Error(
+                f"OPENWORKFLOW must be a dict, not {type(user).__name__}.",
+                hint="Set OPENWORKFLOW = {...} in settings.py, or remove it to use the defaults.",
+                id="django_openworkflow.E001",
+            )
+        ]
+    for key in sorted(set(user) - set(DEFAULTS)):
+        errors.append(
+            Error(
+                f"OPENWORKFLOW has an unknown key {key!r}.",
+                hint=f"Known keys: {', '.join(sorted(DEFAULTS))}.",
+                id="django_openworkflow.E002",
+            )
+        )
+    positive = {"LEASE_SECONDS", "POLL_INTERVAL", "CONCURRENCY"}
+    for key in sorted(positive & set(user)):
+        value = user[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            errors.append(
+                Error(
+                    f"OPENWORKFLOW[{key!r}] must be a positive number, not {value!r}.",
+                    hint=f"The default is {DEFAULTS[key]!r}.",
+                    id="django_openworkflow.E003",
+                )
+            )
+    if "CONCURRENCY" in user and not isinstance(user["CONCURRENCY"], int):
+        errors.append(
+            Error(
+                f"OPENWORKFLOW['CONCURRENCY'] must be an integer, not {user['CONCURRENCY']!r}.",
+                hint="The number of runs one runworker process executes at once, e.g. 10.",
+                id="django_openworkflow.E004",
+            )
+        )
+    heartbeat = user.get("HEARTBEAT_SECONDS")
+    lease = user.get("LEASE_SECONDS", DEFAULTS["LEASE_SECONDS"])
+    if heartbeat is not None and (
+        isinstance(heartbeat, bool)
+        or not isinstance(heartbeat, (int, float))
+        or heartbeat <= 0
+        or (isinstance(lease, (int, float)) and heartbeat >= lease)
+    ):
+        errors.append(
+            Error(
+                f"OPENWORKFLOW['HEARTBEAT_SECONDS'] must be a positive number below "
+                f"LEASE_SECONDS, not {heartbeat!r}.",
+                hint="Leave it unset to renew leases every third of the lease.",
+                id="django_openworkflow.E005",
+            )
+        )
+    if "NAMESPACE" in user and (not isinstance(user["NAMESPACE"], str) or not user["NAMESPACE"]):
+        errors.append(
+            Error(
+                f"OPENWORKFLOW['NAMESPACE'] must be a non-empty string, not {user['NAMESPACE']!r}.",
+                hint="The default is 'default'.",
+                id="django_openworkflow.E006",
+            )
+        )
+    return errors
+
+
+@register("database")
+def check_sqlite_transaction_mode(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    warnings: list[Any] = []
+    for alias in kwargs.get("databases") or []:
+        connection = connections[alias]
+        if connection.vendor != "sqlite":
+            continue
+        mode = (connection.settings_dict.get("OPTIONS") or {}).get("transaction_mode")
+        if str(mode).upper() != "IMMEDIATE":
+            warnings.append(
+                Warning(
+                    f"SQLite database {alias!r} does not use IMMEDIATE transactions.",
+                    hint=(
+                        'Add "OPTIONS": {"transaction_mode": "IMMEDIATE"} to the database '
+                        "settings: SQLite has no row locks, so workers and resume need the "
+                        "write lock from the start of each transaction."
+                    ),
+                    id="django_openworkflow.W001",
+                )
+            )
+    return warnings

@@ -1,0 +1,63 @@
+"""Settings: one dict, ``OPENWORKFLOW = {...}``, read lazily.
+
+Every key has a documented default (see the README's settings table). Values
+are read on each access, so ``override_settings(OPENWORKFLOW=...)`` works in
+tests; bad values are reported by the system checks in ``checks.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings as django_settings
+
+DEFAULTS: dict[str, Any] = {
+    # Runs are partitioned by namespace: a worker only claims its own.
+    "NAMESPACE": "default",
+    # How long a claim lasts without a heartbeat before another worker may take the run.
+    "LEASE_SECONDS": 30.0,
+    # Heartbeat period; None means a third of the lease.
+    "HEARTBEAT_SECONDS": None,
+    # Longest pause between two looks at the queue when nothing wakes the worker.
+    "POLL_INTERVAL": 1.0,
+    # Runs executed at once by one runworker process (threads).
+    "CONCURRENCY": 10,
+    # PostgreSQL: wake workers with LISTEN/NOTIFY instead of waiting for the poll.
+    "NOTIFY": True,
+}
+
+
+class Settings:
+    """Typed, lazy view of ``settings.OPENWORKFLOW``."""
+
+    def _get(self, key: str) -> Any:
+        user = getattr(django_settings, "OPENWORKFLOW", None) or {}
+        return user.get(key, DEFAULTS[key])
+
+    @property
+    def NAMESPACE(self) -> str:
+        return str(self._get("NAMESPACE"))
+
+    @property
+    def LEASE_SECONDS(self) -> float:
+        return float(self._get("LEASE_SECONDS"))
+
+    @property
+    def HEARTBEAT_SECONDS(self) -> float:
+        value = self._get("HEARTBEAT_SECONDS")
+        return float(value) if value is not None else self.LEASE_SECONDS / 3
+
+    @property
+    def POLL_INTERVAL(self) -> float:
+        return float(self._get("POLL_INTERVAL"))
+
+    @property
+    def CONCURRENCY(self) -> int:
+        return int(self._get("CONCURRENCY"))
+
+    @property
+    def NOTIFY(self) -> bool:
+        return bool(self._get("NOTIFY"))
+
+
+app_settings = Settings()

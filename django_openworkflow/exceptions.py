@@ -1,0 +1,53 @@
+"""Exceptions raised by django-openworkflow.
+
+Every public exception derives from :class:`WorkflowError`, so callers can
+catch the whole family with one ``except`` clause.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class WorkflowError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidTransition(WorkflowError):
+    """A run was asked to move to a status it cannot reach from its current one."""
+
+
+class StepFailed(WorkflowError):
+    """A step used up its retry budget; carries the step's last error.
+
+    Workflow code may catch it (to compensate, say). Uncaught, it fails the
+    run outright: the workflow retry policy does not apply to it.
+    """
+
+    def __init__(self, step_name: str, error: dict[str, Any], attempts: int) -> None:
+        self.step_name = step_name
+        self.error = error
+        self.attempts = attempts
+        kind = error.get("type", "Error")
+        message = error.get("message", "")
+        noun = "attempt" if attempts == 1 else "attempts"
+        super().__init__(f'step "{step_name}" failed after {attempts} {noun}: {kind}: {message}')
+
+
+class WorkflowFailed(WorkflowError):
+    """Raised by ``WorkflowRun.result()`` for a run that ended ``failed``."""
+
+    def __init__(self, run_id: Any, error: dict[str, Any] | None) -> None:
+        self.run_id = run_id
+        self.error = error or {}
+        kind = self.error.get("type", "Error")
+        message = self.error.get("message", "")
+        super().__init__(f"run {run_id} failed: {kind}: {message}")
+
+
+class WorkflowCanceled(WorkflowError):
+    """Raised by ``WorkflowRun.result()`` for a run that was canceled."""
+
+    def __init__(self, run_id: Any) -> None:
+        self.run_id = run_id
+        super().__init__(f"run {run_id} was canceled")

@@ -1,0 +1,96 @@
+"""``manage.py runworker``: execute workflow runs until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandParser
+
+from ...conf import app_settings
+from ...worker import Worker
+
+LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG, 3: logging.DEBUG}
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {value!r}") from None
+    if not (number > 0 and number != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {value!r}")
+    return number
+
+
+class Command(BaseCommand):
+    help = (
+        "Execute workflow runs: claim due runs, run their steps, renew leases. "
+        "SIGTERM/SIGINT finish the runs in flight and exit; a second one exits at once."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--concurrency",
+            type=_positive_int,
+            default=None,
+            help=f"Runs executed at once (threads). Default: OPENWORKFLOW['CONCURRENCY'] "
+            f"({app_settings.CONCURRENCY}).",
+        )
+        parser.add_argument(
+            "--lease",
+            type=_positive_float,
+            default=None,
+            metavar="SECONDS",
+            help=f"How long a claim lasts without heartbeat. Default: "
+            f"OPENWORKFLOW['LEASE_SECONDS'] ({app_settings.LEASE_SECONDS:g}).",
+        )
+        parser.add_argument(
+            "--poll-interval",
+            type=_positive_float,
+            default=None,
+            metavar="SECONDS",
+            help=f"Longest pause between two looks at the queue. Default: "
+            f"OPENWORKFLOW['POLL_INTERVAL'] ({app_settings.POLL_INTERVAL:g}).",
+        )
+        parser.add_argument(
+            "--burst", action="store_true", help="Exit once no run is due instead of waiting."
+        )
+        parser.add_argument(
+            "--worker-id", default=None, help="Name shown on claimed runs. Default: host:pid:random."
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        self._configure_logging(options["verbosity"])
+        worker = Worker(
+            concurrency=options["concurrency"],
+            lease_seconds=options["lease"],
+            poll_interval=options["poll_interval"],
+            burst=options["burst"],
+            worker_id=options["worker_id"],
+        )
+        worker.install_signal_handlers()
+        worker.run()
+
+    def _configure_logging(self, verbosity: int) -> None:
+        logger = logging.getLogger("django_openworkflow")
+        logger.setLevel(LEVELS.get(verbosity, logging.DEBUG))
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+            )
+            logger.addHandler(handler)
+            logger.propagate = False

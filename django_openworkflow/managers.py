@@ -1,0 +1,406 @@
+"""QuerySets (read vocabulary) and Manager transitions.
+
+Every change of a run's status goes through a method here; views, admin
+actions, the worker and the engine call them and never assign ``status``
+themselves. Transitions made on behalf of a worker are *fenced*: they match
+the run's ``claim_token`` (new for every claim), so a worker that lost its
+claim writes nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from django.db import models, transaction
+from django.db.models import Q
+from django.db.models.functions import Coalesce, Now
+
+from .exceptions import InvalidTransition
+
+if TYPE_CHECKING:
+    from .models import WorkflowRun
+
+ACTIVE = ("pending", "running")
+NOTIFY_CHANNEL = "django_openworkflow"
+
+DEADLINE_ERROR = {
+    "type": "DeadlineExceeded",
+    "message": "deadline passed: the run did not finish before its deadline_at",
+}
+CANCELED_ERROR = {"type": "WorkflowCanceled", "message": "canceled while the step was running"}
+
+
+def now_plus(seconds: float) -> models.Expression:
+    """The database clock plus ``seconds``, as an expression."""
+    return models.ExpressionWrapper(
+        Now() + models.Value(timedelta(seconds=seconds)),
+        output_field=models.DateTimeField(),
+    )
+
+
+def not_past_deadline() -> Q:
+    return Q(deadline_at__isnull=True) | Q(deadline_at__gt=Now())
+
+
+def notify(using: str, namespace: str) -> None:
+    """Wake PostgreSQL workers of ``namespace`` when the current transaction commits."""
+    from django.db import connections
+
+    connection = connections[using]
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_notify(%s, %s)", [NOTIFY_CHANNEL, namespace])
+
+
+def _pk(run_or_id: Any) -> Any:
+    return getattr(run_or_id, "pk", run_or_id)
+
+
+class WorkflowRunQuerySet(models.QuerySet["WorkflowRun"]):
+    def active(self) -> WorkflowRunQuerySet:
+        """Runs that have not finished: pending (queued or parked) or running."""
+        return self.filter(status__in=ACTIVE)
+
+    def finished(self) -> WorkflowRunQuerySet:
+        return self.exclude(status__in=ACTIVE)
+
+    def failed(self) -> WorkflowRunQuerySet:
+        return self.filter(status="failed")
+
+    def resumable(self) -> WorkflowRunQuerySet:
+        return self.failed()
+
+    def in_namespace(self, namespace: str) -> WorkflowRunQuerySet:
+        return self.filter(namespace=namespace)
+
+    def due(self) -> WorkflowRunQuerySet:
+        """Active runs a worker may take now: queued, woken, or with an expired lease."""
+        return self.active().filter(available_at__lte=Now()).filter(not_past_deadline())
+
+    def overdue(self) -> WorkflowRunQuerySet:
+        """Active runs whose deadline has passed."""
+        return self.active().filter(deadline_at__lte=Now())
+
+    def resume(self, *, by: Any = None) -> list[WorkflowRun]:
+        """Resume every resumable run in the queryset; skip the others. Returns the resumed."""
+        resumed = []
+        for pk in self.values_list("pk", flat=True):
+            try:
+                resumed.append(self.model.objects.resume(pk, by=by))
+            except (InvalidTransition, self.model.DoesNotExist):
+                continue
+        return resumed
+
+    def cancel(self, *, by: Any = None) -> list[WorkflowRun]:
+        """Cancel every active run in the queryset; skip the others. Returns the canceled."""
+        canceled = []
+        for pk in self.values_list("pk", flat=True):
+            try:
+                canceled.append(self.model.objects.cancel(pk, by=by))
+            except (InvalidTransition, self.model.DoesNotExist):
+                continue
+        return canceled
+
+
+class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # type: ignore[misc]
+    # --- transitions asked for by people (views, admin, shell) -------------
+
+    def resume(
+        self, run_or_id: Any, *, deadline_at: Any = None, by: Any = None
+    ) -> WorkflowRun:
+        """Send a failed run back to the queue; completed steps keep their results.
+
+        Locks the run row and decides from the status read under that lock.
+        Raises ``InvalidTransition`` for a run that is not ``failed`` (or whose
+        deadline has passed and no future ``deadline_at`` is given) and
+        ``WorkflowRun.DoesNotExist`` for an unknown id.
+        """
+        from .models import WorkflowRunEvent
+
+        with transaction.atomic(using=self.db):
+            run = (
+                self.select_for_update()
+                .annotate(db_now=Now())
+                .get(pk=_pk(run_or_id))
+            )
+            if run.status != self.model.Status.FAILED:
+                raise InvalidTransition(
+                    f"cannot resume run {run.pk}: it is {run.status}; only failed runs can be resumed"
+                )
+            db_now = run.db_now
+            if deadline_at is not None:
+                if deadline_at <= db_now:
+                    raise InvalidTransition(
+                        f"cannot resume run {run.pk}: the new deadline_at {deadline_at.isoformat()} "
+                        "is not in the future"
+                    )
+                run.deadline_at = deadline_at
+            elif run.deadline_at is not None and run.deadline_at <= db_now:
+                raise InvalidTransition(
+                    f"cannot resume run {run.pk}: its deadline_at {run.deadline_at.isoformat()} "
+                    "has passed; pass a future deadline_at= to resume it"
+                )
+            cleared = run.error
+            run.status = self.model.Status.PENDING
+            run.error = None
+            run.worker_id = None
+            run.claim_token = None
+            run.started_at = None
+            run.finished_at = None
+            run.attempts = 0
+            run.resume_generation += 1
+            run.available_at = db_now
+            run.updated_at = db_now
+            run.save(
+                update_fields=[
+                    "status",
+                    "error",
+                    "worker_id",
+                    "claim_token",
+                    "started_at",
+                    "finished_at",
+                    "attempts",
+                    "resume_generation",
+                    "available_at",
+                    "updated_at",
+                    "deadline_at",
+                ]
+            )
+            WorkflowRunEvent.objects.using(self.db).create(
+                run=run, action=WorkflowRunEvent.Action.RESUME, by=by, cleared_error=cleared
+            )
+            notify(self.db, run.namespace)
+        return run
+
+    def cancel(self, run_or_id: Any, *, by: Any = None) -> WorkflowRun:
+        """Cancel a pending or running run and its unfinished child runs.
+
+        A worker executing it stops at its next step boundary and stores
+        nothing further as success. Raises ``InvalidTransition`` for a
+        finished run and ``WorkflowRun.DoesNotExist`` for an unknown id.
+        """
+        from .models import StepAttempt, WorkflowRunEvent
+
+        with transaction.atomic(using=self.db):
+            run = self.select_for_update().annotate(db_now=Now()).get(pk=_pk(run_or_id))
+            if run.status not in ACTIVE:
+                raise InvalidTransition(
+                    f"cannot cancel run {run.pk}: it is {run.status}; "
+                    "only pending or running runs can be canceled"
+                )
+            run.status = self.model.Status.CANCELED
+            run.worker_id = None
+            run.claim_token = None
+            run.available_at = None
+            run.finished_at = run.db_now
+            run.updated_at = run.db_now
+            run.save(
+                update_fields=[
+                    "status",
+                    "worker_id",
+                    "claim_token",
+                    "available_at",
+                    "finished_at",
+                    "updated_at",
+                ]
+            )
+            StepAttempt.objects.using(self.db).filter(workflow_run=run, status="running").update(
+                status="failed", error=CANCELED_ERROR, finished_at=Now()
+            )
+            WorkflowRunEvent.objects.using(self.db).create(
+                run=run, action=WorkflowRunEvent.Action.CANCEL, by=by
+            )
+            children = self.filter(parent_step_attempt__workflow_run=run).active()
+            for child_pk in children.values_list("pk", flat=True):
+                try:
+                    self.cancel(child_pk, by=by)
+                except InvalidTransition:  # finished meanwhile
+                    continue
+        return run
+
+    # --- transitions made by workers ----------------------------------------
+
+    def claim(
+        self,
+        *,
+        worker_id: str,
+        workflow_names: Iterable[str],
+        limit: int,
+        lease_seconds: float,
+        namespace: str,
+    ) -> list[WorkflowRun]:
+        """Take up to ``limit`` due runs of the known workflows for this worker.
+
+        One short transaction: lock due rows (``SKIP LOCKED`` where row locks
+        exist, the IMMEDIATE write lock on SQLite), mark them running with a
+        new claim token and a lease, commit. Each returned run carries
+        ``db_now``, the database clock at the claim.
+        """
+        names = list(workflow_names)
+        if limit < 1 or not names:
+            return []
+        token = uuid.uuid4()
+        with transaction.atomic(using=self.db):
+            candidates = (
+                self.in_namespace(namespace)
+                .due()
+                .filter(workflow_name__in=names)
+                .order_by("available_at")
+            )
+            if self._connection().features.has_select_for_update_skip_locked:
+                candidates = candidates.select_for_update(skip_locked=True)
+            ids = list(candidates.values_list("pk", flat=True)[:limit])
+            if not ids:
+                return []
+            # Compare-and-set: only rows still due are taken.
+            self.filter(pk__in=ids).due().update(
+                status=self.model.Status.RUNNING,
+                worker_id=worker_id,
+                claim_token=token,
+                available_at=now_plus(lease_seconds),
+                started_at=Coalesce("started_at", Now()),
+                updated_at=Now(),
+            )
+            return list(self.filter(claim_token=token).annotate(db_now=Now()))
+
+    def renew_leases(self, tokens: Sequence[uuid.UUID], lease_seconds: float) -> int:
+        """Extend the lease of the runs claimed with ``tokens``.
+
+        Rows locked by a run's own ``step.atomic`` are skipped rather than
+        waited for: that step renews the lease itself when it commits.
+        """
+        if not tokens:
+            return 0
+        with transaction.atomic(using=self.db):
+            owned = self.filter(claim_token__in=list(tokens), status=self.model.Status.RUNNING)
+            if self._connection().features.has_select_for_update_skip_locked:
+                owned = owned.select_for_update(skip_locked=True)
+            ids = list(owned.values_list("pk", flat=True))
+            if not ids:
+                return 0
+            return self.filter(pk__in=ids).update(available_at=now_plus(lease_seconds))
+
+    def fail_overdue(self, namespace: str) -> int:
+        """Fail the active runs of ``namespace`` whose deadline has passed."""
+        from .models import StepAttempt
+
+        with transaction.atomic(using=self.db):
+            overdue = self.in_namespace(namespace).overdue()
+            if self._connection().features.has_select_for_update_skip_locked:
+                overdue = overdue.select_for_update(skip_locked=True)
+            ids = list(overdue.values_list("pk", flat=True))
+            if not ids:
+                return 0
+            StepAttempt.objects.using(self.db).filter(
+                workflow_run_id__in=ids, status="running"
+            ).update(status="failed", error=DEADLINE_ERROR, finished_at=Now())
+            return (
+                self.filter(pk__in=ids)
+                .overdue()
+                .update(
+                    status=self.model.Status.FAILED,
+                    error=DEADLINE_ERROR,
+                    worker_id=None,
+                    claim_token=None,
+                    available_at=None,
+                    finished_at=Now(),
+                    updated_at=Now(),
+                )
+            )
+
+    def next_due_at(self, namespace: str, workflow_names: Iterable[str]) -> Any:
+        """When the earliest active run of the known workflows becomes due, or None."""
+        names = list(workflow_names)
+        if not names:
+            return None
+        return (
+            self.in_namespace(namespace)
+            .active()
+            .filter(workflow_name__in=names)
+            .aggregate(at=models.Min("available_at"))["at"]
+        )
+
+    def claimed(self, run_id: Any, token: uuid.UUID) -> WorkflowRunQuerySet:
+        """The run, if and only if it is still running under the claim ``token``."""
+        return self.filter(pk=run_id, claim_token=token, status=self.model.Status.RUNNING)
+
+    def fence(self, run_id: Any, token: uuid.UUID, *, lease_seconds: float | None = None) -> bool:
+        """Inside a transaction: lock the claimed run and check the claim still holds.
+
+        False when the claim was lost (lease taken over, canceled, finished)
+        or the deadline passed. With ``lease_seconds`` the lease is renewed.
+        """
+        changes: dict[str, Any] = {"updated_at": Now()}
+        if lease_seconds is not None:
+            changes["available_at"] = now_plus(lease_seconds)
+        return bool(self.claimed(run_id, token).filter(not_past_deadline()).update(**changes))
+
+    def finish_claimed(
+        self,
+        run_id: Any,
+        token: uuid.UUID,
+        status: str,
+        *,
+        output: Any = None,
+        error: dict[str, Any] | None = None,
+        attempts: int | None = None,
+    ) -> bool:
+        """Complete or fail a claimed run (fenced)."""
+        changes: dict[str, Any] = {
+            "status": status,
+            "output": output,
+            "error": error,
+            "worker_id": None,
+            "claim_token": None,
+            "available_at": None,
+            "finished_at": Now(),
+            "updated_at": Now(),
+        }
+        if attempts is not None:
+            changes["attempts"] = attempts
+        claimed = self.claimed(run_id, token)
+        if status == self.model.Status.COMPLETED:  # unfinished at the deadline means failed
+            claimed = claimed.filter(not_past_deadline())
+        return bool(claimed.update(**changes))
+
+    def park_claimed(
+        self,
+        run_id: Any,
+        token: uuid.UUID,
+        available_at: Any,
+        *,
+        attempts: int | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> bool:
+        """Release a claimed run until ``available_at`` (a sleep, a wait or a retry)."""
+        changes: dict[str, Any] = {
+            "status": self.model.Status.PENDING,
+            "worker_id": None,
+            "claim_token": None,
+            "available_at": available_at,
+            "updated_at": Now(),
+        }
+        if attempts is not None:
+            changes["attempts"] = attempts
+            changes["error"] = error
+        return bool(self.claimed(run_id, token).filter(not_past_deadline()).update(**changes))
+
+    def _connection(self) -> Any:
+        from django.db import connections
+
+        return connections[self.db]
+
+
+class StepAttemptQuerySet(models.QuerySet[Any]):
+    def running(self) -> StepAttemptQuerySet:
+        return self.filter(status="running")
+
+    def completed(self) -> StepAttemptQuerySet:
+        return self.filter(status="completed")
+
+    def failed(self) -> StepAttemptQuerySet:
+        return self.filter(status="failed")

@@ -1,0 +1,241 @@
+"""Workflow runs, their step attempts and their resume/cancel history."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models.functions import Now
+from django.urls import reverse
+from django.utils.translation import gettext_lazy as _
+
+from .managers import StepAttemptQuerySet, WorkflowRunManager
+
+
+class WorkflowRun(models.Model):
+    """One execution of a workflow: the queue entry and its durable state."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", _("pending")
+        RUNNING = "running", _("running")
+        COMPLETED = "completed", _("completed")
+        FAILED = "failed", _("failed")
+        CANCELED = "canceled", _("canceled")
+
+    ACTIVE_STATUSES = (Status.PENDING, Status.RUNNING)
+    FINISHED_STATUSES = (Status.COMPLETED, Status.FAILED, Status.CANCELED)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    namespace = models.CharField(_("namespace"), max_length=100, default="default")
+    workflow_name = models.CharField(_("workflow"), max_length=255)
+    version = models.CharField(_("version"), max_length=100, null=True, blank=True)
+    status = models.CharField(
+        _("status"), max_length=16, choices=Status.choices, default=Status.PENDING
+    )
+    idempotency_key = models.CharField(_("idempotency key"), max_length=255, null=True, blank=True)
+    input = models.JSONField(_("input"), null=True, blank=True)
+    output = models.JSONField(_("output"), null=True, blank=True)
+    error = models.JSONField(_("error"), null=True, blank=True)
+    attempts = models.PositiveIntegerField(
+        _("attempts"),
+        default=0,
+        help_text=_("Workflow-level failures since creation or the last resume."),
+    )
+    worker_id = models.CharField(_("worker"), max_length=255, null=True, blank=True)
+    claim_token = models.UUIDField(_("claim token"), null=True, blank=True, editable=False)
+    available_at = models.DateTimeField(
+        _("available at"),
+        null=True,
+        blank=True,
+        db_default=Now(),
+        help_text=_("When a worker may take the run: due time, lease end or wake-up time."),
+    )
+    deadline_at = models.DateTimeField(_("deadline"), null=True, blank=True)
+    started_at = models.DateTimeField(_("started at"), null=True, blank=True)
+    finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
+    created_at = models.DateTimeField(_("created at"), db_default=Now(), editable=False)
+    updated_at = models.DateTimeField(_("updated at"), db_default=Now(), editable=False)
+    parent_step_attempt = models.ForeignKey(
+        "StepAttempt",
+        verbose_name=_("parent step attempt"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="child_runs",
+    )
+    resume_generation = models.PositiveIntegerField(_("resume generation"), default=0)
+
+    objects = WorkflowRunManager()
+
+    class Meta:
+        verbose_name = _("workflow run")
+        verbose_name_plural = _("workflow runs")
+        ordering = ["-created_at"]
+        indexes = [
+            # The claim query: due runs of one namespace, oldest first.
+            models.Index(
+                fields=["namespace", "available_at"],
+                condition=models.Q(status__in=["pending", "running"]),
+                name="owf_run_due_idx",
+            ),
+            models.Index(
+                fields=["deadline_at"],
+                condition=models.Q(status__in=["pending", "running"], deadline_at__isnull=False),
+                name="owf_run_deadline_idx",
+            ),
+            models.Index(
+                fields=["namespace", "workflow_name", "idempotency_key"],
+                condition=models.Q(idempotency_key__isnull=False),
+                name="owf_run_idempotency_idx",
+            ),
+            models.Index(fields=["status", "-created_at"], name="owf_run_status_idx"),
+            models.Index(fields=["workflow_name", "-created_at"], name="owf_run_workflow_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(
+                    status__in=["pending", "running", "completed", "failed", "canceled"]
+                ),
+                name="owf_run_status_valid",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.workflow_name} {self.pk} ({self.status})"
+
+    def get_absolute_url(self) -> str:
+        return reverse("django_openworkflow:run-detail", args=[self.pk])
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in self.FINISHED_STATUSES
+
+    def result(self, timeout: float | None = None) -> object:
+        """Wait for the run to finish and return its output.
+
+        Raises ``WorkflowFailed`` or ``WorkflowCanceled`` for runs that ended so,
+        and ``TimeoutError`` when ``timeout`` seconds pass first.
+        """
+        from .results import wait_for_result
+
+        return wait_for_result(self, timeout)
+
+
+class StepAttempt(models.Model):
+    """One attempt at one step of a run; completed attempts are the run's memory."""
+
+    class Kind(models.TextChoices):
+        RUN = "run", _("run")
+        SLEEP = "sleep", _("sleep")
+        WORKFLOW = "workflow", _("child workflow")
+        SIGNAL_SEND = "signal_send", _("send signal")
+        SIGNAL_WAIT = "signal_wait", _("wait for signal")
+
+    class Status(models.TextChoices):
+        RUNNING = "running", _("running")
+        COMPLETED = "completed", _("completed")
+        FAILED = "failed", _("failed")
+
+    id = models.BigAutoField(primary_key=True)
+    workflow_run = models.ForeignKey(
+        WorkflowRun,
+        verbose_name=_("workflow run"),
+        on_delete=models.CASCADE,
+        related_name="step_attempts",
+        db_index=False,  # covered by owf_step_run_idx
+    )
+    step_name = models.CharField(_("step"), max_length=255)
+    kind = models.CharField(_("kind"), max_length=16, choices=Kind.choices, default=Kind.RUN)
+    status = models.CharField(
+        _("status"), max_length=16, choices=Status.choices, default=Status.RUNNING
+    )
+    output = models.JSONField(_("output"), null=True, blank=True)
+    error = models.JSONField(_("error"), null=True, blank=True)
+    child_workflow_run = models.ForeignKey(
+        WorkflowRun,
+        verbose_name=_("child run"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    resume_generation = models.PositiveIntegerField(_("resume generation"), default=0)
+    wake_at = models.DateTimeField(
+        _("wake at"),
+        null=True,
+        blank=True,
+        help_text=_("For sleeps and waits: when the step is over (or times out)."),
+    )
+    started_at = models.DateTimeField(_("started at"), db_default=Now())
+    finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
+    created_at = models.DateTimeField(_("created at"), db_default=Now(), editable=False)
+
+    objects = StepAttemptQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("step attempt")
+        verbose_name_plural = _("step attempts")
+        ordering = ["workflow_run", "id"]
+        indexes = [
+            models.Index(fields=["workflow_run", "id"], name="owf_step_run_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(status__in=["running", "completed", "failed"]),
+                name="owf_step_status_valid",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(
+                    kind__in=["run", "sleep", "workflow", "signal_send", "signal_wait"]
+                ),
+                name="owf_step_kind_valid",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.step_name} ({self.status})"
+
+    @property
+    def duration(self):  # type: ignore[no-untyped-def]
+        if self.finished_at and self.started_at:
+            return self.finished_at - self.started_at
+        return None
+
+
+class WorkflowRunEvent(models.Model):
+    """A resume or cancel of a run: who did it, when, and the error it cleared."""
+
+    class Action(models.TextChoices):
+        RESUME = "resume", _("resume")
+        CANCEL = "cancel", _("cancel")
+
+    id = models.BigAutoField(primary_key=True)
+    run = models.ForeignKey(
+        WorkflowRun, verbose_name=_("run"), on_delete=models.CASCADE, related_name="events"
+    )
+    action = models.CharField(_("action"), max_length=16, choices=Action.choices)
+    by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        verbose_name=_("by"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    at = models.DateTimeField(_("at"), db_default=Now())
+    cleared_error = models.JSONField(_("cleared error"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("workflow run event")
+        verbose_name_plural = _("workflow run events")
+        ordering = ["run", "at", "id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(action__in=["resume", "cancel"]),
+                name="owf_event_action_valid",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.action} of {self.run_id} at {self.at}"

@@ -1,0 +1,53 @@
+"""JSON-only values: inputs, step results and outputs are checked, never converted."""
+
+from __future__ import annotations
+
+import math
+import traceback
+from typing import Any
+
+
+def json_problem(value: Any, path: str = "$") -> str | None:
+    """Describe why ``value`` is not a plain JSON value, or return None if it is.
+
+    Only ``None``, ``bool``, ``int``, finite ``float``, ``str``, ``list`` and
+    ``dict`` with ``str`` keys pass: tuples, sets, dates, Decimals and the like
+    would be converted (or lost) by a JSON round trip, so they are refused.
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return None
+    if isinstance(value, int):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path} is {value!r}, which JSON cannot hold"
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            problem = json_problem(item, f"{path}[{index}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path} has the key {key!r} of type {type(key).__name__}; JSON keys are strings"
+            problem = json_problem(item, f"{path}[{key!r}]")
+            if problem:
+                return problem
+        return None
+    return f"{path} is a {type(value).__module__}.{type(value).__qualname__} ({value!r:.80})"
+
+
+def ensure_json(value: Any, what: str) -> None:
+    """Raise ``TypeError`` naming ``what`` when ``value`` is not a plain JSON value."""
+    problem = json_problem(value)
+    if problem:
+        raise TypeError(f"{what} is not a JSON value: {problem}")
+
+
+def describe_exception(exc: BaseException) -> dict[str, Any]:
+    """The stored form of an error: type, message and traceback."""
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+    }

@@ -1,0 +1,12 @@
+from django.urls import path
+
+from . import views
+
+app_name = "django_openworkflow"
+
+urlpatterns = [
+    path("", views.run_list, name="run-list"),
+    path("<uuid:run_id>/", views.run_detail, name="run-detail"),
+    path("<uuid:run_id>/resume/", views.run_resume, name="run-resume"),
+    path("<uuid:run_id>/cancel/", views.run_cancel, name="run-cancel"),
+]

@@ -1,0 +1,238 @@
+"""The worker loop: claim due runs, execute them on threads, renew leases, stop cleanly.
+
+One ``Worker`` runs in one process. Its main thread claims due runs (as many
+as it has free slots) and hands each to a thread of its pool; each thread
+has its own database connection. A heartbeat thread renews the leases of the
+runs in flight. On PostgreSQL a listener thread waits on ``LISTEN`` so new,
+resumed and woken runs are picked up at once; polling is only the fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+from django.db import DatabaseError, close_old_connections, connections, router
+from django.utils import timezone
+
+from .conf import app_settings
+from .engine import Execution
+from .managers import NOTIFY_CHANNEL
+from .models import WorkflowRun
+from .registry import get_workflow, workflow_names
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    """Executes due workflow runs until stopped (or, with ``burst``, until none is due)."""
+
+    def __init__(
+        self,
+        *,
+        concurrency: int | None = None,
+        lease_seconds: float | None = None,
+        poll_interval: float | None = None,
+        burst: bool = False,
+        namespace: str | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.concurrency = concurrency or app_settings.CONCURRENCY
+        self.lease_seconds = lease_seconds or app_settings.LEASE_SECONDS
+        self.heartbeat_seconds = min(app_settings.HEARTBEAT_SECONDS, self.lease_seconds / 3)
+        self.poll_interval = poll_interval if poll_interval is not None else app_settings.POLL_INTERVAL
+        self.burst = burst
+        self.namespace = namespace or app_settings.NAMESPACE
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.using = router.db_for_write(WorkflowRun)
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._finished = threading.Event()
+        self._lock = threading.Lock()
+        self._in_flight: dict[Any, WorkflowRun] = {}
+        self._signals = 0
+        self.runs_executed = 0
+
+    # --- control ----------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop taking new runs; the in-flight ones finish, then ``run()`` returns."""
+        self._stopping.set()
+        self._wakeup.set()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals == 1:
+            logger.warning(
+                "stopping worker=%s signal=%s in_flight=%d (send again to exit now)",
+                self.worker_id,
+                name,
+                len(self._in_flight),
+            )
+            self.stop()
+        else:
+            logger.warning("exiting now worker=%s signal=%s", self.worker_id, name)
+            os._exit(1)
+
+    # --- the loop -----------------------------------------------------------------
+
+    def run(self) -> None:
+        names = workflow_names()
+        logger.info(
+            "worker started worker=%s namespace=%s concurrency=%d lease=%ss workflows=%d",
+            self.worker_id,
+            self.namespace,
+            self.concurrency,
+            self.lease_seconds,
+            len(names),
+        )
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="openworkflow-run")
+        helpers = [threading.Thread(target=self._heartbeat_loop, name="openworkflow-heartbeat")]
+        if app_settings.NOTIFY and connections[self.using].vendor == "postgresql":
+            helpers.append(threading.Thread(target=self._listen_loop, name="openworkflow-listen"))
+        for thread in helpers:
+            thread.daemon = True
+            thread.start()
+        try:
+            self._loop(pool, names)
+        finally:
+            pool.shutdown(wait=True)
+            self._stopping.set()
+            self._finished.set()
+            for thread in helpers:
+                thread.join(timeout=5)
+            connections.close_all()
+            logger.info("worker stopped worker=%s runs=%d", self.worker_id, self.runs_executed)
+
+    def _loop(self, pool: ThreadPoolExecutor, names: list[str]) -> None:
+        last_sweep = 0.0
+        failures = 0
+        while not self._stopping.is_set():
+            self._wakeup.clear()
+            try:
+                close_old_connections()
+                if time.monotonic() - last_sweep >= self.poll_interval:
+                    last_sweep = time.monotonic()
+                    overdue = WorkflowRun.objects.fail_overdue(self.namespace)
+                    if overdue:
+                        logger.info("runs failed reason=deadline count=%d", overdue)
+                free = self.concurrency - len(self._in_flight)
+                claimed = []
+                if free > 0:
+                    claimed = WorkflowRun.objects.claim(
+                        worker_id=self.worker_id,
+                        workflow_names=names,
+                        limit=free,
+                        lease_seconds=self.lease_seconds,
+                        namespace=self.namespace,
+                    )
+                for run in claimed:
+                    self._submit(pool, run)
+                if claimed and len(claimed) == free:
+                    continue  # there may be more; claim again when a slot frees
+                if free > 0 and not claimed and self.burst and not self._in_flight:
+                    logger.info("no runs due, burst worker exits worker=%s", self.worker_id)
+                    return
+                timeout = self._idle_timeout(names) if free > len(claimed) else self.poll_interval
+                failures = 0
+            except DatabaseError as exc:
+                failures += 1
+                timeout = min(self.poll_interval * 2**failures, 30.0)
+                logger.warning(
+                    "database error worker=%s error=%s retry_in=%.1fs", self.worker_id, exc, timeout
+                )
+                connections[self.using].close()
+            self._wakeup.wait(timeout)
+
+    def _idle_timeout(self, names: list[str]) -> float:
+        """Sleep until the next known wake-up, but no longer than the poll interval."""
+        next_due = WorkflowRun.objects.next_due_at(self.namespace, names)
+        if next_due is None:
+            return self.poll_interval
+        seconds = (next_due - timezone.now()).total_seconds()
+        return max(0.0, min(self.poll_interval, seconds + 0.001))
+
+    def _submit(self, pool: ThreadPoolExecutor, run: WorkflowRun) -> None:
+        with self._lock:
+            self._in_flight[run.pk] = run
+        logger.info(
+            "run claimed run=%s workflow=%s worker=%s", run.pk, run.workflow_name, self.worker_id
+        )
+        pool.submit(self._execute, run)
+
+    def _execute(self, run: WorkflowRun) -> None:
+        try:
+            workflow = get_workflow(run.workflow_name)
+            if workflow is None:  # claims only ask for known names; registry changed?
+                logger.error("unknown workflow run=%s workflow=%s", run.pk, run.workflow_name)
+                WorkflowRun.objects.park_claimed(
+                    run.pk, run.claim_token, timezone.now() + timedelta(seconds=5)
+                )
+                return
+            Execution(run, workflow, lease_seconds=self.lease_seconds).execute()
+        except Exception:
+            logger.exception("run crashed the engine run=%s", run.pk)
+        finally:
+            with self._lock:
+                self._in_flight.pop(run.pk, None)
+                self.runs_executed += 1
+            connection = connections[self.using]
+            if connection.in_atomic_block:  # never leak a transaction into the next run
+                connection.close()
+            else:
+                connection.close_if_unusable_or_obsolete()
+            self._wakeup.set()
+
+    # --- helpers threads ----------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        try:
+            while not self._finished.wait(self.heartbeat_seconds):
+                with self._lock:
+                    tokens = [run.claim_token for run in self._in_flight.values()]
+                if not tokens:
+                    continue
+                try:
+                    renewed = WorkflowRun.objects.renew_leases(tokens, self.lease_seconds)
+                    logger.debug("leases renewed worker=%s runs=%d", self.worker_id, renewed)
+                except DatabaseError as exc:
+                    logger.warning("heartbeat failed worker=%s error=%s", self.worker_id, exc)
+                    connections[self.using].close()
+        finally:
+            connections[self.using].close()
+
+    def _listen_loop(self) -> None:
+        import psycopg
+
+        delay = 0.5
+        while not self._stopping.is_set():
+            try:
+                params = connections[self.using].get_connection_params()
+                params.pop("cursor_factory", None)
+                params.pop("context", None)
+                params.pop("server_side_binding", None)
+                with psycopg.connect(**params, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    delay = 0.5
+                    logger.debug("listening channel=%s", NOTIFY_CHANNEL)
+                    while not self._stopping.is_set():
+                        for notice in conn.notifies(timeout=1.0):
+                            if notice.payload in ("", self.namespace):
+                                self._wakeup.set()
+            except Exception as exc:  # reconnect with backoff; polling covers the gap
+                logger.warning("listen failed worker=%s error=%s", self.worker_id, exc)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, 30.0)

@@ -1,0 +1,85 @@
+"""Settings for the test suite.
+
+``DATABASE_URL`` picks the database: unset, a SQLite file; ``make test`` runs
+the suite once on SQLite and once on PostgreSQL
+(``postgres://postgres@127.0.0.1:5432/test``). Worker subprocesses started by
+tests use the same settings with ``OPENWORKFLOW_TEST_DB`` naming the test
+database the test runner created.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent
+env = environ.Env()
+
+SECRET_KEY = "tests-only-not-secret"
+DEBUG = False
+USE_TZ = True
+TIME_ZONE = "UTC"
+ALLOWED_HOSTS = ["*"]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_openworkflow",
+    "tests.testapp",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+
+ROOT_URLCONF = "tests.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+_sqlite_file = os.environ.get("OPENWORKFLOW_SQLITE", str(BASE_DIR.parent / ".test-db.sqlite3"))
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{_sqlite_file}")}
+_db = DATABASES["default"]
+if _db["ENGINE"] == "django.db.backends.sqlite3":
+    _db["OPTIONS"] = {"transaction_mode": "IMMEDIATE", "timeout": 30}
+    _db["TEST"] = {"NAME": _sqlite_file.replace(".sqlite3", "-test.sqlite3")}
+if os.environ.get("OPENWORKFLOW_TEST_DB"):
+    # A worker subprocess: talk to the database the test runner created.
+    _db["NAME"] = os.environ["OPENWORKFLOW_TEST_DB"]
+
+STATIC_URL = "/static/"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+OPENWORKFLOW = {
+    "POLL_INTERVAL": 0.2,
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"django_openworkflow": {"handlers": ["console"], "level": "WARNING"}},
+}

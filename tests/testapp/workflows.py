@@ -1,0 +1,134 @@
+"""Workflows the test suite runs. Step functions record side effects in SideEffect."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from django_openworkflow import RetryPolicy, workflow
+
+from .models import Ledger, SideEffect
+
+FAST = RetryPolicy(initial_interval="10ms", backoff_coefficient=2.0, maximum_interval="50ms")
+
+
+def effect(ctx, step):
+    SideEffect.objects.create(run_id=ctx.run_id, step=step, pid=os.getpid())
+
+
+@workflow(name="three-steps")
+def three_steps(ctx):
+    total = 0
+    for i in range(3):
+
+        def step(i=i):
+            effect(ctx, f"s{i}")
+            return {"i": ctx.input["i"] if ctx.input else 0, "step": i}
+
+        total += ctx.step.run(f"s{i}", step)["step"]
+    return {"total": total}
+
+
+@workflow(name="echo")
+def echo(ctx):
+    return ctx.step.run("echo", lambda: ctx.input)
+
+
+@workflow(name="flaky")
+def flaky(ctx):
+    """Fails its step ctx.input['failures'] times, then succeeds."""
+
+    def step():
+        effect(ctx, "flaky")
+        done = SideEffect.objects.filter(run_id=ctx.run_id, step="flaky").count()
+        if done <= ctx.input["failures"]:
+            raise ValueError(f"boom {done}")
+        return done
+
+    policy = RetryPolicy(
+        initial_interval=ctx.input.get("initial", "10ms"),
+        backoff_coefficient=2.0,
+        maximum_interval="1s",
+        maximum_attempts=ctx.input.get("attempts", 10),
+    )
+    return ctx.step.run("flaky", step, retry_policy=policy)
+
+
+@workflow(name="catches-step-failure")
+def catches_step_failure(ctx):
+    from django_openworkflow import StepFailed
+
+    def bad():
+        effect(ctx, "bad")
+        raise RuntimeError("always")
+
+    try:
+        ctx.step.run("bad", bad, retry_policy=RetryPolicy(maximum_attempts=2, initial_interval=0))
+    except StepFailed as exc:
+        return ctx.step.run("compensate", lambda: {"compensated": str(exc)})
+    return "unreachable"
+
+
+@workflow(name="workflow-retries", retry_policy=RetryPolicy(maximum_attempts=3, initial_interval="10ms"))
+def workflow_retries(ctx):
+    ctx.step.run("first", lambda: effect(ctx, "first") or 1)
+    raise KeyError("workflow code failed")
+
+
+@workflow(name="sleeper")
+def sleeper(ctx):
+    ctx.step.run("before", lambda: effect(ctx, "before") or 1)
+    ctx.step.sleep("nap", ctx.input.get("sleep", "300ms"))
+    return ctx.step.run("after", lambda: effect(ctx, "after") or 2)
+
+
+@workflow(name="bad-result")
+def bad_result(ctx):
+    return ctx.step.run("bad", lambda: effect(ctx, "bad") or {1, 2})
+
+
+@workflow(name="atomic-writer")
+def atomic_writer(ctx):
+    def write():
+        Ledger.objects.create(run_id=ctx.run_id, note="written")
+        if ctx.input.get("fail"):
+            raise RuntimeError("after the write")
+        return Ledger.objects.filter(run_id=ctx.run_id).count()
+
+    return ctx.step.atomic(
+        "write", write, retry_policy=RetryPolicy(maximum_attempts=1)
+    )
+
+
+@workflow(name="repeated-names")
+def repeated_names(ctx):
+    a = ctx.step.run("x", lambda: "a")
+    b = ctx.step.run("x", lambda: "b")
+    c = ctx.step.run("x:1", lambda: "c")
+    d = ctx.step.run("x", lambda: "d")
+    return [a, b, c, d]
+
+
+@workflow(name="waits-for-file")
+def waits_for_file(ctx):
+    """Step 'first' finishes; step 'block' waits until a file named in the input exists."""
+    ctx.step.run("first", lambda: effect(ctx, "first") or 1)
+
+    def block():
+        effect(ctx, "block")
+        path = Path(ctx.input["path"])
+        deadline = time.monotonic() + ctx.input.get("max_wait", 60)
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return 2
+
+    ctx.step.run("block", block)
+    return ctx.step.run("last", lambda: effect(ctx, "last") or 3)
+
+
+@workflow(name="many-steps")
+def many_steps(ctx):
+    for i in range(ctx.input["n"]):
+        ctx.step.run(f"s{i}", lambda: None)
+    return "done"
