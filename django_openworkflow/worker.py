@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+import queue
 from datetime import timedelta
 from typing import Any
 
@@ -58,6 +58,7 @@ class Worker:
         self._finished = threading.Event()
         self._lock = threading.Lock()
         self._in_flight: dict[Any, WorkflowRun] = {}
+        self._queue: queue.SimpleQueue[WorkflowRun | None] = queue.SimpleQueue()
         self._signals = 0
         self.runs_executed = 0
 
@@ -99,17 +100,29 @@ class Worker:
             self.lease_seconds,
             len(names),
         )
-        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="openworkflow-run")
+        slots = [
+            threading.Thread(target=self._slot_loop, name=f"openworkflow-run-{i}", daemon=True)
+            for i in range(self.concurrency)
+        ]
+        for thread in slots:
+            thread.start()
         helpers = [threading.Thread(target=self._heartbeat_loop, name="openworkflow-heartbeat")]
-        if app_settings.NOTIFY and connections[self.using].vendor == "postgresql":
+        if (
+            app_settings.NOTIFY
+            and not self.burst  # a burst worker exits when idle: nothing to wait for
+            and connections[self.using].vendor == "postgresql"
+        ):
             helpers.append(threading.Thread(target=self._listen_loop, name="openworkflow-listen"))
         for thread in helpers:
             thread.daemon = True
             thread.start()
         try:
-            self._loop(pool, names)
+            self._loop(names)
         finally:
-            pool.shutdown(wait=True)
+            for _ in slots:
+                self._queue.put(None)
+            for thread in slots:
+                thread.join()
             self._stopping.set()
             self._finished.set()
             for thread in helpers:
@@ -117,7 +130,7 @@ class Worker:
             connections.close_all()
             logger.info("worker stopped worker=%s runs=%d", self.worker_id, self.runs_executed)
 
-    def _loop(self, pool: ThreadPoolExecutor, names: list[str]) -> None:
+    def _loop(self, names: list[str]) -> None:
         last_sweep = 0.0
         failures = 0
         while not self._stopping.is_set():
@@ -140,7 +153,7 @@ class Worker:
                         namespace=self.namespace,
                     )
                 for run in claimed:
-                    self._submit(pool, run)
+                    self._submit(run)
                 if claimed and len(claimed) == free:
                     continue  # there may be more; claim again when a slot frees
                 if free > 0 and not claimed and self.burst and not self._in_flight:
@@ -165,13 +178,24 @@ class Worker:
         seconds = (next_due - timezone.now()).total_seconds()
         return max(0.0, min(self.poll_interval, seconds + 0.001))
 
-    def _submit(self, pool: ThreadPoolExecutor, run: WorkflowRun) -> None:
+    def _submit(self, run: WorkflowRun) -> None:
         with self._lock:
             self._in_flight[run.pk] = run
         logger.info(
             "run claimed run=%s workflow=%s worker=%s", run.pk, run.workflow_name, self.worker_id
         )
-        pool.submit(self._execute, run)
+        self._queue.put(run)
+
+    def _slot_loop(self) -> None:
+        """One execution slot: a thread with its own database connection."""
+        try:
+            while True:
+                run = self._queue.get()
+                if run is None:
+                    return
+                self._execute(run)
+        finally:
+            connections.close_all()
 
     def _execute(self, run: WorkflowRun) -> None:
         try:

@@ -10,6 +10,7 @@ database the test runner created.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import environ
@@ -60,7 +61,10 @@ TEMPLATES = [
     }
 ]
 
-_sqlite_file = os.environ.get("OPENWORKFLOW_SQLITE", str(BASE_DIR.parent / ".test-db.sqlite3"))
+# One file per test process, so parallel test runs never share a SQLite database.
+_sqlite_file = os.environ.get(
+    "OPENWORKFLOW_SQLITE", f"{tempfile.gettempdir()}/openworkflow-tests-{os.getpid()}.sqlite3"
+)
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{_sqlite_file}")}
 _db = DATABASES["default"]
 if _db["ENGINE"] == "django.db.backends.sqlite3":

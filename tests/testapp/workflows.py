@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import time
 from pathlib import Path
@@ -49,7 +50,7 @@ def flaky(ctx):
     policy = RetryPolicy(
         initial_interval=ctx.input.get("initial", "10ms"),
         backoff_coefficient=2.0,
-        maximum_interval="1s",
+        maximum_interval="1m",
         maximum_attempts=ctx.input.get("attempts", 10),
     )
     return ctx.step.run("flaky", step, retry_policy=policy)
@@ -66,8 +67,11 @@ def catches_step_failure(ctx):
     try:
         ctx.step.run("bad", bad, retry_policy=RetryPolicy(maximum_attempts=2, initial_interval=0))
     except StepFailed as exc:
-        return ctx.step.run("compensate", lambda: {"compensated": str(exc)})
-    return "unreachable"
+        message = str(exc)
+    else:
+        message = "unreachable"
+    ctx.step.sleep("pause", "10ms")  # forces a replay: the step must raise again, unexecuted
+    return ctx.step.run("compensate", lambda: {"compensated": message})
 
 
 @workflow(name="workflow-retries", retry_policy=RetryPolicy(maximum_attempts=3, initial_interval="10ms"))
@@ -103,28 +107,65 @@ def atomic_writer(ctx):
 
 @workflow(name="repeated-names")
 def repeated_names(ctx):
-    a = ctx.step.run("x", lambda: "a")
+    a = ctx.step.run("x:1", lambda: "a")  # explicit: used as given
     b = ctx.step.run("x", lambda: "b")
-    c = ctx.step.run("x:1", lambda: "c")
+    c = ctx.step.run("x", lambda: "c")  # x:1 is taken, so x:2
     d = ctx.step.run("x", lambda: "d")
-    return [a, b, c, d]
+    e = ctx.step.run("x:2", lambda: "e")  # taken by the automatic numbering
+    return [a, b, c, d, e]
+
+
+def wait_for_file(path, max_wait=60):
+    deadline = time.monotonic() + max_wait
+    while not Path(path).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 @workflow(name="waits-for-file")
 def waits_for_file(ctx):
-    """Step 'first' finishes; step 'block' waits until a file named in the input exists."""
+    """Step 'first' finishes; step 'block' waits until the file named in the input exists.
+
+    With ``atomic`` in the input, 'block' is a ``step.atomic`` that writes a Ledger row
+    once the file exists.
+    """
     ctx.step.run("first", lambda: effect(ctx, "first") or 1)
 
     def block():
         effect(ctx, "block")
-        path = Path(ctx.input["path"])
-        deadline = time.monotonic() + ctx.input.get("max_wait", 60)
-        while not path.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_file(ctx.input["path"], ctx.input.get("max_wait", 60))
+        if ctx.input.get("atomic"):
+            Ledger.objects.create(run_id=ctx.run_id, note="block")
         return 2
 
-    ctx.step.run("block", block)
+    if ctx.input.get("atomic"):
+        ctx.step.atomic("block", block)
+    else:
+        ctx.step.run("block", block)
     return ctx.step.run("last", lambda: effect(ctx, "last") or 3)
+
+
+@workflow(name="fails-once", retry_policy=RetryPolicy(maximum_attempts=2, initial_interval="10ms"))
+def fails_once(ctx):
+    ctx.step.run("step", lambda: effect(ctx, "step") or 1)
+    effect(ctx, "body")
+    if SideEffect.objects.filter(run_id=ctx.run_id, step="body").count() < 2:
+        raise RuntimeError("first pass fails")
+    return "ok"
+
+
+@workflow(name="fails-at-once")
+def fails_at_once(ctx):
+    raise LookupError("no such order")
+
+
+@workflow(name="json-then-sleep")
+def json_then_sleep(ctx):
+    try:
+        ctx.step.run("bad", lambda: effect(ctx, "bad") or datetime.date(2026, 1, 1))
+    except TypeError as exc:
+        message = str(exc)
+    ctx.step.sleep("pause", "10ms")  # on replay the step raises again, unexecuted
+    return message
 
 
 @workflow(name="many-steps")

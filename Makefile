@@ -1,0 +1,52 @@
+# django-openworkflow: `make demo` and `make test` set up everything they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PG_URL ?= postgres://postgres@127.0.0.1:5432/test
+DEMO_ADDR ?= 127.0.0.1:8000
+
+.PHONY: install demo test test-sqlite test-postgres lint format pg-up clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# Start the local PostgreSQL cluster when it is down, then wait until it accepts connections.
+pg-up:
+	@pg_isready -q -h 127.0.0.1 -p 5432 || pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | tail -n 1) main start
+	@for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && exit 0; sleep 1; done; \
+		echo "PostgreSQL did not come up on 127.0.0.1:5432" >&2; exit 1
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	DJANGO_SETTINGS_MODULE=tests.settings $(PY) -m django makemigrations --check --dry-run
+	DJANGO_SETTINGS_MODULE=demo_project.settings $(PY) manage.py makemigrations --check --dry-run
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test-sqlite: install
+	$(PY) -m pytest
+
+test-postgres: install pg-up
+	DATABASE_URL=$(PG_URL) $(PY) -m pytest
+
+test: lint test-sqlite test-postgres
+
+# The demo: SQLite file, example runs (one fails on a declined card), a worker and the pages.
+demo: install
+	$(PY) manage.py migrate --verbosity 0
+	$(PY) manage.py demo_seed
+	@echo "Open http://$(DEMO_ADDR)/ (user admin, password admin). Ctrl-C stops the worker and the server."
+	@trap 'kill $$worker 2>/dev/null; wait $$worker' EXIT INT TERM; \
+		$(PY) manage.py runworker --verbosity 1 & worker=$$!; \
+		$(PY) manage.py runserver $(DEMO_ADDR)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .test-db*.sqlite3 demo_project/db.sqlite3

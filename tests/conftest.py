@@ -1,0 +1,118 @@
+"""Shared fixtures: run workflows in-process or in real ``runworker`` processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection
+from django.db.models.functions import Now
+
+from django_openworkflow.engine import Execution
+from django_openworkflow.models import WorkflowRun
+from django_openworkflow.registry import get_workflow, workflow_names
+from django_openworkflow.worker import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+ON_POSTGRES = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs PostgreSQL (run with DATABASE_URL=postgres://...)")
+    for item in items:
+        if "postgres" in item.keywords and not ON_POSTGRES:
+            item.add_marker(skip)
+
+
+def claim_and_execute(*, worker_id: str = "test-worker", lease: float = 30.0) -> WorkflowRun | None:
+    """Claim one due run and execute one pass of it, as a worker would; None if nothing is due."""
+    claimed = WorkflowRun.objects.claim(
+        worker_id=worker_id,
+        workflow_names=workflow_names(),
+        limit=1,
+        lease_seconds=lease,
+        namespace="default",
+    )
+    if not claimed:
+        return None
+    run = claimed[0]
+    Execution(run, get_workflow(run.workflow_name), lease_seconds=lease).execute()
+    run.refresh_from_db()
+    return run
+
+
+def make_due(run: WorkflowRun) -> None:
+    """Time travel: make a parked run due now."""
+    WorkflowRun.objects.filter(pk=run.pk).update(available_at=Now())
+
+
+def drain(timeout: float = 20.0, concurrency: int = 4) -> None:
+    """Run burst workers in-process until no run is active (waiting out sleeps and retries)."""
+    end = time.monotonic() + timeout
+    while WorkflowRun.objects.active().exists():
+        if time.monotonic() > end:
+            active = list(WorkflowRun.objects.active().values_list("workflow_name", "status"))
+            raise AssertionError(f"runs still active after {timeout}s: {active}")
+        Worker(concurrency=concurrency, burst=True, poll_interval=0.02).run()
+        time.sleep(0.02)
+
+
+class WorkerProcess:
+    """A real ``manage.py runworker`` process on the test database."""
+
+    def __init__(self, *args: str, log: Path) -> None:
+        env = dict(os.environ)
+        env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+        env["OPENWORKFLOW_TEST_DB"] = str(connection.settings_dict["NAME"])
+        env["PYTHONPATH"] = str(ROOT)
+        self.log_path = log
+        self._log = open(log, "w")  # noqa: SIM115  (closed in wait())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "django", "runworker", "-v", "2", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.wait()
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def worker_process(tmp_path):
+    """Start ``runworker`` processes; all are killed at the end of the test."""
+    started: list[WorkerProcess] = []
+
+    def start(*args: str) -> WorkerProcess:
+        proc = WorkerProcess(*args, log=tmp_path / f"worker-{len(started)}.log")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
