@@ -12,9 +12,8 @@ import math
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Union
 
-Duration = Union[timedelta, int, float, str]
+Duration = timedelta | int | float | str
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -23,7 +22,9 @@ _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 def parse_duration(value: object, *, what: str = "duration") -> timedelta:
     """Return ``value`` as a non-negative ``timedelta`` or raise ``ValueError``."""
     if isinstance(value, bool):  # bool is an int; True seconds is surely a mistake
-        raise ValueError(f"{what} must be a timedelta, seconds or a string like '10s', not {value!r}")
+        raise ValueError(
+            f"{what} must be a timedelta, seconds or a string like '10s', not {value!r}"
+        )
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, (int, float)):

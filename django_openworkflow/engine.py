@@ -63,7 +63,10 @@ class _NotJSON(TypeError):
 
 
 class WorkflowContext:
-    """What a workflow function sees: ``ctx.input``, ``ctx.run_id``, ``ctx.version``, ``ctx.step``."""
+    """What a workflow function sees.
+
+    ``ctx.input``, ``ctx.run_id``, ``ctx.version`` and ``ctx.step``.
+    """
 
     def __init__(self, execution: Execution) -> None:
         run = execution.run
@@ -239,9 +242,7 @@ class Execution:
                 self.run.pk, self.token, retry_at, attempts=attempts, error=error
             ):
                 raise ClaimLost
-        logger.info(
-            "run retry scheduled run=%s attempts=%d at=%s", self.run.pk, attempts, retry_at
-        )
+        logger.info("run retry scheduled run=%s attempts=%d at=%s", self.run.pk, attempts, retry_at)
 
     def _finish(self, status: str, **fields: Any) -> None:
         if not WorkflowRun.objects.finish_claimed(self.run.pk, self.token, status, **fields):
@@ -366,7 +367,7 @@ class Execution:
     def _step_error(
         self, name: str, attempt: StepAttempt, error: dict[str, Any], policy: RetryPolicy
     ) -> None:
-        """A step attempt raised: raise ``StepFailed`` when out of attempts, else park for a retry."""
+        """A step attempt raised: ``StepFailed`` when out of attempts, else park for a retry."""
         failed = len(self.failures.get(name, [])) + 1
         if policy.exhausted(failed):
             self._fail_attempt(attempt, error)
@@ -417,7 +418,10 @@ class Execution:
             self._fence()
             if delta <= timedelta(0):
                 self.completed[name] = self._new_attempt(
-                    name, StepAttempt.Kind.SLEEP, status="completed", wake_at=wake_at,
+                    name,
+                    StepAttempt.Kind.SLEEP,
+                    status="completed",
+                    wake_at=wake_at,
                     finished_at=Now(),
                 )
                 return None
@@ -444,4 +448,3 @@ def _deadline_error(last_error: dict[str, Any], *, step: str | None = None) -> d
     if last_error.get("traceback"):
         error["traceback"] = last_error["traceback"]
     return error
-

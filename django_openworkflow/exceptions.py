@@ -14,7 +14,15 @@ class WorkflowError(Exception):
 
 
 class InvalidTransition(WorkflowError):
-    """A run was asked to move to a status it cannot reach from its current one."""
+    """A run was asked to move to a status it cannot reach from its current one.
+
+    ``run_id`` and ``status`` (read under the row lock) say which run and why.
+    """
+
+    def __init__(self, message: str, *, run_id: Any = None, status: str | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.status = status
 
 
 class StepFailed(WorkflowError):

@@ -77,6 +77,17 @@ class WorkflowRunQuerySet(models.QuerySet["WorkflowRun"]):
     def in_namespace(self, namespace: str) -> WorkflowRunQuerySet:
         return self.filter(namespace=namespace)
 
+    def with_current_step(self) -> WorkflowRunQuerySet:
+        """Annotate ``current_step``: the latest attempt's step (the one running or that failed)."""
+        from .models import StepAttempt
+
+        latest = (
+            StepAttempt.objects.filter(workflow_run=models.OuterRef("pk"))
+            .order_by("-id")
+            .values("step_name")[:1]
+        )
+        return self.annotate(current_step=models.Subquery(latest))
+
     def due(self) -> WorkflowRunQuerySet:
         """Active runs a worker may take now: queued, woken, or with an expired lease."""
         return self.active().filter(available_at__lte=Now()).filter(not_past_deadline())
@@ -109,9 +120,7 @@ class WorkflowRunQuerySet(models.QuerySet["WorkflowRun"]):
 class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # type: ignore[misc]
     # --- transitions asked for by people (views, admin, shell) -------------
 
-    def resume(
-        self, run_or_id: Any, *, deadline_at: Any = None, by: Any = None
-    ) -> WorkflowRun:
+    def resume(self, run_or_id: Any, *, deadline_at: Any = None, by: Any = None) -> WorkflowRun:
         """Send a failed run back to the queue; completed steps keep their results.
 
         Locks the run row and decides from the status read under that lock.
@@ -122,27 +131,30 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
         from .models import WorkflowRunEvent
 
         with transaction.atomic(using=self.db):
-            run = (
-                self.select_for_update()
-                .annotate(db_now=Now())
-                .get(pk=_pk(run_or_id))
-            )
+            run = self.select_for_update().annotate(db_now=Now()).get(pk=_pk(run_or_id))
             if run.status != self.model.Status.FAILED:
                 raise InvalidTransition(
-                    f"cannot resume run {run.pk}: it is {run.status}; only failed runs can be resumed"
+                    f"cannot resume run {run.pk}: it is {run.status}; "
+                    "only failed runs can be resumed",
+                    run_id=run.pk,
+                    status=run.status,
                 )
             db_now = run.db_now
             if deadline_at is not None:
                 if deadline_at <= db_now:
                     raise InvalidTransition(
-                        f"cannot resume run {run.pk}: the new deadline_at {deadline_at.isoformat()} "
-                        "is not in the future"
+                        f"cannot resume run {run.pk}: the new deadline_at "
+                        f"{deadline_at.isoformat()} is not in the future",
+                        run_id=run.pk,
+                        status=run.status,
                     )
                 run.deadline_at = deadline_at
             elif run.deadline_at is not None and run.deadline_at <= db_now:
                 raise InvalidTransition(
                     f"cannot resume run {run.pk}: its deadline_at {run.deadline_at.isoformat()} "
-                    "has passed; pass a future deadline_at= to resume it"
+                    "has passed; pass a future deadline_at= to resume it",
+                    run_id=run.pk,
+                    status=run.status,
                 )
             cleared = run.error
             run.status = self.model.Status.PENDING
@@ -190,7 +202,9 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
             if run.status not in ACTIVE:
                 raise InvalidTransition(
                     f"cannot cancel run {run.pk}: it is {run.status}; "
-                    "only pending or running runs can be canceled"
+                    "only pending or running runs can be canceled",
+                    run_id=run.pk,
+                    status=run.status,
                 )
             run.status = self.model.Status.CANCELED
             run.worker_id = None

@@ -29,11 +29,11 @@ class WorkflowRun(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     namespace = models.CharField(_("namespace"), max_length=100, default="default")
     workflow_name = models.CharField(_("workflow"), max_length=255)
-    version = models.CharField(_("version"), max_length=100, null=True, blank=True)
+    version = models.CharField(_("version"), max_length=100, null=True, blank=True)  # noqa: DJ001
     status = models.CharField(
         _("status"), max_length=16, choices=Status.choices, default=Status.PENDING
     )
-    idempotency_key = models.CharField(_("idempotency key"), max_length=255, null=True, blank=True)
+    idempotency_key = models.CharField(_("idempotency key"), max_length=255, null=True, blank=True)  # noqa: DJ001
     input = models.JSONField(_("input"), null=True, blank=True)
     output = models.JSONField(_("output"), null=True, blank=True)
     error = models.JSONField(_("error"), null=True, blank=True)
@@ -42,7 +42,7 @@ class WorkflowRun(models.Model):
         default=0,
         help_text=_("Workflow-level failures since creation or the last resume."),
     )
-    worker_id = models.CharField(_("worker"), max_length=255, null=True, blank=True)
+    worker_id = models.CharField(_("worker"), max_length=255, null=True, blank=True)  # noqa: DJ001
     claim_token = models.UUIDField(_("claim token"), null=True, blank=True, editable=False)
     available_at = models.DateTimeField(
         _("available at"),

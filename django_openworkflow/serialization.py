@@ -29,7 +29,8 @@ def json_problem(value: Any, path: str = "$") -> str | None:
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
-                return f"{path} has the key {key!r} of type {type(key).__name__}; JSON keys are strings"
+                kind = type(key).__name__
+                return f"{path} has the key {key!r} of type {kind}; JSON keys are strings"
             problem = json_problem(item, f"{path}[{key!r}]")
             if problem:
                 return problem

@@ -1,8 +1,305 @@
-from django.http import HttpResponse
+"""The run list and run-detail pages, and the Resume and Cancel endpoints.
+
+The pages need a logged-in staff user with ``view_workflowrun`` or
+``change_workflowrun``; Resume and Cancel need ``change_workflowrun``.
+Anonymous users are sent to the login page, everyone else gets 403. State
+changes go through ``WorkflowRun.objects.resume()`` / ``.cancel()`` only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from functools import wraps
+from typing import Any
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth.views import redirect_to_login
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.db.models import Count, Q, QuerySet
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404, render
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
+from django.views.decorators.http import require_POST, require_safe
+
+from .exceptions import InvalidTransition
+from .models import StepAttempt, WorkflowRun
+
+VIEW_PERMISSION = "django_openworkflow.view_workflowrun"
+CHANGE_PERMISSION = "django_openworkflow.change_workflowrun"
+
+RUNS_PER_PAGE = 50
+REFRESH_SECONDS = 3
+
+ViewFunc = Callable[..., HttpResponse]
 
 
-def run_list(request):  # placeholder until the pages land
-    return HttpResponse("")
+# --- permissions ---------------------------------------------------------------
 
 
-run_detail = run_resume = run_cancel = run_list
+def can_view_runs(user: Any) -> bool:
+    """Staff with ``view_workflowrun`` or ``change_workflowrun`` (change implies view)."""
+    return bool(
+        user.is_active
+        and user.is_staff
+        and (user.has_perm(VIEW_PERMISSION) or user.has_perm(CHANGE_PERMISSION))
+    )
+
+
+def can_change_runs(user: Any) -> bool:
+    """Staff with ``change_workflowrun``: may resume and cancel."""
+    return bool(user.is_active and user.is_staff and user.has_perm(CHANGE_PERMISSION))
+
+
+def run_permission_required(*, change: bool = False) -> Callable[[ViewFunc], ViewFunc]:
+    """Send anonymous users to the login page and refuse (403) anyone else lacking access.
+
+    ``change=False`` asks for view access, ``change=True`` for change access.
+    After login, a refused POST leads back to the run's page (a GET of the
+    POST-only URL would only give 405).
+    """
+    allowed = can_change_runs if change else can_view_runs
+
+    def decorator(view: ViewFunc) -> ViewFunc:
+        @wraps(view)
+        def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            if not request.user.is_authenticated:
+                if request.method in ("GET", "HEAD") or "run_id" not in kwargs:
+                    next_url = request.get_full_path()
+                else:
+                    next_url = reverse("django_openworkflow:run-detail", args=[kwargs["run_id"]])
+                return redirect_to_login(next_url)
+            if not allowed(request.user):
+                raise PermissionDenied
+            return view(request, *args, **kwargs)
+
+        return wrapped
+
+    return decorator
+
+
+# --- queries -------------------------------------------------------------------
+
+
+class RunFilterForm(forms.Form):
+    status = forms.ChoiceField(
+        label=gettext_lazy("status"),
+        choices=[("", gettext_lazy("all")), *WorkflowRun.Status.choices],
+        required=False,
+    )
+    workflow = forms.CharField(label=gettext_lazy("workflow"), required=False)
+    q = forms.CharField(
+        label=gettext_lazy("search"),
+        required=False,
+        strip=True,
+        widget=forms.TextInput(
+            attrs={"placeholder": gettext_lazy("run id or idempotency key"), "type": "search"}
+        ),
+    )
+
+    def filter(self, queryset: QuerySet[WorkflowRun]) -> QuerySet[WorkflowRun]:
+        """Apply the workflow and search filters (the status filter is applied apart)."""
+        self.is_valid()  # an invalid field is left out of cleaned_data, the others apply
+        data = self.cleaned_data
+        if workflow := data.get("workflow"):
+            queryset = queryset.filter(workflow_name=workflow)
+        if q := data.get("q"):
+            matches = Q(idempotency_key=q)
+            with contextlib.suppress(ValueError):
+                matches |= Q(pk=uuid.UUID(q))
+            queryset = queryset.filter(matches)
+        return queryset
+
+    def selected_status(self) -> str:
+        self.is_valid()
+        return self.cleaned_data.get("status") or ""
+
+
+# --- pages ---------------------------------------------------------------------
+
+
+@require_safe
+@run_permission_required()
+def run_list(request: HttpRequest) -> HttpResponse:
+    form = RunFilterForm(request.GET)
+    runs = form.filter(WorkflowRun.objects.all())
+
+    counts = dict(runs.order_by().values_list("status").annotate(n=Count("pk")))
+    status = form.selected_status()
+    status_tabs = [
+        {"value": None, "label": _("all"), "count": sum(counts.values()), "selected": not status}
+    ] + [
+        {
+            "value": value,
+            "label": label,
+            "count": counts.get(value, 0),
+            "selected": status == value,
+        }
+        for value, label in WorkflowRun.Status.choices
+    ]
+    if status:
+        runs = runs.filter(status=status)
+
+    runs = runs.with_current_step().order_by("-created_at", "-pk")
+    page = Paginator(runs, RUNS_PER_PAGE).get_page(request.GET.get("page"))
+    workflow_names = (
+        WorkflowRun.objects.order_by("workflow_name")
+        .values_list("workflow_name", flat=True)
+        .distinct()
+    )
+    context = {
+        "form": form,
+        "page": page,
+        "status_tabs": status_tabs,
+        "workflow_names": workflow_names,
+        "selected_workflow": form.cleaned_data.get("workflow", ""),
+        "refresh_seconds": REFRESH_SECONDS
+        if any(run.status in WorkflowRun.ACTIVE_STATUSES for run in page)
+        else None,
+    }
+    return render(request, "django_openworkflow/run_list.html", context)
+
+
+@require_safe
+@run_permission_required()
+def run_detail(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
+    run = get_object_or_404(WorkflowRun.objects.select_related("parent_step_attempt"), pk=run_id)
+    attempts = list(run.step_attempts.order_by("id"))
+    events = list(run.events.select_related("by").order_by("at", "id"))
+    active = run.status in WorkflowRun.ACTIVE_STATUSES
+    can_change = can_change_runs(request.user)
+    now = timezone.now()
+    context = {
+        "run": run,
+        "duration": duration_of(run, now=now),
+        "generations": timeline(run, attempts, now=now),
+        "attempt_count": len(attempts),
+        "events": events,
+        "error": error_parts(run.error),
+        "can_resume": can_change and run.status == WorkflowRun.Status.FAILED,
+        "can_cancel": can_change and active,
+        "refresh_seconds": REFRESH_SECONDS if active else None,
+    }
+    return render(request, "django_openworkflow/run_detail.html", context)
+
+
+def error_parts(error: Any) -> dict[str, Any] | None:
+    """Split a stored error into type, message and traceback for display."""
+    if error is None:
+        return None
+    if not isinstance(error, dict):
+        return {"type": "", "message": str(error), "traceback": ""}
+    traceback = error.get("traceback") or ""
+    if isinstance(traceback, list):
+        traceback = "".join(str(line) for line in traceback)
+    return {
+        "type": str(error.get("type") or ""),
+        "message": str(error.get("message") or ""),
+        "traceback": str(traceback),
+    }
+
+
+def timeline(
+    run: WorkflowRun, attempts: list[StepAttempt], *, now: datetime
+) -> list[dict[str, Any]]:
+    """Lay the step attempts out on the run's span, grouped by resume generation.
+
+    Each attempt gets ``bar_left`` and ``bar_width``: percentages of the span
+    from the run's creation to its end (now, while it is active); ``number``
+    counts the attempts at the same step within a generation.
+    """
+    active = run.status in WorkflowRun.ACTIVE_STATUSES
+
+    def end_of(attempt: StepAttempt) -> datetime:
+        if attempt.finished_at is not None:
+            return attempt.finished_at
+        return now if active else max(run.finished_at or now, attempt.started_at)
+
+    start = min([run.created_at, *(a.started_at for a in attempts)])
+    ends = [end_of(a) for a in attempts]
+    if active:
+        ends.append(now)
+    elif run.finished_at is not None:
+        ends.append(run.finished_at)
+    end = max([start, *ends])
+    span = max((end - start).total_seconds(), 0.001)
+
+    generations: dict[int, dict[str, Any]] = {}
+    numbers: dict[tuple[int, str], int] = {}
+    for attempt in attempts:
+        key = (attempt.resume_generation, attempt.step_name)
+        numbers[key] = numbers.get(key, 0) + 1
+        attempt.number = numbers[key]  # type: ignore[attr-defined]
+        attempt_end = end_of(attempt)
+        left = (attempt.started_at - start).total_seconds() / span * 100
+        width = (attempt_end - attempt.started_at).total_seconds() / span * 100
+        left = min(max(left, 0.0), 99.5)
+        width = min(max(width, 0.5), 100.0 - left)
+        attempt.bar_left = left  # type: ignore[attr-defined]
+        attempt.bar_width = width  # type: ignore[attr-defined]
+        attempt.elapsed = attempt_end - attempt.started_at  # type: ignore[attr-defined]
+        attempt.error_parts = error_parts(attempt.error)  # type: ignore[attr-defined]
+        group = generations.setdefault(
+            attempt.resume_generation,
+            {"number": attempt.resume_generation, "attempts": []},
+        )
+        group["attempts"].append(attempt)
+    for group in generations.values():
+        group["current"] = group["number"] == run.resume_generation
+    return [generations[number] for number in sorted(generations)]
+
+
+def duration_of(run: WorkflowRun, *, now: datetime) -> timedelta | None:
+    """How long the run's last execution took, or has taken so far."""
+    if run.started_at is None:
+        return None
+    return (run.finished_at or now) - run.started_at
+
+
+# --- transitions ---------------------------------------------------------------
+
+
+def _back(request: HttpRequest, run_id: uuid.UUID) -> HttpResponseRedirect:
+    """Redirect to a safe ``next`` (the admin change page, say) or to the run's page."""
+    next_url = request.POST.get("next", "")
+    if next_url and url_has_allowed_host_and_scheme(
+        next_url, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        return HttpResponseRedirect(next_url)
+    return HttpResponseRedirect(reverse("django_openworkflow:run-detail", args=[run_id]))
+
+
+@require_POST
+@run_permission_required(change=True)
+def run_resume(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
+    try:
+        WorkflowRun.objects.resume(run_id, by=request.user)
+    except WorkflowRun.DoesNotExist:
+        raise Http404(_("No workflow run with this id.")) from None
+    except InvalidTransition as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, _("Run %(id)s resumed.") % {"id": run_id})
+    return _back(request, run_id)
+
+
+@require_POST
+@run_permission_required(change=True)
+def run_cancel(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
+    try:
+        WorkflowRun.objects.cancel(run_id, by=request.user)
+    except WorkflowRun.DoesNotExist:
+        raise Http404(_("No workflow run with this id.")) from None
+    except InvalidTransition as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, _("Run %(id)s canceled.") % {"id": run_id})
+    return _back(request, run_id)

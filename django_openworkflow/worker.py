@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
 import time
 import uuid
-import queue
 from datetime import timedelta
 from typing import Any
 
@@ -48,7 +48,9 @@ class Worker:
         self.concurrency = concurrency or app_settings.CONCURRENCY
         self.lease_seconds = lease_seconds or app_settings.LEASE_SECONDS
         self.heartbeat_seconds = min(app_settings.HEARTBEAT_SECONDS, self.lease_seconds / 3)
-        self.poll_interval = poll_interval if poll_interval is not None else app_settings.POLL_INTERVAL
+        self.poll_interval = (
+            poll_interval if poll_interval is not None else app_settings.POLL_INTERVAL
+        )
         self.burst = burst
         self.namespace = namespace or app_settings.NAMESPACE
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

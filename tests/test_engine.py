@@ -145,9 +145,7 @@ def test_step_failed_can_be_caught_and_is_raised_again_on_replay_without_running
     drain()
     run.refresh_from_db()
     assert run.status == WorkflowRun.Status.COMPLETED
-    assert run.output == {
-        "compensated": 'step "bad" failed after 2 attempts: RuntimeError: always'
-    }
+    assert run.output == {"compensated": 'step "bad" failed after 2 attempts: RuntimeError: always'}
     assert effects(run, "bad") == 2
 
 
@@ -330,7 +328,10 @@ def test_a_worker_whose_lease_was_taken_over_cannot_complete_its_step(tmp_path, 
 def test_the_same_worker_claiming_again_fences_out_its_older_claim():
     run = start("echo", {"x": 1})
     [old] = WorkflowRun.objects.claim(
-        worker_id="worker-a", workflow_names=["echo"], limit=1, lease_seconds=30,
+        worker_id="worker-a",
+        workflow_names=["echo"],
+        limit=1,
+        lease_seconds=30,
         namespace="default",
     )
     new = _take_over(old, worker_id="worker-a")
@@ -344,7 +345,10 @@ def test_the_same_worker_claiming_again_fences_out_its_older_claim():
 def test_fenced_transitions_refuse_a_stale_token():
     run = start("echo", {"x": 1})
     [old] = WorkflowRun.objects.claim(
-        worker_id="worker-a", workflow_names=["echo"], limit=1, lease_seconds=30,
+        worker_id="worker-a",
+        workflow_names=["echo"],
+        limit=1,
+        lease_seconds=30,
         namespace="default",
     )
     new = _take_over(old)
@@ -401,7 +405,10 @@ def test_a_run_past_its_deadline_is_not_claimed_and_fails():
 def test_a_running_run_past_its_deadline_fails_at_the_next_step():
     run = start("three-steps", {"i": 1}, deadline_at=timezone.now() + timedelta(hours=1))
     [claimed] = WorkflowRun.objects.claim(
-        worker_id="w", workflow_names=["three-steps"], limit=1, lease_seconds=30,
+        worker_id="w",
+        workflow_names=["three-steps"],
+        limit=1,
+        lease_seconds=30,
         namespace="default",
     )
     WorkflowRun.objects.filter(pk=run.pk).update(deadline_at=Now() - timedelta(seconds=1))
@@ -414,9 +421,14 @@ def test_a_running_run_past_its_deadline_fails_at_the_next_step():
 
 def test_a_running_run_past_its_deadline_is_failed_by_the_sweep_and_its_worker_fenced(tmp_path):
     flag = tmp_path / "go"
-    run = start("waits-for-file", {"path": str(flag)}, deadline_at=timezone.now() + timedelta(hours=1))
+    run = start(
+        "waits-for-file", {"path": str(flag)}, deadline_at=timezone.now() + timedelta(hours=1)
+    )
     [claimed] = WorkflowRun.objects.claim(
-        worker_id="w", workflow_names=["waits-for-file"], limit=1, lease_seconds=30,
+        worker_id="w",
+        workflow_names=["waits-for-file"],
+        limit=1,
+        lease_seconds=30,
         namespace="default",
     )
     thread = _execute_in_thread(claimed)
@@ -468,7 +480,10 @@ def test_cancel_a_running_run_stops_it_at_the_next_step(tmp_path):
     flag = tmp_path / "go"
     run = start("waits-for-file", {"path": str(flag)})
     [claimed] = WorkflowRun.objects.claim(
-        worker_id="w", workflow_names=["waits-for-file"], limit=1, lease_seconds=30,
+        worker_id="w",
+        workflow_names=["waits-for-file"],
+        limit=1,
+        lease_seconds=30,
         namespace="default",
     )
     thread = _execute_in_thread(claimed)
@@ -513,4 +528,3 @@ def test_a_run_of_a_workflow_this_worker_does_not_know_is_left_alone():
     assert run.status == WorkflowRun.Status.PENDING
     assert run.worker_id is None
     assert run.error is None
-

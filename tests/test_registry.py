@@ -56,10 +56,22 @@ def test_start_with_available_at_and_deadline():
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"available_at": "tomorrow"}, TypeError, 'available_at of workflow "echo" must be a datetime'),
+        (
+            {"available_at": "tomorrow"},
+            TypeError,
+            'available_at of workflow "echo" must be a datetime',
+        ),
         ({"deadline_at": 5}, TypeError, 'deadline_at of workflow "echo" must be a datetime'),
-        ({"idempotency_key": ""}, TypeError, 'idempotency_key of workflow "echo" must be a non-empty'),
-        ({"idempotency_key": "k" * 256}, ValueError, 'idempotency_key of workflow "echo" is 256 characters long'),
+        (
+            {"idempotency_key": ""},
+            TypeError,
+            'idempotency_key of workflow "echo" must be a non-empty',
+        ),
+        (
+            {"idempotency_key": "k" * 256},
+            ValueError,
+            'idempotency_key of workflow "echo" is 256 characters long',
+        ),
     ],
 )
 def test_start_refuses_bad_arguments(kwargs, error, message):
@@ -120,7 +132,9 @@ def test_workflow_decorator_name_defaults_to_dotted_path():
 
     try:
         assert isinstance(local_flow, Workflow)
-        expected = f"{__name__}.test_workflow_decorator_name_defaults_to_dotted_path.<locals>.local_flow"
+        expected = (
+            f"{__name__}.test_workflow_decorator_name_defaults_to_dotted_path.<locals>.local_flow"
+        )
         assert local_flow.name == expected
         assert get_workflow(expected) is local_flow
     finally:

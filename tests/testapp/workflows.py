@@ -74,7 +74,9 @@ def catches_step_failure(ctx):
     return ctx.step.run("compensate", lambda: {"compensated": message})
 
 
-@workflow(name="workflow-retries", retry_policy=RetryPolicy(maximum_attempts=3, initial_interval="10ms"))
+@workflow(
+    name="workflow-retries", retry_policy=RetryPolicy(maximum_attempts=3, initial_interval="10ms")
+)
 def workflow_retries(ctx):
     ctx.step.run("first", lambda: effect(ctx, "first") or 1)
     raise KeyError("workflow code failed")
@@ -100,9 +102,7 @@ def atomic_writer(ctx):
             raise RuntimeError("after the write")
         return Ledger.objects.filter(run_id=ctx.run_id).count()
 
-    return ctx.step.atomic(
-        "write", write, retry_policy=RetryPolicy(maximum_attempts=1)
-    )
+    return ctx.step.atomic("write", write, retry_policy=RetryPolicy(maximum_attempts=1))
 
 
 @workflow(name="repeated-names")

@@ -69,7 +69,9 @@ class Command(BaseCommand):
             "--burst", action="store_true", help="Exit once no run is due instead of waiting."
         )
         parser.add_argument(
-            "--worker-id", default=None, help="Name shown on claimed runs. Default: host:pid:random."
+            "--worker-id",
+            default=None,
+            help="Name shown on claimed runs. Default: host:pid:random.",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:

@@ -1,0 +1,323 @@
+"""Admin for workflow runs: read-only records, with Resume and Cancel actions.
+
+Runs are owned by the engine: nobody adds or edits them here. State changes
+go through ``WorkflowRun.objects.resume()`` / ``.cancel()``, from the
+changelist actions or from the buttons on a run's change page (which post to
+the run pages' endpoints).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed
+from django.urls import reverse
+from django.utils.html import format_html
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy, ngettext
+
+from .exceptions import InvalidTransition
+from .models import StepAttempt, WorkflowRun, WorkflowRunEvent
+from .views import can_view_runs
+
+
+def _error_summary(error: Any) -> str:
+    if not error:
+        return ""
+    if isinstance(error, dict):
+        kind = str(error.get("type") or "")
+        message = str(error.get("message") or "")
+        return f"{kind}: {message}" if kind and message else kind or message
+    return str(error)
+
+
+class ReadOnlyInline(admin.TabularInline):
+    """An inline of records that belong to the run: shown, never added, changed or deleted.
+
+    Visible to whoever may view the run, without separate permissions on the
+    inline's model (step attempts and events are part of the run).
+    """
+
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return can_view_runs(request.user)
+
+
+class StepAttemptInline(ReadOnlyInline):
+    model = StepAttempt
+    fk_name = "workflow_run"
+    fields = readonly_fields = (
+        "step_name",
+        "kind",
+        "status",
+        "resume_generation",
+        "started_at",
+        "finished_at",
+        "error_summary",
+        "child_run",
+    )
+    ordering = ["id"]
+
+    @admin.display(description=gettext_lazy("error"))
+    def error_summary(self, attempt: StepAttempt) -> str:
+        return _error_summary(attempt.error)
+
+    @admin.display(description=gettext_lazy("child run"))
+    def child_run(self, attempt: StepAttempt) -> str:
+        if attempt.child_workflow_run_id is None:
+            return ""
+        url = reverse(
+            "admin:django_openworkflow_workflowrun_change", args=[attempt.child_workflow_run_id]
+        )
+        return format_html('<a href="{}">{}</a>', url, attempt.child_workflow_run_id)
+
+
+class WorkflowRunEventInline(ReadOnlyInline):
+    model = WorkflowRunEvent
+    fields = readonly_fields = ("action", "by", "at", "cleared_error_summary")
+    verbose_name_plural = gettext_lazy("history")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[WorkflowRunEvent]:
+        return super().get_queryset(request).select_related("by")
+
+    @admin.display(description=gettext_lazy("cleared error"))
+    def cleared_error_summary(self, event: WorkflowRunEvent) -> str:
+        return _error_summary(event.cleared_error)
+
+
+RUN_FIELDS = (
+    "id",
+    "workflow_name",
+    "version",
+    "namespace",
+    "status",
+    "idempotency_key",
+    "parent_run",
+)
+RUN_DATA_FIELDS = ("input", "output", "error", "traceback")
+RUN_SCHEDULING_FIELDS = (
+    "attempts",
+    "resume_generation",
+    "worker_id",
+    "available_at",
+    "deadline_at",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "updated_at",
+)
+
+
+@admin.register(WorkflowRun)
+class WorkflowRunAdmin(admin.ModelAdmin):
+    list_display = [
+        "id",
+        "workflow_name",
+        "status",
+        "step",
+        "created_at",
+        "started_at",
+        "finished_at",
+    ]
+    list_filter = ["status", "workflow_name"]
+    search_fields = ["=id", "idempotency_key", "workflow_name"]
+    list_per_page = 50
+    actions = ["resume_runs", "cancel_runs"]
+    inlines = [StepAttemptInline, WorkflowRunEventInline]
+    change_form_template = "django_openworkflow/admin/workflowrun_change_form.html"
+    view_on_site = False  # the change page links to the run page itself
+    fieldsets = [
+        (None, {"fields": RUN_FIELDS}),
+        (gettext_lazy("Data"), {"fields": RUN_DATA_FIELDS}),
+        (gettext_lazy("Scheduling"), {"fields": RUN_SCHEDULING_FIELDS}),
+    ]
+    readonly_fields = (*RUN_FIELDS, *RUN_DATA_FIELDS, *RUN_SCHEDULING_FIELDS)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[WorkflowRun]:
+        return super().get_queryset(request).with_current_step()
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # runs are started by code (Workflow.start), never typed in
+
+    def changeform_view(
+        self,
+        request: HttpRequest,
+        object_id: str | None = None,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        # Every field is read-only: saving would only write back a stale copy of
+        # the row over the engine's work. Changes go through resume / cancel.
+        if request.method == "POST":
+            return HttpResponseNotAllowed(["GET"])
+        extra_context = {
+            **(extra_context or {}),
+            "show_save": False,
+            "show_save_and_continue": False,
+            "show_save_and_add_another": False,
+        }
+        return super().changeform_view(request, object_id, form_url, extra_context)
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: WorkflowRun | None = None,
+    ) -> HttpResponse:
+        context["can_resume"] = context["can_cancel"] = False
+        if obj is not None and self.has_change_permission(request, obj):
+            context["can_resume"] = obj.status == WorkflowRun.Status.FAILED
+            context["can_cancel"] = not obj.is_finished
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    # --- columns and fields --------------------------------------------------
+
+    @admin.display(description=gettext_lazy("step"), ordering="current_step")
+    def step(self, run: WorkflowRun) -> str | None:
+        """The latest step attempt's name: the step the run is on, or the one that failed."""
+        return getattr(run, "current_step", None)
+
+    @admin.display(description=gettext_lazy("parent run"))
+    def parent_run(self, run: WorkflowRun) -> str:
+        parent = run.parent_step_attempt
+        if parent is None:
+            return "—"
+        url = reverse("admin:django_openworkflow_workflowrun_change", args=[parent.workflow_run_id])
+        return format_html(
+            '<a href="{}">{}</a> ({})', url, parent.workflow_run_id, parent.step_name
+        )
+
+    @admin.display(description=gettext_lazy("traceback"))
+    def traceback(self, run: WorkflowRun) -> str:
+        if not isinstance(run.error, dict) or not run.error.get("traceback"):
+            return "—"
+        return format_html('<pre class="owf-admin-traceback">{}</pre>', run.error["traceback"])
+
+    # --- actions -------------------------------------------------------------
+
+    @admin.action(permissions=["change"], description=gettext_lazy("Resume selected failed runs"))
+    def resume_runs(self, request: HttpRequest, queryset: QuerySet[WorkflowRun]) -> None:
+        self._transition_each(
+            request,
+            queryset,
+            WorkflowRun.objects.resume,
+            log_message="Resumed",
+            done=lambda n: ngettext("%(count)d run resumed.", "%(count)d runs resumed.", n),
+            still_allowed=WorkflowRun.Status.FAILED,
+        )
+
+    @admin.action(permissions=["change"], description=gettext_lazy("Cancel selected runs"))
+    def cancel_runs(self, request: HttpRequest, queryset: QuerySet[WorkflowRun]) -> None:
+        self._transition_each(
+            request,
+            queryset,
+            WorkflowRun.objects.cancel,
+            log_message="Canceled",
+            done=lambda n: ngettext("%(count)d run canceled.", "%(count)d runs canceled.", n),
+            still_allowed=None,
+        )
+
+    def _transition_each(
+        self,
+        request: HttpRequest,
+        queryset: QuerySet[WorkflowRun],
+        transition: Callable[..., WorkflowRun],
+        *,
+        log_message: str,
+        done: Callable[[int], str],
+        still_allowed: str | None,
+    ) -> None:
+        """Apply ``transition`` to each run; count the changed and the skipped, by reason."""
+        changed = 0
+        skipped: Counter[str] = Counter()
+        for run in queryset:
+            try:
+                run = transition(run, by=request.user)
+            except InvalidTransition as exc:
+                skipped[self._skip_reason(exc.status, still_allowed)] += 1
+            except WorkflowRun.DoesNotExist:
+                skipped[_("it no longer exists")] += 1
+            else:
+                changed += 1
+                self.log_change(request, run, log_message)
+        self.message_user(
+            request,
+            done(changed) % {"count": changed},
+            messages.SUCCESS if changed else messages.WARNING,
+        )
+        for reason, count in sorted(skipped.items()):
+            self.message_user(
+                request,
+                ngettext(
+                    "%(count)d run skipped: %(reason)s.",
+                    "%(count)d runs skipped: %(reason)s.",
+                    count,
+                )
+                % {"count": count, "reason": reason},
+                messages.WARNING,
+            )
+
+    @staticmethod
+    def _skip_reason(status: str | None, still_allowed: str | None) -> str:
+        """Why the manager refused a run, from the status it read under the row lock.
+
+        A run whose status still allows the transition was refused for its
+        deadline (the only other reason ``resume()`` has).
+        """
+        if status == still_allowed:
+            return _("its deadline has passed")
+        return _("it is %(status)s") % {"status": WorkflowRun.Status(status).label}
+
+
+@admin.register(StepAttempt)
+class StepAttemptAdmin(admin.ModelAdmin):
+    """Step attempts, read-only (no change permission); usually seen inline on their run's page."""
+
+    list_display = [
+        "id",
+        "run_link",
+        "step_name",
+        "kind",
+        "status",
+        "resume_generation",
+        "started_at",
+        "finished_at",
+    ]
+    list_filter = ["status", "kind"]
+    search_fields = ["=workflow_run__id", "step_name"]
+    list_select_related = ["workflow_run"]
+    list_per_page = 50
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description=gettext_lazy("workflow run"), ordering="workflow_run")
+    def run_link(self, attempt: StepAttempt) -> str:
+        url = reverse(
+            "admin:django_openworkflow_workflowrun_change", args=[attempt.workflow_run_id]
+        )
+        return format_html('<a href="{}">{}</a>', url, attempt.workflow_run)

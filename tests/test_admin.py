@@ -1,0 +1,396 @@
+"""The WorkflowRun admin: changelist, Resume / Cancel actions, the read-only change page."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.contrib import admin
+from django.contrib.admin.models import CHANGE, LogEntry
+from django.contrib.auth.models import Permission
+from django.contrib.messages import get_messages
+from django.test import RequestFactory
+from django.urls import reverse
+from django.utils import timezone
+
+from django_openworkflow.admin import WorkflowRunAdmin
+from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowRunEvent
+
+pytestmark = pytest.mark.django_db
+
+CHANGELIST = reverse("admin:django_openworkflow_workflowrun_changelist")
+
+
+def change_url(run: WorkflowRun) -> str:
+    return reverse("admin:django_openworkflow_workflowrun_change", args=[run.pk])
+
+
+def make_run(status: str, **fields) -> WorkflowRun:
+    if status == "failed":
+        fields.setdefault("error", {"type": "ValueError", "message": "card declined"})
+    fields.setdefault("workflow_name", "charge-order")
+    return WorkflowRun.objects.create(status=status, **fields)
+
+
+@pytest.fixture
+def make_user(django_user_model):
+    def make(username: str, *perms: str, superuser: bool = False):
+        user = django_user_model.objects.create_user(
+            username, is_staff=True, is_superuser=superuser
+        )
+        for codename in perms:
+            user.user_permissions.add(
+                Permission.objects.get(
+                    content_type__app_label="django_openworkflow", codename=codename
+                )
+            )
+        return user
+
+    return make
+
+
+@pytest.fixture
+def superuser(make_user):
+    return make_user("root", superuser=True)
+
+
+@pytest.fixture
+def admin_client(client, superuser):
+    client.force_login(superuser)
+    return client
+
+
+def run_action(client, action: str, runs: list[WorkflowRun]):
+    return client.post(
+        CHANGELIST,
+        {"action": action, "_selected_action": [str(run.pk) for run in runs]},
+    )
+
+
+def messages_of(response) -> list[tuple[str, str]]:
+    return [(m.level_tag, str(m)) for m in get_messages(response.wsgi_request)]
+
+
+# --- changelist ------------------------------------------------------------------
+
+
+def test_changelist_loads_with_the_current_step(admin_client):
+    run = make_run("failed")
+    StepAttempt.objects.create(workflow_run=run, step_name="load", status="completed")
+    StepAttempt.objects.create(workflow_run=run, step_name="charge", status="failed")
+    make_run("pending", workflow_name="fresh")
+
+    response = admin_client.get(CHANGELIST)
+
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert '<td class="field-step">charge</td>' in html
+    assert '<td class="field-step">-</td>' in html
+    assert '<td class="field-status">failed</td>' in html
+
+
+def test_changelist_has_no_n_plus_1(admin_client, django_assert_max_num_queries):
+    for i in range(3):
+        run = make_run("failed", workflow_name=f"wf-{i}")
+        StepAttempt.objects.create(workflow_run=run, step_name="charge", status="failed")
+    admin_client.get(CHANGELIST)  # warm caches (content types, sessions)
+    with django_assert_max_num_queries(20) as few:
+        admin_client.get(CHANGELIST)
+    for i in range(3, 13):
+        run = make_run("failed", workflow_name=f"wf-{i}")
+        StepAttempt.objects.create(workflow_run=run, step_name="charge", status="failed")
+
+    with django_assert_max_num_queries(len(few.captured_queries)):
+        admin_client.get(CHANGELIST)
+
+
+@pytest.mark.parametrize("field", ["status", "workflow_name"])
+def test_changelist_filters(admin_client, field):
+    wanted = make_run("failed", workflow_name="wanted")
+    make_run("completed", workflow_name="other")
+
+    value = wanted.status if field == "status" else wanted.workflow_name
+    response = admin_client.get(CHANGELIST, {field: value})
+
+    assert [run.pk for run in response.context["cl"].result_list] == [wanted.pk]
+
+
+def test_changelist_search_by_id_key_and_workflow(admin_client):
+    by_key = make_run("completed", idempotency_key="order-42")
+    by_name = make_run("completed", workflow_name="ship-parcel")
+
+    def found(term: str) -> list:
+        response = admin_client.get(CHANGELIST, {"q": term})
+        assert response.status_code == 200
+        return [run.pk for run in response.context["cl"].result_list]
+
+    assert found(str(by_name.pk)) == [by_name.pk]
+    assert found(str(by_name.pk)[:8]) == []  # ids match exactly only
+    assert found("order-42") == [by_key.pk]
+    assert found("parcel") == [by_name.pk]
+    assert found("no-such-thing") == []
+
+
+def test_no_add_permission(admin_client, superuser):
+    model_admin = admin.site._registry[WorkflowRun]
+    request = RequestFactory().get("/")
+    request.user = superuser
+
+    assert isinstance(model_admin, WorkflowRunAdmin)
+    assert model_admin.has_add_permission(request) is False
+    add_url = reverse("admin:django_openworkflow_workflowrun_add")
+    assert admin_client.get(add_url).status_code == 403
+    assert add_url not in admin_client.get(CHANGELIST).content.decode()
+
+
+# --- actions ---------------------------------------------------------------------
+
+
+def test_resume_action_with_a_mixed_selection(admin_client, superuser):
+    failed = [make_run("failed"), make_run("failed")]
+    completed = make_run("completed")
+    running = make_run("running")
+
+    response = run_action(admin_client, "resume_runs", [*failed, completed, running])
+
+    assert response.status_code == 302
+    assert messages_of(response) == [
+        ("success", "2 runs resumed."),
+        ("warning", "1 run skipped: it is completed."),
+        ("warning", "1 run skipped: it is running."),
+    ]
+    statuses = dict(WorkflowRun.objects.values_list("pk", "status"))
+    assert [statuses[run.pk] for run in failed] == ["pending", "pending"]
+    assert statuses[completed.pk] == "completed"
+    assert statuses[running.pk] == "running"
+    assert sorted(
+        WorkflowRunEvent.objects.filter(by=superuser).values_list("run_id", "action")
+    ) == sorted((run.pk, "resume") for run in failed)
+    entries = LogEntry.objects.filter(action_flag=CHANGE)
+    assert sorted(entries.values_list("object_id", "change_message")) == sorted(
+        (str(run.pk), "Resumed") for run in failed
+    )
+
+
+def test_resume_action_groups_skips_by_status(admin_client):
+    runs = [make_run("completed"), make_run("completed"), make_run("canceled"), make_run("failed")]
+
+    response = run_action(admin_client, "resume_runs", runs)
+
+    assert messages_of(response) == [
+        ("success", "1 run resumed."),
+        ("warning", "1 run skipped: it is canceled."),
+        ("warning", "2 runs skipped: it is completed."),
+    ]
+
+
+def test_resume_action_skips_runs_past_their_deadline(admin_client):
+    late = make_run("failed", deadline_at=timezone.now() - timedelta(minutes=5))
+
+    response = run_action(admin_client, "resume_runs", [late])
+
+    assert messages_of(response) == [
+        ("warning", "0 runs resumed."),
+        ("warning", "1 run skipped: its deadline has passed."),
+    ]
+    late.refresh_from_db()
+    assert late.status == "failed"
+    assert not LogEntry.objects.exists()
+
+
+def test_cancel_action_with_a_mixed_selection(admin_client):
+    active = [make_run("pending"), make_run("running")]
+    finished = [make_run("completed"), make_run("completed"), make_run("failed")]
+
+    response = run_action(admin_client, "cancel_runs", [*active, *finished])
+
+    assert messages_of(response) == [
+        ("success", "2 runs canceled."),
+        ("warning", "2 runs skipped: it is completed."),
+        ("warning", "1 run skipped: it is failed."),
+    ]
+    statuses = dict(WorkflowRun.objects.values_list("pk", "status"))
+    assert [statuses[run.pk] for run in active] == ["canceled", "canceled"]
+    assert [statuses[run.pk] for run in finished] == ["completed", "completed", "failed"]
+    assert sorted(LogEntry.objects.values_list("object_id", "change_message")) == sorted(
+        (str(run.pk), "Canceled") for run in active
+    )
+
+
+def test_cancel_action_single_run(admin_client):
+    response = run_action(admin_client, "cancel_runs", [make_run("running")])
+
+    assert messages_of(response) == [("success", "1 run canceled.")]
+
+
+def test_actions_need_change_permission(client, make_user):
+    client.force_login(make_user("viewer", "view_workflowrun"))
+    run = make_run("failed")
+
+    page = client.get(CHANGELIST)
+    response = run_action(client, "resume_runs", [run])
+
+    assert page.status_code == 200
+    assert page.context["action_form"] is None  # no action is offered
+    assert response.status_code == 200  # the POST just shows the list again
+    run.refresh_from_db()
+    assert run.status == "failed"
+
+
+def test_actions_are_offered_to_change_users(client, make_user):
+    client.force_login(make_user("operator", "change_workflowrun"))
+
+    page = client.get(CHANGELIST)
+
+    choices = [value for value, _label in page.context["action_form"].fields["action"].choices]
+    assert choices == ["", "resume_runs", "cancel_runs"]
+    labels = dict(page.context["action_form"].fields["action"].choices)
+    assert labels["resume_runs"] == "Resume selected failed runs"
+    assert labels["cancel_runs"] == "Cancel selected runs"
+
+
+# --- change page -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "resume", "cancel"),
+    [
+        ("pending", False, True),
+        ("running", False, True),
+        ("completed", False, False),
+        ("failed", True, False),
+        ("canceled", False, False),
+    ],
+)
+def test_change_page_shows_the_buttons_that_apply(admin_client, status, resume, cancel):
+    run = make_run(status)
+
+    response = admin_client.get(change_url(run))
+
+    assert response.status_code == 200
+    html = response.content.decode()
+    resume_url = reverse("django_openworkflow:run-resume", args=[run.pk])
+    cancel_url = reverse("django_openworkflow:run-cancel", args=[run.pk])
+    assert (f'<form method="post" action="{resume_url}"' in html) is resume
+    assert (f'<form method="post" action="{cancel_url}"' in html) is cancel
+    assert f'<a href="{run.get_absolute_url()}" class="owf-run-page">Run page</a>' in html
+    next_field = f'<input type="hidden" name="next" value="{change_url(run)}">'
+    assert html.count(next_field) == resume + cancel
+    assert 'name="_save"' not in html
+    assert 'name="_continue"' not in html
+
+
+def test_change_page_buttons_post_back_to_the_admin(admin_client):
+    run = make_run("failed")
+
+    response = admin_client.post(
+        reverse("django_openworkflow:run-resume", args=[run.pk]),
+        {"next": change_url(run)},
+        follow=True,
+    )
+
+    assert response.redirect_chain == [(change_url(run), 302)]
+    assert [str(m) for m in response.context["messages"]] == [f"Run {run.pk} resumed."]
+    run.refresh_from_db()
+    assert run.status == "pending"
+
+
+def test_change_page_has_no_buttons_for_view_only_users(client, make_user):
+    client.force_login(make_user("viewer", "view_workflowrun"))
+    run = make_run("failed")
+
+    html = client.get(change_url(run)).content.decode()
+
+    assert reverse("django_openworkflow:run-resume", args=[run.pk]) not in html
+    assert "Run page" in html
+
+
+def test_change_page_shows_step_attempts_and_history(client, make_user):
+    # A user with only the run permission still sees the run's attempts and events.
+    client.force_login(make_user("viewer", "view_workflowrun"))
+    run = make_run(
+        "failed",
+        error={"type": "ValueError", "message": "card declined", "traceback": "Traceback <x>\n"},
+    )
+    StepAttempt.objects.create(workflow_run=run, step_name="load-order", status="completed")
+    StepAttempt.objects.create(
+        workflow_run=run,
+        step_name="charge-card",
+        status="failed",
+        error={"type": "ValueError", "message": "card declined"},
+    )
+    WorkflowRunEvent.objects.create(
+        run=run, action="cancel", cleared_error={"type": "KeyError", "message": "gone"}
+    )
+
+    response = client.get(change_url(run))
+
+    html = response.content.decode()
+    assert "load-order" in html
+    assert "charge-card" in html
+    assert "ValueError: card declined" in html
+    assert "KeyError: gone" in html
+    assert '<pre class="owf-admin-traceback">Traceback &lt;x&gt;\n</pre>' in html
+    formsets = {f.opts.model for f in response.context["inline_admin_formsets"]}
+    assert formsets == {StepAttempt, WorkflowRunEvent}
+
+
+def test_change_page_refuses_post(admin_client):
+    run = make_run("running", input={"a": 1})
+
+    response = admin_client.post(change_url(run), {"status": "completed"})
+
+    assert response.status_code == 405
+    run.refresh_from_db()
+    assert run.status == "running"
+    assert run.input == {"a": 1}
+
+
+def test_every_field_is_read_only(admin_client, superuser):
+    run = make_run("failed")
+    model_admin = admin.site._registry[WorkflowRun]
+    request = RequestFactory().get("/")
+    request.user = superuser
+
+    readonly = set(model_admin.get_readonly_fields(request, run))
+
+    editable = {f.name for f in WorkflowRun._meta.fields if f.editable}
+    assert editable - {"parent_step_attempt"} <= readonly
+    form = admin_client.get(change_url(run)).context["adminform"].form
+    assert list(form.fields) == []
+
+
+def test_step_attempt_admin_is_read_only(admin_client):
+    run = make_run("failed")
+    attempt = StepAttempt.objects.create(workflow_run=run, step_name="charge", status="failed")
+    url = reverse("admin:django_openworkflow_stepattempt_change", args=[attempt.pk])
+
+    changelist = admin_client.get(reverse("admin:django_openworkflow_stepattempt_changelist"))
+    change = admin_client.get(url)
+
+    assert changelist.status_code == 200
+    assert change_url(run) in changelist.content.decode()
+    assert change.status_code == 200
+    assert 'name="_save"' not in change.content.decode()
+    assert admin_client.get(reverse("admin:django_openworkflow_stepattempt_add")).status_code == (
+        403
+    )
+
+
+def test_admin_pages_escape_stored_data(admin_client):
+    xss = "<script>alert('owf')</script>"
+    run = make_run(
+        "failed",
+        workflow_name=xss,
+        idempotency_key=xss,
+        input={"x": xss},
+        error={"type": xss, "message": xss, "traceback": xss},
+    )
+    StepAttempt.objects.create(
+        workflow_run=run, step_name=xss, status="failed", error={"type": xss, "message": xss}
+    )
+
+    for url in (CHANGELIST, change_url(run)):
+        html = admin_client.get(url).content.decode()
+        assert "<script>alert" not in html
+        assert "&lt;script&gt;alert(&#x27;owf&#x27;)&lt;/script&gt;" in html

@@ -1,0 +1,696 @@
+"""The run list and run-detail pages, and the Resume / Cancel endpoints."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth.models import Permission
+from django.contrib.messages import get_messages
+from django.test import Client
+from django.urls import reverse
+from django.utils import timezone
+
+from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowRunEvent
+from django_openworkflow.templatetags.openworkflow import pretty_json, short_duration
+from django_openworkflow.views import timeline
+
+pytestmark = pytest.mark.django_db
+
+STATUSES = [choice.value for choice in WorkflowRun.Status]
+ACTIVE = ["pending", "running"]
+XSS = "<script>alert('owf')</script>"
+ESCAPED_XSS = "&lt;script&gt;alert(&#x27;owf&#x27;)&lt;/script&gt;"
+
+
+def list_url() -> str:
+    return reverse("django_openworkflow:run-list")
+
+
+def detail_url(run_or_id) -> str:
+    return reverse("django_openworkflow:run-detail", args=[getattr(run_or_id, "pk", run_or_id)])
+
+
+def resume_url(run_or_id) -> str:
+    return reverse("django_openworkflow:run-resume", args=[getattr(run_or_id, "pk", run_or_id)])
+
+
+def cancel_url(run_or_id) -> str:
+    return reverse("django_openworkflow:run-cancel", args=[getattr(run_or_id, "pk", run_or_id)])
+
+
+def make_run(status: str = "completed", **fields) -> WorkflowRun:
+    if status == "failed":
+        fields.setdefault(
+            "error",
+            {"type": "ValueError", "message": "card declined", "traceback": "Traceback ...\n"},
+        )
+    fields.setdefault("workflow_name", "charge-order")
+    run = WorkflowRun.objects.create(status=status, **fields)
+    run.refresh_from_db()
+    return run
+
+
+def messages_of(response) -> list[str]:
+    return [str(message) for message in get_messages(response.wsgi_request)]
+
+
+# --- users and the permission matrix -------------------------------------------
+
+
+@pytest.fixture
+def make_user(django_user_model):
+    def make(username: str, *, staff: bool = True, perms: tuple[str, ...] = (), **extra):
+        user = django_user_model.objects.create_user(username, is_staff=staff, **extra)
+        for codename in perms:
+            user.user_permissions.add(
+                Permission.objects.get(
+                    content_type__app_label="django_openworkflow", codename=codename
+                )
+            )
+        return user
+
+    return make
+
+
+USERS = {
+    "anonymous": None,
+    "non_staff": {"staff": False, "perms": ("view_workflowrun", "change_workflowrun")},
+    "staff_without_perm": {"staff": True, "perms": ()},
+    "staff_view": {"staff": True, "perms": ("view_workflowrun",)},
+    "staff_change": {"staff": True, "perms": ("change_workflowrun",)},
+    "superuser": {"staff": True, "perms": (), "is_superuser": True},
+}
+
+
+@pytest.fixture
+def login(client, make_user):
+    """Log ``client`` in as one of ``USERS``; returns the user (None for anonymous)."""
+
+    def do(kind: str):
+        spec = USERS[kind]
+        if spec is None:
+            return None
+        user = make_user(kind, **spec)
+        client.force_login(user)
+        return user
+
+    return do
+
+
+@pytest.fixture
+def staff_client(client, login):
+    login("staff_change")
+    return client
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("anonymous", 302),
+        ("non_staff", 403),
+        ("staff_without_perm", 403),
+        ("staff_view", 200),
+        ("staff_change", 200),
+        ("superuser", 200),
+    ],
+)
+@pytest.mark.parametrize("page", ["list", "detail"])
+def test_page_permissions(client, login, kind, expected, page):
+    run = make_run("failed")
+    login(kind)
+    url = list_url() if page == "list" else detail_url(run)
+
+    response = client.get(url)
+
+    assert response.status_code == expected
+    if kind == "anonymous":
+        assert response["Location"] == f"/accounts/login/?next={url}"
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("anonymous", 302),
+        ("non_staff", 403),
+        ("staff_without_perm", 403),
+        ("staff_view", 403),
+        ("staff_change", 302),
+        ("superuser", 302),
+    ],
+)
+@pytest.mark.parametrize(
+    ("action", "status", "changed_status"),
+    [("resume", "failed", "pending"), ("cancel", "running", "canceled")],
+)
+def test_post_permissions(client, login, kind, expected, action, status, changed_status):
+    run = make_run(status)
+    login(kind)
+    url = resume_url(run) if action == "resume" else cancel_url(run)
+
+    response = client.post(url)
+
+    assert response.status_code == expected
+    run.refresh_from_db()
+    if kind in ("staff_change", "superuser"):
+        assert response["Location"] == detail_url(run)
+        assert run.status == changed_status
+        assert run.events.get().action == action
+    else:
+        assert run.status == status
+        assert not WorkflowRunEvent.objects.exists()
+    if kind == "anonymous":
+        # After logging in the user lands on the run's page, not on a POST-only URL.
+        assert response["Location"] == f"/accounts/login/?next={detail_url(run)}"
+
+
+def test_inactive_staff_user_is_refused(client, make_user):
+    user = make_user("gone", perms=("change_workflowrun",))
+    client.force_login(user)
+    user.is_active = False
+    user.save()
+
+    assert client.get(list_url()).status_code == 302  # logged out by the auth backend
+
+
+@pytest.mark.parametrize("action", ["resume", "cancel"])
+def test_get_on_transition_endpoints_is_405(staff_client, action):
+    run = make_run("failed" if action == "resume" else "running")
+    url = resume_url(run) if action == "resume" else cancel_url(run)
+
+    response = staff_client.get(url)
+
+    assert response.status_code == 405
+    assert response["Allow"] == "POST"
+    run.refresh_from_db()
+    assert run.status in ("failed", "running")
+    assert not WorkflowRunEvent.objects.exists()
+
+
+def test_pages_refuse_post(staff_client):
+    run = make_run("failed")
+
+    assert staff_client.post(list_url()).status_code == 405
+    assert staff_client.post(detail_url(run)).status_code == 405
+
+
+def test_transitions_need_the_csrf_token(make_user):
+    run = make_run("failed")
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(make_user("alice", perms=("change_workflowrun",)))
+
+    response = client.post(resume_url(run))
+
+    assert response.status_code == 403
+    run.refresh_from_db()
+    assert run.status == "failed"
+
+
+# --- unknown ids -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", [detail_url, resume_url, cancel_url])
+def test_unknown_run_is_404(staff_client, url):
+    unknown = uuid.uuid4()
+
+    response = (
+        staff_client.get(url(unknown)) if url is detail_url else staff_client.post(url(unknown))
+    )
+
+    assert response.status_code == 404
+
+
+def test_malformed_run_id_is_404(staff_client):
+    assert staff_client.get("/workflows/not-a-uuid/").status_code == 404
+
+
+# --- run list --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", STATUSES)
+def test_run_list_shows_a_run_in_each_status(staff_client, status):
+    run = make_run(status, workflow_name=f"wf-{status}")
+    StepAttempt.objects.create(workflow_run=run, step_name="load-order", status="completed")
+    StepAttempt.objects.create(workflow_run=run, step_name="charge", status="running")
+
+    response = staff_client.get(list_url())
+
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert f'<a href="{detail_url(run)}">{run.pk}</a>' in html
+    assert f"wf-{status}" in html
+    assert f'<span class="owf-status owf-status-{status}">{status}</span>' in html
+    assert [r.current_step for r in response.context["page"]] == ["charge"]
+
+
+def test_run_list_counts_runs_per_status(staff_client):
+    for status in ["failed", "failed", "completed", "running"]:
+        make_run(status)
+
+    response = staff_client.get(list_url())
+
+    counts = {tab["value"]: tab["count"] for tab in response.context["status_tabs"]}
+    assert counts == {
+        None: 4,
+        "pending": 0,
+        "running": 1,
+        "completed": 1,
+        "failed": 2,
+        "canceled": 0,
+    }
+
+
+def test_run_list_filters_by_status_and_workflow(staff_client):
+    a_failed = make_run("failed", workflow_name="a")
+    make_run("completed", workflow_name="a")
+    make_run("failed", workflow_name="b")
+
+    response = staff_client.get(list_url(), {"status": "failed", "workflow": "a"})
+
+    assert [run.pk for run in response.context["page"]] == [a_failed.pk]
+    # The counts follow the workflow filter, not the status filter.
+    counts = {tab["value"]: tab["count"] for tab in response.context["status_tabs"]}
+    assert counts[None] == 2
+    assert counts["completed"] == 1
+    assert list(response.context["workflow_names"]) == ["a", "b"]
+
+
+def test_run_list_ignores_an_unknown_status_but_keeps_the_other_filters(staff_client):
+    wanted = make_run("failed", workflow_name="a")
+    make_run("failed", workflow_name="b")
+
+    response = staff_client.get(list_url(), {"status": "bogus", "workflow": "a"})
+
+    assert response.status_code == 200
+    assert [run.pk for run in response.context["page"]] == [wanted.pk]
+
+
+def test_pages_answer_head(staff_client):
+    run = make_run("failed")
+
+    assert staff_client.head(list_url()).status_code == 200
+    assert staff_client.head(detail_url(run)).status_code == 200
+
+
+def test_run_list_searches_by_id_and_idempotency_key(staff_client):
+    by_key = make_run("completed", idempotency_key="order-42")
+    other = make_run("completed", idempotency_key="order-43")
+
+    by_id = staff_client.get(list_url(), {"q": str(other.pk)})
+    by_idem = staff_client.get(list_url(), {"q": " order-42 "})
+    nothing = staff_client.get(list_url(), {"q": "order"})
+
+    assert [run.pk for run in by_id.context["page"]] == [other.pk]
+    assert [run.pk for run in by_idem.context["page"]] == [by_key.pk]
+    assert list(nothing.context["page"]) == []
+    assert "No runs match." in nothing.content.decode()
+
+
+def test_run_list_paginates_by_50(staff_client):
+    WorkflowRun.objects.bulk_create(
+        WorkflowRun(workflow_name="bulk", status="completed") for _ in range(51)
+    )
+
+    first = staff_client.get(list_url(), {"workflow": "bulk"})
+    second = staff_client.get(list_url(), {"workflow": "bulk", "page": 2})
+
+    assert len(first.context["page"]) == 50
+    assert len(second.context["page"]) == 1
+    assert '<a href="?workflow=bulk&amp;page=2" rel="next">next</a>' in first.content.decode()
+
+
+@pytest.mark.parametrize("status", STATUSES)
+def test_run_list_refreshes_while_a_run_in_view_is_active(staff_client, status):
+    make_run("completed")
+    make_run(status)
+
+    response = staff_client.get(list_url())
+
+    refresh = '<meta http-equiv="refresh" content="3">'
+    assert (refresh in response.content.decode()) is (status in ACTIVE)
+
+
+def test_run_list_does_not_refresh_for_active_runs_filtered_out(staff_client):
+    make_run("running")
+    make_run("failed")
+
+    response = staff_client.get(list_url(), {"status": "failed"})
+
+    assert response.context["refresh_seconds"] is None
+
+
+# --- run detail ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", STATUSES)
+def test_run_detail_in_each_status(staff_client, status):
+    run = make_run(status, input={"order_id": 7}, output={"receipt": "r-1"}, version="v2")
+
+    response = staff_client.get(detail_url(run))
+
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert f'<span class="owf-status owf-status-{status}">{status}</span>' in html
+    assert "<dt>Version</dt><dd>v2</dd>" in html
+    assert '<pre class="owf-json owf-input">{\n  &quot;order_id&quot;: 7\n}</pre>' in html
+    assert (
+        '<pre class="owf-json owf-output">{\n  &quot;receipt&quot;: &quot;r-1&quot;\n}</pre>'
+        in (html)
+    )
+    assert (f'action="{resume_url(run)}"' in html) is (status == "failed")
+    assert (f'action="{cancel_url(run)}"' in html) is (status in ACTIVE)
+    assert ('<meta http-equiv="refresh" content="3">' in html) is (status in ACTIVE)
+
+
+def test_run_detail_buttons_are_csrf_post_forms_with_a_confirm(staff_client):
+    run = make_run("failed")
+
+    html = staff_client.get(detail_url(run)).content.decode()
+
+    assert (
+        f'<form method="post" action="{resume_url(run)}" data-confirm="Resume this run? '
+        'Completed steps keep their results; the failed step runs again.">' in html
+    )
+    assert 'name="csrfmiddlewaretoken"' in html
+    assert "django_openworkflow/openworkflow.js" in html
+
+
+@pytest.mark.parametrize("status", STATUSES)
+def test_run_detail_has_no_buttons_for_view_only_users(client, login, status):
+    run = make_run(status)
+    login("staff_view")
+
+    html = client.get(detail_url(run)).content.decode()
+
+    assert resume_url(run) not in html
+    assert cancel_url(run) not in html
+
+
+def test_run_detail_shows_the_error_with_its_traceback(staff_client):
+    run = make_run(
+        "failed",
+        error={
+            "type": "StepFailed",
+            "message": 'step "charge" failed after 3 attempts: ValueError: card declined',
+            "traceback": 'Traceback (most recent call last):\n  File "x.py", line 1\n',
+        },
+    )
+
+    html = staff_client.get(detail_url(run)).content.decode()
+
+    assert '<strong class="owf-error-type">StepFailed</strong>' in html
+    assert (
+        '<span class="owf-error-message">step &quot;charge&quot; failed after 3 attempts: '
+        "ValueError: card declined</span>" in html
+    )
+    assert (
+        '<pre class="owf-traceback">Traceback (most recent call last):\n'
+        "  File &quot;x.py&quot;, line 1\n</pre>" in html
+    )
+
+
+def test_run_detail_shows_the_summary(staff_client):
+    parent = make_run("running", workflow_name="parent")
+    step = StepAttempt.objects.create(
+        workflow_run=parent, step_name="child-step", kind="workflow", status="running"
+    )
+    deadline = timezone.now() + timedelta(days=1)
+    run = make_run(
+        "running",
+        parent_step_attempt=step,
+        worker_id="host:123",
+        attempts=2,
+        resume_generation=3,
+        deadline_at=deadline,
+        idempotency_key="key-1",
+    )
+    step.child_workflow_run = run
+    step.save()
+
+    child_html = staff_client.get(detail_url(run)).content.decode()
+    parent_html = staff_client.get(detail_url(parent)).content.decode()
+
+    assert "<dt>Worker</dt><dd>host:123</dd>" in child_html
+    assert "<dt>Attempts</dt><dd>2</dd>" in child_html
+    assert "<dt>Resume generation</dt><dd>3</dd>" in child_html
+    assert "<dt>Idempotency key</dt><dd>key-1</dd>" in child_html
+    assert f"<dt>Deadline</dt><dd>{deadline:%Y-%m-%d %H:%M:%S} UTC</dd>" in child_html
+    assert (
+        f'<a href="{detail_url(parent)}" class="owf-parent">{parent.pk}</a> (step child-step)'
+        in child_html
+    )
+    assert f'<a href="{detail_url(run)}">child run</a>' in parent_html
+
+
+def test_run_detail_timeline_groups_attempts_by_resume_generation(staff_client):
+    run = make_run("failed", resume_generation=1)
+    start = run.created_at
+    for generation, name, status, offset in [
+        (0, "load", "completed", 0),
+        (0, "charge", "failed", 2),
+        (0, "charge", "failed", 4),
+        (1, "charge", "failed", 6),
+    ]:
+        StepAttempt.objects.create(
+            workflow_run=run,
+            step_name=name,
+            status=status,
+            resume_generation=generation,
+            started_at=start + timedelta(seconds=offset),
+            finished_at=start + timedelta(seconds=offset + 1),
+            error={"type": "ValueError", "message": "declined"} if status == "failed" else None,
+            output={"ok": True} if status == "completed" else None,
+        )
+    WorkflowRun.objects.filter(pk=run.pk).update(finished_at=start + timedelta(seconds=10))
+
+    response = staff_client.get(detail_url(run))
+
+    generations = response.context["generations"]
+    assert [g["number"] for g in generations] == [0, 1]
+    assert [g["current"] for g in generations] == [False, True]
+    assert [(a.step_name, a.number) for a in generations[0]["attempts"]] == [
+        ("load", 1),
+        ("charge", 1),
+        ("charge", 2),
+    ]
+    assert [(a.bar_left, a.bar_width) for a in generations[0]["attempts"]] == [
+        (0.0, 10.0),
+        (20.0, 10.0),
+        (40.0, 10.0),
+    ]
+    html = response.content.decode()
+    assert "First execution" in html
+    assert "After resume 1" in html
+    assert html.count('<tr class="owf-attempt owf-attempt-failed">') == 3
+    assert (
+        '<div class="owf-bar owf-bar-failed" style="margin-left: 60.000%; width: 10.000%"' in html
+    )
+    assert 'charge <span class="owf-muted">#2</span>' in html
+
+
+def test_timeline_of_an_active_run_ends_now():
+    created = timezone.now() - timedelta(seconds=100)
+    run = WorkflowRun(status="running", created_at=created, resume_generation=0)
+    attempts = [
+        StepAttempt(
+            step_name="a",
+            status="completed",
+            started_at=created,
+            finished_at=created + timedelta(seconds=25),
+        ),
+        StepAttempt(step_name="b", status="running", started_at=created + timedelta(seconds=50)),
+    ]
+
+    [generation] = timeline(run, attempts, now=created + timedelta(seconds=100))
+
+    assert [(a.bar_left, a.bar_width) for a in generation["attempts"]] == [
+        (0.0, 25.0),
+        (50.0, 50.0),
+    ]
+
+
+def test_timeline_gives_instant_attempts_a_visible_bar():
+    created = timezone.now()
+    run = WorkflowRun(status="completed", created_at=created, finished_at=created)
+    attempts = [
+        StepAttempt(step_name="a", status="completed", started_at=created, finished_at=created)
+    ]
+
+    [generation] = timeline(run, attempts, now=created)
+
+    assert (generation["attempts"][0].bar_left, generation["attempts"][0].bar_width) == (0.0, 0.5)
+
+
+def test_run_detail_without_steps(staff_client):
+    run = make_run("pending")
+
+    html = staff_client.get(detail_url(run)).content.decode()
+
+    assert "No steps yet." in html
+    assert "Never resumed or canceled." in html
+
+
+def test_run_detail_shows_the_resume_and_cancel_history(staff_client, make_user):
+    run = make_run(
+        "failed", error={"type": "ValueError", "message": "card declined", "traceback": ""}
+    )
+    bob = make_user("bob", perms=("change_workflowrun",))
+    WorkflowRun.objects.resume(run, by=bob)
+    WorkflowRun.objects.cancel(run)
+
+    response = staff_client.get(detail_url(run))
+
+    html = response.content.decode()
+    assert [e.action for e in response.context["events"]] == ["resume", "cancel"]
+    assert "<td>resume</td>\n        <td>bob</td>" in html
+    assert "<td>ValueError: card declined</td>" in html
+    assert "<td>cancel</td>\n        <td>—</td>" in html
+
+
+# --- resume and cancel -----------------------------------------------------------
+
+
+def test_resume_resumes_and_redirects_to_the_run(staff_client):
+    run = make_run("failed")
+
+    response = staff_client.post(resume_url(run), follow=True)
+
+    assert response.redirect_chain == [(detail_url(run), 302)]
+    run.refresh_from_db()
+    assert run.status == "pending"
+    assert run.error is None
+    event = run.events.get()
+    assert (event.action, event.by.username) == ("resume", "staff_change")
+    assert f'<li class="owf-message owf-message-success">Run {run.pk} resumed.</li>' in (
+        response.content.decode()
+    )
+
+
+def test_cancel_cancels_and_redirects_to_the_run(staff_client):
+    run = make_run("pending")
+
+    response = staff_client.post(cancel_url(run))
+
+    assert response["Location"] == detail_url(run)
+    assert messages_of(response) == [f"Run {run.pk} canceled."]
+    run.refresh_from_db()
+    assert run.status == "canceled"
+
+
+@pytest.mark.parametrize("status", ["pending", "running", "completed", "canceled"])
+def test_refused_resume_shows_the_status_on_the_page(staff_client, status):
+    run = make_run(status)
+
+    response = staff_client.post(resume_url(run), follow=True)
+
+    assert response.status_code == 200
+    assert response.redirect_chain == [(detail_url(run), 302)]
+    message = f"cannot resume run {run.pk}: it is {status}; only failed runs can be resumed"
+    assert [str(m) for m in response.context["messages"]] == [message]
+    assert f'<li class="owf-message owf-message-error">{message}</li>' in (
+        response.content.decode()
+    )
+    run.refresh_from_db()
+    assert run.status == status
+
+
+def test_refused_resume_past_the_deadline_explains_why(staff_client):
+    deadline = timezone.now() - timedelta(hours=1)
+    run = make_run("failed", deadline_at=deadline)
+
+    response = staff_client.post(resume_url(run))
+
+    run.refresh_from_db()
+    assert messages_of(response) == [
+        f"cannot resume run {run.pk}: its deadline_at {run.deadline_at.isoformat()} has passed; "
+        "pass a future deadline_at= to resume it"
+    ]
+    assert run.status == "failed"
+
+
+@pytest.mark.parametrize("status", ["completed", "failed", "canceled"])
+def test_refused_cancel_shows_the_status_on_the_page(staff_client, status):
+    run = make_run(status)
+
+    response = staff_client.post(cancel_url(run), follow=True)
+
+    assert response.status_code == 200
+    assert [str(m) for m in response.context["messages"]] == [
+        f"cannot cancel run {run.pk}: it is {status}; only pending or running runs can be canceled"
+    ]
+    run.refresh_from_db()
+    assert run.status == status
+
+
+def test_transition_redirects_to_a_safe_next(staff_client):
+    run = make_run("failed")
+    admin_url = reverse("admin:django_openworkflow_workflowrun_change", args=[run.pk])
+
+    response = staff_client.post(resume_url(run), {"next": admin_url})
+
+    assert response["Location"] == admin_url
+
+
+def test_transition_ignores_an_unsafe_next(staff_client):
+    run = make_run("running")
+
+    response = staff_client.post(cancel_url(run), {"next": "https://evil.example/"})
+
+    assert response["Location"] == detail_url(run)
+
+
+# --- escaping --------------------------------------------------------------------
+
+
+def test_stored_data_is_rendered_escaped(staff_client):
+    run = make_run(
+        "failed",
+        workflow_name=f"wf{XSS}",
+        idempotency_key=f"key{XSS}",
+        version=XSS,
+        worker_id=XSS,
+        input={"html": XSS},
+        output=XSS,
+        error={"type": XSS, "message": XSS, "traceback": XSS},
+    )
+    StepAttempt.objects.create(
+        workflow_run=run,
+        step_name=XSS,
+        status="failed",
+        error={"type": XSS, "message": XSS, "traceback": XSS},
+    )
+    StepAttempt.objects.create(
+        workflow_run=run, step_name="ok", status="completed", output={"x": XSS}
+    )
+    WorkflowRunEvent.objects.create(
+        run=run, action="resume", cleared_error={"type": XSS, "message": XSS}
+    )
+
+    detail = staff_client.get(detail_url(run)).content.decode()
+    listing = staff_client.get(list_url()).content.decode()
+
+    for html in (detail, listing):
+        assert "<script>alert" not in html
+        assert ESCAPED_XSS in html
+    assert detail.count(ESCAPED_XSS) >= 12
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.25, "250 ms"),
+        (12.34, "12.3 s"),
+        (245, "4 min 5 s"),
+        (7380, "2 h 3 min"),
+        (266400, "3 d 2 h"),
+    ],
+)
+def test_short_duration(seconds, text):
+    assert short_duration(timedelta(seconds=seconds)) == text
+
+
+def test_pretty_json_returns_plain_text_for_the_template_to_escape():
+    assert pretty_json({"a": [1, "<b>"]}) == '{\n  "a": [\n    1,\n    "<b>"\n  ]\n}'
+    assert pretty_json(None) == "null"
+    assert not hasattr(pretty_json({"a": 1}), "__html__")
