@@ -24,6 +24,7 @@ pg-up:
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy django_openworkflow
 	DJANGO_SETTINGS_MODULE=tests.settings $(PY) -m django makemigrations --check --dry-run
 	DJANGO_SETTINGS_MODULE=demo_project.settings $(PY) manage.py makemigrations --check --dry-run
 

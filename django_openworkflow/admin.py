@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
@@ -21,6 +21,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy, ngettext
 
 from .exceptions import InvalidTransition
+from .managers import WorkflowRunQuerySet
 from .models import StepAttempt, WorkflowRun, WorkflowRunEvent
 from .views import can_view_runs
 
@@ -149,7 +150,7 @@ class WorkflowRunAdmin(admin.ModelAdmin):
     readonly_fields = (*RUN_FIELDS, *RUN_DATA_FIELDS, *RUN_SCHEDULING_FIELDS)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[WorkflowRun]:
-        return super().get_queryset(request).with_current_step()
+        return cast(WorkflowRunQuerySet, super().get_queryset(request)).with_current_step()
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # runs are started by code (Workflow.start), never typed in
@@ -282,6 +283,8 @@ class WorkflowRunAdmin(admin.ModelAdmin):
         A run whose status still allows the transition was refused for its
         deadline (the only other reason ``resume()`` has).
         """
+        if status is None:
+            return _("it no longer exists")
         if status == still_allowed:
             return _("its deadline has passed")
         return _("it is %(status)s") % {"status": WorkflowRun.Status(status).label}

@@ -213,11 +213,11 @@ class Execution:
             return
         problem = json_problem(output)
         if problem:
-            exc = TypeError(
+            refused = TypeError(
                 f'output of workflow "{self.workflow.name}" (run {self.run.pk}) '
                 f"is not a JSON value: {problem}"
             )
-            self._finish(WorkflowRun.Status.FAILED, error=describe_exception(exc))
+            self._finish(WorkflowRun.Status.FAILED, error=describe_exception(refused))
             logger.info("run failed run=%s reason=output-not-json", self.run.pk)
             return
         self._finish(WorkflowRun.Status.COMPLETED, output=output)

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from functools import wraps
-from typing import Any
+from typing import Any, cast
 
 from django import forms
 from django.contrib import messages
@@ -31,6 +31,7 @@ from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST, require_safe
 
 from .exceptions import InvalidTransition
+from .managers import WorkflowRunQuerySet
 from .models import StepAttempt, WorkflowRun
 
 VIEW_PERMISSION = "django_openworkflow.view_workflowrun"
@@ -148,7 +149,7 @@ def run_list(request: HttpRequest) -> HttpResponse:
     if status:
         runs = runs.filter(status=status)
 
-    runs = runs.with_current_step().order_by("-created_at", "-pk")
+    runs = cast(WorkflowRunQuerySet, runs).with_current_step().order_by("-created_at", "-pk")
     page = Paginator(runs, RUNS_PER_PAGE).get_page(request.GET.get("page"))
     workflow_names = (
         WorkflowRun.objects.order_by("workflow_name")
@@ -277,29 +278,28 @@ def _back(request: HttpRequest, run_id: uuid.UUID) -> HttpResponseRedirect:
     return HttpResponseRedirect(reverse("django_openworkflow:run-detail", args=[run_id]))
 
 
-@require_POST
-@run_permission_required(change=True)
-def run_resume(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
+def _transition(
+    request: HttpRequest, run_id: uuid.UUID, transition: Callable[..., Any], done: str
+) -> HttpResponse:
+    """Apply a manager transition for the user; report it, or why it was refused."""
     try:
-        WorkflowRun.objects.resume(run_id, by=request.user)
+        transition(run_id, by=request.user)
     except WorkflowRun.DoesNotExist:
         raise Http404(_("No workflow run with this id.")) from None
     except InvalidTransition as exc:
         messages.error(request, str(exc))
     else:
-        messages.success(request, _("Run %(id)s resumed.") % {"id": run_id})
+        messages.success(request, done % {"id": run_id})
     return _back(request, run_id)
+
+
+@require_POST
+@run_permission_required(change=True)
+def run_resume(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
+    return _transition(request, run_id, WorkflowRun.objects.resume, _("Run %(id)s resumed."))
 
 
 @require_POST
 @run_permission_required(change=True)
 def run_cancel(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
-    try:
-        WorkflowRun.objects.cancel(run_id, by=request.user)
-    except WorkflowRun.DoesNotExist:
-        raise Http404(_("No workflow run with this id.")) from None
-    except InvalidTransition as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(request, _("Run %(id)s canceled.") % {"id": run_id})
-    return _back(request, run_id)
+    return _transition(request, run_id, WorkflowRun.objects.cancel, _("Run %(id)s canceled."))

@@ -204,9 +204,10 @@ class Worker:
             workflow = get_workflow(run.workflow_name)
             if workflow is None:  # claims only ask for known names; registry changed?
                 logger.error("unknown workflow run=%s workflow=%s", run.pk, run.workflow_name)
-                WorkflowRun.objects.park_claimed(
-                    run.pk, run.claim_token, timezone.now() + timedelta(seconds=5)
-                )
+                if run.claim_token is not None:
+                    WorkflowRun.objects.park_claimed(
+                        run.pk, run.claim_token, timezone.now() + timedelta(seconds=5)
+                    )
                 return
             Execution(run, workflow, lease_seconds=self.lease_seconds).execute()
         except Exception:
@@ -228,7 +229,7 @@ class Worker:
         try:
             while not self._finished.wait(self.heartbeat_seconds):
                 with self._lock:
-                    tokens = [run.claim_token for run in self._in_flight.values()]
+                    tokens = [r.claim_token for r in self._in_flight.values() if r.claim_token]
                 if not tokens:
                     continue
                 try:

@@ -33,6 +33,17 @@ def attempts(run):
     return list(StepAttempt.objects.filter(workflow_run=run).order_by("id"))
 
 
+def claim(workflow_name, *, worker_id="worker-a"):
+    """Claim due runs of one workflow as ``worker_id`` (without executing them)."""
+    return WorkflowRun.objects.claim(
+        worker_id=worker_id,
+        workflow_names=[workflow_name],
+        limit=1,
+        lease_seconds=30,
+        namespace="default",
+    )
+
+
 def expire_lease(run):
     WorkflowRun.objects.filter(pk=run.pk).update(available_at=Now() - timedelta(seconds=1))
 
@@ -267,13 +278,7 @@ def _wait_for_attempt(run, step, status="running", timeout=10.0):
 def _take_over(run, worker_id="worker-b"):
     """Another worker claims the run after its lease expired."""
     expire_lease(run)
-    claimed = WorkflowRun.objects.claim(
-        worker_id=worker_id,
-        workflow_names=[run.workflow_name],
-        limit=1,
-        lease_seconds=30,
-        namespace="default",
-    )
+    claimed = claim(run.workflow_name, worker_id=worker_id)
     assert [r.pk for r in claimed] == [run.pk]
     return claimed[0]
 
@@ -290,13 +295,7 @@ def _take_over(run, worker_id="worker-b"):
 def test_a_worker_whose_lease_was_taken_over_cannot_complete_its_step(tmp_path, atomic):
     flag = tmp_path / "go"
     start("waits-for-file", {"path": str(flag), "atomic": atomic})
-    [run_a] = WorkflowRun.objects.claim(
-        worker_id="worker-a",
-        workflow_names=["waits-for-file"],
-        limit=1,
-        lease_seconds=30,
-        namespace="default",
-    )
+    [run_a] = claim("waits-for-file", worker_id="worker-a")
     thread = _execute_in_thread(run_a)
     _wait_for_attempt(run_a, "block")
     run_b = _take_over(run_a)
@@ -327,13 +326,7 @@ def test_a_worker_whose_lease_was_taken_over_cannot_complete_its_step(tmp_path, 
 
 def test_the_same_worker_claiming_again_fences_out_its_older_claim():
     run = start("echo", {"x": 1})
-    [old] = WorkflowRun.objects.claim(
-        worker_id="worker-a",
-        workflow_names=["echo"],
-        limit=1,
-        lease_seconds=30,
-        namespace="default",
-    )
+    [old] = claim("echo", worker_id="worker-a")
     new = _take_over(old, worker_id="worker-a")
     assert new.claim_token != old.claim_token
     Execution(old, get_workflow("echo"), lease_seconds=30).execute()
@@ -344,13 +337,7 @@ def test_the_same_worker_claiming_again_fences_out_its_older_claim():
 
 def test_fenced_transitions_refuse_a_stale_token():
     run = start("echo", {"x": 1})
-    [old] = WorkflowRun.objects.claim(
-        worker_id="worker-a",
-        workflow_names=["echo"],
-        limit=1,
-        lease_seconds=30,
-        namespace="default",
-    )
+    [old] = claim("echo", worker_id="worker-a")
     new = _take_over(old)
     stale = old.claim_token
     assert not WorkflowRun.objects.finish_claimed(run.pk, stale, "completed", output=1)
@@ -404,13 +391,7 @@ def test_a_run_past_its_deadline_is_not_claimed_and_fails():
 
 def test_a_running_run_past_its_deadline_fails_at_the_next_step():
     run = start("three-steps", {"i": 1}, deadline_at=timezone.now() + timedelta(hours=1))
-    [claimed] = WorkflowRun.objects.claim(
-        worker_id="w",
-        workflow_names=["three-steps"],
-        limit=1,
-        lease_seconds=30,
-        namespace="default",
-    )
+    [claimed] = claim("three-steps", worker_id="w")
     WorkflowRun.objects.filter(pk=run.pk).update(deadline_at=Now() - timedelta(seconds=1))
     Execution(claimed, get_workflow("three-steps"), lease_seconds=30).execute()
     run.refresh_from_db()
@@ -424,13 +405,7 @@ def test_a_running_run_past_its_deadline_is_failed_by_the_sweep_and_its_worker_f
     run = start(
         "waits-for-file", {"path": str(flag)}, deadline_at=timezone.now() + timedelta(hours=1)
     )
-    [claimed] = WorkflowRun.objects.claim(
-        worker_id="w",
-        workflow_names=["waits-for-file"],
-        limit=1,
-        lease_seconds=30,
-        namespace="default",
-    )
+    [claimed] = claim("waits-for-file", worker_id="w")
     thread = _execute_in_thread(claimed)
     _wait_for_attempt(run, "block")
     WorkflowRun.objects.filter(pk=run.pk).update(deadline_at=Now() - timedelta(seconds=1))
@@ -479,13 +454,7 @@ def test_cancel_a_pending_run():
 def test_cancel_a_running_run_stops_it_at_the_next_step(tmp_path):
     flag = tmp_path / "go"
     run = start("waits-for-file", {"path": str(flag)})
-    [claimed] = WorkflowRun.objects.claim(
-        worker_id="w",
-        workflow_names=["waits-for-file"],
-        limit=1,
-        lease_seconds=30,
-        namespace="default",
-    )
+    [claimed] = claim("waits-for-file", worker_id="w")
     thread = _execute_in_thread(claimed)
     _wait_for_attempt(run, "block")
     WorkflowRun.objects.cancel(run)
@@ -528,3 +497,19 @@ def test_a_run_of_a_workflow_this_worker_does_not_know_is_left_alone():
     assert run.status == WorkflowRun.Status.PENDING
     assert run.worker_id is None
     assert run.error is None
+
+
+def test_a_bad_sleep_duration_is_a_value_error_naming_the_step():
+    run = start("bad-sleep")
+    run = claim_and_execute()
+    assert run.status == WorkflowRun.Status.FAILED
+    assert run.error["type"] == "ValueError"
+    assert run.error["message"] == "duration of sleep \"nap\" '-5s' is not a duration: " + (
+        "use a number with a unit (ms, s, m, h, d), e.g. '250ms', '10s', '5m', '2h', '7d'"
+    )
+
+
+def test_the_context_carries_input_run_id_and_version():
+    run = start("context", {"a": [1, 2]})
+    run = claim_and_execute()
+    assert run.output == {"run_id": str(run.pk), "version": "v3", "input": {"a": [1, 2]}}

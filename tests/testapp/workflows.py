@@ -173,3 +173,13 @@ def many_steps(ctx):
     for i in range(ctx.input["n"]):
         ctx.step.run(f"s{i}", lambda: None)
     return "done"
+
+
+@workflow(name="bad-sleep")
+def bad_sleep(ctx):
+    ctx.step.sleep("nap", "-5s")
+
+
+@workflow(name="context", version="v3")
+def context(ctx):
+    return {"run_id": str(ctx.run_id), "version": ctx.version, "input": ctx.input}

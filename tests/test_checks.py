@@ -1,0 +1,92 @@
+import pytest
+from django.core import checks
+from django.test import override_settings
+
+from django_openworkflow.checks import check_settings, check_sqlite_transaction_mode
+
+
+def ids(messages):
+    return [(m.id, m.msg) for m in messages]
+
+
+def test_default_settings_pass():
+    with override_settings(OPENWORKFLOW={}):
+        assert check_settings() == []
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ([], [("django_openworkflow.E001", "OPENWORKFLOW must be a dict, not list.")]),
+        (
+            {"LEASE": 10},
+            [("django_openworkflow.E002", "OPENWORKFLOW has an unknown key 'LEASE'.")],
+        ),
+        (
+            {"LEASE_SECONDS": 0},
+            [
+                (
+                    "django_openworkflow.E003",
+                    "OPENWORKFLOW['LEASE_SECONDS'] must be a positive number, not 0.",
+                )
+            ],
+        ),
+        (
+            {"CONCURRENCY": 2.5},
+            [
+                (
+                    "django_openworkflow.E004",
+                    "OPENWORKFLOW['CONCURRENCY'] must be an integer, not 2.5.",
+                )
+            ],
+        ),
+        (
+            {"LEASE_SECONDS": 10, "HEARTBEAT_SECONDS": 10},
+            [
+                (
+                    "django_openworkflow.E005",
+                    "OPENWORKFLOW['HEARTBEAT_SECONDS'] must be a positive number below "
+                    "LEASE_SECONDS, not 10.",
+                )
+            ],
+        ),
+        (
+            {"NAMESPACE": ""},
+            [
+                (
+                    "django_openworkflow.E006",
+                    "OPENWORKFLOW['NAMESPACE'] must be a non-empty string, not ''.",
+                )
+            ],
+        ),
+    ],
+)
+def test_bad_settings_are_reported(value, expected):
+    with override_settings(OPENWORKFLOW=value):
+        assert ids(check_settings()) == expected
+
+
+def test_every_error_has_a_hint():
+    with override_settings(OPENWORKFLOW={"LEASE": 1, "POLL_INTERVAL": -1}):
+        assert all(m.hint for m in check_settings())
+
+
+def test_sqlite_without_immediate_transactions_is_warned_about(settings):
+    from django.db import connections
+
+    connection = connections["default"]
+    if connection.vendor != "sqlite":
+        assert check_sqlite_transaction_mode(databases=["default"]) == []
+        return
+    assert check_sqlite_transaction_mode(databases=["default"]) == []
+    options = connection.settings_dict["OPTIONS"]
+    saved = dict(options)
+    try:
+        options.pop("transaction_mode")
+        [warning] = check_sqlite_transaction_mode(databases=["default"])
+    finally:
+        options.clear()
+        options.update(saved)
+    assert warning.id == "django_openworkflow.W001"
+    assert warning.level == checks.WARNING
+    assert 'OPTIONS": {"transaction_mode": "IMMEDIATE"}' in warning.hint

@@ -1,0 +1,58 @@
+import uuid
+
+import pytest
+
+from django_openworkflow import WorkflowCanceled, WorkflowError, WorkflowFailed
+from django_openworkflow.models import StepAttempt, WorkflowRun
+from tests.conftest import claim_and_execute
+from tests.testapp.workflows import echo
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_result_returns_the_output_of_a_completed_run():
+    run = echo.start({"n": 1})
+    claim_and_execute()
+    assert run.result(timeout=1) == {"n": 1}
+    assert run.status == WorkflowRun.Status.COMPLETED
+
+
+def test_result_raises_workflow_failed_with_the_error():
+    run = WorkflowRun.objects.create(
+        workflow_name="echo", status="failed", error={"type": "ValueError", "message": "bad"}
+    )
+    with pytest.raises(WorkflowFailed) as info:
+        run.result(timeout=1)
+    assert isinstance(info.value, WorkflowError)
+    assert str(info.value) == f"run {run.pk} failed: ValueError: bad"
+    assert info.value.error == {"type": "ValueError", "message": "bad"}
+
+
+def test_result_raises_workflow_canceled():
+    run = echo.start({"n": 1})
+    WorkflowRun.objects.cancel(run)
+    with pytest.raises(WorkflowCanceled) as info:
+        run.result(timeout=1)
+    assert str(info.value) == f"run {run.pk} was canceled"
+
+
+def test_result_times_out_on_an_unfinished_run():
+    run = echo.start({"n": 1})
+    with pytest.raises(TimeoutError) as info:
+        run.result(timeout=0.1)
+    assert str(info.value) == f"run {run.pk} did not finish within 0.1 s (it is pending)"
+
+
+def test_str_and_absolute_url():
+    run = WorkflowRun.objects.create(id=uuid.UUID(int=1), workflow_name="echo")
+    assert str(run) == "echo 00000000-0000-0000-0000-000000000001 (pending)"
+    assert run.get_absolute_url() == "/workflows/00000000-0000-0000-0000-000000000001/"
+    attempt = StepAttempt.objects.create(workflow_run=run, step_name="charge")
+    assert str(attempt) == "charge (running)"
+
+
+def test_database_refuses_an_unknown_status():
+    from django.db import IntegrityError
+
+    with pytest.raises(IntegrityError):
+        WorkflowRun.objects.create(workflow_name="echo", status="sleeping")
