@@ -72,7 +72,14 @@ class Worker:
         self._wakeup.set()
 
     def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT stop the worker; a signal the parent chose to ignore stays ignored.
+
+        (A shell starts background jobs with SIGINT ignored, so ``make demo``'s
+        Ctrl-C reaches the worker only as the single SIGTERM its trap sends.)
+        """
         for sig in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                continue
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
