@@ -101,6 +101,29 @@ class WorkflowRunEventInline(ReadOnlyInline):
         return _error_summary(event.cleared_error)
 
 
+class FailedStepFilter(admin.SimpleListFilter):
+    """Failed runs by the step they failed on (their latest step attempt)."""
+
+    title = gettext_lazy("failed step")
+    parameter_name = "failed_step"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        names = (
+            cast(WorkflowRunQuerySet, model_admin.get_queryset(request))
+            .failed()
+            .exclude(current_step=None)
+            .order_by("current_step")
+            .values_list("current_step", flat=True)
+            .distinct()[:100]
+        )
+        return [(name, name) for name in names]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        if self.value():
+            return queryset.filter(status=WorkflowRun.Status.FAILED, current_step=self.value())
+        return queryset
+
+
 RUN_FIELDS = (
     "id",
     "workflow_name",
@@ -135,7 +158,7 @@ class WorkflowRunAdmin(admin.ModelAdmin):
         "started_at",
         "finished_at",
     ]
-    list_filter = ["status", "workflow_name"]
+    list_filter = ["status", "workflow_name", FailedStepFilter]
     search_fields = ["=id", "idempotency_key", "workflow_name"]
     list_per_page = 50
     actions = ["resume_runs", "cancel_runs"]

@@ -115,6 +115,28 @@ def test_changelist_filters(admin_client, field):
     assert [run.pk for run in response.context["cl"].result_list] == [wanted.pk]
 
 
+def test_changelist_filters_failed_runs_by_failed_step(admin_client):
+    on_charge = make_run("failed")
+    StepAttempt.objects.create(workflow_run=on_charge, step_name="load", status="completed")
+    StepAttempt.objects.create(workflow_run=on_charge, step_name="charge", status="failed")
+    on_ship = make_run("failed")
+    StepAttempt.objects.create(workflow_run=on_ship, step_name="ship", status="failed")
+    running = make_run("running")
+    StepAttempt.objects.create(workflow_run=running, step_name="charge", status="running")
+
+    response = admin_client.get(CHANGELIST)
+    filter_choices = [
+        choice["display"]
+        for spec in response.context["cl"].filter_specs
+        if getattr(spec, "parameter_name", None) == "failed_step"
+        for choice in spec.choices(response.context["cl"])
+    ]
+    assert filter_choices == ["All", "charge", "ship"]
+
+    response = admin_client.get(CHANGELIST, {"failed_step": "charge"})
+    assert [run.pk for run in response.context["cl"].result_list] == [on_charge.pk]
+
+
 def test_changelist_search_by_id_key_and_workflow(admin_client):
     by_key = make_run("completed", idempotency_key="order-42")
     by_name = make_run("completed", workflow_name="ship-parcel")

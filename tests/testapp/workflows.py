@@ -183,3 +183,19 @@ def bad_sleep(ctx):
 @workflow(name="context", version="v3")
 def context(ctx):
     return {"run_id": str(ctx.run_id), "version": ctx.version, "input": ctx.input}
+
+
+@workflow(name="reserve-then-charge")
+def reserve_then_charge(ctx):
+    """'charge' fails (no retries) while it has run no more than ctx.input['failures'] times."""
+    ctx.step.run("reserve", lambda: effect(ctx, "reserve") or "reserved")
+
+    def charge():
+        effect(ctx, "charge")
+        if SideEffect.objects.filter(run_id=ctx.run_id, step="charge").count() <= ctx.input.get(
+            "failures", 1
+        ):
+            raise RuntimeError("card declined")
+        return "charged"
+
+    return ctx.step.run("charge", charge, retry_policy=RetryPolicy(maximum_attempts=1))

@@ -1,0 +1,146 @@
+"""Resume in a real browser: Playwright driving Debian's Chromium against a live server.
+
+A worker runs in-process on the test database. The screenshot of the run page
+is saved under ``test-artifacts/``.
+"""
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from django.contrib.auth.models import Permission
+from django.db import connection, connections
+
+from django_openworkflow import WorkflowFailed
+from django_openworkflow.models import WorkflowRun
+from django_openworkflow.worker import Worker
+from tests.testapp.models import SideEffect
+from tests.testapp.workflows import reserve_then_charge
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+def browser():
+    if not os.path.exists(CHROMIUM):
+        message = "Chromium is missing: `make test` installs Debian's chromium package"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    # Playwright's sync API runs an event loop in this thread; the ORM calls the
+    # test makes around it are still plain synchronous calls.
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    from playwright.sync_api import sync_playwright
+
+    try:
+        with sync_playwright() as playwright:
+            chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            yield chromium
+            chromium.close()
+            # ORM calls made while Playwright's loop runs got their own connection.
+            connections.close_all()
+    finally:
+        os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+
+
+@pytest.fixture
+def worker():
+    worker = Worker(concurrency=2, poll_interval=0.1)
+
+    def run():
+        try:
+            worker.run()
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    yield worker
+    worker.stop()
+    thread.join(10)
+
+
+@pytest.fixture
+def operator(django_user_model):
+    user = django_user_model.objects.create_user("operator", password="s3cret!pw", is_staff=True)
+    user.user_permissions.add(
+        Permission.objects.get(
+            content_type__app_label="django_openworkflow", codename="change_workflowrun"
+        )
+    )
+    return user
+
+
+def test_resume_a_failed_run_from_its_page(live_server, browser, worker, operator):
+    run = reserve_then_charge.start({"failures": 1})
+    with pytest.raises(WorkflowFailed):
+        run.result(timeout=20)
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    run_url = f"{live_server.url}{run.get_absolute_url()}"
+    page.goto(f"{live_server.url}/admin/login/?next={run.get_absolute_url()}")
+    page.fill("#id_username", "operator")
+    page.fill("#id_password", "s3cret!pw")
+    page.click("input[type=submit]")
+    page.wait_for_url(run_url)
+    assert page.inner_text("h1 .owf-status") == "failed"
+    assert "card declined" in page.inner_text("body")
+
+    questions = []
+
+    def confirm(dialog):
+        questions.append(dialog.message)
+        dialog.accept()
+
+    page.on("dialog", confirm)
+    page.click("button.owf-button-resume")
+    assert questions == [
+        "Resume this run? Completed steps keep their results; the failed step runs again."
+    ]
+    # The page refreshes itself while the run is active, until the worker finishes it.
+    page.wait_for_selector("h1 .owf-status-completed", timeout=20_000)
+    assert "After resume 1" in page.inner_text("body")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / f"run-page-{connection.vendor}.png", full_page=True)
+
+    run.refresh_from_db()
+    assert (run.status, run.output, run.resume_generation) == ("completed", "charged", 1)
+    assert SideEffect.objects.filter(run_id=run.pk, step="reserve").count() == 1
+    [event] = run.events.all()
+    assert (event.action, event.by) == ("resume", operator)
+    assert WorkflowRun.objects.get(pk=run.pk).status == "completed"
+
+
+def test_dismissing_the_confirmation_changes_nothing(live_server, browser, operator):
+    run = WorkflowRun.objects.create(
+        workflow_name="reserve-then-charge",
+        status="failed",
+        error={"type": "RuntimeError", "message": "card declined"},
+    )
+    page = browser.new_page()
+    page.goto(f"{live_server.url}/admin/login/?next={run.get_absolute_url()}")
+    page.fill("#id_username", "operator")
+    page.fill("#id_password", "s3cret!pw")
+    page.click("input[type=submit]")
+    page.wait_for_url(f"{live_server.url}{run.get_absolute_url()}")
+    page.on("dialog", lambda dialog: dialog.dismiss())
+    page.click("button.owf-button-resume")
+    page.wait_for_timeout(300)
+    run.refresh_from_db()
+    assert run.status == "failed"
+    assert not run.events.exists()
