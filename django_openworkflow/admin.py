@@ -108,10 +108,10 @@ class FailedStepFilter(admin.SimpleListFilter):
     parameter_name = "failed_step"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        runs = cast(WorkflowRunQuerySet, model_admin.get_queryset(request)).failed()
+        # current_step is annotated by get_queryset(); django-stubs cannot see annotations.
         names = (
-            cast(WorkflowRunQuerySet, model_admin.get_queryset(request))
-            .failed()
-            .exclude(current_step=None)
+            runs.exclude(current_step=None)  # type: ignore[misc]
             .order_by("current_step")
             .values_list("current_step", flat=True)
             .distinct()[:100]
