@@ -16,6 +16,7 @@ from functools import wraps
 from typing import Any, cast
 
 from django import forms
+from django.apps import apps
 from django.contrib import messages
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
@@ -279,27 +280,53 @@ def _back(request: HttpRequest, run_id: uuid.UUID) -> HttpResponseRedirect:
 
 
 def _transition(
-    request: HttpRequest, run_id: uuid.UUID, transition: Callable[..., Any], done: str
+    request: HttpRequest,
+    run_id: uuid.UUID,
+    transition: Callable[..., WorkflowRun],
+    done: str,
+    log_message: str,
 ) -> HttpResponse:
     """Apply a manager transition for the user; report it, or why it was refused."""
     try:
-        transition(run_id, by=request.user)
+        run = transition(run_id, by=request.user)
     except WorkflowRun.DoesNotExist:
         raise Http404(_("No workflow run with this id.")) from None
     except InvalidTransition as exc:
         messages.error(request, str(exc))
     else:
         messages.success(request, done % {"id": run_id})
+        _log_admin_change(request, run, log_message)
     return _back(request, run_id)
+
+
+def _log_admin_change(request: HttpRequest, run: WorkflowRun, message: str) -> None:
+    """Write the change to the admin history too, as the admin actions do."""
+    if not apps.is_installed("django.contrib.admin"):
+        return
+    from django.contrib.admin.models import CHANGE, LogEntry
+
+    user_id = request.user.pk
+    assert user_id is not None  # the views require a logged-in user
+    LogEntry.objects.log_actions(
+        user_id=user_id,
+        queryset=[run],
+        action_flag=CHANGE,
+        change_message=message,
+        single_object=True,
+    )
 
 
 @require_POST
 @run_permission_required(change=True)
 def run_resume(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
-    return _transition(request, run_id, WorkflowRun.objects.resume, _("Run %(id)s resumed."))
+    return _transition(
+        request, run_id, WorkflowRun.objects.resume, _("Run %(id)s resumed."), "Resumed"
+    )
 
 
 @require_POST
 @run_permission_required(change=True)
 def run_cancel(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
-    return _transition(request, run_id, WorkflowRun.objects.cancel, _("Run %(id)s canceled."))
+    return _transition(
+        request, run_id, WorkflowRun.objects.cancel, _("Run %(id)s canceled."), "Canceled"
+    )

@@ -6,6 +6,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Permission
 from django.contrib.messages import get_messages
 from django.test import Client
@@ -565,6 +566,8 @@ def test_resume_resumes_and_redirects_to_the_run(staff_client):
     assert f'<li class="owf-message owf-message-success">Run {run.pk} resumed.</li>' in (
         response.content.decode()
     )
+    [entry] = LogEntry.objects.filter(object_id=str(run.pk))
+    assert (entry.change_message, entry.user.username) == ("Resumed", "staff_change")
 
 
 def test_cancel_cancels_and_redirects_to_the_run(staff_client):
@@ -576,6 +579,7 @@ def test_cancel_cancels_and_redirects_to_the_run(staff_client):
     assert messages_of(response) == [f"Run {run.pk} canceled."]
     run.refresh_from_db()
     assert run.status == "canceled"
+    assert LogEntry.objects.get(object_id=str(run.pk)).change_message == "Canceled"
 
 
 @pytest.mark.parametrize("status", ["pending", "running", "completed", "canceled"])
