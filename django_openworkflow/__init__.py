@@ -24,6 +24,7 @@ __all__ = [
     "WorkflowCanceled",
     "WorkflowError",
     "WorkflowFailed",
+    "send_signal",
     "workflow",
 ]
 
@@ -35,4 +36,8 @@ def __getattr__(name: str) -> Any:
         from .registry import workflow
 
         return workflow
+    if name == "send_signal":
+        from .signaling import send_signal
+
+        return send_signal
     raise AttributeError(f"module 'django_openworkflow' has no attribute {name!r}")

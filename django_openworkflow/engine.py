@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -28,9 +29,10 @@ from .durations import (
     parse_duration,
 )
 from .exceptions import StepFailed
-from .managers import DEADLINE_ERROR
+from .managers import DEADLINE_ERROR, notify
 from .models import StepAttempt, WorkflowRun
-from .serialization import describe_exception, json_problem
+from .serialization import describe_exception, ensure_json, json_problem
+from .signals import run_completed, run_failed, send_after_commit, step_failed
 
 if TYPE_CHECKING:
     from .registry import Workflow
@@ -60,6 +62,12 @@ class ClaimLost(Suspend):
 
 class _NotJSON(TypeError):
     pass
+
+
+class _WaitFailed(Exception):
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(error["message"])
+        self.error = error
 
 
 class WorkflowContext:
@@ -97,15 +105,60 @@ class StepApi:
         """Like ``run``, but ``fn``'s database writes commit together with the step's result."""
         return self._execution.run_step(name, fn, retry_policy, atomic=True)
 
+    def parallel(
+        self,
+        steps: Iterable[tuple[str, Callable[[], Any]]],
+        *,
+        retry_policy: RetryPolicy | None = None,
+    ) -> list[Any]:
+        """Run independent ``(name, fn)`` steps at once, each stored as its own attempt.
+
+        Returns their results in the given order. Each ``fn`` runs on its own
+        thread (and database connection); replay returns stored results.
+        """
+        return self._execution.parallel(steps, retry_policy)
+
     def sleep(self, name: str, duration: Duration) -> None:
         """Park the run for ``duration`` without holding a worker slot."""
         return self._execution.sleep(name, duration)
+
+    def run_workflow(
+        self,
+        workflow: Workflow | str,
+        input: Any = None,
+        *,
+        name: str | None = None,
+        timeout: Duration | None = None,
+    ) -> Any:
+        """Start a child run and park until it ends; return its output.
+
+        A failed or canceled child, or a ``timeout`` that passes first, fails
+        the step (``StepFailed``); on timeout the child keeps running.
+        """
+        return self._execution.run_workflow(workflow, input, name=name, timeout=timeout)
+
+    def send_signal(self, signal: str, data: Any = None, *, name: str | None = None) -> list[str]:
+        """Deliver ``data`` to the runs waiting on ``signal`` now (exactly once, as a step)."""
+        return self._execution.send_signal(signal, data, name=name)
+
+    def wait_for_signal(
+        self, signal: str, *, name: str | None = None, timeout: Duration | None = None
+    ) -> dict[str, Any] | None:
+        """Park until ``signal`` arrives: ``{"data": payload}``, or ``None`` on timeout."""
+        return self._execution.wait_for_signal(signal, name=name, timeout=timeout)
 
 
 class Execution:
     """One pass of a claimed run through its workflow function."""
 
-    def __init__(self, run: WorkflowRun, workflow: Workflow, *, lease_seconds: float) -> None:
+    def __init__(
+        self,
+        run: WorkflowRun,
+        workflow: Workflow,
+        *,
+        lease_seconds: float,
+        max_parallel: int = 8,
+    ) -> None:
         self.run = run
         self.workflow = workflow
         self.token: uuid.UUID = run.claim_token  # type: ignore[assignment]
@@ -118,6 +171,9 @@ class Execution:
         self.failures: dict[str, list[StepAttempt]] = {}
         self.waiting: dict[str, StepAttempt] = {}
         self.attempt_count = 0
+        # Threads for ctx.step.parallel(); 1 runs the steps one after another
+        # on this thread (the testing helper does, to stay in the test's transaction).
+        self.max_parallel = max_parallel
 
     # --- clock and fencing --------------------------------------------------
 
@@ -245,8 +301,22 @@ class Execution:
         logger.info("run retry scheduled run=%s attempts=%d at=%s", self.run.pk, attempts, retry_at)
 
     def _finish(self, status: str, **fields: Any) -> None:
-        if not WorkflowRun.objects.finish_claimed(self.run.pk, self.token, status, **fields):
+        finished = WorkflowRun.objects.finish_claimed(
+            self.run.pk,
+            self.token,
+            status,
+            wake_parent=self.run.parent_step_attempt_id is not None,
+            **fields,
+        )
+        if not finished:
             self._claim_lost()
+            return
+        self.run.status = status
+        for field in ("output", "error", "attempts"):
+            if field in fields:
+                setattr(self.run, field, fields[field])
+        signal = run_completed if status == WorkflowRun.Status.COMPLETED else run_failed
+        send_after_commit(signal, self.run)
 
     def _past_deadline(self, when: datetime) -> bool:
         deadline = self.run.deadline_at
@@ -287,39 +357,96 @@ class Execution:
         self.attempt_count += 1
         return attempt
 
-    # --- step.run / step.atomic ---------------------------------------------
+    # --- step.run / step.atomic / step.parallel --------------------------------
 
     def run_step(
         self, name: str, fn: Callable[[], Any], policy: RetryPolicy | None, *, atomic: bool
     ) -> Any:
-        if not callable(fn):
-            raise TypeError(f'step "{name}" needs a callable, not {fn!r}')
-        if policy is not None and not isinstance(policy, RetryPolicy):
-            raise TypeError(f'retry_policy of step "{name}" must be a RetryPolicy, not {policy!r}')
-        policy = policy or DEFAULT_STEP_RETRY_POLICY
+        policy = self._check_step_args(name, fn, policy)
         name = self._step_name(name)
+        replayed, value = self._replay(name, policy)
+        if replayed:
+            return value
+        attempt = self._begin_attempt(name)
+        result, error = self._invoke(attempt, fn, atomic=atomic)
+        if error is None:
+            self.completed[name] = attempt
+            return result
+        self._after_failures([(attempt, error)], policy)
+        raise AssertionError("unreachable: _after_failures raises")  # pragma: no cover
+
+    def parallel(
+        self, steps: Iterable[tuple[str, Callable[[], Any]]], policy: RetryPolicy | None
+    ) -> list[Any]:
+        entries = []
+        step_policy = policy or DEFAULT_STEP_RETRY_POLICY
+        for entry in steps:
+            if not (isinstance(entry, tuple) and len(entry) == 2):
+                raise TypeError(f"parallel() takes (name, fn) pairs, not {entry!r}")
+            self._check_step_args(entry[0], entry[1], policy)
+            entries.append((self._step_name(entry[0]), entry[1]))
+        results: list[Any] = [None] * len(entries)
+        todo: list[tuple[int, StepAttempt, Callable[[], Any]]] = []
+        for index, (name, _fn) in enumerate(entries):
+            replayed, value = self._replay(name, step_policy)
+            if replayed:
+                results[index] = value
+        for index, (name, fn) in enumerate(entries):
+            if name not in self.completed:
+                todo.append((index, self._begin_attempt(name), fn))
+        outcomes = self._invoke_many([(attempt, fn) for _, attempt, fn in todo])
+        failed = []
+        for (index, attempt, _), (result, error) in zip(todo, outcomes, strict=True):
+            if error is None:
+                self.completed[attempt.step_name] = attempt
+                results[index] = result
+            else:
+                failed.append((attempt, error))
+        if failed:
+            self._after_failures(failed, step_policy)
+        return results
+
+    def _check_step_args(self, name: Any, fn: Any, policy: RetryPolicy | None) -> RetryPolicy:
+        if not callable(fn):
+            raise TypeError(f"step {name!r} needs a callable, not {fn!r}")
+        if policy is not None and not isinstance(policy, RetryPolicy):
+            raise TypeError(f"retry_policy of step {name!r} must be a RetryPolicy, not {policy!r}")
+        return policy or DEFAULT_STEP_RETRY_POLICY
+
+    def _replay(self, name: str, policy: RetryPolicy) -> tuple[bool, Any]:
+        """``(True, result)`` for a completed step; raise what a finished step raised.
+
+        ``(False, None)`` when the step must run (again).
+        """
         done = self.completed.get(name)
         if done is not None:
-            return done.output
+            return True, done.output
         failures = self.failures.get(name, [])
         if failures and failures[-1].error and failures[-1].error.get("retryable") is False:
             raise TypeError(failures[-1].error["message"])
         if policy.exhausted(len(failures)):
-            last = failures[-1].error or {}
-            raise StepFailed(name, last, len(failures))
+            raise StepFailed(name, failures[-1].error or {}, len(failures))
+        return False, None
+
+    def _begin_attempt(self, name: str, **fields: Any) -> StepAttempt:
         self._check_cap()
         with transaction.atomic():
             self._fence()
-            attempt = self._new_attempt(name, StepAttempt.Kind.RUN)
+            return self._new_attempt(name, fields.pop("kind", StepAttempt.Kind.RUN), **fields)
+
+    def _invoke(
+        self, attempt: StepAttempt, fn: Callable[[], Any], *, atomic: bool
+    ) -> tuple[Any, dict[str, Any] | None]:
+        """Call ``fn`` and store its result; return ``(result, None)`` or ``(None, error)``."""
         try:
             if atomic:
                 with transaction.atomic():
                     result = fn()
-                    self._check_result(name, result)
+                    self._check_result(attempt.step_name, result)
                     self._complete_attempt(attempt, result)
             else:
                 result = fn()
-                self._check_result(name, result)
+                self._check_result(attempt.step_name, result)
                 with transaction.atomic():
                     self._complete_attempt(attempt, result)
         except Suspend:
@@ -328,12 +455,27 @@ class Execution:
             error = describe_exception(exc)
             error["type"] = "TypeError"
             error["retryable"] = False
-            self._fail_attempt(attempt, error)
-            raise TypeError(str(exc)) from None
+            return None, error
         except Exception as exc:
-            self._step_error(name, attempt, describe_exception(exc), policy)
-        self.completed[name] = attempt
-        return result
+            return None, describe_exception(exc)
+        return result, None
+
+    def _invoke_many(
+        self, calls: list[tuple[StepAttempt, Callable[[], Any]]]
+    ) -> list[tuple[Any, dict[str, Any] | None]]:
+        if self.max_parallel <= 1 or len(calls) <= 1:
+            return [self._invoke(attempt, fn, atomic=False) for attempt, fn in calls]
+
+        def call(attempt: StepAttempt, fn: Callable[[], Any]) -> Any:
+            try:
+                return self._invoke(attempt, fn, atomic=False)
+            finally:
+                connection.close()  # this thread's own connection
+
+        workers = min(self.max_parallel, len(calls))
+        with ThreadPoolExecutor(workers, thread_name_prefix="openworkflow-step") as pool:
+            futures = [pool.submit(call, attempt, fn) for attempt, fn in calls]
+        return [future.result() for future in futures]  # re-raises ClaimLost
 
     def _check_result(self, name: str, result: Any) -> None:
         problem = json_problem(result)
@@ -363,36 +505,62 @@ class Execution:
         attempt.status = StepAttempt.Status.FAILED
         attempt.error = error
         self.failures.setdefault(attempt.step_name, []).append(attempt)
+        send_after_commit(
+            step_failed, self.run, step_name=attempt.step_name, error=error, attempt=attempt
+        )
 
-    def _step_error(
-        self, name: str, attempt: StepAttempt, error: dict[str, Any], policy: RetryPolicy
+    def _after_failures(
+        self, failed: list[tuple[StepAttempt, dict[str, Any]]], policy: RetryPolicy
     ) -> None:
-        """A step attempt raised: ``StepFailed`` when out of attempts, else park for a retry."""
-        failed = len(self.failures.get(name, [])) + 1
-        if policy.exhausted(failed):
-            self._fail_attempt(attempt, error)
-            logger.info("step failed run=%s step=%s attempts=%d", self.run.pk, name, failed)
-            raise StepFailed(name, error, failed)
-        retry_at = self.now() + policy.delay(failed)
+        """Steps raised: raise ``TypeError``/``StepFailed``, or park the run for a retry."""
+        for attempt, error in failed:
+            if error.get("retryable") is False:
+                self._fail_attempt(attempt, error)
+                raise TypeError(error["message"])
+        exhausted = [
+            (attempt, error, len(self.failures.get(attempt.step_name, [])) + 1)
+            for attempt, error in failed
+            if policy.exhausted(len(self.failures.get(attempt.step_name, [])) + 1)
+        ]
+        if exhausted:
+            with transaction.atomic():
+                self._fence()
+                for attempt, error in failed:
+                    self._store_failure(attempt, error)
+            attempt, error, count = exhausted[0]
+            logger.info(
+                "step failed run=%s step=%s attempts=%d", self.run.pk, attempt.step_name, count
+            )
+            raise StepFailed(attempt.step_name, error, count)
+        retry_at = min(
+            self.now() + policy.delay(len(self.failures.get(attempt.step_name, [])) + 1)
+            for attempt, _ in failed
+        )
         if self._past_deadline(retry_at):
-            self._fail_attempt(attempt, error)
-            self._finish(WorkflowRun.Status.FAILED, error=_deadline_error(error, step=name))
-            logger.info("run failed run=%s step=%s reason=deadline", self.run.pk, name)
+            with transaction.atomic():
+                self._fence()
+                for attempt, error in failed:
+                    self._store_failure(attempt, error)
+            attempt, error = failed[0]
+            self._finish(
+                WorkflowRun.Status.FAILED, error=_deadline_error(error, step=attempt.step_name)
+            )
+            logger.info("run failed run=%s step=%s reason=deadline", self.run.pk, attempt.step_name)
             raise Suspend("deadline")
         with transaction.atomic():
             self._fence()
-            self._store_failure(attempt, error)
+            for attempt, error in failed:
+                self._store_failure(attempt, error)
             WorkflowRun.objects.park_claimed(self.run.pk, self.token, retry_at)
         logger.info(
-            "step retry scheduled run=%s step=%s attempt=%d at=%s",
+            "step retry scheduled run=%s steps=%s at=%s",
             self.run.pk,
-            name,
-            failed,
+            ",".join(attempt.step_name for attempt, _ in failed),
             retry_at.isoformat(),
         )
         raise Suspend("step retry")
 
-    # --- step.sleep -----------------------------------------------------------
+    # --- waiting: sleep, child workflows, signals -----------------------------------
 
     def sleep(self, name: str, duration: Duration) -> None:
         delta = parse_duration(duration, what=f'duration of sleep "{name}"')
@@ -400,41 +568,213 @@ class Execution:
         if name in self.completed:
             return None
         open_sleep = self.waiting.get(name)
-        if open_sleep is not None:
-            wake_at = open_sleep.wake_at
-            assert wake_at is not None
-            if wake_at <= self.now():
-                with transaction.atomic():
-                    self._fence()
-                    StepAttempt.objects.filter(pk=open_sleep.pk).update(
-                        status="completed", finished_at=Now()
-                    )
-                self.completed[name] = open_sleep
-                return None
-            self._park(wake_at)
-        self._check_cap()
-        wake_at = self.now() + delta
-        with transaction.atomic():
-            self._fence()
+        if open_sleep is None:
+            wake_at = self.now() + delta
             if delta <= timedelta(0):
-                self.completed[name] = self._new_attempt(
+                self.completed[name] = self._begin_attempt(
                     name,
-                    StepAttempt.Kind.SLEEP,
+                    kind=StepAttempt.Kind.SLEEP,
                     status="completed",
                     wake_at=wake_at,
                     finished_at=Now(),
                 )
                 return None
-            self._new_attempt(name, StepAttempt.Kind.SLEEP, wake_at=wake_at)
-            WorkflowRun.objects.park_claimed(self.run.pk, self.token, wake_at)
-        logger.info("run sleeping run=%s step=%s until=%s", self.run.pk, name, wake_at.isoformat())
-        raise Suspend("sleep")
+            self._check_cap()
+            with transaction.atomic():
+                self._fence()
+                self._new_attempt(name, StepAttempt.Kind.SLEEP, wake_at=wake_at)
+                WorkflowRun.objects.park_claimed(self.run.pk, self.token, wake_at)
+            logger.info(
+                "run sleeping run=%s step=%s until=%s", self.run.pk, name, wake_at.isoformat()
+            )
+            raise Suspend("sleep")
+        self._settle_wait(open_sleep, lambda: (False, None))
+        return None
 
-    def _park(self, until: datetime) -> None:
+    def run_workflow(
+        self, workflow: Any, input: Any, *, name: str | None, timeout: Duration | None
+    ) -> Any:
+        from .registry import Workflow, get_workflow
+
+        if isinstance(workflow, Workflow):
+            child_name, version = workflow.name, workflow.version
+        elif isinstance(workflow, str) and workflow:
+            known = get_workflow(workflow)
+            child_name, version = workflow, known.version if known else None
+        else:
+            raise TypeError(f"run_workflow() needs a workflow or its name, not {workflow!r}")
+        step = name or child_name
+        delta = _timeout(timeout, step)
+        ensure_json(input, f'input of child workflow step "{step}"')
+        step = self._step_name(step)
+        done = self.completed.get(step)
+        if done is not None:
+            return done.output
+        failures = self.failures.get(step, [])
+        if failures:  # the child has its own retry policy: the step is not retried
+            raise StepFailed(step, failures[-1].error or {}, len(failures))
+        waiting = self.waiting.get(step)
+        if waiting is None:
+            self._check_cap()
+            wake_at = None if delta is None else self.now() + delta
+            with transaction.atomic():
+                self._fence()
+                attempt = self._new_attempt(step, StepAttempt.Kind.WORKFLOW, wake_at=wake_at)
+                child = WorkflowRun.objects.create(
+                    namespace=self.run.namespace,
+                    workflow_name=child_name,
+                    version=version,
+                    input=input,
+                    parent_step_attempt=attempt,
+                )
+                StepAttempt.objects.filter(pk=attempt.pk).update(child_workflow_run=child)
+                WorkflowRun.objects.park_claimed(self.run.pk, self.token, wake_at)
+                notify(transaction.get_connection().alias, self.run.namespace)
+            logger.info("child started run=%s step=%s child=%s", self.run.pk, step, child.pk)
+            raise Suspend("child")
+        return self._settle_wait(waiting, lambda: self._child_outcome(waiting))
+
+    def _child_outcome(self, attempt: StepAttempt) -> tuple[bool, Any]:
+        """Inside the fenced transaction: (True, output) once the child completed.
+
+        Fails the step for a failed, canceled or missing child.
+        """
+        child = (
+            WorkflowRun.objects.filter(pk=attempt.child_workflow_run_id)
+            .values("pk", "workflow_name", "status", "output", "error")
+            .first()
+        )
+        if child is not None and child["status"] == WorkflowRun.Status.COMPLETED:
+            return True, child["output"]
+        if child is None:
+            error = {
+                "type": "ChildWorkflowMissing",
+                "message": f'the child run of step "{attempt.step_name}" no longer exists',
+            }
+        elif child["status"] in (WorkflowRun.Status.FAILED, WorkflowRun.Status.CANCELED):
+            child_error = child["error"] or {}
+            verb = "was canceled" if child["status"] == WorkflowRun.Status.CANCELED else "failed"
+            error = {
+                "type": "ChildWorkflowFailed",
+                "message": (
+                    f"child run {child['pk']} ({child['workflow_name']}) {verb}"
+                    + (
+                        f": {child_error.get('type')}: {child_error.get('message')}"
+                        if child_error
+                        else ""
+                    )
+                ),
+                "child_run": str(child["pk"]),
+            }
+            if child_error.get("traceback"):
+                error["traceback"] = child_error["traceback"]
+        else:
+            return False, None
+        raise _WaitFailed(error)
+
+    def send_signal(self, signal: str, data: Any, *, name: str | None) -> list[str]:
+        from .signaling import check_signal_name, deliver
+
+        check_signal_name(signal)
+        step = self._step_name(name or signal)
+        done = self.completed.get(step)
+        if done is not None:
+            return done.output  # type: ignore[return-value]
+        ensure_json(data, f'data of signal step "{step}"')
+        self._check_cap()
         with transaction.atomic():
-            if not WorkflowRun.objects.park_claimed(self.run.pk, self.token, until):
-                raise ClaimLost
-        raise Suspend("parked")
+            self._fence(renew=True)
+            alias = transaction.get_connection().alias
+            woken = [str(run_id) for run_id in deliver(alias, self.run.namespace, signal, data)]
+            self.completed[step] = self._new_attempt(
+                step,
+                StepAttempt.Kind.SIGNAL_SEND,
+                status="completed",
+                signal=signal,
+                output=woken,
+                finished_at=Now(),
+            )
+        logger.info("signal sent run=%s signal=%s woken=%d", self.run.pk, signal, len(woken))
+        return woken
+
+    def wait_for_signal(
+        self, signal: str, *, name: str | None, timeout: Duration | None
+    ) -> dict[str, Any] | None:
+        from .signaling import check_signal_name
+
+        check_signal_name(signal)
+        step = name or signal
+        delta = _timeout(timeout, step)
+        step = self._step_name(step)
+        done = self.completed.get(step)
+        if done is not None:
+            return done.output  # type: ignore[no-any-return]
+        waiting = self.waiting.get(step)
+        if waiting is None:
+            self._check_cap()
+            wake_at = None if delta is None else self.now() + delta
+            with transaction.atomic():
+                self._fence()
+                self._new_attempt(
+                    step, StepAttempt.Kind.SIGNAL_WAIT, signal=signal, wake_at=wake_at
+                )
+                WorkflowRun.objects.park_claimed(self.run.pk, self.token, wake_at)
+            logger.info("run waiting run=%s step=%s signal=%s", self.run.pk, step, signal)
+            raise Suspend("signal")
+        return self._settle_wait(waiting, lambda: self._delivered(waiting))  # type: ignore[no-any-return]
+
+    def _delivered(self, attempt: StepAttempt) -> tuple[bool, Any]:
+        current = StepAttempt.objects.filter(pk=attempt.pk).values("status", "output").get()
+        if current["status"] == StepAttempt.Status.COMPLETED:
+            return True, current["output"]
+        return False, None
+
+    def _settle_wait(self, attempt: StepAttempt, outcome: Callable[[], tuple[bool, Any]]) -> Any:
+        """Finish a waiting step if its wait is over; else park the run again.
+
+        Runs in one fenced transaction: the run's row lock orders this check
+        against deliverers (a finishing child, a signal), so no wake-up is lost.
+        A wait that times out returns ``None`` (signals, sleeps) or fails the
+        step (child workflows).
+        """
+        failed: dict[str, Any] | None = None
+        with transaction.atomic():
+            self._fence()
+            try:
+                over, value = outcome()
+            except _WaitFailed as exc:
+                failed, over, value = exc.error, True, None
+            if not over and attempt.wake_at is not None and attempt.wake_at <= self.now():
+                over, value = True, None
+                if attempt.kind == StepAttempt.Kind.WORKFLOW:
+                    failed = {
+                        "type": "ChildWorkflowTimeout",
+                        "message": (
+                            f'step "{attempt.step_name}" timed out waiting for child run '
+                            f"{attempt.child_workflow_run_id}; the child keeps running"
+                        ),
+                        "child_run": str(attempt.child_workflow_run_id),
+                    }
+            if not over:
+                WorkflowRun.objects.park_claimed(self.run.pk, self.token, attempt.wake_at)
+            elif failed is not None:
+                self._store_failure(attempt, failed)
+            else:
+                StepAttempt.objects.filter(pk=attempt.pk, status="running").update(
+                    status="completed", output=value, finished_at=Now()
+                )
+                attempt.status, attempt.output = StepAttempt.Status.COMPLETED, value
+        if not over:
+            raise Suspend("parked")
+        if failed is not None:
+            raise StepFailed(attempt.step_name, failed, len(self.failures[attempt.step_name]))
+        self.completed[attempt.step_name] = attempt
+        self.waiting.pop(attempt.step_name, None)
+        return value
+
+
+def _timeout(timeout: Duration | None, step: str) -> timedelta | None:
+    return None if timeout is None else parse_duration(timeout, what=f'timeout of step "{step}"')
 
 
 def _deadline_error(last_error: dict[str, Any], *, step: str | None = None) -> dict[str, Any]:

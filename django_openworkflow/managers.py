@@ -19,6 +19,7 @@ from django.db.models import Q
 from django.db.models.functions import Coalesce, Now
 
 from .exceptions import InvalidTransition
+from .signals import run_canceled, run_failed, run_resumed, run_started, send_after_commit
 
 if TYPE_CHECKING:
     from .models import WorkflowRun
@@ -186,6 +187,7 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
                 run=run, action=WorkflowRunEvent.Action.RESUME, by=by, cleared_error=cleared
             )
             notify(self.db, run.namespace)
+            send_after_commit(run_resumed, run, using=self.db, by=by)
         return run
 
     def cancel(self, run_or_id: Any, *, by: Any = None) -> WorkflowRun:
@@ -228,6 +230,10 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
             WorkflowRunEvent.objects.using(self.db).create(
                 run=run, action=WorkflowRunEvent.Action.CANCEL, by=by
             )
+            if run.parent_step_attempt_id is not None:
+                self.wake_waiting_parents([run.pk])
+                notify(self.db, run.namespace)
+            send_after_commit(run_canceled, run, using=self.db, by=by)
             children = self.filter(parent_step_attempt__workflow_run=run).active()
             for child_pk in children.values_list("pk", flat=True):
                 try:
@@ -267,9 +273,11 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
             )
             if self._connection().features.has_select_for_update_skip_locked:
                 candidates = candidates.select_for_update(skip_locked=True)
-            ids = list(candidates.values_list("pk", flat=True)[:limit])
-            if not ids:
+            rows = list(candidates.values_list("pk", "started_at")[:limit])
+            if not rows:
                 return []
+            ids = [pk for pk, _ in rows]
+            starting = {pk for pk, started_at in rows if started_at is None}
             # Compare-and-set: only rows still due are taken.
             self.filter(pk__in=ids).due().update(
                 status=self.model.Status.RUNNING,
@@ -279,7 +287,11 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
                 started_at=Coalesce("started_at", Now()),
                 updated_at=Now(),
             )
-            return list(self.filter(claim_token=token).annotate(db_now=Now()))
+            claimed = list(self.filter(claim_token=token).annotate(db_now=Now()))
+            for run in claimed:
+                if run.pk in starting:
+                    send_after_commit(run_started, run, using=self.db)
+            return claimed
 
     def renew_leases(self, tokens: Sequence[uuid.UUID], lease_seconds: float) -> int:
         """Extend the lease of the runs claimed with ``tokens``.
@@ -312,7 +324,7 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
             StepAttempt.objects.using(self.db).filter(
                 workflow_run_id__in=ids, status="running"
             ).update(status="failed", error=DEADLINE_ERROR, finished_at=Now())
-            return (
+            failed = (
                 self.filter(pk__in=ids)
                 .overdue()
                 .update(
@@ -325,6 +337,23 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
                     updated_at=Now(),
                 )
             )
+            if self.wake_waiting_parents(ids):
+                notify(self.db, namespace)
+            for run in self.filter(pk__in=ids):
+                send_after_commit(run_failed, run, using=self.db)
+            return failed
+
+    def wake_waiting_parents(self, child_ids: Iterable[Any]) -> int:
+        """Make the parked parents of these (now finished) child runs due at once.
+
+        The UPDATE locks each parent's row, so a parent on its way to parking
+        either parks first (and is woken here) or sees the finished child.
+        """
+        return self.filter(
+            status=self.model.Status.PENDING,
+            step_attempts__child_workflow_run_id__in=list(child_ids),
+            step_attempts__status="running",
+        ).update(available_at=Now(), updated_at=Now())
 
     def next_due_at(self, namespace: str, workflow_names: Iterable[str]) -> Any:
         """When the earliest active run of the known workflows becomes due, or None."""
@@ -362,8 +391,9 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
         output: Any = None,
         error: dict[str, Any] | None = None,
         attempts: int | None = None,
+        wake_parent: bool = False,
     ) -> bool:
-        """Complete or fail a claimed run (fenced)."""
+        """Complete or fail a claimed run (fenced); wake its parent in the same transaction."""
         changes: dict[str, Any] = {
             "status": status,
             "output": output,
@@ -379,7 +409,14 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
         claimed = self.claimed(run_id, token)
         if status == self.model.Status.COMPLETED:  # unfinished at the deadline means failed
             claimed = claimed.filter(not_past_deadline())
-        return bool(claimed.update(**changes))
+        if not wake_parent:
+            return bool(claimed.update(**changes))
+        with transaction.atomic(using=self.db):
+            if not claimed.update(**changes):
+                return False
+            self.wake_waiting_parents([run_id])
+            notify(self.db, "")
+        return True
 
     def park_claimed(
         self,

@@ -159,8 +159,16 @@ class StepAttempt(models.Model):
         blank=True,
         on_delete=models.SET_NULL,
         related_name="+",
+        db_index=False,  # covered by owf_step_child_idx
     )
     resume_generation = models.PositiveIntegerField(_("resume generation"), default=0)
+    signal = models.CharField(  # noqa: DJ001  (NULL: not a signal step)
+        _("signal"),
+        max_length=255,
+        null=True,
+        blank=True,
+        help_text=_("For signal steps: the signal sent or waited for."),
+    )
     wake_at = models.DateTimeField(
         _("wake at"),
         null=True,
@@ -179,6 +187,17 @@ class StepAttempt(models.Model):
         ordering = ["workflow_run", "id"]
         indexes = [
             models.Index(fields=["workflow_run", "id"], name="owf_step_run_idx"),
+            # Signal delivery: the steps waiting for a signal right now.
+            models.Index(
+                fields=["signal"],
+                condition=models.Q(kind="signal_wait", status="running"),
+                name="owf_step_waiting_signal_idx",
+            ),
+            models.Index(
+                fields=["child_workflow_run"],
+                condition=models.Q(child_workflow_run__isnull=False),
+                name="owf_step_child_idx",
+            ),
         ]
         constraints = [
             models.CheckConstraint(
@@ -239,3 +258,29 @@ class WorkflowRunEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} of {self.run_id} at {self.at}"
+
+
+class WorkflowSignal(models.Model):
+    """A signal sent with an idempotency key: a repeat within 24 hours delivers nothing."""
+
+    id = models.BigAutoField(primary_key=True)
+    namespace = models.CharField(_("namespace"), max_length=100, default="default")
+    signal = models.CharField(_("signal"), max_length=255)
+    idempotency_key = models.CharField(_("idempotency key"), max_length=255)
+    data = models.JSONField(_("data"), null=True, blank=True)
+    delivered_to = models.JSONField(_("delivered to"), default=list, blank=True)
+    sent_at = models.DateTimeField(_("sent at"), db_default=Now())
+
+    class Meta:
+        verbose_name = _("sent signal")
+        verbose_name_plural = _("sent signals")
+        ordering = ["-sent_at"]
+        indexes = [
+            models.Index(
+                fields=["namespace", "signal", "idempotency_key", "-sent_at"],
+                name="owf_signal_idempotency_idx",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.signal} ({self.idempotency_key})"

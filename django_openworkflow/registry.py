@@ -91,7 +91,7 @@ class Workflow:
         using = router.db_for_write(WorkflowRun)
         with transaction.atomic(using=using):
             if idempotency_key is not None:
-                _lock_key(using, namespace, self.name, idempotency_key)
+                lock_key(using, "start", namespace, self.name, idempotency_key)
                 existing = (
                     WorkflowRun.objects.using(using)
                     .filter(
@@ -132,10 +132,10 @@ def _aware(value: Any, what: str, name: str) -> datetime.datetime | None:
     return value
 
 
-def _lock_key(using: str, namespace: str, name: str, key: str) -> None:
-    """Serialize starts with the same idempotency key until the transaction ends.
+def lock_key(using: str, *parts: str) -> None:
+    """Serialize transactions that use the same idempotency key until they end.
 
-    PostgreSQL: a transaction-level advisory lock on a hash of the key.
+    PostgreSQL: a transaction-level advisory lock on a hash of the parts.
     SQLite: the IMMEDIATE transaction already holds the database write lock.
     """
     connection = connections[using]
@@ -143,7 +143,7 @@ def _lock_key(using: str, namespace: str, name: str, key: str) -> None:
         with connection.cursor() as cursor:
             cursor.execute(
                 "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-                [f"django_openworkflow\x1f{namespace}\x1f{name}\x1f{key}"],
+                ["\x1f".join(("django_openworkflow", *parts))],
             )
 
 
