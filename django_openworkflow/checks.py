@@ -100,3 +100,29 @@ def check_sqlite_transaction_mode(app_configs: Any = None, **kwargs: Any) -> lis
                 )
             )
     return warnings
+
+
+@register()
+def check_workflows(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    from .registry import duplicate_registrations, qualified_name, registered_workflows
+
+    errors: list[Any] = []
+    for previous, later in duplicate_registrations():
+        errors.append(
+            Error(
+                f"Workflow name {later.name!r} is registered twice: by "
+                f"{qualified_name(previous.fn)} and by {qualified_name(later.fn)}.",
+                hint="Runs find their code by name: give one of them another @workflow(name=...).",
+                id="django_openworkflow.E007",
+            )
+        )
+    for wf in registered_workflows():
+        if not callable(wf.fn):
+            errors.append(
+                Error(
+                    f"Workflow {wf.name!r} is registered with {wf.fn!r}, which is not callable.",
+                    hint="Register functions with @workflow; a run calls the function with ctx.",
+                    id="django_openworkflow.E008",
+                )
+            )
+    return errors

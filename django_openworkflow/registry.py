@@ -175,17 +175,21 @@ def workflow(
 
 def register(wf: Workflow) -> None:
     previous = _registry.get(wf.name)
-    if previous is not None and _qualname(previous.fn) != _qualname(wf.fn):
+    if previous is not None and qualified_name(previous.fn) != qualified_name(wf.fn):
         _duplicates.append((previous, wf))
     _registry[wf.name] = wf
 
 
-def _qualname(fn: Callable[..., Any]) -> str:
+def qualified_name(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
 def get_workflow(name: str) -> Workflow | None:
     return _registry.get(name)
+
+
+def registered_workflows() -> list[Workflow]:
+    return [_registry[name] for name in sorted(_registry)]
 
 
 def workflow_names() -> list[str]:

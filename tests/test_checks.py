@@ -90,3 +90,51 @@ def test_sqlite_without_immediate_transactions_is_warned_about(settings):
     assert warning.id == "django_openworkflow.W001"
     assert warning.level == checks.WARNING
     assert 'OPTIONS": {"transaction_mode": "IMMEDIATE"}' in warning.hint
+
+
+def test_two_functions_with_one_workflow_name_are_reported():
+    from django_openworkflow import workflow
+    from django_openworkflow.checks import check_workflows
+    from django_openworkflow.registry import _duplicates, _registry
+
+    def first(ctx):
+        return 1
+
+    def second(ctx):
+        return 2
+
+    try:
+        workflow(name="twice")(first)
+        workflow(name="twice")(second)
+        assert ids(check_workflows()) == [
+            (
+                "django_openworkflow.E007",
+                "Workflow name 'twice' is registered twice: by "
+                "tests.test_checks.test_two_functions_with_one_workflow_name_are_reported."
+                "<locals>.first and by "
+                "tests.test_checks.test_two_functions_with_one_workflow_name_are_reported."
+                "<locals>.second.",
+            )
+        ]
+    finally:
+        _registry.pop("twice", None)
+        _duplicates.clear()
+    assert check_workflows() == []
+
+
+def test_a_non_callable_registration_is_reported():
+    from django_openworkflow.checks import check_workflows
+    from django_openworkflow.registry import Workflow, _registry, register
+
+    wf = Workflow(lambda ctx: None, name="broken")
+    wf.fn = "not a function"
+    register(wf)
+    try:
+        assert ids(check_workflows()) == [
+            (
+                "django_openworkflow.E008",
+                "Workflow 'broken' is registered with 'not a function', which is not callable.",
+            )
+        ]
+    finally:
+        _registry.pop("broken", None)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import threading
 import time
 from pathlib import Path
 
-from django_openworkflow import RetryPolicy, workflow
+from django_openworkflow import RetryPolicy, StepFailed, workflow
 
 from .models import Ledger, SideEffect
 
@@ -199,3 +200,69 @@ def reserve_then_charge(ctx):
         return "charged"
 
     return ctx.step.run("charge", charge, retry_policy=RetryPolicy(maximum_attempts=1))
+
+
+# --- child workflows, signals, parallel steps ------------------------------------
+
+
+@workflow(name="parent")
+def parent(ctx):
+    """Runs the child workflow named in the input; returns what the step returned."""
+    child_input = ctx.input.get("child_input")
+    if ctx.input.get("as_tuple"):
+        child_input = tuple(child_input)  # not JSON: refused
+    timeout = ctx.input.get("timeout")
+    try:
+        result = ctx.step.run_workflow(ctx.input["child"], child_input, timeout=timeout)
+    except StepFailed as exc:
+        if not ctx.input.get("catch"):
+            raise
+        return {"failed": exc.error}
+    ctx.step.run("after", lambda: effect(ctx, "after") or 1)
+    return {"child": result}
+
+
+@workflow(name="waiter")
+def waiter(ctx):
+    ctx.step.run("before", lambda: effect(ctx, "before") or 1)
+    got = ctx.step.wait_for_signal(ctx.input["signal"], timeout=ctx.input.get("timeout"))
+    ctx.step.run("after", lambda: effect(ctx, "after") or 1)
+    return got
+
+
+@workflow(name="signaller")
+def signaller(ctx):
+    woken = ctx.step.send_signal(ctx.input["signal"], ctx.input.get("data"))
+    ctx.step.run("after", lambda: effect(ctx, "after") or 1)
+    return woken
+
+
+_barriers: dict[str, threading.Barrier] = {}
+_barriers_lock = threading.Lock()
+
+
+def _barrier(run_id, parties):
+    with _barriers_lock:
+        return _barriers.setdefault(str(run_id), threading.Barrier(parties, timeout=10))
+
+
+@workflow(name="fan-out")
+def fan_out(ctx):
+    """Three parallel steps that can only finish together (a barrier), so they ran at once."""
+    concurrent = ctx.input.get("concurrent", True)
+
+    def branch(label):
+        def fn():
+            effect(ctx, label)
+            if concurrent:
+                _barrier(ctx.run_id, 3).wait()
+            if label == ctx.input.get("block"):
+                wait_for_file(ctx.input["path"], ctx.input.get("max_wait", 60))
+            return label.upper()
+
+        return fn
+
+    results = ctx.step.parallel([(label, branch(label)) for label in ("a", "b", "c")])
+    if ctx.input.get("pause"):
+        ctx.step.sleep("pause", "10ms")  # the next pass replays the parallel steps
+    return ctx.step.run("join", lambda: "".join(results))
