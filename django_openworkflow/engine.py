@@ -579,11 +579,7 @@ class Execution:
                     finished_at=Now(),
                 )
                 return None
-            self._check_cap()
-            with transaction.atomic():
-                self._fence()
-                self._new_attempt(name, StepAttempt.Kind.SLEEP, wake_at=wake_at)
-                WorkflowRun.objects.park_claimed(self.run.pk, self.token, wake_at)
+            self._begin_wait(name, StepAttempt.Kind.SLEEP, wake_at)
             logger.info(
                 "run sleeping run=%s step=%s until=%s", self.run.pk, name, wake_at.isoformat()
             )
@@ -615,11 +611,8 @@ class Execution:
             raise StepFailed(step, failures[-1].error or {}, len(failures))
         waiting = self.waiting.get(step)
         if waiting is None:
-            self._check_cap()
-            wake_at = None if delta is None else self.now() + delta
-            with transaction.atomic():
-                self._fence()
-                attempt = self._new_attempt(step, StepAttempt.Kind.WORKFLOW, wake_at=wake_at)
+
+            def start_child(attempt: StepAttempt) -> None:
                 child = WorkflowRun.objects.create(
                     namespace=self.run.namespace,
                     workflow_name=child_name,
@@ -628,9 +621,18 @@ class Execution:
                     parent_step_attempt=attempt,
                 )
                 StepAttempt.objects.filter(pk=attempt.pk).update(child_workflow_run=child)
-                WorkflowRun.objects.park_claimed(self.run.pk, self.token, wake_at)
+                attempt.child_workflow_run = child
                 notify(transaction.get_connection().alias, self.run.namespace)
-            logger.info("child started run=%s step=%s child=%s", self.run.pk, step, child.pk)
+
+            attempt = self._begin_wait(
+                step, StepAttempt.Kind.WORKFLOW, self._wake_at(delta), then=start_child
+            )
+            logger.info(
+                "child started run=%s step=%s child=%s",
+                self.run.pk,
+                step,
+                attempt.child_workflow_run_id,
+            )
             raise Suspend("child")
         return self._settle_wait(waiting, lambda: self._child_outcome(waiting))
 
@@ -711,17 +713,34 @@ class Execution:
             return done.output  # type: ignore[no-any-return]
         waiting = self.waiting.get(step)
         if waiting is None:
-            self._check_cap()
-            wake_at = None if delta is None else self.now() + delta
-            with transaction.atomic():
-                self._fence()
-                self._new_attempt(
-                    step, StepAttempt.Kind.SIGNAL_WAIT, signal=signal, wake_at=wake_at
-                )
-                WorkflowRun.objects.park_claimed(self.run.pk, self.token, wake_at)
+            self._begin_wait(
+                step, StepAttempt.Kind.SIGNAL_WAIT, self._wake_at(delta), signal=signal
+            )
             logger.info("run waiting run=%s step=%s signal=%s", self.run.pk, step, signal)
             raise Suspend("signal")
         return self._settle_wait(waiting, lambda: self._delivered(waiting))  # type: ignore[no-any-return]
+
+    def _wake_at(self, delta: timedelta | None) -> datetime | None:
+        return None if delta is None else self.now() + delta
+
+    def _begin_wait(
+        self,
+        name: str,
+        kind: str,
+        wake_at: datetime | None,
+        *,
+        then: Callable[[StepAttempt], None] | None = None,
+        **fields: Any,
+    ) -> StepAttempt:
+        """Store a waiting attempt and park the run, in one fenced transaction."""
+        self._check_cap()
+        with transaction.atomic():
+            self._fence()
+            attempt = self._new_attempt(name, kind, wake_at=wake_at, **fields)
+            if then is not None:
+                then(attempt)
+            WorkflowRun.objects.park_claimed(self.run.pk, self.token, wake_at)
+        return attempt
 
     def _delivered(self, attempt: StepAttempt) -> tuple[bool, Any]:
         current = StepAttempt.objects.filter(pk=attempt.pk).values("status", "output").get()

@@ -3,7 +3,9 @@
 The suite's settings do not install the demo's app, so everything runs in
 subprocesses with ``DJANGO_SETTINGS_MODULE=demo_project.settings`` against
 a throwaway SQLite file: migrate, seed (twice: it is idempotent), work the
-queue, check the pages, fix the declined card, resume its run, work again.
+queue (the good orders then wait for the warehouse), check the pages and
+confirm one order packed, fix the declined card, resume its run, confirm the
+rest, work again. A second test runs the demo's own test suite.
 """
 
 from __future__ import annotations
@@ -13,30 +15,39 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Works the queue until no run is active. A burst worker exits as soon as
-# nothing is due, and sleeping runs (packing: 2 s) or runs waiting for a
-# retry (1 s, then 2 s) are not due yet, so it is started again until done.
+# Works the queue until no run is due within a minute. A burst worker exits
+# as soon as nothing is due, and runs waiting for a charge retry (1 s, then
+# 2 s) are not due yet, so it is started again until they are done. Runs
+# waiting for the warehouse (1 h timeout) or for their child (no timer) stay.
 DRAIN = """
 import time
+from datetime import timedelta
 from django.core.management import call_command
+from django.utils import timezone
 from django_openworkflow.models import WorkflowRun
 
+def busy():
+    soon = timezone.now() + timedelta(minutes=1)
+    return WorkflowRun.objects.active().filter(available_at__lte=soon).exists()
+
 deadline = time.monotonic() + 20
-while WorkflowRun.objects.active().exists():
+while busy():
     if time.monotonic() > deadline:
-        raise SystemExit("runs still active after 20 s")
+        raise SystemExit("runs still due after 20 s")
     call_command("runworker", burst=True, verbosity=0)
     time.sleep(0.2)
 """
 
 STATE = """
 import json
+from collections import Counter
 from django.contrib.auth import get_user_model
 from django_openworkflow.models import WorkflowRun
 from demo_project.orders.models import Card, Order, Product
@@ -47,6 +58,7 @@ for order in Order.objects.all():
     orders[order.reference] = {
         "status": order.status,
         "tracking_number": order.tracking_number,
+        "packed_by": order.packed_by,
         "run_id": str(run.pk),
         "run_status": run.status,
         "run_error": (run.error or {}).get("message"),
@@ -54,7 +66,10 @@ for order in Order.objects.all():
     }
 print(json.dumps({
     "orders": orders,
-    "runs": WorkflowRun.objects.count(),
+    "runs": Counter(
+        f"{name} {status}"
+        for name, status in WorkflowRun.objects.values_list("workflow_name", "status")
+    ),
     "users": get_user_model().objects.count(),
     "cards": {c.last4: c.declined for c in Card.objects.all()},
     "stock": {p.name: p.stock for p in Product.objects.all()},
@@ -76,6 +91,11 @@ listing = client.get("/")
 failed = Order.objects.get(reference="demo-order-3")
 run_page = client.get(failed.get_run_url())
 order_admin = client.get(failed.get_admin_url())
+first = Order.objects.get(reference="demo-order-1")
+confirmed = client.post(f"/orders/{first.pk}/confirm-packed/", follow=True)
+confirmed_again = client.post(f"/orders/{first.pk}/confirm-packed/", follow=True)
+confirm_failed = client.post(f"/orders/{failed.pk}/confirm-packed/", follow=True)
+get_confirm = client.get(f"/orders/{first.pk}/confirm-packed/")
 declined = Card.objects.get(last4="0002")
 fixed = client.post(f"/cards/{declined.pk}/fix/", follow=True)
 get_fix = client.get(f"/cards/{declined.pk}/fix/")
@@ -91,6 +111,11 @@ print(json.dumps({
     "fixed": [fixed.status_code, fixed.redirect_chain, fixed.content.decode()],
     "run_page": [run_page.status_code, run_page.content.decode()],
     "order_admin": order_admin.status_code,
+    "order_pks": {o.reference: o.pk for o in Order.objects.all()},
+    "confirmed": [confirmed.status_code, confirmed.redirect_chain, confirmed.content.decode()],
+    "confirmed_again": confirmed_again.content.decode(),
+    "confirm_failed": confirm_failed.content.decode(),
+    "get_confirm": get_confirm.status_code,
     "get_fix": get_fix.status_code,
     "bad_order": bad_order.status_code,
     "placed": [placed.status_code, placed.redirect_chain, placed.content.decode()],
@@ -109,7 +134,7 @@ def manage(tmp_path):
     env["DATABASE_URL"] = f"sqlite:///{tmp_path / 'demo.sqlite3'}"
     env["DEBUG"] = "False"
 
-    def run(*args: str) -> str:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
             [sys.executable, "manage.py", *args],
             cwd=ROOT,
@@ -119,30 +144,33 @@ def manage(tmp_path):
             timeout=60,
         )
         assert done.returncode == 0, f"manage.py {args[0]} failed:\n{done.stdout}\n{done.stderr}"
-        return done.stdout
+        return done
 
     return run
 
 
-def shell(manage, code: str) -> str:
-    return manage("shell", "--no-imports", "-c", textwrap.dedent(code))
+Manage = Callable[..., subprocess.CompletedProcess[str]]
 
 
-def state(manage) -> dict:
+def shell(manage: Manage, code: str) -> str:
+    return manage("shell", "--no-imports", "-c", textwrap.dedent(code)).stdout
+
+
+def state(manage: Manage) -> dict:
     return json.loads(shell(manage, STATE))
 
 
 def test_demo_end_to_end(manage):
     manage("migrate", "--verbosity", "0")
-    seeded = manage("demo_seed")
+    seeded = manage("demo_seed").stdout
     assert "Created superuser: username admin, password admin" in seeded
-    again = manage("demo_seed")
+    again = manage("demo_seed").stdout
     assert "Created" not in again
     assert "Order demo-order-3 exists" in again
 
     before = state(manage)
     assert before["users"] == 1
-    assert before["runs"] == 3
+    assert before["runs"] == {"process-order pending": 3}
     assert before["cards"] == {"4242": False, "0002": True}
     assert {o["run_status"] for o in before["orders"].values()} == {"pending"}
 
@@ -150,9 +178,10 @@ def test_demo_end_to_end(manage):
     after = state(manage)
     orders = after["orders"]
     for reference in ("demo-order-1", "demo-order-2"):
-        assert orders[reference]["status"] == "shipped"
-        assert orders[reference]["run_status"] == "completed"
-        assert orders[reference]["tracking_number"].startswith("TRK")
+        # Paid; the parent is parked on its fulfil-order child, which waits for the warehouse.
+        assert orders[reference]["status"] == "awaiting_warehouse"
+        assert orders[reference]["run_status"] == "pending"
+        assert orders[reference]["tracking_number"] == ""
     failed = orders["demo-order-3"]
     assert failed["status"] == "payment_failed"
     assert failed["run_status"] == "failed"
@@ -160,9 +189,15 @@ def test_demo_end_to_end(manage):
         'step "charge-card" failed after 3 attempts: '
         "CardDeclined: card ending 0002 (Charles Babbage) was declined"
     )
+    assert after["runs"] == {
+        "process-order pending": 2,
+        "process-order failed": 1,
+        "fulfil-order pending": 2,
+    }
     assert after["stock"] == {"Ceramic mug": 24, "Espresso beans, 1 kg": 38, "Pour-over kettle": 4}
 
     pages = json.loads(shell(manage, PAGES))
+    pks = pages["order_pks"]
     assert pages["anonymous"] == [302, "/admin/login/?next=/"]
     status, html = pages["listing"]
     assert status == 200
@@ -171,10 +206,19 @@ def test_demo_end_to_end(manage):
     assert "card ending 0002 (Charles Babbage) was declined" in html
     assert 'action="/cards/' in html
     assert "csrfmiddlewaretoken" in html
+    assert html.count("Confirm packed</button>") == 2
+    assert f'action="/orders/{pks["demo-order-1"]}/confirm-packed/"' in html
+    assert f'action="/orders/{pks["demo-order-3"]}/confirm-packed/"' not in html
     status, html = pages["run_page"]
     assert status == 200
     assert "card ending 0002 (Charles Babbage) was declined" in html
     assert pages["order_admin"] == 200
+    status, chain, html = pages["confirmed"]
+    assert (status, chain) == (200, [["/", 302]])
+    assert "Order demo-order-1 confirmed packed: 1 run woken" in html
+    assert "Order demo-order-1 is not waiting for the warehouse" in pages["confirmed_again"]
+    assert "Order demo-order-3 is not waiting for the warehouse" in pages["confirm_failed"]
+    assert pages["get_confirm"] == 405
     status, chain, html = pages["fixed"]
     assert (status, chain) == (200, [["/", 302]])
     assert "Card Charles Babbage •••• 0002 fixed." in html
@@ -192,6 +236,29 @@ def test_demo_end_to_end(manage):
         """,
     )
     shell(manage, DRAIN)
+    middle = state(manage)
+    statuses = {ref: o["status"] for ref, o in middle["orders"].items()}
+    # demo-order-1 was confirmed on the page; the resumed and the new order now wait too.
+    assert statuses.pop("demo-order-1") == "shipped"
+    assert middle["orders"]["demo-order-1"]["packed_by"] == "admin"
+    assert set(statuses.values()) == {"awaiting_warehouse"}
+    assert len(statuses) == 3
+
+    woken = shell(
+        manage,
+        """
+        import json
+        from django_openworkflow import send_signal
+        from demo_project.orders.models import Order
+        woken = {
+            order.reference: send_signal(f"warehouse-confirmed:{order.pk}", {"by": "shell"})
+            for order in Order.objects.filter(status="awaiting_warehouse")
+        }
+        print(json.dumps({ref: len(runs) for ref, runs in woken.items()}))
+        """,
+    )
+    assert json.loads(woken) == dict.fromkeys(statuses, 1)
+    shell(manage, DRAIN)
     final = state(manage)
     assert final["cards"] == {"4242": False, "0002": False}
     resumed = final["orders"]["demo-order-3"]
@@ -199,7 +266,16 @@ def test_demo_end_to_end(manage):
     assert resumed["run_status"] == "completed"
     assert resumed["run_error"] is None
     assert resumed["run_events"] == ["resume"]
-    assert final["runs"] == 4
+    assert resumed["packed_by"] == "shell"
+    assert final["runs"] == {"process-order completed": 4, "fulfil-order completed": 4}
     assert [o["status"] for o in final["orders"].values()] == ["shipped"] * 4
+    assert all(o["tracking_number"].startswith("TRK") for o in final["orders"].values())
     # The resume did not reserve the kettle twice; the new order took 2 mugs.
     assert final["stock"] == {"Ceramic mug": 22, "Espresso beans, 1 kg": 38, "Pour-over kettle": 4}
+
+
+def test_demo_own_test_suite(manage):
+    """``manage.py test demo_project.orders``: the demo's tests are examples for users."""
+    done = manage("test", "demo_project.orders", "--noinput")
+    assert "Ran 5 tests" in done.stderr
+    assert "\nOK\n" in done.stderr

@@ -23,7 +23,14 @@ class OrderAdmin(admin.ModelAdmin):
     list_filter = ["status", "card"]
     search_fields = ["reference", "tracking_number", "charge_id"]
     list_select_related = ["product", "card"]
-    readonly_fields = ["status", "run_link", "charge_id", "tracking_number", "created_at"]
+    readonly_fields = [
+        "status",
+        "run_link",
+        "charge_id",
+        "packed_by",
+        "tracking_number",
+        "created_at",
+    ]
 
     @admin.display(description="workflow run")
     def run_link(self, order: Order) -> str:

@@ -59,10 +59,12 @@ class Order(models.Model):
     class Status(models.TextChoices):
         PLACED = "placed", "placed"
         RESERVED = "reserved", "stock reserved"
-        PAID = "paid", "paid, packing"
+        PAID = "paid", "paid"
+        AWAITING_WAREHOUSE = "awaiting_warehouse", "awaiting warehouse"
         SHIPPED = "shipped", "shipped"
         OUT_OF_STOCK = "out_of_stock", "out of stock"
         PAYMENT_FAILED = "payment_failed", "payment failed"
+        FULFILMENT_FAILED = "fulfilment_failed", "fulfilment failed"
 
     reference = models.CharField(
         max_length=50,
@@ -76,6 +78,9 @@ class Order(models.Model):
     run_id = models.UUIDField("workflow run", null=True, blank=True, editable=False)
     charge_id = models.CharField(max_length=50, blank=True)
     tracking_number = models.CharField(max_length=50, blank=True)
+    packed_by = models.CharField(
+        max_length=150, blank=True, help_text="Who confirmed that the warehouse packed the order."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = OrderManager()
@@ -85,6 +90,10 @@ class Order(models.Model):
 
     def __str__(self) -> str:
         return f"{self.reference}: {self.quantity} x {self.product}"
+
+    @property
+    def awaits_warehouse(self) -> bool:
+        return self.status == self.Status.AWAITING_WAREHOUSE
 
     def get_run_url(self) -> str | None:
         """The django_openworkflow page of this order's run."""

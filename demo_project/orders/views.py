@@ -1,4 +1,5 @@
-"""The demo's pages: the order list, placing an order, fixing or breaking a card.
+"""The demo's pages: the order list, placing an order, fixing or breaking a card,
+and the warehouse's "Confirm packed" (which sends a workflow signal).
 
 State changes are POST-only, follow Post/Redirect/Get and report with
 django.contrib.messages. Every page needs a logged-in user; anonymous users
@@ -13,10 +14,12 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
+from django_openworkflow import send_signal
 from django_openworkflow.models import WorkflowRun
 
 from .forms import OrderForm
 from .models import Card, Order, Product
+from .workflows import warehouse_signal
 
 
 def _render_list(request: HttpRequest, form: OrderForm, *, status: int = 200) -> HttpResponse:
@@ -66,5 +69,36 @@ def set_card_declined(request: HttpRequest, pk: int, *, declined: bool) -> HttpR
         messages.success(
             request,
             f"Card {card} fixed. Resume the failed runs of its orders from their run pages.",
+        )
+    return redirect("orders:order-list")
+
+
+@require_POST
+@login_required
+def confirm_packed(request: HttpRequest, pk: int) -> HttpResponse:
+    """The warehouse packed the order: wake its ``fulfil-order`` run, which ships it."""
+    order = get_object_or_404(Order, pk=pk)
+    if not order.awaits_warehouse:
+        # Checked first so a click on a stale page does not use up the
+        # idempotency key of a confirmation that may still be needed.
+        messages.warning(request, f"Order {order.reference} is not waiting for the warehouse.")
+        return redirect("orders:order-list")
+    woken = send_signal(
+        warehouse_signal(order.pk),
+        {"by": request.user.get_username()},
+        # A second POST (a double click, a reload) delivers nothing new.
+        idempotency_key=f"warehouse-{order.pk}",
+    )
+    if woken:
+        messages.success(
+            request,
+            f"Order {order.reference} confirmed packed: {len(woken)} run woken; "
+            "a worker will ship it.",
+        )
+    else:
+        messages.warning(
+            request,
+            f"Order {order.reference} is not waiting for the warehouse "
+            "(already confirmed?): no run was woken.",
         )
     return redirect("orders:order-list")

@@ -1,10 +1,21 @@
-"""The ``process-order`` workflow: reserve stock, charge the card, pack, ship.
+"""The shop's workflows: ``process-order`` and its child ``fulfil-order``.
+
+``process-order`` reserves the stock, charges the card, then runs the child
+workflow ``fulfil-order`` and waits for it. ``fulfil-order`` marks the order
+"awaiting warehouse" and waits for the warehouse's confirmation, the signal
+``warehouse-confirmed:<order id>`` (the "Confirm packed" button on the orders
+page sends it), then ships.
 
 Each step is stored once it finishes, so a worker that dies mid-order
 resumes at the first unfinished step, and an order whose card was declined
 can be resumed (``WorkflowRun.objects.resume(order.run_id)``, or the Resume
 button on the run's page) once the card is fixed: the stock is not reserved
 twice.
+
+If the warehouse does not confirm within an hour, ``fulfil-order`` fails and
+so does the order's run ("fulfilment failed"): a person should chase the
+warehouse. Resuming the order's run then starts a new ``fulfil-order`` that
+waits for the warehouse again; the stock and the charge are not done twice.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 NO_RETRY = RetryPolicy(maximum_attempts=1)
 CHARGE_RETRY = RetryPolicy(maximum_attempts=3, initial_interval="1s")
+WAREHOUSE_TIMEOUT = "1h"
 
 
 class OutOfStock(Exception):
@@ -28,6 +40,15 @@ class OutOfStock(Exception):
 
 class CardDeclined(Exception):
     """The payment provider refused the charge."""
+
+
+class WarehouseTimeout(Exception):
+    """The warehouse did not confirm the order in time."""
+
+
+def warehouse_signal(order_id: int) -> str:
+    """The signal the warehouse sends once the order is packed."""
+    return f"warehouse-confirmed:{order_id}"
 
 
 def reserve_stock(order_id: int) -> int:
@@ -64,17 +85,39 @@ def record_charge(order_id: int, charge_id: str) -> None:
     Order.objects.filter(pk=order_id).update(status=Order.Status.PAID, charge_id=charge_id)
 
 
-def ship(order_id: int) -> str:
+def await_warehouse(order_id: int) -> None:
+    Order.objects.filter(pk=order_id).update(status=Order.Status.AWAITING_WAREHOUSE)
+
+
+def ship(order_id: int, packed_by: str) -> str:
     tracking_number = f"TRK{uuid.uuid4().hex[:10].upper()}"
     Order.objects.filter(pk=order_id).update(
-        status=Order.Status.SHIPPED, tracking_number=tracking_number
+        status=Order.Status.SHIPPED, tracking_number=tracking_number, packed_by=packed_by
     )
     return tracking_number
+
+
+@workflow(name="fulfil-order")
+def fulfil_order(ctx):
+    order_id = ctx.input["order_id"]
+    ctx.step.atomic("await-warehouse", lambda: await_warehouse(order_id))
+    confirmation = ctx.step.wait_for_signal(
+        warehouse_signal(order_id), name="warehouse-confirmed", timeout=WAREHOUSE_TIMEOUT
+    )
+    if confirmation is None:
+        # A workflow's own exception fails its run (workflows are not retried
+        # by default), which fails the parent's "fulfil-order" step.
+        raise WarehouseTimeout(
+            f"the warehouse did not confirm order {order_id} within {WAREHOUSE_TIMEOUT}"
+        )
+    packed_by = (confirmation["data"] or {}).get("by", "")
+    return ctx.step.atomic("ship", lambda: ship(order_id, packed_by))
 
 
 FAILED_STATUS = {
     "reserve-stock": Order.Status.OUT_OF_STOCK,
     "charge-card": Order.Status.PAYMENT_FAILED,
+    "fulfil-order": Order.Status.FULFILMENT_FAILED,
 }
 
 
@@ -86,12 +129,13 @@ def process_order(ctx):
         charge_id = ctx.step.run(
             "charge-card", lambda: charge_card(order_id), retry_policy=CHARGE_RETRY
         )
+        ctx.step.atomic("record-charge", lambda: record_charge(order_id, charge_id))
+        # Parks this run until the child ends; a failed child raises StepFailed.
+        tracking_number = ctx.step.run_workflow(fulfil_order, {"order_id": order_id})
     except StepFailed as exc:
         # Not a step on purpose: it must run each time the run fails, also
         # after a resume, and writing the same status twice is harmless.
-        Order.objects.filter(pk=order_id).update(status=FAILED_STATUS[exc.step_name])
+        if exc.step_name in FAILED_STATUS:
+            Order.objects.filter(pk=order_id).update(status=FAILED_STATUS[exc.step_name])
         raise  # uncaught, StepFailed fails the run; it can be resumed later
-    ctx.step.atomic("record-charge", lambda: record_charge(order_id, charge_id))
-    ctx.step.sleep("packing", "2s")
-    tracking_number = ctx.step.atomic("ship", lambda: ship(order_id))
     return {"order_id": order_id, "charge_id": charge_id, "tracking_number": tracking_number}

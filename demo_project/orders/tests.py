@@ -1,0 +1,114 @@
+"""Tests of the shop's workflows: how to test workflows with ``django_openworkflow.testing``.
+
+``run_to_completion()`` starts a run and ``drain()`` executes every due run
+right here, inside the test's transaction. By default they also skip timers
+("time travel"): the charge's retry delays, and the warehouse's one-hour
+timeout too. To see an order *wait* for the warehouse, pass
+``time_travel=False``.
+
+Run them with ``manage.py test demo_project.orders``.
+"""
+
+from __future__ import annotations
+
+from django.contrib.auth import get_user_model
+from django.test import TestCase
+
+from django_openworkflow import send_signal
+from django_openworkflow.models import WorkflowRun
+from django_openworkflow.testing import drain, run_to_completion
+
+from .models import Card, Order, Product
+from .workflows import process_order, warehouse_signal
+
+
+class ProcessOrderTests(TestCase):
+    @classmethod
+    def setUpTestData(cls):
+        cls.mug = Product.objects.create(name="Mug", stock=10)
+        cls.good_card = Card.objects.create(holder="Ada", last4="4242")
+        cls.bad_card = Card.objects.create(holder="Charles", last4="0002", declined=True)
+
+    def new_order(self, card: Card) -> Order:
+        return Order.objects.create(
+            reference=f"order-{card.last4}", product=self.mug, quantity=2, card=card
+        )
+
+    def assert_order(self, order: Order, status: str, *, stock: int) -> None:
+        order.refresh_from_db()
+        self.mug.refresh_from_db()
+        self.assertEqual(order.status, status)
+        self.assertEqual(self.mug.stock, stock)
+
+    def test_order_waits_for_the_warehouse_then_ships(self):
+        order = self.new_order(self.good_card)
+        run = run_to_completion(process_order, {"order_id": order.pk}, time_travel=False)
+        self.assertEqual(run.status, "pending")  # parked until its fulfil-order child ends
+        self.assert_order(order, Order.Status.AWAITING_WAREHOUSE, stock=8)
+
+        woken = send_signal(warehouse_signal(order.pk), {"by": "wendy"})
+        self.assertEqual(len(woken), 1)  # the fulfil-order run
+        drain()
+
+        run.refresh_from_db()
+        self.assertEqual(run.status, "completed")
+        self.assert_order(order, Order.Status.SHIPPED, stock=8)
+        self.assertEqual(order.packed_by, "wendy")
+        self.assertEqual(run.output["tracking_number"], order.tracking_number)
+
+    def test_a_second_confirmation_wakes_nothing(self):
+        order = self.new_order(self.good_card)
+        run_to_completion(process_order, {"order_id": order.pk}, time_travel=False)
+        self.assertEqual(len(send_signal(warehouse_signal(order.pk), {"by": "wendy"})), 1)
+        drain()
+
+        # A signal only reaches runs waiting for it now, and none is.
+        self.assertEqual(send_signal(warehouse_signal(order.pk), {"by": "walter"}), [])
+        self.assert_order(order, Order.Status.SHIPPED, stock=8)
+        self.assertEqual(order.packed_by, "wendy")
+
+    def test_declined_card_fails_and_resumes_without_reserving_twice(self):
+        order = self.new_order(self.bad_card)
+        run = run_to_completion(process_order, {"order_id": order.pk})  # skips the retry delays
+        self.assertEqual(run.status, "failed")
+        self.assertEqual(run.error["step"], "charge-card")
+        self.assert_order(order, Order.Status.PAYMENT_FAILED, stock=8)
+
+        Card.objects.filter(pk=self.bad_card.pk).update(declined=False)
+        WorkflowRun.objects.resume(run)
+        drain(time_travel=False)
+        self.assert_order(order, Order.Status.AWAITING_WAREHOUSE, stock=8)
+
+        send_signal(warehouse_signal(order.pk), {"by": "wendy"})
+        drain()
+        run.refresh_from_db()
+        self.assertEqual(run.status, "completed")
+        self.assert_order(order, Order.Status.SHIPPED, stock=8)  # reserved once
+
+    def test_no_confirmation_within_an_hour_fails_the_order(self):
+        order = self.new_order(self.good_card)
+        run = run_to_completion(process_order, {"order_id": order.pk})  # travels past 1 h
+        self.assertEqual(run.status, "failed")
+        self.assertIn("WarehouseTimeout", run.error["message"])
+        self.assert_order(order, Order.Status.FULFILMENT_FAILED, stock=8)
+
+        # Resuming starts a new fulfil-order, which waits for the warehouse again.
+        WorkflowRun.objects.resume(run)
+        drain(time_travel=False)
+        self.assert_order(order, Order.Status.AWAITING_WAREHOUSE, stock=8)
+
+    def test_confirm_packed_button(self):
+        order = Order.objects.place(product=self.mug, quantity=2, card=self.good_card)
+        drain(time_travel=False)
+        self.client.force_login(get_user_model().objects.create_user("wendy"))
+        url = f"/orders/{order.pk}/confirm-packed/"
+        self.assertContains(self.client.get("/"), url)
+
+        first = self.client.post(url, follow=True)
+        self.assertContains(first, "confirmed packed: 1 run woken")
+        again = self.client.post(url, follow=True)  # a double click: nothing new is delivered
+        self.assertContains(again, "is not waiting for the warehouse")
+
+        drain()
+        self.assert_order(order, Order.Status.SHIPPED, stock=8)
+        self.assertEqual(order.packed_by, "wendy")
