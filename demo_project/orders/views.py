@@ -1,5 +1,7 @@
-"""The demo's pages: the order list, placing an order, fixing or breaking a card,
-and the warehouse's "Confirm packed" (which sends a workflow signal).
+"""The demo's pages: orders, placing one, fixing or breaking a card, Confirm packed.
+
+"Confirm packed" stands in for the warehouse: it sends the workflow signal
+an order's ``fulfil-order`` run waits for.
 
 State changes are POST-only, follow Post/Redirect/Get and report with
 django.contrib.messages. Every page needs a logged-in user; anonymous users

@@ -43,7 +43,8 @@ class Command(BaseCommand):
         self.stdout.write(
             self.style.SUCCESS(
                 "Demo data ready. Start a worker (manage.py runworker) and the server "
-                "(manage.py runserver), then open http://127.0.0.1:8000/."
+                "(manage.py runserver), then open http://127.0.0.1:8000/: paid orders wait "
+                "for the warehouse until you press Confirm packed."
             )
         )
 
