@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from ...conf import app_settings
 from ...worker import Worker
@@ -73,10 +74,34 @@ class Command(BaseCommand):
             default=None,
             help="Name shown on claimed runs. Default: host:pid:random.",
         )
+        parser.add_argument(
+            "--namespace",
+            default=None,
+            help=f"Claim runs of this namespace. Default: OPENWORKFLOW['NAMESPACE'] "
+            f"({app_settings.NAMESPACE!r}).",
+        )
+        parser.add_argument(
+            "--workflows-module",
+            action="append",
+            default=[],
+            metavar="MODULE",
+            help="Also import this module for its @workflow definitions (repeatable); "
+            "each installed app's workflows.py is imported anyway.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         self._configure_logging(options["verbosity"])
+        for module in options["workflows_module"]:
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                raise CommandError(
+                    f"--workflows-module {module!r} cannot be imported: {exc}"
+                ) from exc
+        if options["namespace"] is not None and not options["namespace"]:
+            raise CommandError("--namespace must not be empty")
         worker = Worker(
+            namespace=options["namespace"],
             concurrency=options["concurrency"],
             lease_seconds=options["lease"],
             poll_interval=options["poll_interval"],

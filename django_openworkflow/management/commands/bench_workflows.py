@@ -1,0 +1,314 @@
+"""``manage.py bench_workflows``: throughput and latency on your own database.
+
+Prints one JSON line per measurement in the format of the peer benchmark
+(``../shared/bench-peers``), so the lines can be put side by side. Runs use
+their own namespace and are deleted before each measurement.
+
+- Throughput: W runs of a three-step workflow, executed by ONE ``runworker``
+  process with concurrency C. ``enqueue_first`` enqueues all runs (with the
+  worker process already up, into a holding namespace) and then releases them
+  with one UPDATE; ``worker_running`` enqueues while the worker is idle and
+  running. ``seconds`` = latest ``finished_at`` stored in the database minus
+  the client clock just before the first enqueue.
+- Latency: with an idle running worker, runs of a one-step workflow started
+  one after another, each awaited; start -> ``finished_at``, p50 and p95.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError, connection
+from django.db.models import Count, Max, Q
+from django.test.utils import override_settings
+from django.utils import timezone
+
+from ... import __version__
+from ...bench import HOLD_NAMESPACE, NAMESPACE, one_step, three_steps
+from ...models import WorkflowRun
+
+SYSTEM = "django-openworkflow"
+
+
+def _int_list(value: str) -> list[int]:
+    try:
+        numbers = [int(part) for part in value.split(",") if part]
+    except ValueError:
+        raise CommandError(f"expected whole numbers separated by commas, not {value!r}") from None
+    if not numbers or min(numbers) < 1:
+        raise CommandError(f"expected positive whole numbers, not {value!r}")
+    return numbers
+
+
+def _machine_cpu() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])
+
+
+def _process_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        text = f.read()
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _nearest_rank(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    index = max(0, min(len(ordered) - 1, int(-(-pct * len(ordered) // 100)) - 1))
+    return ordered[index]
+
+
+class Command(BaseCommand):
+    help = "Measure workflow throughput and latency on this database (JSON lines on stdout)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--runs", type=int, default=1000, help="Runs per measurement (1000).")
+        parser.add_argument(
+            "--concurrency", default="50,10,1", help="Worker concurrencies (50,10,1)."
+        )
+        parser.add_argument(
+            "--variants",
+            default="enqueue_first,worker_running",
+            help="Throughput variants (enqueue_first,worker_running).",
+        )
+        parser.add_argument("--reps", type=int, default=1, help="Repeats of each measurement (1).")
+        parser.add_argument("--latency-runs", type=int, default=50, help="Latency samples (50).")
+        parser.add_argument(
+            "--latency-concurrency", type=int, default=10, help="Worker concurrency (10)."
+        )
+        parser.add_argument("--skip-throughput", action="store_true")
+        parser.add_argument("--skip-latency", action="store_true")
+        parser.add_argument(
+            "--timeout", type=float, default=300.0, help="Seconds a measurement may take (300)."
+        )
+        parser.add_argument(
+            "--idle", type=float, default=2.0, help="Seconds the worker idles first (2)."
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if options["runs"] < 1 or options["reps"] < 1 or options["latency_runs"] < 1:
+            raise CommandError("--runs, --reps and --latency-runs must be at least 1")
+        concurrencies = _int_list(options["concurrency"])
+        variants = [v for v in options["variants"].split(",") if v]
+        unknown = set(variants) - {"enqueue_first", "worker_running"}
+        if unknown:
+            raise CommandError(f"unknown variants: {', '.join(sorted(unknown))}")
+        self.options = options
+        self.vendor = connection.vendor
+        if not options["skip_throughput"]:
+            for concurrency in concurrencies:
+                for variant in variants:
+                    for _ in range(options["reps"]):
+                        self.emit(self.throughput(variant, concurrency, options["runs"]))
+        if not options["skip_latency"]:
+            for _ in range(options["reps"]):
+                self.emit(self.latency(options["latency_concurrency"], options["latency_runs"]))
+
+    # --- measurements -----------------------------------------------------------------
+
+    def throughput(self, variant: str, concurrency: int, runs: int) -> dict[str, Any]:
+        self.reset()
+        worker = self.start_worker(concurrency)
+        try:
+            if variant == "worker_running":
+                time.sleep(self.options["idle"])
+            commits0, cpu0, wcpu0 = self.commits(), _machine_cpu(), _process_cpu_s(worker.pid)
+            t0 = timezone.now()
+            namespace = HOLD_NAMESPACE if variant == "enqueue_first" else NAMESPACE
+            with override_settings(OPENWORKFLOW={**self.user_settings(), "NAMESPACE": namespace}):
+                three_steps.start_many({"i": i} for i in range(runs))
+            enqueue_s = (timezone.now() - t0).total_seconds()
+            if variant == "enqueue_first":  # the "start" of the worker: release the runs
+                with override_settings(
+                    OPENWORKFLOW={**self.user_settings(), "NAMESPACE": NAMESPACE}
+                ):
+                    from ...managers import notify
+
+                    WorkflowRun.objects.filter(namespace=HOLD_NAMESPACE).update(namespace=NAMESPACE)
+                    notify(connection.alias, NAMESPACE)
+            end = self.wait_for(runs, worker)
+            cpu1, wcpu1 = _machine_cpu(), _process_cpu_s(worker.pid)
+            commits = self.commits(settle=True)
+        finally:
+            self.stop_worker(worker)
+        seconds = (end - t0).total_seconds()
+        steps = WorkflowRun.objects.filter(namespace=NAMESPACE, status="completed").count() * 3
+        return {
+            "system": SYSTEM,
+            "variant": variant,
+            "runs": runs,
+            "concurrency": concurrency,
+            "seconds": round(seconds, 3),
+            "runs_per_s": round(runs / seconds, 1),
+            "steps_per_s": round(runs * 3 / seconds, 1),
+            "p50_ms": None,
+            "p95_ms": None,
+            "enqueue_s": round(enqueue_s, 3),
+            "steps_completed": steps,
+            **self.cpu_fields(cpu0, cpu1, wcpu0, wcpu1),
+            "db_commits_per_run": (
+                None
+                if commits is None or commits0 is None
+                else round((commits - commits0) / runs, 2)
+            ),
+            "version": __version__,
+        }
+
+    def latency(self, concurrency: int, samples: int) -> dict[str, Any]:
+        self.reset()
+        worker = self.start_worker(concurrency)
+        latencies = []
+        try:
+            time.sleep(self.options["idle"])
+            with override_settings(OPENWORKFLOW={**self.user_settings(), "NAMESPACE": NAMESPACE}):
+                for i in range(samples):
+                    began = timezone.now()
+                    run = one_step.start({"i": i})
+                    deadline = time.monotonic() + 30
+                    while True:
+                        row = (
+                            WorkflowRun.objects.filter(pk=run.pk)
+                            .values_list("status", "finished_at")
+                            .get()
+                        )
+                        if row[0] == "completed":
+                            break
+                        if row[0] == "failed" or time.monotonic() > deadline:
+                            raise CommandError(f"latency run {run.pk} did not complete: {row[0]}")
+                        time.sleep(0.002)
+                    latencies.append((row[1] - began).total_seconds() * 1000)
+        finally:
+            self.stop_worker(worker)
+        return {
+            "system": SYSTEM,
+            "variant": "latency",
+            "runs": samples,
+            "concurrency": concurrency,
+            "seconds": round(sum(latencies) / 1000, 3),
+            "runs_per_s": None,
+            "steps_per_s": None,
+            "p50_ms": round(_nearest_rank(latencies, 50), 2),
+            "p95_ms": round(_nearest_rank(latencies, 95), 2),
+            "max_ms": round(max(latencies), 2),
+            "db_commits_per_run": None,
+            "version": __version__,
+        }
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def emit(self, line: dict[str, Any]) -> None:
+        self.stdout.write(json.dumps(line))
+        self.stdout.flush()
+
+    def user_settings(self) -> dict[str, Any]:
+        return dict(getattr(settings, "OPENWORKFLOW", None) or {})
+
+    def reset(self) -> None:
+        WorkflowRun.objects.filter(namespace__in=[NAMESPACE, HOLD_NAMESPACE]).delete()
+        if self.vendor == "postgresql":
+            with connection.cursor() as cursor, contextlib.suppress(DatabaseError):
+                cursor.execute("CHECKPOINT")  # needs a superuser; else measure without it
+
+    def commits(self, *, settle: bool = False) -> int | None:
+        if self.vendor != "postgresql":
+            return None
+        if settle:
+            time.sleep(1.1)  # backends report their counters about once a second
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_stat_clear_snapshot()")
+            cursor.execute(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+            )
+            return int(cursor.fetchone()[0])
+
+    def cpu_fields(
+        self, cpu0: tuple[int, int], cpu1: tuple[int, int], wcpu0: float, wcpu1: float
+    ) -> dict[str, Any]:
+        total = cpu1[1] - cpu0[1]
+        busy = total - (cpu1[0] - cpu0[0])
+        return {
+            "cpu_busy_pct": round(100 * busy / total, 1) if total else None,
+            "worker_cpu_s": round(wcpu1 - wcpu0, 2),
+        }
+
+    def start_worker(self, concurrency: int) -> subprocess.Popen[bytes]:
+        env = dict(os.environ)
+        env.setdefault("DJANGO_SETTINGS_MODULE", settings.SETTINGS_MODULE)
+        env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+        listeners = self.listeners()
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "django",
+                "runworker",
+                "--concurrency",
+                str(concurrency),
+                "--namespace",
+                NAMESPACE,
+                "--workflows-module",
+                "django_openworkflow.bench",
+                "--verbosity",
+                "0",
+            ],
+            env=env,
+        )
+        if listeners is None:
+            time.sleep(2.0)  # no LISTEN to watch for: give it time to start
+            return worker
+        deadline = time.monotonic() + 60
+        while (self.listeners() or 0) <= listeners:
+            if worker.poll() is not None or time.monotonic() > deadline:
+                worker.kill()
+                raise CommandError("the benchmark worker did not start")
+            time.sleep(0.05)
+        return worker
+
+    def listeners(self) -> int | None:
+        """Sessions listening for wake-ups (PostgreSQL), to see the worker become ready."""
+        if self.vendor != "postgresql":
+            return None
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND query LIKE 'LISTEN django_openworkflow%%'"
+            )
+            return int(cursor.fetchone()[0])
+
+    def stop_worker(self, worker: subprocess.Popen[bytes]) -> None:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+    def wait_for(self, runs: int, worker: subprocess.Popen[bytes]) -> datetime:
+        deadline = time.monotonic() + self.options["timeout"]
+        while True:
+            row = WorkflowRun.objects.filter(namespace=NAMESPACE).aggregate(
+                done=Count("pk", filter=Q(status="completed")),
+                failed=Count("pk", filter=Q(status="failed")),
+                end=Max("finished_at"),
+            )
+            if row["failed"]:
+                raise CommandError(f"{row['failed']} benchmark runs failed")
+            if row["done"] >= runs:
+                return row["end"]  # type: ignore[no-any-return]
+            if worker.poll() is not None:
+                raise CommandError(f"the benchmark worker exited with {worker.returncode}")
+            if time.monotonic() > deadline:
+                raise CommandError(
+                    f"only {row['done']} of {runs} runs completed in {self.options['timeout']} s"
+                )
+            time.sleep(0.05)
