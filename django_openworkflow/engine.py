@@ -17,10 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from django.db import connection, transaction
+from django.db import connection, connections, router, transaction
 from django.db.models.functions import Now
 from django.utils import timezone
 
+from . import fastpath
 from .durations import (
     DEFAULT_STEP_RETRY_POLICY,
     DEFAULT_WORKFLOW_RETRY_POLICY,
@@ -174,6 +175,16 @@ class Execution:
         # Threads for ctx.step.parallel(); 1 runs the steps one after another
         # on this thread (the testing helper does, to stay in the test's transaction).
         self.max_parallel = max_parallel
+        self.using = router.db_for_write(WorkflowRun)
+        # PostgreSQL: one statement per step (fastpath.py); elsewhere the ORM.
+        self.fast = connections[self.using].vendor == "postgresql"
+        # A finished step's result waits here until the next write of this run
+        # (the next step's start, a park, the finish) stores it in the same commit.
+        self.deferred: fastpath.Deferred | None = None
+        # A run claimed for the first time has no history to load.
+        self.is_new = (
+            getattr(run, "previous_started_at", False) is None and run.resume_generation == 0
+        )
 
     # --- clock and fencing --------------------------------------------------
 
@@ -182,11 +193,23 @@ class Execution:
         return timezone.now() + self._clock_offset
 
     def _fence(self, *, renew: bool = False) -> None:
-        """Inside a transaction: make sure the claim still holds, or unwind."""
+        """Inside a transaction: make sure the claim still holds, or unwind.
+
+        Stores the deferred result of the previous step in the same transaction.
+        """
         if not WorkflowRun.objects.fence(
             self.run.pk, self.token, lease_seconds=self.lease_seconds if renew else None
         ):
             raise ClaimLost
+        self._store_deferred()
+
+    def _store_deferred(self) -> None:
+        if self.deferred is not None:
+            attempt_id, result, finished_at = self.deferred
+            StepAttempt.objects.filter(pk=attempt_id, status="running").update(
+                status="completed", output=result, finished_at=finished_at
+            )
+            self.deferred = None
 
     def _claim_lost(self) -> None:
         """The fence failed: find out why, finish what is ours to finish, and unwind."""
@@ -222,6 +245,8 @@ class Execution:
             pass
 
     def _load_history(self) -> None:
+        if self.is_new:
+            return
         attempts = list(StepAttempt.objects.filter(workflow_run_id=self.run.pk).order_by("id"))
         lost = [
             a.pk
@@ -294,20 +319,31 @@ class Execution:
             self._finish(WorkflowRun.Status.FAILED, error=_deadline_error(error), attempts=attempts)
             return
         with transaction.atomic():
-            if not WorkflowRun.objects.park_claimed(
+            self._fence()
+            WorkflowRun.objects.park_claimed(
                 self.run.pk, self.token, retry_at, attempts=attempts, error=error
-            ):
-                raise ClaimLost
+            )
         logger.info("run retry scheduled run=%s attempts=%d at=%s", self.run.pk, attempts, retry_at)
 
     def _finish(self, status: str, **fields: Any) -> None:
-        finished = WorkflowRun.objects.finish_claimed(
-            self.run.pk,
-            self.token,
-            status,
-            wake_parent=self.run.parent_step_attempt_id is not None,
-            **fields,
-        )
+        wake_parent = self.run.parent_step_attempt_id is not None
+        if self.fast and not wake_parent:
+            finished = fastpath.finish(
+                self.using,
+                run_id=self.run.pk,
+                token=self.token,
+                status=status,
+                deferred=self.deferred,
+                **fields,
+            )
+        else:
+            with transaction.atomic():
+                finished = WorkflowRun.objects.finish_claimed(
+                    self.run.pk, self.token, status, wake_parent=wake_parent, **fields
+                )
+                if finished:
+                    self._store_deferred()
+        self.deferred = None
         if not finished:
             self._claim_lost()
             return
@@ -368,7 +404,7 @@ class Execution:
         if replayed:
             return value
         attempt = self._begin_attempt(name)
-        result, error = self._invoke(attempt, fn, atomic=atomic)
+        result, error = self._invoke(attempt, fn, atomic=atomic, defer=not atomic)
         if error is None:
             self.completed[name] = attempt
             return result
@@ -430,14 +466,43 @@ class Execution:
 
     def _begin_attempt(self, name: str, **fields: Any) -> StepAttempt:
         self._check_cap()
+        if self.fast and not fields:
+            started_at = self.now()
+            attempt_id = fastpath.start_step(
+                self.using,
+                run_id=self.run.pk,
+                token=self.token,
+                lease_seconds=self.lease_seconds,
+                name=name,
+                generation=self.generation,
+                started_at=started_at,
+                deferred=self.deferred,
+            )
+            if attempt_id is None:
+                raise ClaimLost
+            self.deferred = None
+            self.attempt_count += 1
+            return StepAttempt(
+                pk=attempt_id,
+                workflow_run_id=self.run.pk,
+                step_name=name,
+                kind=StepAttempt.Kind.RUN,
+                status=StepAttempt.Status.RUNNING,
+                resume_generation=self.generation,
+                started_at=started_at,
+            )
         with transaction.atomic():
-            self._fence()
+            self._fence(renew=True)
             return self._new_attempt(name, fields.pop("kind", StepAttempt.Kind.RUN), **fields)
 
     def _invoke(
-        self, attempt: StepAttempt, fn: Callable[[], Any], *, atomic: bool
+        self, attempt: StepAttempt, fn: Callable[[], Any], *, atomic: bool, defer: bool = False
     ) -> tuple[Any, dict[str, Any] | None]:
-        """Call ``fn`` and store its result; return ``(result, None)`` or ``(None, error)``."""
+        """Call ``fn`` and store its result; return ``(result, None)`` or ``(None, error)``.
+
+        With ``defer`` the result is stored by this run's next write (the next
+        step's start, a park or the finish), in the same commit.
+        """
         try:
             if atomic:
                 with transaction.atomic():
@@ -447,8 +512,13 @@ class Execution:
             else:
                 result = fn()
                 self._check_result(attempt.step_name, result)
-                with transaction.atomic():
-                    self._complete_attempt(attempt, result)
+                if defer:
+                    self.deferred = (attempt.pk, result, self.now())
+                    attempt.status = StepAttempt.Status.COMPLETED
+                    attempt.output = result
+                else:
+                    with transaction.atomic():
+                        self._complete_attempt(attempt, result)
         except Suspend:
             raise
         except _NotJSON as exc:

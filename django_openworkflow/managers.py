@@ -264,6 +264,34 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
         if limit < 1 or not names:
             return []
         token = uuid.uuid4()
+        if self._connection().vendor == "postgresql":
+            from . import fastpath
+
+            claimed = fastpath.claim(
+                self.db,
+                namespace=namespace,
+                names=names,
+                limit=limit,
+                worker_id=worker_id,
+                token=token,
+                lease_seconds=lease_seconds,
+            )
+        else:
+            claimed = self._claim_with_orm(namespace, names, limit, worker_id, token, lease_seconds)
+        for run in claimed:
+            if getattr(run, "previous_started_at", None) is None:
+                send_after_commit(run_started, run, using=self.db)
+        return claimed
+
+    def _claim_with_orm(
+        self,
+        namespace: str,
+        names: list[str],
+        limit: int,
+        worker_id: str,
+        token: uuid.UUID,
+        lease_seconds: float,
+    ) -> list[WorkflowRun]:
         with transaction.atomic(using=self.db):
             candidates = (
                 self.in_namespace(namespace)
@@ -273,13 +301,11 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
             )
             if self._connection().features.has_select_for_update_skip_locked:
                 candidates = candidates.select_for_update(skip_locked=True)
-            rows = list(candidates.values_list("pk", "started_at")[:limit])
-            if not rows:
+            previous = dict(candidates.values_list("pk", "started_at")[:limit])
+            if not previous:
                 return []
-            ids = [pk for pk, _ in rows]
-            starting = {pk for pk, started_at in rows if started_at is None}
             # Compare-and-set: only rows still due are taken.
-            self.filter(pk__in=ids).due().update(
+            self.filter(pk__in=list(previous)).due().update(
                 status=self.model.Status.RUNNING,
                 worker_id=worker_id,
                 claim_token=token,
@@ -289,8 +315,7 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
             )
             claimed = list(self.filter(claim_token=token).annotate(db_now=Now()))
             for run in claimed:
-                if run.pk in starting:
-                    send_after_commit(run_started, run, using=self.db)
+                run.previous_started_at = previous[run.pk]  # type: ignore[attr-defined]
             return claimed
 
     def renew_leases(self, tokens: Sequence[uuid.UUID], lease_seconds: float) -> int:

@@ -355,6 +355,8 @@ def test_fenced_transitions_refuse_a_stale_token():
 
 def test_a_step_left_running_by_a_dead_worker_counts_against_its_budget():
     run = start("flaky", {"failures": 0, "attempts": 1})
+    # what a worker that died mid-step leaves behind: a started run, a running attempt
+    WorkflowRun.objects.filter(pk=run.pk).update(started_at=Now())
     StepAttempt.objects.create(workflow_run=run, step_name="flaky", kind="run")
     run = claim_and_execute()
     assert run.status == WorkflowRun.Status.FAILED

@@ -1,0 +1,165 @@
+"""The worker's hot path on PostgreSQL: one statement per step, per claim, per finish.
+
+The generic code in ``managers.py`` and ``engine.py`` (ORM, one transaction
+of several statements) is what SQLite and other databases use; on
+PostgreSQL these statements do the same work in one round trip and one
+commit each, with data-modifying CTEs:
+
+- ``claim``: lock due rows with ``FOR UPDATE SKIP LOCKED`` and mark them
+  running, returning each row with its previous ``started_at`` and status.
+- ``start_step``: fence the claim (and renew the lease), store the previous
+  step's deferred result, insert the new ``running`` attempt.
+- ``finish``: fence, store the last step's deferred result, complete or fail
+  the run.
+
+Every statement is fenced by the claim token exactly as the ORM versions are.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime
+from typing import Any
+
+from django.db import connections
+
+from .models import StepAttempt, WorkflowRun
+
+RUN = WorkflowRun._meta.db_table
+STEP = StepAttempt._meta.db_table
+
+FENCE = f"""
+    UPDATE {RUN} SET available_at = statement_timestamp() + make_interval(secs => %s),
+                     updated_at = statement_timestamp()
+    WHERE id = %s AND claim_token = %s AND status = 'running'
+      AND (deadline_at IS NULL OR deadline_at > statement_timestamp())
+    RETURNING id
+"""
+
+STORE_DEFERRED = f"""
+    UPDATE {STEP} SET status = 'completed', output = %s::jsonb, finished_at = %s
+    WHERE id = %s AND status = 'running' AND EXISTS (SELECT 1 FROM fence)
+"""
+
+CLAIM = f"""
+WITH due AS (
+    SELECT id, started_at AS previous_started_at, status AS previous_status
+    FROM {RUN}
+    WHERE namespace = %s AND status IN ('pending', 'running')
+      AND available_at <= statement_timestamp() AND workflow_name = ANY(%s)
+      AND (deadline_at IS NULL OR deadline_at > statement_timestamp())
+    ORDER BY available_at
+    LIMIT %s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {RUN} AS run SET
+    status = 'running', worker_id = %s, claim_token = %s,
+    available_at = statement_timestamp() + make_interval(secs => %s),
+    started_at = COALESCE(run.started_at, statement_timestamp()),
+    updated_at = statement_timestamp()
+FROM due WHERE run.id = due.id
+RETURNING run.*, due.previous_started_at, due.previous_status, statement_timestamp() AS db_now
+"""
+
+START_STEP = f"""
+WITH fence AS ({FENCE}), deferred AS ({STORE_DEFERRED})
+INSERT INTO {STEP} (workflow_run_id, step_name, kind, status, resume_generation, started_at)
+SELECT id, %s, 'run', 'running', %s, %s FROM fence
+RETURNING id
+"""
+
+FINISH = f"""
+WITH fence AS (
+    UPDATE {RUN} SET status = %s, output = %s::jsonb, error = %s::jsonb,
+                     attempts = COALESCE(%s, attempts),
+                     worker_id = NULL, claim_token = NULL, available_at = NULL,
+                     finished_at = statement_timestamp(), updated_at = statement_timestamp()
+    WHERE id = %s AND claim_token = %s AND status = 'running'
+      AND (%s OR deadline_at IS NULL OR deadline_at > statement_timestamp())
+    RETURNING id
+), deferred AS ({STORE_DEFERRED})
+SELECT id FROM fence
+"""
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+Deferred = tuple[int, Any, datetime]  # (attempt id, result, finished_at)
+
+
+def _deferred_params(deferred: Deferred | None) -> list[Any]:
+    if deferred is None:
+        return [None, None, None]
+    attempt_id, result, finished_at = deferred
+    return [_json(result), finished_at, attempt_id]
+
+
+def claim(
+    using: str,
+    *,
+    namespace: str,
+    names: list[str],
+    limit: int,
+    worker_id: str,
+    token: uuid.UUID,
+    lease_seconds: float,
+) -> list[WorkflowRun]:
+    params = [namespace, names, limit, worker_id, token, lease_seconds]
+    return list(WorkflowRun.objects.using(using).raw(CLAIM, params))
+
+
+def start_step(
+    using: str,
+    *,
+    run_id: Any,
+    token: uuid.UUID,
+    lease_seconds: float,
+    name: str,
+    generation: int,
+    started_at: datetime,
+    deferred: Deferred | None,
+) -> int | None:
+    """Insert a running ``run`` attempt; None when the claim no longer holds."""
+    params = [
+        lease_seconds,
+        run_id,
+        token,
+        *_deferred_params(deferred),
+        name,
+        generation,
+        started_at,
+    ]
+    with connections[using].cursor() as cursor:
+        cursor.execute(START_STEP, params)
+        row = cursor.fetchone()
+    return None if row is None else int(row[0])
+
+
+def finish(
+    using: str,
+    *,
+    run_id: Any,
+    token: uuid.UUID,
+    status: str,
+    output: Any = None,
+    error: Any = None,
+    attempts: int | None = None,
+    deferred: Deferred | None,
+) -> bool:
+    """Complete or fail the run (a completion also checks the deadline)."""
+    params = [
+        status,
+        _json(output),
+        _json(error),
+        attempts,
+        run_id,
+        token,
+        status != WorkflowRun.Status.COMPLETED,
+        *_deferred_params(deferred),
+    ]
+    with connections[using].cursor() as cursor:
+        cursor.execute(FINISH, params)
+        return cursor.fetchone() is not None
