@@ -4,8 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PG_URL ?= postgres://postgres@127.0.0.1:5432/test
 DEMO_ADDR ?= 127.0.0.1:8000
+BENCH_URL ?= postgres://postgres@127.0.0.1:5432/openworkflow_bench
+BENCH_ARGS ?=
 
-.PHONY: install demo test test-sqlite test-postgres lint format pg-up browser clean
+.PHONY: install demo test test-sqlite test-postgres lint format pg-up browser bench bench-db bench-compare clean
 
 install: $(VENV)/.installed
 
@@ -56,5 +58,17 @@ demo: install
 		$(PY) manage.py runworker --verbosity 1 & worker=$$!; \
 		$(PY) manage.py runserver $(DEMO_ADDR)
 
+# Benchmarks (PostgreSQL): ours alone, or ours beside the peers of ../shared/bench-peers.
+bench-db: install pg-up
+	@psql -h 127.0.0.1 -U postgres -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'openworkflow_bench'" | grep -q 1 \
+		|| createdb -h 127.0.0.1 -U postgres openworkflow_bench
+	DATABASE_URL=$(BENCH_URL) $(PY) manage.py migrate --verbosity 0
+
+bench: bench-db
+	DATABASE_URL=$(BENCH_URL) $(PY) manage.py bench_workflows $(BENCH_ARGS)
+
+bench-compare: bench-db
+	BENCH_URL=$(BENCH_URL) $(PY) scripts/bench_compare.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .test-db*.sqlite3 demo_project/db.sqlite3
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache demo_project/db.sqlite3 bench-results test-artifacts

@@ -175,6 +175,7 @@ class Execution:
         # Threads for ctx.step.parallel(); 1 runs the steps one after another
         # on this thread (the testing helper does, to stay in the test's transaction).
         self.max_parallel = max_parallel
+        self.parked_until: datetime | None = None  # set when this pass parks the run on a timer
         self.using = router.db_for_write(WorkflowRun)
         # PostgreSQL: one statement per step (fastpath.py); elsewhere the ORM.
         self.fast = connections[self.using].vendor == "postgresql"
@@ -323,6 +324,7 @@ class Execution:
             WorkflowRun.objects.park_claimed(
                 self.run.pk, self.token, retry_at, attempts=attempts, error=error
             )
+        self.parked_until = retry_at
         logger.info("run retry scheduled run=%s attempts=%d at=%s", self.run.pk, attempts, retry_at)
 
     def _finish(self, status: str, **fields: Any) -> None:
@@ -622,6 +624,7 @@ class Execution:
             for attempt, error in failed:
                 self._store_failure(attempt, error)
             WorkflowRun.objects.park_claimed(self.run.pk, self.token, retry_at)
+        self.parked_until = retry_at
         logger.info(
             "step retry scheduled run=%s steps=%s at=%s",
             self.run.pk,
@@ -810,6 +813,7 @@ class Execution:
             if then is not None:
                 then(attempt)
             WorkflowRun.objects.park_claimed(self.run.pk, self.token, wake_at)
+        self.parked_until = wake_at
         return attempt
 
     def _delivered(self, attempt: StepAttempt) -> tuple[bool, Any]:
@@ -846,6 +850,7 @@ class Execution:
                     }
             if not over:
                 WorkflowRun.objects.park_claimed(self.run.pk, self.token, attempt.wake_at)
+                self.parked_until = attempt.wake_at
             elif failed is not None:
                 self._store_failure(attempt, failed)
             else:

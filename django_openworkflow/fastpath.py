@@ -163,3 +163,42 @@ def finish(
     with connections[using].cursor() as cursor:
         cursor.execute(FINISH, params)
         return cursor.fetchone() is not None
+
+
+START_RUN = f"""
+WITH run AS (
+    INSERT INTO {RUN} (id, namespace, workflow_name, version, status, input, attempts,
+                       available_at, deadline_at, resume_generation)
+    VALUES (%s, %s, %s, %s, 'pending', %s::jsonb, 0,
+            COALESCE(%s, statement_timestamp()), %s, 0)
+    RETURNING *
+)
+SELECT run.*, pg_notify(%s, run.namespace) AS notified FROM run
+"""
+
+
+def start_run(
+    using: str,
+    *,
+    namespace: str,
+    workflow_name: str,
+    version: str | None,
+    input: Any,
+    available_at: datetime | None,
+    deadline_at: datetime | None,
+) -> WorkflowRun:
+    """Insert a pending run and wake the workers at commit: one statement."""
+    from .managers import NOTIFY_CHANNEL
+
+    params = [
+        uuid.uuid4(),
+        namespace,
+        workflow_name,
+        version,
+        _json(input),
+        available_at,
+        deadline_at,
+        NOTIFY_CHANNEL,
+    ]
+    [run] = WorkflowRun.objects.using(using).raw(START_RUN, params)
+    return run

@@ -89,6 +89,18 @@ class Workflow:
             )
         namespace = app_settings.NAMESPACE
         using = router.db_for_write(WorkflowRun)
+        if idempotency_key is None and connections[using].vendor == "postgresql":
+            from . import fastpath
+
+            return fastpath.start_run(
+                using,
+                namespace=namespace,
+                workflow_name=self.name,
+                version=self.version,
+                input=input,
+                available_at=available_at,
+                deadline_at=deadline_at,
+            )
         with transaction.atomic(using=using):
             if idempotency_key is not None:
                 lock_key(using, "start", namespace, self.name, idempotency_key)

@@ -9,6 +9,7 @@ resumed and woken runs are picked up at once; polling is only the fallback.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import queue
@@ -17,10 +18,10 @@ import socket
 import threading
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import DatabaseError, close_old_connections, connections, router
+from django.db import DatabaseError, connections, router
 from django.utils import timezone
 
 from .conf import app_settings
@@ -61,6 +62,8 @@ class Worker:
         self._lock = threading.Lock()
         self._in_flight: dict[Any, WorkflowRun] = {}
         self._queue: queue.SimpleQueue[WorkflowRun | None] = queue.SimpleQueue()
+        self._timers: list[datetime] = []  # wake-ups of runs parked by this worker
+        self.claim_batch = max(1, self.concurrency // 5)
         self._signals = 0
         self.runs_executed = 0
 
@@ -140,20 +143,19 @@ class Worker:
             logger.info("worker stopped worker=%s runs=%d", self.worker_id, self.runs_executed)
 
     def _loop(self, names: list[str]) -> None:
-        last_sweep = 0.0
+        last_sweep = float("-inf")
         failures = 0
+        busy = False  # the last claim filled every free slot: more runs are probably due
         while not self._stopping.is_set():
             self._wakeup.clear()
             try:
-                close_old_connections()
+                self._check_connection()
                 if time.monotonic() - last_sweep >= self.poll_interval:
                     last_sweep = time.monotonic()
-                    overdue = WorkflowRun.objects.fail_overdue(self.namespace)
-                    if overdue:
-                        logger.info("runs failed reason=deadline count=%d", overdue)
+                    self._sweep(names)
                 free = self.concurrency - len(self._in_flight)
-                claimed = []
-                if free > 0:
+                # While the queue is busy, claim in batches rather than one run per freed slot.
+                if free > 0 and (not busy or free >= self.claim_batch):
                     claimed = WorkflowRun.objects.claim(
                         worker_id=self.worker_id,
                         workflow_names=names,
@@ -161,14 +163,13 @@ class Worker:
                         lease_seconds=self.lease_seconds,
                         namespace=self.namespace,
                     )
-                for run in claimed:
-                    self._submit(run)
-                if claimed and len(claimed) == free:
-                    continue  # there may be more; claim again when a slot frees
-                if free > 0 and not claimed and self.burst and not self._in_flight:
-                    logger.info("no runs due, burst worker exits worker=%s", self.worker_id)
-                    return
-                timeout = self._idle_timeout(names) if free > len(claimed) else self.poll_interval
+                    busy = len(claimed) == free
+                    for run in claimed:
+                        self._submit(run)
+                    if self.burst and not claimed and not self._in_flight:
+                        logger.info("no runs due, burst worker exits worker=%s", self.worker_id)
+                        return
+                timeout = self._timer_timeout()
                 failures = 0
             except DatabaseError as exc:
                 failures += 1
@@ -179,12 +180,27 @@ class Worker:
                 connections[self.using].close()
             self._wakeup.wait(timeout)
 
-    def _idle_timeout(self, names: list[str]) -> float:
-        """Sleep until the next known wake-up, but no longer than the poll interval."""
-        next_due = WorkflowRun.objects.next_due_at(self.namespace, names)
-        if next_due is None:
-            return self.poll_interval
-        seconds = (next_due - timezone.now()).total_seconds()
+    def _sweep(self, names: list[str]) -> None:
+        """Once a poll interval: fail overdue runs, learn when parked runs are due."""
+        overdue = WorkflowRun.objects.fail_overdue(self.namespace)
+        if overdue:
+            logger.info("runs failed reason=deadline count=%d", overdue)
+        self._add_timer(WorkflowRun.objects.next_due_at(self.namespace, names))
+
+    def _add_timer(self, when: datetime | None) -> None:
+        if when is not None:
+            with self._lock:
+                heapq.heappush(self._timers, when)
+
+    def _timer_timeout(self) -> float:
+        """Wait until the earliest known wake-up, but no longer than the poll interval."""
+        now = timezone.now()
+        with self._lock:
+            while self._timers and self._timers[0] <= now:
+                heapq.heappop(self._timers)
+            if not self._timers:
+                return self.poll_interval
+            seconds = (self._timers[0] - now).total_seconds()
         return max(0.0, min(self.poll_interval, seconds + 0.001))
 
     def _submit(self, run: WorkflowRun) -> None:
@@ -216,19 +232,34 @@ class Worker:
                         run.pk, run.claim_token, timezone.now() + timedelta(seconds=5)
                     )
                 return
-            Execution(run, workflow, lease_seconds=self.lease_seconds).execute()
+            execution = Execution(run, workflow, lease_seconds=self.lease_seconds)
+            execution.execute()
+            self._add_timer(execution.parked_until)
         except Exception:
             logger.exception("run crashed the engine run=%s", run.pk)
         finally:
             with self._lock:
                 self._in_flight.pop(run.pk, None)
                 self.runs_executed += 1
-            connection = connections[self.using]
-            if connection.in_atomic_block:  # never leak a transaction into the next run
-                connection.close()
-            else:
-                connection.close_if_unusable_or_obsolete()
+            self._check_connection()
             self._wakeup.set()
+
+    def _check_connection(self) -> None:
+        """Keep this thread's connection open between runs unless it is broken.
+
+        (Django's request-oriented ``close_old_connections()`` would reconnect
+        for every run with the default ``CONN_MAX_AGE = 0``.)
+        """
+        connection = connections[self.using]
+        if connection.connection is None:
+            return
+        if connection.in_atomic_block or not connection.get_autocommit():
+            connection.close()  # never leak a transaction into the next run
+        elif connection.errors_occurred:
+            if connection.is_usable():
+                connection.errors_occurred = False
+            else:
+                connection.close()
 
     # --- helpers threads ----------------------------------------------------------------
 

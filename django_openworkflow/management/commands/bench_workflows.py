@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -34,6 +35,7 @@ from django.utils import timezone
 
 from ... import __version__
 from ...bench import HOLD_NAMESPACE, NAMESPACE, one_step, three_steps
+from ...managers import notify
 from ...models import WorkflowRun
 
 SYSTEM = "django-openworkflow"
@@ -86,6 +88,13 @@ class Command(BaseCommand):
         parser.add_argument(
             "--latency-concurrency", type=int, default=10, help="Worker concurrency (10)."
         )
+        parser.add_argument(
+            "--enqueue",
+            choices=["threads", "bulk"],
+            default="threads",
+            help="threads: start() from 10 threads, as the peers' drivers enqueue (default); "
+            "bulk: one start_many().",
+        )
         parser.add_argument("--skip-throughput", action="store_true")
         parser.add_argument("--skip-latency", action="store_true")
         parser.add_argument(
@@ -122,25 +131,19 @@ class Command(BaseCommand):
         try:
             if variant == "worker_running":
                 time.sleep(self.options["idle"])
-            commits0, cpu0, wcpu0 = self.commits(), _machine_cpu(), _process_cpu_s(worker.pid)
+            counters0, cpu0, wcpu0 = self.counters(), _machine_cpu(), _process_cpu_s(worker.pid)
             t0 = timezone.now()
             namespace = HOLD_NAMESPACE if variant == "enqueue_first" else NAMESPACE
-            with override_settings(OPENWORKFLOW={**self.user_settings(), "NAMESPACE": namespace}):
-                three_steps.start_many({"i": i} for i in range(runs))
+            self.enqueue(namespace, runs)
             enqueue_s = (timezone.now() - t0).total_seconds()
             if variant == "enqueue_first":  # the "start" of the worker: release the runs
-                with override_settings(
-                    OPENWORKFLOW={**self.user_settings(), "NAMESPACE": NAMESPACE}
-                ):
-                    from ...managers import notify
-
-                    WorkflowRun.objects.filter(namespace=HOLD_NAMESPACE).update(namespace=NAMESPACE)
-                    notify(connection.alias, NAMESPACE)
+                WorkflowRun.objects.filter(namespace=HOLD_NAMESPACE).update(namespace=NAMESPACE)
+                notify(connection.alias, NAMESPACE)
             end = self.wait_for(runs, worker)
             cpu1, wcpu1 = _machine_cpu(), _process_cpu_s(worker.pid)
-            commits = self.commits(settle=True)
         finally:
-            self.stop_worker(worker)
+            self.stop_worker(worker)  # its sessions end, so their statistics are flushed
+        cost = self.cost_fields(counters0, runs)
         seconds = (end - t0).total_seconds()
         steps = WorkflowRun.objects.filter(namespace=NAMESPACE, status="completed").count() * 3
         return {
@@ -156,11 +159,8 @@ class Command(BaseCommand):
             "enqueue_s": round(enqueue_s, 3),
             "steps_completed": steps,
             **self.cpu_fields(cpu0, cpu1, wcpu0, wcpu1),
-            "db_commits_per_run": (
-                None
-                if commits is None or commits0 is None
-                else round((commits - commits0) / runs, 2)
-            ),
+            **cost,
+            "enqueue": self.options["enqueue"],
             "version": __version__,
         }
 
@@ -219,17 +219,48 @@ class Command(BaseCommand):
             with connection.cursor() as cursor, contextlib.suppress(DatabaseError):
                 cursor.execute("CHECKPOINT")  # needs a superuser; else measure without it
 
-    def commits(self, *, settle: bool = False) -> int | None:
+    def enqueue(self, namespace: str, runs: int) -> None:
+        settings_ = {**self.user_settings(), "NAMESPACE": namespace}
+        if self.options["enqueue"] == "bulk":
+            with override_settings(OPENWORKFLOW=settings_):
+                three_steps.start_many({"i": i} for i in range(runs))
+            return
+
+        def start(indexes: range) -> None:
+            try:
+                for i in indexes:
+                    three_steps.start({"i": i})
+            finally:
+                connection.close()  # this thread's own connection
+
+        with override_settings(OPENWORKFLOW=settings_), ThreadPoolExecutor(10) as pool:
+            list(pool.map(start, [range(k, runs, 10) for k in range(10)]))
+
+    def counters(self) -> tuple[str, int] | None:
+        """(WAL position, committed transactions) of this database, on PostgreSQL."""
         if self.vendor != "postgresql":
             return None
-        if settle:
-            time.sleep(1.1)  # backends report their counters about once a second
         with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_stat_force_next_flush()")
             cursor.execute("SELECT pg_stat_clear_snapshot()")
             cursor.execute(
-                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+                "SELECT pg_current_wal_lsn()::text, xact_commit FROM pg_stat_database "
+                "WHERE datname = current_database()"
             )
-            return int(cursor.fetchone()[0])
+            wal, commits = cursor.fetchone()
+        return wal, int(commits)
+
+    def cost_fields(self, before: tuple[str, int] | None, runs: int) -> dict[str, Any]:
+        after = self.counters()
+        if before is None or after is None:
+            return {"db_commits_per_run": None, "wal_bytes_per_run": None}
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_wal_lsn_diff(%s::pg_lsn, %s::pg_lsn)", [after[0], before[0]])
+            wal = float(cursor.fetchone()[0])
+        return {
+            "db_commits_per_run": round((after[1] - before[1]) / runs, 2),
+            "wal_bytes_per_run": round(wal / runs),
+        }
 
     def cpu_fields(
         self, cpu0: tuple[int, int], cpu1: tuple[int, int], wcpu0: float, wcpu1: float

@@ -1,0 +1,156 @@
+"""Run our benchmark and the peers' back to back, then print one table with ratios.
+
+Usage (``make bench-compare``)::
+
+    python scripts/bench_compare.py [--skip-peers] [--skip-ours] [--reps 3]
+
+Ours: ``manage.py bench_workflows`` on ``BENCH_URL`` (C = 10 and 50, both
+variants, and latency). Peers: ``../shared/bench-peers/run_all.sh`` with the
+steps that match (OpenWorkflow, DBOS with a 10 ms poll, pgbench). The JSON
+lines land in ``bench-results/`` and the table is printed and written to
+``bench-results/compare.md``. Only figures from the same sitting are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench-results"
+PEERS = ROOT.parent / "shared" / "bench-peers"
+PEERS_WORKDIR = Path(os.environ.get("PEERS_WORKDIR", "/tmp/bench-peers"))
+BENCH_URL = os.environ.get("BENCH_URL", "postgres://postgres@127.0.0.1:5432/openworkflow_bench")
+PEER_STEPS = "pgbench openworkflow_c10 dbos_poll10ms_c10 openworkflow_c50 dbos_poll10ms_c50"
+OURS = "django-openworkflow"
+OW = "openworkflow"
+DBOS = "dbos_poll10ms"
+
+
+def run_ours(reps: int) -> None:
+    env = {**os.environ, "DATABASE_URL": BENCH_URL}
+    python = sys.executable
+    subprocess.run(
+        [python, "manage.py", "migrate", "--verbosity", "0"], cwd=ROOT, env=env, check=True
+    )
+    with open(OUT / "ours.jsonl", "w") as out:
+        subprocess.run(
+            [
+                python,
+                "manage.py",
+                "bench_workflows",
+                "--concurrency",
+                "10,50",
+                "--reps",
+                str(reps),
+                "--latency-runs",
+                "50",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            check=True,
+        )
+
+
+def run_peers(reps: int) -> None:
+    env = {**os.environ, "ONLY": PEER_STEPS, "REPS": str(reps), "PEERS_WORKDIR": str(PEERS_WORKDIR)}
+    subprocess.run(["bash", str(PEERS / "run_all.sh")], env=env, check=True)
+    (OUT / "peers.jsonl").write_text((PEERS_WORKDIR / "results.jsonl").read_text())
+
+
+def load(name: str) -> list[dict]:
+    path = OUT / name
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+
+
+def median(rows: list[dict], system: str, variant: str, concurrency: int | None, key: str):
+    values = [
+        r[key]
+        for r in rows
+        if r.get("system") == system
+        and r.get("variant") == variant
+        and (concurrency is None or r.get("concurrency") == concurrency)
+        and r.get(key) is not None
+    ]
+    return statistics.median(values) if values else None
+
+
+def fmt(value, digits=1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def ratio(a, b) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}x"
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.node()} "
+        f"({os.cpu_count()} cores), PostgreSQL on 127.0.0.1, W = 1000 runs x 3 steps, "
+        "median of repeats.",
+        "",
+        "| measure | ours | OpenWorkflow | DBOS (10 ms poll) | ours / OpenWorkflow | ours / DBOS |",
+        "|---|---|---|---|---|---|",
+    ]
+    for concurrency in (10, 50):
+        for variant in ("enqueue_first", "worker_running"):
+            values = [median(rows, s, variant, concurrency, "runs_per_s") for s in (OURS, OW, DBOS)]
+            lines.append(
+                f"| runs/s, C={concurrency}, {variant} | "
+                + " | ".join(fmt(v) for v in values)
+                + f" | {ratio(values[0], values[1])} | {ratio(values[0], values[2])} |"
+            )
+    for key, label in (("p50_ms", "latency p50 ms"), ("p95_ms", "latency p95 ms")):
+        values = [median(rows, s, "latency", None, key) for s in (OURS, OW, DBOS)]
+        lines.append(
+            f"| {label} | "
+            + " | ".join(fmt(v) for v in values)
+            + f" | {ratio(values[0], values[1])} | {ratio(values[0], values[2])} |"
+        )
+    commits = [
+        median(rows, s, "worker_running", 10, "db_commits_per_run") for s in (OURS, OW, DBOS)
+    ]
+    lines.append(
+        "| commits per 3-step run (C=10, worker_running) | "
+        + " | ".join(fmt(v) for v in commits)
+        + f" | {ratio(commits[0], commits[1])} | {ratio(commits[0], commits[2])} |"
+    )
+    pgbench = median(rows, "pgbench", "durable_step_txn", 10, "tps")
+    steps = [median(rows, s, "worker_running", 10, "steps_per_s") for s in (OURS, OW, DBOS)]
+    share = [None if v is None or not pgbench else 100 * v / pgbench for v in steps]
+    lines.append(
+        f"| steps/s (C=10) as % of pgbench durable-step TPS ({fmt(pgbench, 0)}) | "
+        + " | ".join(fmt(v) + " %" if v is not None else "-" for v in share)
+        + " | | |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--skip-ours", action="store_true")
+    args = parser.parse_args()
+    OUT.mkdir(exist_ok=True)
+    if not args.skip_peers:
+        run_peers(args.reps)
+    if not args.skip_ours:
+        run_ours(args.reps)
+    text = table(load("peers.jsonl") + load("ours.jsonl"))
+    (OUT / "compare.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
