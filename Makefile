@@ -65,10 +65,10 @@ bench-db: install pg-up
 	DATABASE_URL=$(BENCH_URL) $(PY) manage.py migrate --verbosity 0
 
 bench: bench-db
-	DATABASE_URL=$(BENCH_URL) $(PY) manage.py bench_workflows $(BENCH_ARGS)
+	DEBUG=false DATABASE_URL=$(BENCH_URL) $(PY) manage.py bench_workflows $(BENCH_ARGS)
 
 bench-compare: bench-db
-	BENCH_URL=$(BENCH_URL) $(PY) scripts/bench_compare.py
+	DEBUG=false BENCH_URL=$(BENCH_URL) $(PY) scripts/bench_compare.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache demo_project/db.sqlite3 bench-results test-artifacts

@@ -474,7 +474,6 @@ class Execution:
                 self.using,
                 run_id=self.run.pk,
                 token=self.token,
-                lease_seconds=self.lease_seconds,
                 name=name,
                 generation=self.generation,
                 started_at=started_at,

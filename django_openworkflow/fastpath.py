@@ -7,7 +7,7 @@ commit each, with data-modifying CTEs:
 
 - ``claim``: lock due rows with ``FOR UPDATE SKIP LOCKED`` and mark them
   running, returning each row with its previous ``started_at`` and status.
-- ``start_step``: fence the claim (and renew the lease), store the previous
+- ``start_step``: fence the claim (lock the run row), store the previous
   step's deferred result, insert the new ``running`` attempt.
 - ``finish``: fence, store the last step's deferred result, complete or fail
   the run.
@@ -29,12 +29,13 @@ from .models import StepAttempt, WorkflowRun
 RUN = WorkflowRun._meta.db_table
 STEP = StepAttempt._meta.db_table
 
+# Locks the run row (no new row version: steps do not rewrite the run) while
+# checking that the claim still holds; the heartbeat renews the lease.
 FENCE = f"""
-    UPDATE {RUN} SET available_at = statement_timestamp() + make_interval(secs => %s),
-                     updated_at = statement_timestamp()
+    SELECT id FROM {RUN}
     WHERE id = %s AND claim_token = %s AND status = 'running'
       AND (deadline_at IS NULL OR deadline_at > statement_timestamp())
-    RETURNING id
+    FOR NO KEY UPDATE
 """
 
 STORE_DEFERRED = f"""
@@ -116,7 +117,6 @@ def start_step(
     *,
     run_id: Any,
     token: uuid.UUID,
-    lease_seconds: float,
     name: str,
     generation: int,
     started_at: datetime,
@@ -124,7 +124,6 @@ def start_step(
 ) -> int | None:
     """Insert a running ``run`` attempt; None when the claim no longer holds."""
     params = [
-        lease_seconds,
         run_id,
         token,
         *_deferred_params(deferred),

@@ -1,0 +1,102 @@
+"""bench_workflows prints peer-format JSON lines; start_many enqueues in one statement."""
+
+import json
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connection
+
+from django_openworkflow.models import WorkflowRun
+from tests.testapp.workflows import echo
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+FIELDS = {
+    "system",
+    "variant",
+    "runs",
+    "concurrency",
+    "seconds",
+    "runs_per_s",
+    "steps_per_s",
+    "p50_ms",
+    "p95_ms",
+    "db_commits_per_run",
+}
+
+
+@pytest.mark.postgres
+def test_bench_prints_one_json_line_per_measurement(capsys, monkeypatch):
+    monkeypatch.setenv("OPENWORKFLOW_TEST_DB", str(connection.settings_dict["NAME"]))
+    call_command(
+        "bench_workflows",
+        "--runs=20",
+        "--concurrency=2",
+        "--variants=enqueue_first,worker_running",
+        "--latency-runs=3",
+        "--idle=0.2",
+    )
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["variant"], r["concurrency"]) for r in lines] == [
+        ("enqueue_first", 2),
+        ("worker_running", 2),
+        ("latency", 10),
+    ]
+    for line in lines:
+        assert set(line) >= FIELDS
+        assert line["system"] == "django-openworkflow"
+    throughput = lines[0]
+    assert throughput["steps_completed"] == 60
+    assert throughput["runs_per_s"] == pytest.approx(20 / throughput["seconds"], rel=0.01)
+    assert throughput["db_commits_per_run"] > 0
+    assert 0 < lines[2]["p50_ms"] <= lines[2]["p95_ms"]
+    # the benchmark keeps to its own namespaces and cleans up before each measurement
+    assert not WorkflowRun.objects.filter(namespace="default").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--concurrency=0"], "expected positive whole numbers, not '0'"),
+        (["--concurrency=ten"], "expected whole numbers separated by commas, not 'ten'"),
+        (["--variants=fast"], "unknown variants: fast"),
+        (["--runs=0"], "--runs, --reps and --latency-runs must be at least 1"),
+    ],
+)
+def test_bench_refuses_bad_options(args, message):
+    with pytest.raises(CommandError) as info:
+        call_command("bench_workflows", *args)
+    assert str(info.value) == message
+
+
+def test_start_many_enqueues_every_input_in_one_go():
+    runs = echo.start_many([{"n": i} for i in range(5)])
+    assert [r.input for r in runs] == [{"n": i} for i in range(5)]
+    assert WorkflowRun.objects.filter(workflow_name="echo", status="pending").count() == 5
+
+
+def test_start_many_refuses_a_non_json_input_naming_its_index():
+    with pytest.raises(TypeError) as info:
+        echo.start_many([{"n": 1}, {"n": {2}}])
+    assert str(info.value).startswith(
+        "input 1 of workflow \"echo\" is not a JSON value: $['n'] is a builtins.set"
+    )
+    assert not WorkflowRun.objects.exists()
+
+
+def test_runworker_workflows_module_must_import():
+    with pytest.raises(CommandError) as info:
+        call_command("runworker", "--burst", "--workflows-module", "no.such.module")
+    assert str(info.value).startswith("--workflows-module 'no.such.module' cannot be imported")
+
+
+def test_runworker_namespace_picks_the_runs_it_claims():
+    from django.test import override_settings
+
+    with override_settings(OPENWORKFLOW={"NAMESPACE": "other"}):
+        other = echo.start(1)
+    mine = echo.start(2)
+    call_command("runworker", "--burst", "--namespace", "other", verbosity=0)
+    assert WorkflowRun.objects.get(pk=other.pk).status == "completed"
+    assert WorkflowRun.objects.get(pk=mine.pk).status == "pending"
