@@ -63,6 +63,7 @@ class WorkflowRun(models.Model):
         blank=True,
         on_delete=models.SET_NULL,
         related_name="child_runs",
+        db_index=False,  # covered by owf_run_parent_idx
     )
     resume_generation = models.PositiveIntegerField(_("resume generation"), default=0)
 
@@ -88,6 +89,11 @@ class WorkflowRun(models.Model):
                 fields=["namespace", "workflow_name", "idempotency_key"],
                 condition=models.Q(idempotency_key__isnull=False),
                 name="owf_run_idempotency_idx",
+            ),
+            models.Index(
+                fields=["parent_step_attempt"],
+                condition=models.Q(parent_step_attempt__isnull=False),
+                name="owf_run_parent_idx",
             ),
             models.Index(fields=["status", "-created_at"], name="owf_run_status_idx"),
             models.Index(fields=["workflow_name", "-created_at"], name="owf_run_workflow_idx"),
@@ -187,11 +193,12 @@ class StepAttempt(models.Model):
         ordering = ["workflow_run", "id"]
         indexes = [
             models.Index(fields=["workflow_run", "id"], name="owf_step_run_idx"),
-            # Signal delivery: the steps waiting for a signal right now.
+            # Signal delivery: the steps waiting for a signal. (No status in the
+            # predicate, so completing a step can be a HOT update on PostgreSQL.)
             models.Index(
                 fields=["signal"],
-                condition=models.Q(kind="signal_wait", status="running"),
-                name="owf_step_waiting_signal_idx",
+                condition=models.Q(kind="signal_wait"),
+                name="owf_step_signal_idx",
             ),
             models.Index(
                 fields=["child_workflow_run"],

@@ -30,6 +30,7 @@ PEERS_WORKDIR = Path(os.environ.get("PEERS_WORKDIR", "/tmp/bench-peers"))
 BENCH_URL = os.environ.get("BENCH_URL", "postgres://postgres@127.0.0.1:5432/openworkflow_bench")
 PEER_STEPS = "pgbench openworkflow_c10 dbos_poll10ms_c10 openworkflow_c50 dbos_poll10ms_c50"
 OURS = "django-openworkflow"
+OURS_BULK = "django-openworkflow (start_many)"
 OW = "openworkflow"
 DBOS = "dbos_poll10ms"
 
@@ -40,19 +41,12 @@ def run_ours(reps: int) -> None:
     subprocess.run(
         [python, "manage.py", "migrate", "--verbosity", "0"], cwd=ROOT, env=env, check=True
     )
+    common = [python, "manage.py", "bench_workflows", "--concurrency", "10,50", "--reps", str(reps)]
     with open(OUT / "ours.jsonl", "w") as out:
+        # start() per run from 10 threads, as the peers' drivers enqueue; then the bulk API
+        subprocess.run([*common, "--latency-runs", "50"], cwd=ROOT, env=env, stdout=out, check=True)
         subprocess.run(
-            [
-                python,
-                "manage.py",
-                "bench_workflows",
-                "--concurrency",
-                "10,50",
-                "--reps",
-                str(reps),
-                "--latency-runs",
-                "50",
-            ],
+            [*common, "--skip-latency", "--enqueue", "bulk", "--system-label", OURS_BULK],
             cwd=ROOT,
             env=env,
             stdout=out,

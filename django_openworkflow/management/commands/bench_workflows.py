@@ -95,6 +95,9 @@ class Command(BaseCommand):
             help="threads: start() from 10 threads, as the peers' drivers enqueue (default); "
             "bulk: one start_many().",
         )
+        parser.add_argument(
+            "--system-label", default=SYSTEM, help=f"The 'system' of each line ({SYSTEM!r})."
+        )
         parser.add_argument("--skip-throughput", action="store_true")
         parser.add_argument("--skip-latency", action="store_true")
         parser.add_argument(
@@ -147,7 +150,7 @@ class Command(BaseCommand):
         seconds = (end - t0).total_seconds()
         steps = WorkflowRun.objects.filter(namespace=NAMESPACE, status="completed").count() * 3
         return {
-            "system": SYSTEM,
+            "system": self.options["system_label"],
             "variant": variant,
             "runs": runs,
             "concurrency": concurrency,
@@ -190,7 +193,7 @@ class Command(BaseCommand):
         finally:
             self.stop_worker(worker)
         return {
-            "system": SYSTEM,
+            "system": self.options["system_label"],
             "variant": "latency",
             "runs": samples,
             "concurrency": concurrency,
