@@ -93,39 +93,43 @@ def table(rows: list[dict]) -> str:
         f"({os.cpu_count()} cores), PostgreSQL on 127.0.0.1, W = 1000 runs x 3 steps, "
         "median of repeats.",
         "",
-        "| measure | ours | OpenWorkflow | DBOS (10 ms poll) | ours / OpenWorkflow | ours / DBOS |",
-        "|---|---|---|---|---|---|",
+        "| measure | ours, start() | ours, start_many() | OpenWorkflow | DBOS (10 ms poll) "
+        "| ours / OpenWorkflow | ours / DBOS |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for concurrency in (10, 50):
-        for variant in ("enqueue_first", "worker_running"):
-            values = [median(rows, s, variant, concurrency, "runs_per_s") for s in (OURS, OW, DBOS)]
-            lines.append(
-                f"| runs/s, C={concurrency}, {variant} | "
-                + " | ".join(fmt(v) for v in values)
-                + f" | {ratio(values[0], values[1])} | {ratio(values[0], values[2])} |"
-            )
-    for key, label in (("p50_ms", "latency p50 ms"), ("p95_ms", "latency p95 ms")):
-        values = [median(rows, s, "latency", None, key) for s in (OURS, OW, DBOS)]
+    systems = (OURS, OURS_BULK, OW, DBOS)
+
+    def row(label: str, values: list, digits: int = 1, suffix: str = "") -> None:
+        if label.startswith(("latency", "commits")):  # lower is better: compare start()
+            best = values[0]
+        else:
+            best = max((v for v in values[:2] if v is not None), default=None)
         lines.append(
             f"| {label} | "
-            + " | ".join(fmt(v) for v in values)
-            + f" | {ratio(values[0], values[1])} | {ratio(values[0], values[2])} |"
+            + " | ".join("-" if v is None else fmt(v, digits) + suffix for v in values)
+            + f" | {ratio(best, values[2])} | {ratio(best, values[3])} |"
         )
-    commits = [
-        median(rows, s, "worker_running", 10, "db_commits_per_run") for s in (OURS, OW, DBOS)
-    ]
-    lines.append(
-        "| commits per 3-step run (C=10, worker_running) | "
-        + " | ".join(fmt(v) for v in commits)
-        + f" | {ratio(commits[0], commits[1])} | {ratio(commits[0], commits[2])} |"
+
+    for concurrency in (10, 50):
+        for variant in ("enqueue_first", "worker_running"):
+            row(
+                f"runs/s, C={concurrency}, {variant}",
+                [median(rows, s, variant, concurrency, "runs_per_s") for s in systems],
+            )
+    for key, label in (("p50_ms", "latency p50 ms"), ("p95_ms", "latency p95 ms")):
+        row(label, [median(rows, s, "latency", None, key) for s in systems])
+    row(
+        "commits per 3-step run (C=10, worker_running)",
+        [median(rows, s, "worker_running", 10, "db_commits_per_run") for s in systems],
     )
     pgbench = median(rows, "pgbench", "durable_step_txn", 10, "tps")
-    steps = [median(rows, s, "worker_running", 10, "steps_per_s") for s in (OURS, OW, DBOS)]
+    steps = [median(rows, s, "worker_running", 10, "steps_per_s") for s in systems]
     share = [None if v is None or not pgbench else 100 * v / pgbench for v in steps]
+    row(f"steps/s (C=10) as % of pgbench durable-step TPS ({fmt(pgbench, 0)})", share, 0, " %")
+    lines.append("")
     lines.append(
-        f"| steps/s (C=10) as % of pgbench durable-step TPS ({fmt(pgbench, 0)}) | "
-        + " | ".join(fmt(v) + " %" if v is not None else "-" for v in share)
-        + " | | |"
+        "Ratios take ours at its best of the two enqueue modes for throughput, "
+        "and start() for latency and commits."
     )
     return "\n".join(lines) + "\n"
 
