@@ -117,7 +117,7 @@ def table(rows: list[dict]) -> str:
                 [median(rows, s, variant, concurrency, "runs_per_s") for s in systems],
             )
     for key, label in (("p50_ms", "latency p50 ms"), ("p95_ms", "latency p95 ms")):
-        row(label, [median(rows, s, "latency", None, key) for s in systems])
+        row(label, [median(rows, s, "latency_idle_worker", None, key) for s in systems])
     row(
         "commits per 3-step run (C=10, worker_running)",
         [median(rows, s, "worker_running", 10, "db_commits_per_run") for s in systems],

@@ -41,7 +41,7 @@ def test_bench_prints_one_json_line_per_measurement(capsys, monkeypatch):
     assert [(r["variant"], r["concurrency"]) for r in lines] == [
         ("enqueue_first", 2),
         ("worker_running", 2),
-        ("latency", 10),
+        ("latency_idle_worker", 10),
     ]
     for line in lines:
         assert set(line) >= FIELDS

@@ -194,7 +194,7 @@ class Command(BaseCommand):
             self.stop_worker(worker)
         return {
             "system": self.options["system_label"],
-            "variant": "latency",
+            "variant": "latency_idle_worker",
             "runs": samples,
             "concurrency": concurrency,
             "seconds": round(sum(latencies) / 1000, 3),
