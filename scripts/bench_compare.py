@@ -4,7 +4,8 @@ Usage (``make bench-compare``)::
 
     python scripts/bench_compare.py [--skip-peers] [--skip-ours] [--reps 3]
 
-Ours: ``manage.py bench_workflows`` on ``BENCH_URL`` (C = 10 and 50, both
+Ours: ``manage.py bench_workflows`` on ``BENCH_URL``; the peers' harness is
+``PEERS_DIR`` (default ``../shared/bench-peers``). (C = 10 and 50, both
 variants, and latency). Peers: ``../shared/bench-peers/run_all.sh`` with the
 steps that match (OpenWorkflow, DBOS with a 10 ms poll, pgbench). The JSON
 lines land in ``bench-results/`` and the table is printed and written to
@@ -25,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench-results"
-PEERS = ROOT.parent / "shared" / "bench-peers"
+PEERS = Path(os.environ.get("PEERS_DIR", ROOT.parent / "shared" / "bench-peers"))
 PEERS_WORKDIR = Path(os.environ.get("PEERS_WORKDIR", "/tmp/bench-peers"))
 BENCH_URL = os.environ.get("BENCH_URL", "postgres://postgres@127.0.0.1:5432/openworkflow_bench")
 PEER_STEPS = "pgbench openworkflow_c10 dbos_poll10ms_c10 openworkflow_c50 dbos_poll10ms_c50"
@@ -55,6 +56,8 @@ def run_ours(reps: int) -> None:
 
 
 def run_peers(reps: int) -> None:
+    if not (PEERS / "run_all.sh").exists():
+        sys.exit(f"bench-compare: no peer benchmark at {PEERS}; set PEERS_DIR to its folder")
     env = {**os.environ, "ONLY": PEER_STEPS, "REPS": str(reps), "PEERS_WORKDIR": str(PEERS_WORKDIR)}
     subprocess.run(["bash", str(PEERS / "run_all.sh")], env=env, check=True)
     (OUT / "peers.jsonl").write_text((PEERS_WORKDIR / "results.jsonl").read_text())
