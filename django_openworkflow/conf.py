@@ -24,6 +24,8 @@ DEFAULTS: dict[str, Any] = {
     "CONCURRENCY": 10,
     # PostgreSQL: wake workers with LISTEN/NOTIFY instead of waiting for the poll.
     "NOTIFY": True,
+    # PostgreSQL: prepare the worker's step statements (off behind an old PgBouncer).
+    "PREPARED_STATEMENTS": True,
 }
 
 
@@ -58,6 +60,10 @@ class Settings:
     @property
     def NOTIFY(self) -> bool:
         return bool(self._get("NOTIFY"))
+
+    @property
+    def PREPARED_STATEMENTS(self) -> bool:
+        return bool(self._get("PREPARED_STATEMENTS"))
 
 
 app_settings = Settings()

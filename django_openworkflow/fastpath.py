@@ -22,6 +22,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from django.db import connections
 
 from .models import StepAttempt, WorkflowRun
@@ -84,6 +85,60 @@ SELECT id FROM fence
 """
 
 
+def _execute(using: str, sql: str, params: list[Any]) -> tuple[Any, ...] | None:
+    rows, _ = _fetch(using, sql, params)
+    return rows[0] if rows else None
+
+
+def _fetch(using: str, sql: str, params: list[Any]) -> tuple[list[tuple[Any, ...]], list[str]]:
+    """Run one of the statements above, prepared, with server-side parameter binding.
+
+    Django's own cursors bind parameters on the client and never prepare; the
+    worker runs these few statements thousands of times, so PostgreSQL parses
+    and plans each once per connection instead (``OPENWORKFLOW["PREPARED_STATEMENTS"]``
+    turns that off, e.g. behind a PgBouncer older than 1.21 in transaction
+    mode). Errors still arrive as ``django.db`` exceptions.
+    """
+    from .conf import app_settings
+
+    connection = connections[using]
+    connection.ensure_connection()
+    raw = connection.connection
+    prepare = app_settings.PREPARED_STATEMENTS
+    if prepare and raw.prepare_threshold is None:
+        # Django turns preparing off with None; a threshold never reached keeps
+        # every other query unprepared while these are prepared on request.
+        raw.prepare_threshold = 2**31 - 1
+    with connection.wrap_database_errors, psycopg.Cursor(raw) as cursor:
+        cursor.execute(sql, params, prepare=prepare)
+        columns = [column.name for column in cursor.description or ()]
+        return cursor.fetchall(), columns
+
+
+_JSON_COLUMNS = {"input", "output", "error"}
+_RUN_FIELDS = WorkflowRun._meta.concrete_fields
+_RUN_COLUMNS = [str(field.column) for field in _RUN_FIELDS]
+
+
+def _runs(using: str, sql: str, params: list[Any]) -> list[WorkflowRun]:
+    """Model instances from ``RETURNING run.*, extra...`` rows; extras become attributes."""
+    rows, columns = _fetch(using, sql, params)
+    attnames = [field.attname for field in _RUN_FIELDS]
+    runs = []
+    for row in rows:
+        values = dict(zip(columns, row, strict=True))
+        for column in _JSON_COLUMNS:
+            if isinstance(values.get(column), str):  # Django loads jsonb as text
+                values[column] = json.loads(values[column])
+        # in the model's field order, whatever the table's column order
+        run = WorkflowRun.from_db(using, attnames, [values[column] for column in _RUN_COLUMNS])
+        for column in columns:
+            if column not in _RUN_COLUMNS:
+                setattr(run, column, values[column])
+        runs.append(run)
+    return runs
+
+
 def _json(value: Any) -> str | None:
     return None if value is None else json.dumps(value)
 
@@ -109,7 +164,7 @@ def claim(
     lease_seconds: float,
 ) -> list[WorkflowRun]:
     params = [namespace, names, limit, worker_id, token, lease_seconds]
-    return list(WorkflowRun.objects.using(using).raw(CLAIM, params))
+    return _runs(using, CLAIM, params)
 
 
 def start_step(
@@ -131,9 +186,7 @@ def start_step(
         generation,
         started_at,
     ]
-    with connections[using].cursor() as cursor:
-        cursor.execute(START_STEP, params)
-        row = cursor.fetchone()
+    row = _execute(using, START_STEP, params)
     return None if row is None else int(row[0])
 
 
@@ -159,9 +212,7 @@ def finish(
         status != WorkflowRun.Status.COMPLETED,
         *_deferred_params(deferred),
     ]
-    with connections[using].cursor() as cursor:
-        cursor.execute(FINISH, params)
-        return cursor.fetchone() is not None
+    return _execute(using, FINISH, params) is not None
 
 
 START_RUN = f"""
@@ -199,5 +250,5 @@ def start_run(
         deadline_at,
         NOTIFY_CHANNEL,
     ]
-    [run] = WorkflowRun.objects.using(using).raw(START_RUN, params)
+    [run] = _runs(using, START_RUN, params)
     return run

@@ -515,3 +515,21 @@ def test_the_context_carries_input_run_id_and_version():
     run = start("context", {"a": [1, 2]})
     run = claim_and_execute()
     assert run.output == {"run_id": str(run.pk), "version": "v3", "input": {"a": [1, 2]}}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("prepared", [True, False])
+def test_the_postgres_fast_path_prepares_its_statements_unless_told_not_to(prepared):
+    from django.test import override_settings
+
+    with override_settings(OPENWORKFLOW={"PREPARED_STATEMENTS": prepared}):
+        run = start("three-steps", {"i": 1})
+        run = claim_and_execute()
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s",
+                ["%INSERT INTO django_openworkflow_stepattempt%"],
+            )
+            [count] = cursor.fetchone()
+    assert run.status == "completed"
+    assert (count > 0) is prepared
