@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import DatabaseError, connections, router
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from .conf import app_settings
@@ -235,6 +236,9 @@ class Worker:
             execution = Execution(run, workflow, lease_seconds=self.lease_seconds)
             execution.execute()
             self._add_timer(execution.parked_until)
+        except DatabaseError as exc:
+            logger.warning("database error run=%s error=%s; releasing the run", run.pk, exc)
+            self._release(run)
         except Exception:
             logger.exception("run crashed the engine run=%s", run.pk)
         finally:
@@ -243,6 +247,20 @@ class Worker:
                 self.runs_executed += 1
             self._check_connection()
             self._wakeup.set()
+
+    def _release(self, run: WorkflowRun) -> None:
+        """After a database error: end our lease at once, so the run is replayed now.
+
+        Best effort on a fresh connection; if the database is still away, the
+        lease simply runs out.
+        """
+        connections[self.using].close()
+        if run.claim_token is None:
+            return
+        try:
+            WorkflowRun.objects.claimed(run.pk, run.claim_token).update(available_at=Now())
+        except DatabaseError:
+            connections[self.using].close()
 
     def _check_connection(self) -> None:
         """Keep this thread's connection open between runs unless it is broken.
