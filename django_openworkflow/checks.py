@@ -68,6 +68,16 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                 id="django_openworkflow.E005",
             )
         )
+    limit = user.get("MAX_PAYLOAD_BYTES", 0)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        errors.append(
+            Error(
+                f"OPENWORKFLOW['MAX_PAYLOAD_BYTES'] must be a whole number of bytes (0 for no "
+                f"limit), not {limit!r}.",
+                hint=f"The default is {DEFAULTS['MAX_PAYLOAD_BYTES']:,} (1 MiB).",
+                id="django_openworkflow.E009",
+            )
+        )
     if "NAMESPACE" in user and (not isinstance(user["NAMESPACE"], str) or not user["NAMESPACE"]):
         errors.append(
             Error(

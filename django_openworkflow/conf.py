@@ -24,6 +24,8 @@ DEFAULTS: dict[str, Any] = {
     "CONCURRENCY": 10,
     # PostgreSQL: wake workers with LISTEN/NOTIFY instead of waiting for the poll.
     "NOTIFY": True,
+    # Largest input, step result, output or signal data, as bytes of JSON (0: no limit).
+    "MAX_PAYLOAD_BYTES": 1_048_576,
     # PostgreSQL: prepare the worker's step statements (off behind an old PgBouncer).
     "PREPARED_STATEMENTS": True,
 }
@@ -56,6 +58,10 @@ class Settings:
     @property
     def CONCURRENCY(self) -> int:
         return int(self._get("CONCURRENCY"))
+
+    @property
+    def MAX_PAYLOAD_BYTES(self) -> int:
+        return int(self._get("MAX_PAYLOAD_BYTES"))
 
     @property
     def NOTIFY(self) -> bool:

@@ -32,7 +32,7 @@ from .durations import (
 from .exceptions import StepFailed
 from .managers import DEADLINE_ERROR, notify
 from .models import StepAttempt, WorkflowRun
-from .serialization import describe_exception, ensure_json, json_problem
+from .serialization import describe_exception, ensure_json, json_problem, size_problem
 from .signals import run_completed, run_failed, send_after_commit, step_failed
 
 if TYPE_CHECKING:
@@ -61,8 +61,12 @@ class ClaimLost(Suspend):
     """A fenced write found the claim gone: lease taken over, canceled, or past the deadline."""
 
 
-class _NotJSON(TypeError):
-    pass
+class _Refused(Exception):
+    """A step result that cannot be stored: not JSON (TypeError) or too large (ValueError)."""
+
+    def __init__(self, message: str, kind: type[Exception]) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class _WaitFailed(Exception):
@@ -293,14 +297,11 @@ class Execution:
         except Exception as exc:
             self._workflow_error(exc)
             return
-        problem = json_problem(output)
-        if problem:
-            refused = TypeError(
-                f'output of workflow "{self.workflow.name}" (run {self.run.pk}) '
-                f"is not a JSON value: {problem}"
-            )
+        try:
+            ensure_json(output, f'output of workflow "{self.workflow.name}" (run {self.run.pk})')
+        except (TypeError, ValueError) as refused:
             self._finish(WorkflowRun.Status.FAILED, error=describe_exception(refused))
-            logger.info("run failed run=%s reason=output-not-json", self.run.pk)
+            logger.info("run failed run=%s reason=output-refused", self.run.pk)
             return
         self._finish(WorkflowRun.Status.COMPLETED, output=output)
         logger.info("run completed run=%s workflow=%s", self.run.pk, self.run.workflow_name)
@@ -461,7 +462,7 @@ class Execution:
             return True, done.output
         failures = self.failures.get(name, [])
         if failures and failures[-1].error and failures[-1].error.get("retryable") is False:
-            raise TypeError(failures[-1].error["message"])
+            raise _refused_again(failures[-1].error)
         if policy.exhausted(len(failures)):
             raise StepFailed(name, failures[-1].error or {}, len(failures))
         return False, None
@@ -522,9 +523,9 @@ class Execution:
                         self._complete_attempt(attempt, result)
         except Suspend:
             raise
-        except _NotJSON as exc:
+        except _Refused as exc:
             error = describe_exception(exc)
-            error["type"] = "TypeError"
+            error["type"] = exc.kind.__name__
             error["retryable"] = False
             return None, error
         except Exception as exc:
@@ -551,8 +552,16 @@ class Execution:
     def _check_result(self, name: str, result: Any) -> None:
         problem = json_problem(result)
         if problem:
-            raise _NotJSON(
-                f'step "{name}" of run {self.run.pk} returned a value that is not JSON: {problem}'
+            raise _Refused(
+                f'step "{name}" of run {self.run.pk} returned a value that is not JSON: {problem}',
+                TypeError,
+            )
+        too_large = size_problem(result)
+        if too_large:
+            raise _Refused(
+                f'step "{name}" of run {self.run.pk} returned a value that is too large: '
+                f"{too_large}",
+                ValueError,
             )
 
     def _complete_attempt(self, attempt: StepAttempt, result: Any) -> None:
@@ -587,7 +596,7 @@ class Execution:
         for attempt, error in failed:
             if error.get("retryable") is False:
                 self._fail_attempt(attempt, error)
-                raise TypeError(error["message"])
+                raise _refused_again(error)
         exhausted = [
             (attempt, error, len(self.failures.get(attempt.step_name, [])) + 1)
             for attempt, error in failed
@@ -864,6 +873,12 @@ class Execution:
         self.completed[attempt.step_name] = attempt
         self.waiting.pop(attempt.step_name, None)
         return value
+
+
+def _refused_again(error: dict[str, Any]) -> Exception:
+    """The error a refused step result raises, again on every replay."""
+    kind = ValueError if error.get("type") == "ValueError" else TypeError
+    return kind(error["message"])
 
 
 def _timeout(timeout: Duration | None, step: str) -> timedelta | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import traceback
 from typing import Any
@@ -38,11 +39,27 @@ def json_problem(value: Any, path: str = "$") -> str | None:
     return f"{path} is a {type(value).__module__}.{type(value).__qualname__} ({value!r:.80})"
 
 
+def size_problem(value: Any) -> str | None:
+    """Why ``value`` is too large to store, or None (``OPENWORKFLOW["MAX_PAYLOAD_BYTES"]``)."""
+    from .conf import app_settings
+
+    limit = app_settings.MAX_PAYLOAD_BYTES
+    if not limit or value is None or isinstance(value, (bool, int, float)):
+        return None
+    size = len(json.dumps(value, separators=(",", ":")).encode())
+    if size <= limit:
+        return None
+    return f"it is {size:,} bytes of JSON, more than OPENWORKFLOW['MAX_PAYLOAD_BYTES'] ({limit:,})"
+
+
 def ensure_json(value: Any, what: str) -> None:
-    """Raise ``TypeError`` naming ``what`` when ``value`` is not a plain JSON value."""
+    """Raise ``TypeError`` (not JSON) or ``ValueError`` (too large) naming ``what``."""
     problem = json_problem(value)
     if problem:
         raise TypeError(f"{what} is not a JSON value: {problem}")
+    too_large = size_problem(value)
+    if too_large:
+        raise ValueError(f"{what} is too large: {too_large}")
 
 
 def describe_exception(exc: BaseException) -> dict[str, Any]:

@@ -138,3 +138,9 @@ def test_a_non_callable_registration_is_reported():
         ]
     finally:
         _registry.pop("broken", None)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "1MB", True])
+def test_a_bad_payload_limit_is_reported(value):
+    with override_settings(OPENWORKFLOW={"MAX_PAYLOAD_BYTES": value}):
+        assert [m.id for m in check_settings()] == ["django_openworkflow.E009"]

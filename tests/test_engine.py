@@ -533,3 +533,41 @@ def test_the_postgres_fast_path_prepares_its_statements_unless_told_not_to(prepa
             [count] = cursor.fetchone()
     assert run.status == "completed"
     assert (count > 0) is prepared
+
+
+# --- payload size limit -----------------------------------------------------------
+
+
+@pytest.fixture
+def small_payloads(settings):
+    settings.OPENWORKFLOW = {"MAX_PAYLOAD_BYTES": 100}
+
+
+def test_a_too_large_input_is_refused_at_start(small_payloads):
+    with pytest.raises(ValueError) as info:
+        start("echo", {"blob": "x" * 200})
+    assert str(info.value) == (
+        'input of workflow "echo" is too large: it is 211 bytes of JSON, '
+        "more than OPENWORKFLOW['MAX_PAYLOAD_BYTES'] (100)"
+    )
+    assert not WorkflowRun.objects.exists()
+
+
+def test_a_too_large_step_result_fails_at_once_and_again_on_replay(small_payloads):
+    run = start("big-result", {"size": 500})
+    run = claim_and_execute()
+    assert run.status == WorkflowRun.Status.FAILED
+    assert run.error["type"] == "ValueError"
+    assert run.error["message"] == (
+        f'step "big" of run {run.pk} returned a value that is too large: it is 502 bytes '
+        "of JSON, more than OPENWORKFLOW['MAX_PAYLOAD_BYTES'] (100)"
+    )
+    [attempt] = attempts(run)
+    assert (attempt.status, attempt.error["retryable"]) == ("failed", False)
+    assert effects(run, "big") == 1
+
+
+def test_a_small_enough_result_passes_the_limit(small_payloads):
+    run = start("big-result", {"size": 50})
+    run = claim_and_execute()
+    assert run.status == WorkflowRun.Status.COMPLETED

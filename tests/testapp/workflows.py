@@ -266,3 +266,8 @@ def fan_out(ctx):
     if ctx.input.get("pause"):
         ctx.step.sleep("pause", "10ms")  # the next pass replays the parallel steps
     return ctx.step.run("join", lambda: "".join(results))
+
+
+@workflow(name="big-result")
+def big_result(ctx):
+    return ctx.step.run("big", lambda: effect(ctx, "big") or "x" * ctx.input["size"])
