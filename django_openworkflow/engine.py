@@ -61,6 +61,10 @@ class ClaimLost(Suspend):
     """A fenced write found the claim gone: lease taken over, canceled, or past the deadline."""
 
 
+class NonDeterminism(Suspend):
+    """The workflow called its steps in another order than when they first ran."""
+
+
 class _Refused(Exception):
     """A step result that cannot be stored: not JSON (TypeError) or too large (ValueError)."""
 
@@ -176,6 +180,8 @@ class Execution:
         self.failures: dict[str, list[StepAttempt]] = {}
         self.waiting: dict[str, StepAttempt] = {}
         self.attempt_count = 0
+        self.positions: dict[str, int] = {}  # step name -> its place among this pass's calls
+        self.history_positions: dict[int, str] = {}  # place -> step name, from stored attempts
         # Threads for ctx.step.parallel(); 1 runs the steps one after another
         # on this thread (the testing helper does, to stay in the test's transaction).
         self.max_parallel = max_parallel
@@ -246,6 +252,10 @@ class Execution:
             self._execute()
         except ClaimLost:
             self._claim_lost()
+        except NonDeterminism as exc:
+            error = {"type": "NonDeterministicWorkflow", "message": str(exc)}
+            self._finish(WorkflowRun.Status.FAILED, error=error)
+            logger.warning("run failed run=%s reason=non-deterministic", self.run.pk)
         except Suspend:
             pass
 
@@ -270,6 +280,8 @@ class Execution:
                     a.error = dict(WORKER_LOST_ERROR)
             logger.warning("worker lost run=%s steps=%d", self.run.pk, len(lost))
         for a in attempts:
+            if a.position is not None:
+                self.history_positions.setdefault(a.position, a.step_name)
             if a.resume_generation == self.generation:
                 self.attempt_count += 1
             if a.status == StepAttempt.Status.COMPLETED:
@@ -371,6 +383,16 @@ class Execution:
             index += 1
             candidate = f"{name}:{index}"
         self.used_names.add(candidate)
+        position = len(self.positions)
+        before = self.history_positions.get(position)
+        if before is not None and before != candidate:
+            raise NonDeterminism(
+                f'run {self.run.pk} called step "{candidate}" as step call #{position + 1}, '
+                f'where an earlier execution called "{before}": the workflow function must '
+                "call its steps in the same order every time it is replayed (to change a "
+                "workflow under running runs, branch on ctx.version)"
+            )
+        self.positions[candidate] = position
         return candidate
 
     def _check_cap(self) -> None:
@@ -386,6 +408,7 @@ class Execution:
 
     def _new_attempt(self, name: str, kind: str, **fields: Any) -> StepAttempt:
         """Inside a fenced transaction: store a new attempt of the current generation."""
+        fields.setdefault("position", self.positions.get(name))
         attempt = StepAttempt.objects.create(
             workflow_run_id=self.run.pk,
             step_name=name,
@@ -478,6 +501,7 @@ class Execution:
                 name=name,
                 generation=self.generation,
                 started_at=started_at,
+                position=self.positions.get(name),
                 deferred=self.deferred,
             )
             if attempt_id is None:
@@ -492,6 +516,7 @@ class Execution:
                 status=StepAttempt.Status.RUNNING,
                 resume_generation=self.generation,
                 started_at=started_at,
+                position=self.positions.get(name),
             )
         with transaction.atomic():
             self._fence(renew=True)

@@ -66,8 +66,9 @@ RETURNING run.*, due.previous_started_at, due.previous_status, statement_timesta
 
 START_STEP = f"""
 WITH fence AS ({FENCE}), deferred AS ({STORE_DEFERRED})
-INSERT INTO {STEP} (workflow_run_id, step_name, kind, status, resume_generation, started_at)
-SELECT id, %s, 'run', 'running', %s, %s FROM fence
+INSERT INTO {STEP} (workflow_run_id, step_name, kind, status, resume_generation, started_at,
+                    position)
+SELECT id, %s, 'run', 'running', %s, %s, %s FROM fence
 RETURNING id
 """
 
@@ -175,6 +176,7 @@ def start_step(
     name: str,
     generation: int,
     started_at: datetime,
+    position: int | None,
     deferred: Deferred | None,
 ) -> int | None:
     """Insert a running ``run`` attempt; None when the claim no longer holds."""
@@ -185,6 +187,7 @@ def start_step(
         name,
         generation,
         started_at,
+        position,
     ]
     row = _execute(using, START_STEP, params)
     return None if row is None else int(row[0])

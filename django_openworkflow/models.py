@@ -168,6 +168,12 @@ class StepAttempt(models.Model):
         db_index=False,  # covered by owf_step_child_idx
     )
     resume_generation = models.PositiveIntegerField(_("resume generation"), default=0)
+    position = models.PositiveIntegerField(
+        _("position"),
+        null=True,
+        blank=True,
+        help_text=_("The step's place among the step calls of the workflow function (from 0)."),
+    )
     signal = models.CharField(  # noqa: DJ001  (NULL: not a signal step)
         _("signal"),
         max_length=255,

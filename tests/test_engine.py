@@ -571,3 +571,39 @@ def test_a_small_enough_result_passes_the_limit(small_payloads):
     run = start("big-result", {"size": 50})
     run = claim_and_execute()
     assert run.status == WorkflowRun.Status.COMPLETED
+
+
+# --- determinism ---------------------------------------------------------------------
+
+
+def test_steps_record_their_place_in_the_call_order():
+    run = start("three-steps", {"i": 1})
+    run = claim_and_execute()
+    assert [(a.step_name, a.position) for a in attempts(run)] == [("s0", 0), ("s1", 1), ("s2", 2)]
+
+
+def test_a_workflow_that_calls_its_steps_in_another_order_on_replay_fails_clearly():
+    run = start("changes-order")
+    run = claim_and_execute()
+    assert run.status == WorkflowRun.Status.PENDING  # "a" ran, now sleeping
+    SideEffect.objects.create(run_id=run.pk, step="flip")
+    make_due(run)
+    StepAttempt.objects.filter(workflow_run=run, step_name="pause").update(wake_at=Now())
+    run = claim_and_execute()
+    assert run.status == WorkflowRun.Status.FAILED
+    assert run.error == {
+        "type": "NonDeterministicWorkflow",
+        "message": f'run {run.pk} called step "b" as step call #1, where an earlier execution '
+        'called "a": the workflow function must call its steps in the same order every time '
+        "it is replayed (to change a workflow under running runs, branch on ctx.version)",
+    }
+    assert effects(run, "b") == 0  # refused before running the step
+
+
+def test_an_unchanged_order_replays_normally():
+    run = start("changes-order")
+    claim_and_execute()
+    make_due(run)
+    StepAttempt.objects.filter(workflow_run=run, step_name="pause").update(wake_at=Now())
+    run = claim_and_execute()
+    assert (run.status, run.output) == ("completed", 2)

@@ -271,3 +271,13 @@ def fan_out(ctx):
 @workflow(name="big-result")
 def big_result(ctx):
     return ctx.step.run("big", lambda: effect(ctx, "big") or "x" * ctx.input["size"])
+
+
+@workflow(name="changes-order")
+def changes_order(ctx):
+    """Calls "a" then "b"; after a flip (a SideEffect row) it calls "b" first: not deterministic."""
+    flipped = SideEffect.objects.filter(run_id=ctx.run_id, step="flip").exists()
+    order = ["b", "a"] if flipped else ["a", "b"]
+    ctx.step.run(order[0], lambda: effect(ctx, order[0]) or 1)
+    ctx.step.sleep("pause", "10ms")
+    return ctx.step.run(order[1], lambda: effect(ctx, order[1]) or 2)
