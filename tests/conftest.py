@@ -66,8 +66,8 @@ def drain(timeout: float = 20.0, concurrency: int = 4) -> None:
 class WorkerProcess:
     """A real ``manage.py runworker`` process on the test database."""
 
-    def __init__(self, *args: str, log: Path) -> None:
-        env = dict(os.environ)
+    def __init__(self, *args: str, log: Path, env_extra: dict[str, str] | None = None) -> None:
+        env = dict(os.environ, **(env_extra or {}))
         env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
         env["OPENWORKFLOW_TEST_DB"] = str(connection.settings_dict["NAME"])
         env["PYTHONPATH"] = str(ROOT)
@@ -108,8 +108,8 @@ def worker_process(tmp_path):
     """Start ``runworker`` processes; all are killed at the end of the test."""
     started: list[WorkerProcess] = []
 
-    def start(*args: str) -> WorkerProcess:
-        proc = WorkerProcess(*args, log=tmp_path / f"worker-{len(started)}.log")
+    def start(*args: str, env: dict[str, str] | None = None) -> WorkerProcess:
+        proc = WorkerProcess(*args, log=tmp_path / f"worker-{len(started)}.log", env_extra=env)
         started.append(proc)
         return proc
 

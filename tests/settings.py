@@ -87,3 +87,13 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "loggers": {"django_openworkflow": {"handlers": ["console"], "level": "WARNING"}},
 }
+
+if os.environ.get("OPENWORKFLOW_TEST_CLOCK_SKEW"):
+    # A worker subprocess with a wrong clock: Django's now() is off by this many seconds.
+    import datetime as _datetime
+
+    import django.utils.timezone as _timezone
+
+    _skew = _datetime.timedelta(seconds=float(os.environ["OPENWORKFLOW_TEST_CLOCK_SKEW"]))
+    _real_now = _timezone.now
+    _timezone.now = lambda: _real_now() + _skew

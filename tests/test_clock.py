@@ -1,0 +1,36 @@
+"""Workers with a wrong clock: leases, sleeps, retries and deadlines follow the database clock."""
+
+from datetime import timedelta
+
+import pytest
+from django.db.models.functions import Now
+
+from django_openworkflow.models import StepAttempt, WorkflowRun
+from tests.testapp.workflows import flaky, sleeper
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def db_now():
+    return WorkflowRun.objects.annotate(now=Now()).values_list("now", flat=True).first()
+
+
+@pytest.mark.parametrize("skew", ["-3600", "3600"], ids=["an-hour-slow", "an-hour-fast"])
+def test_a_worker_with_a_skewed_clock_sleeps_and_retries_on_database_time(worker_process, skew):
+    napping = sleeper.start({"sleep": "500ms"})
+    failing = flaky.start({"failures": 1, "initial": "300ms"})
+    worker_process("--poll-interval", "0.1", env={"OPENWORKFLOW_TEST_CLOCK_SKEW": skew})
+
+    assert napping.result(timeout=20) == 2
+    assert failing.result(timeout=20) == 2
+    now = db_now()
+
+    nap = StepAttempt.objects.get(workflow_run=napping, step_name="nap")
+    # the wake-up time was computed on the database clock, not an hour off
+    assert abs(nap.wake_at - nap.created_at - timedelta(milliseconds=500)) < timedelta(seconds=2)
+    assert abs(now - nap.wake_at) < timedelta(minutes=1)
+    first, second = StepAttempt.objects.filter(workflow_run=failing).order_by("id")
+    gap = second.started_at - first.finished_at
+    assert timedelta(milliseconds=250) < gap < timedelta(seconds=5)
+    lease_runs = WorkflowRun.objects.filter(pk__in=[napping.pk, failing.pk])
+    assert all(abs(run.finished_at - now) < timedelta(minutes=1) for run in lease_runs)
