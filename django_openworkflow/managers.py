@@ -99,23 +99,20 @@ class WorkflowRunQuerySet(models.QuerySet["WorkflowRun"]):
 
     def resume(self, *, by: Any = None) -> list[WorkflowRun]:
         """Resume every resumable run in the queryset; skip the others. Returns the resumed."""
-        resumed = []
-        for pk in self.values_list("pk", flat=True):
-            try:
-                resumed.append(self.model.objects.resume(pk, by=by))
-            except (InvalidTransition, self.model.DoesNotExist):
-                continue
-        return resumed
+        return self._each(self.model.objects.resume, by)
 
     def cancel(self, *, by: Any = None) -> list[WorkflowRun]:
         """Cancel every active run in the queryset; skip the others. Returns the canceled."""
-        canceled = []
+        return self._each(self.model.objects.cancel, by)
+
+    def _each(self, transition: Any, by: Any) -> list[WorkflowRun]:
+        changed = []
         for pk in self.values_list("pk", flat=True):
             try:
-                canceled.append(self.model.objects.cancel(pk, by=by))
+                changed.append(transition(pk, by=by))
             except (InvalidTransition, self.model.DoesNotExist):
                 continue
-        return canceled
+        return changed
 
 
 class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # type: ignore[misc]
