@@ -6,8 +6,11 @@ PG_URL ?= postgres://postgres@127.0.0.1:5432/test
 DEMO_ADDR ?= 127.0.0.1:8000
 BENCH_URL ?= postgres://postgres@127.0.0.1:5432/openworkflow_bench
 BENCH_ARGS ?=
+CHAOS_URL ?= postgres://postgres@127.0.0.1:5432/openworkflow_chaos
+CHAOS_ARGS ?=
+PG_RESTART ?= pg_ctlcluster --skip-systemctl-redirect $(shell ls /etc/postgresql 2>/dev/null | tail -n 1) main restart
 
-.PHONY: install demo test test-sqlite test-postgres lint format pg-up browser bench bench-db bench-compare clean
+.PHONY: install demo test test-sqlite test-postgres lint format pg-up browser bench bench-db bench-compare chaos chaos-short chaos-db clean
 
 install: $(VENV)/.installed
 
@@ -47,7 +50,7 @@ test-sqlite: install browser
 test-postgres: install browser pg-up
 	DATABASE_URL=$(PG_URL) $(PY) -m pytest
 
-test: lint test-sqlite test-postgres
+test: lint test-sqlite test-postgres chaos-short
 
 # The demo: SQLite file, example runs (one fails on a declined card), a worker and the pages.
 demo: install
@@ -59,16 +62,28 @@ demo: install
 		$(PY) manage.py runserver $(DEMO_ADDR)
 
 # Benchmarks (PostgreSQL): ours alone, or ours beside the peers of ../shared/bench-peers.
-bench-db: install pg-up
-	@psql -h 127.0.0.1 -U postgres -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'openworkflow_bench'" | grep -q 1 \
-		|| createdb -h 127.0.0.1 -U postgres openworkflow_bench
-	DATABASE_URL=$(BENCH_URL) $(PY) manage.py migrate --verbosity 0
+# A database of their own for the benchmark and the chaos test, created and migrated on demand.
+bench-db chaos-db: install pg-up
+	@db=openworkflow_$(@:-db=); \
+		psql -h 127.0.0.1 -U postgres -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$$db'" | grep -q 1 \
+		|| createdb -h 127.0.0.1 -U postgres $$db; \
+		DATABASE_URL=$(if $(filter bench-db,$@),$(BENCH_URL),$(CHAOS_URL)) $(PY) manage.py migrate --verbosity 0
 
 bench: bench-db
 	DEBUG=false DATABASE_URL=$(BENCH_URL) $(PY) manage.py bench_workflows $(BENCH_ARGS)
 
 bench-compare: bench-db
 	DEBUG=false BENCH_URL=$(BENCH_URL) $(PY) scripts/bench_compare.py
+
+# Chaos (PostgreSQL): kill workers every ~0.5 s and restart PostgreSQL once, then count
+# lost runs and doubled step.atomic writes (both must be 0). `make test` runs a short one.
+chaos: chaos-db
+	DEBUG=false DATABASE_URL=$(CHAOS_URL) $(PY) manage.py chaos_workflows \
+		--restart-db-command "$(PG_RESTART)" $(CHAOS_ARGS)
+
+chaos-short: chaos-db
+	DEBUG=false DATABASE_URL=$(CHAOS_URL) $(PY) manage.py chaos_workflows \
+		--runs 300 --pause-ms 10 --duration 20 --restart-db-command "$(PG_RESTART)" $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache demo_project/db.sqlite3 bench-results test-artifacts

@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -37,6 +36,7 @@ from ... import __version__
 from ...bench import HOLD_NAMESPACE, NAMESPACE, one_step, three_steps
 from ...managers import notify
 from ...models import WorkflowRun
+from ..workers import spawn_runworker
 
 SYSTEM = "django-openworkflow"
 
@@ -276,26 +276,16 @@ class Command(BaseCommand):
         }
 
     def start_worker(self, concurrency: int) -> subprocess.Popen[bytes]:
-        env = dict(os.environ)
-        env.setdefault("DJANGO_SETTINGS_MODULE", settings.SETTINGS_MODULE)
-        env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
         listeners = self.listeners()
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "django",
-                "runworker",
-                "--concurrency",
-                str(concurrency),
-                "--namespace",
-                NAMESPACE,
-                "--workflows-module",
-                "django_openworkflow.bench",
-                "--verbosity",
-                "0",
-            ],
-            env=env,
+        worker = spawn_runworker(
+            "--concurrency",
+            str(concurrency),
+            "--namespace",
+            NAMESPACE,
+            "--workflows-module",
+            "django_openworkflow.bench",
+            "--verbosity",
+            "0",
         )
         if listeners is None:
             time.sleep(2.0)  # no LISTEN to watch for: give it time to start

@@ -12,18 +12,9 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from ...conf import app_settings
 from ...worker import Worker
+from ..workers import positive_int as _positive_int
 
 LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG, 3: logging.DEBUG}
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, not {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
-    return number
 
 
 def _positive_float(value: str) -> float:

@@ -1,0 +1,32 @@
+"""Shared by the management commands: option types, starting ``runworker`` processes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import IO, Any
+
+from django.conf import settings
+
+
+def spawn_runworker(*args: str, stderr: IO[Any] | int | None = None) -> subprocess.Popen[bytes]:
+    """``manage.py runworker *args`` in a new process with this process's settings."""
+    env = dict(os.environ)
+    env.setdefault("DJANGO_SETTINGS_MODULE", settings.SETTINGS_MODULE)
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    return subprocess.Popen(
+        [sys.executable, "-m", "django", "runworker", *args], env=env, stderr=stderr
+    )
+
+
+def positive_int(value: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number

@@ -1,0 +1,146 @@
+"""``chaos_workflows``: a short chaos run, the audit it ends with, and its refusals.
+
+The full chaos (2,000 runs, a PostgreSQL restart) is ``make chaos``; ``make
+test`` runs a 200-run version with the restart after this suite.
+"""
+
+import re
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import connection
+from django.test.utils import override_settings
+
+from django_openworkflow.chaos import (
+    LEDGER,
+    NAMESPACE,
+    audit,
+    create_ledger,
+    drop_ledger,
+    expected_total,
+    ledger_steps,
+)
+from django_openworkflow.models import WorkflowRun
+
+
+def summary_numbers(line):
+    """``{"lost": 0, "worker kills": 7, ...}`` from the summary line."""
+    fields = line.removeprefix("chaos: ").split(", ")
+    return {m[1]: int(m[2]) for m in map(re.compile(r"(.+) (\d+)(/\d+)?$").match, fields) if m}
+
+
+@pytest.fixture
+def worker_env(monkeypatch):
+    """The command's workers must use the test database."""
+    monkeypatch.setenv("OPENWORKFLOW_TEST_DB", str(connection.settings_dict["NAME"]))
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_killing_workers_loses_and_doubles_nothing(worker_env):
+    out = StringIO()
+    call_command(
+        "chaos_workflows",
+        "--runs=60",
+        "--steps=6",
+        "--workers=2",
+        "--concurrency=3",
+        "--duration=6",
+        "--kill-every=0.4",
+        "--lease=1",
+        "--pause-ms=5",
+        "--seed=7",
+        "--timeout=60",
+        stdout=out,
+    )
+    line = out.getvalue().strip()
+    assert line.startswith("chaos: runs completed 60/60, lost 0, duplicated ledger rows 0, ")
+    numbers = summary_numbers(line)
+    assert numbers["missing ledger rows"] == 0
+    assert numbers["wrong outputs"] == 0
+    assert numbers["worker kills"] >= 1
+    assert numbers["worker exits not caused by the chaos"] == 0
+    assert numbers["engine crashes"] == 0
+    # Without --keep the command cleans up after itself.
+    assert not WorkflowRun.objects.filter(namespace=NAMESPACE).exists()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass(%s)", [LEDGER])
+        assert cursor.fetchone()[0] is None
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_failing_restart_command_stops_the_chaos(worker_env):
+    with pytest.raises(CommandError, match=r"'false' exited with 1"):
+        call_command(
+            "chaos_workflows",
+            "--runs=8",
+            "--steps=2",
+            "--workers=1",
+            "--kill-every=0",
+            "--restart-db-command=false",
+            stdout=StringIO(),
+        )
+    drop_ledger()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_the_audit_counts_every_kind_of_damage():
+    create_ledger()
+    with override_settings(OPENWORKFLOW={"NAMESPACE": NAMESPACE}):
+        runs = ledger_steps.start_many({"i": i, "steps": 2, "pause_ms": 0} for i in range(4))
+    good, doubled, wrong, _queued = runs
+    WorkflowRun.objects.filter(pk__in=[good.pk, doubled.pk]).update(
+        status="completed", output={"total": expected_total(2)}
+    )
+    WorkflowRun.objects.filter(pk=wrong.pk).update(status="completed", output={"total": 99})
+    rows = [
+        (good, 0, "atomic"),
+        (good, 1, "run"),
+        (good, 1, "run"),  # a step.run repeated after a crash: allowed, counted
+        (doubled, 0, "atomic"),
+        (doubled, 0, "atomic"),  # an atomic step twice: must never happen
+        (doubled, 0, "atomic"),
+        (doubled, 1, "run"),
+        (wrong, 0, "atomic"),  # its step 1 left no row
+    ]
+    with connection.cursor() as cursor:
+        for run, step, kind in rows:
+            cursor.execute(
+                f"INSERT INTO {LEDGER} (run_id, step, kind) VALUES (%s, %s, %s)",
+                [run.pk, step, kind],
+            )
+
+    result = audit(runs=5, steps=2)
+    drop_ledger()
+
+    assert result.statuses == {"completed": 3, "pending": 1}
+    assert result.lost == 2  # one still queued, one never created
+    assert result.duplicated_ledger_rows == 2
+    assert result.reexecutions == 1
+    assert result.missing_ledger_rows == 1
+    assert result.wrong_outputs == 1
+    assert not result.ok
+
+
+@pytest.mark.django_db
+def test_chaos_needs_postgresql(settings):
+    if connection.vendor == "postgresql":
+        pytest.skip("the refusal is for other databases")
+    with pytest.raises(CommandError, match="chaos_workflows needs PostgreSQL; the default"):
+        call_command("chaos_workflows", stdout=StringIO())
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("--runs=0", "must be at least 1, not 0"),
+        ("--duration=-1", "must be zero or more seconds, not '-1'"),
+        ("--kill-every=soon", "must be a number of seconds, not 'soon'"),
+    ],
+)
+def test_bad_options_are_refused(option, message):
+    with pytest.raises(CommandError, match=message):
+        call_command("chaos_workflows", option, stdout=StringIO())
