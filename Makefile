@@ -8,7 +8,7 @@ BENCH_URL ?= postgres://postgres@127.0.0.1:5432/openworkflow_bench
 BENCH_ARGS ?=
 CHAOS_URL ?= postgres://postgres@127.0.0.1:5432/openworkflow_chaos
 CHAOS_ARGS ?=
-PG_RESTART ?= pg_ctlcluster --skip-systemctl-redirect $(shell ls /etc/postgresql 2>/dev/null | tail -n 1) main restart
+PG_CTL ?= pg_ctlcluster --skip-systemctl-redirect $(shell ls /etc/postgresql 2>/dev/null | tail -n 1) main
 
 .PHONY: install demo test test-sqlite test-postgres lint format pg-up browser bench bench-db bench-compare chaos chaos-short chaos-db clean
 
@@ -48,7 +48,7 @@ test-sqlite: install browser
 	$(PY) -m pytest
 
 test-postgres: install browser pg-up
-	DATABASE_URL=$(PG_URL) $(PY) -m pytest
+	DATABASE_URL=$(PG_URL) OPENWORKFLOW_TEST_PG_CTL="$(PG_CTL)" $(PY) -m pytest
 
 test: lint test-sqlite test-postgres chaos-short
 
@@ -79,11 +79,11 @@ bench-compare: bench-db
 # lost runs and doubled step.atomic writes (both must be 0). `make test` runs a short one.
 chaos: chaos-db
 	DEBUG=false DATABASE_URL=$(CHAOS_URL) $(PY) manage.py chaos_workflows \
-		--restart-db-command "$(PG_RESTART)" $(CHAOS_ARGS)
+		--restart-db-command "$(PG_CTL) restart" $(CHAOS_ARGS)
 
 chaos-short: chaos-db
 	DEBUG=false DATABASE_URL=$(CHAOS_URL) $(PY) manage.py chaos_workflows \
-		--runs 300 --pause-ms 10 --duration 20 --restart-db-command "$(PG_RESTART)" $(CHAOS_ARGS)
+		--runs 300 --pause-ms 10 --duration 20 --restart-db-command "$(PG_CTL) restart" $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache demo_project/db.sqlite3 bench-results test-artifacts
