@@ -79,11 +79,11 @@ bench-compare: bench-db
 # lost runs and doubled step.atomic writes (both must be 0). `make test` runs a short one.
 chaos: chaos-db
 	DEBUG=false DATABASE_URL=$(CHAOS_URL) $(PY) manage.py chaos_workflows \
-		--restart-db-command "$(PG_CTL) restart" $(CHAOS_ARGS)
+		$(if $(strip $(PG_CTL)),--restart-db-command "$(PG_CTL) restart") $(CHAOS_ARGS)
 
 chaos-short: chaos-db
 	DEBUG=false DATABASE_URL=$(CHAOS_URL) $(PY) manage.py chaos_workflows \
-		--runs 300 --pause-ms 10 --duration 20 --restart-db-command "$(PG_CTL) restart" $(CHAOS_ARGS)
+		--runs 300 --pause-ms 10 --duration 20 $(if $(strip $(PG_CTL)),--restart-db-command "$(PG_CTL) restart") $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache demo_project/db.sqlite3 bench-results test-artifacts
