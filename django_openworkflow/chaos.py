@@ -11,6 +11,10 @@ records itself in a ledger table:
   database transaction would happen: a step whose result was not stored
   before a crash runs again, and the ledger shows the repeat.
 
+Halfway through, a run sleeps briefly (it parks and is claimed again), and its
+last step is a child run whose one ``atomic`` step writes the parent's last
+ledger row: parking, waking and child completion are killed too.
+
 PostgreSQL only: the ledger is created with plain SQL, and the chaos is about
 row locks and killed sessions.
 """
@@ -43,7 +47,13 @@ def step_kind(k: int) -> str:
 
 
 def expected_total(steps: int) -> int:
-    return steps * (steps + 1) // 2
+    """The output of a run of ``steps`` steps: step k returns k + 1, the child steps + 1."""
+    return (steps + 1) * (steps + 2) // 2
+
+
+def ledger_rows(steps: int) -> int:
+    """Ledger rows of one completed run: one a step, one for its child."""
+    return steps + 1
 
 
 def _effect(run_id: Any, k: int, kind: str, pause: float) -> int:
@@ -64,11 +74,22 @@ def ledger_steps(ctx: Any) -> dict[str, int]:
     pause = ctx.input["pause_ms"] / 1000
     total = 0
     for k in range(steps):
+        if k == steps // 2:
+            ctx.step.sleep("nap", "20ms")
         kind = step_kind(k)
         run = ctx.step.atomic if kind == "atomic" else ctx.step.run
         fn = partial(_effect, str(ctx.run_id), k, kind, pause)
         total += run(f"step-{k}", fn, retry_policy=STEP_RETRY_POLICY)
+    child_input = {"parent": str(ctx.run_id), "step": steps, "pause_ms": ctx.input["pause_ms"]}
+    total += ctx.step.run_workflow(ledger_child, child_input, name="child")
     return {"total": total}
+
+
+@workflow(name="django_openworkflow.chaos.ledger-child")
+def ledger_child(ctx: Any) -> int:
+    k = ctx.input["step"]
+    fn = partial(_effect, ctx.input["parent"], k, "atomic", ctx.input["pause_ms"] / 1000)
+    return ctx.step.atomic("write", fn, retry_policy=STEP_RETRY_POLICY)  # type: ignore[no-any-return]
 
 
 def create_ledger() -> None:
@@ -120,7 +141,7 @@ class Audit:
 def audit(runs: int, steps: int) -> Audit:
     """Check the chaos runs of ``NAMESPACE`` against the ledger."""
     result = Audit(runs=runs, steps=steps)
-    chaos_runs = WorkflowRun.objects.filter(namespace=NAMESPACE)
+    chaos_runs = WorkflowRun.objects.filter(namespace=NAMESPACE, workflow_name=ledger_steps.name)
     result.statuses = {
         row["status"]: row["n"] for row in chaos_runs.values("status").annotate(n=Count("pk"))
     }
@@ -136,11 +157,11 @@ def audit(runs: int, steps: int) -> Audit:
         cursor.execute(
             f"SELECT count(DISTINCT (l.run_id, l.step)) FROM {LEDGER} AS l "
             f"JOIN {WorkflowRun._meta.db_table} AS r ON r.id = l.run_id "
-            "WHERE r.namespace = %s AND r.status = %s",
-            [NAMESPACE, WorkflowRun.Status.COMPLETED],
+            "WHERE r.namespace = %s AND r.workflow_name = %s AND r.status = %s",
+            [NAMESPACE, ledger_steps.name, WorkflowRun.Status.COMPLETED],
         )
         recorded = cursor.fetchone()[0]
-    result.missing_ledger_rows = result.completed * steps - recorded
+    result.missing_ledger_rows = result.completed * ledger_rows(steps) - recorded
     result.wrong_outputs = (
         chaos_runs.filter(status=WorkflowRun.Status.COMPLETED)
         .exclude(output={"total": expected_total(steps)})

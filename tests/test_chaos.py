@@ -100,11 +100,13 @@ def test_the_audit_counts_every_kind_of_damage():
         (good, 0, "atomic"),
         (good, 1, "run"),
         (good, 1, "run"),  # a step.run repeated after a crash: allowed, counted
+        (good, 2, "atomic"),  # its child's row
         (doubled, 0, "atomic"),
         (doubled, 0, "atomic"),  # an atomic step twice: must never happen
         (doubled, 0, "atomic"),
         (doubled, 1, "run"),
-        (wrong, 0, "atomic"),  # its step 1 left no row
+        (doubled, 2, "atomic"),
+        (wrong, 0, "atomic"),  # its step 1 and its child left no row
     ]
     with connection.cursor() as cursor:
         for run, step, kind in rows:
@@ -120,7 +122,7 @@ def test_the_audit_counts_every_kind_of_damage():
     assert result.lost == 2  # one still queued, one never created
     assert result.duplicated_ledger_rows == 2
     assert result.reexecutions == 1
-    assert result.missing_ledger_rows == 1
+    assert result.missing_ledger_rows == 2
     assert result.wrong_outputs == 1
     assert not result.ok
 

@@ -4,7 +4,8 @@ Against your own PostgreSQL database (runs use their own namespace and a
 ledger table of their own, ``openworkflow_chaos_ledger``):
 
 1. queues ``--runs`` runs of a workflow of ``--steps`` steps that alternate
-   ``step.atomic`` and ``step.run``, each writing a row to the ledger;
+   ``step.atomic`` and ``step.run``, each writing a row to the ledger, with a
+   short sleep halfway and a child run at the end;
 2. starts ``--workers`` ``runworker`` processes of ``--concurrency`` slots;
 3. for ``--duration`` seconds (or until every run finished), SIGKILLs a random
    worker about every ``--kill-every`` seconds and starts a new one; once,
@@ -258,7 +259,10 @@ class Command(BaseCommand):
     def progress(self) -> tuple[int | None, int | None]:
         """``(finished runs, completed runs)``; ``(None, None)`` while the database is away."""
         try:
-            row = WorkflowRun.objects.filter(namespace=NAMESPACE).aggregate(
+            parents = WorkflowRun.objects.filter(
+                namespace=NAMESPACE, workflow_name=ledger_steps.name
+            )
+            row = parents.aggregate(
                 finished=Count("pk", filter=Q(status__in=WorkflowRun.FINISHED_STATUSES)),
                 completed=Count("pk", filter=Q(status=WorkflowRun.Status.COMPLETED)),
             )
