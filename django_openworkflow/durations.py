@@ -16,7 +16,7 @@ from datetime import timedelta
 Duration = timedelta | int | float | str
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$", re.ASCII)  # digits 0-9 only
 
 
 def parse_duration(value: object, *, what: str = "duration") -> timedelta:
@@ -25,10 +25,15 @@ def parse_duration(value: object, *, what: str = "duration") -> timedelta:
         raise ValueError(
             f"{what} must be a timedelta, seconds or a string like '10s', not {value!r}"
         )
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, (int, float)):
-        seconds = float(value)
+    if isinstance(value, timedelta):  # kept exact: total_seconds() would round large ones
+        if value < timedelta(0):
+            raise ValueError(f"{what} {value!r} is negative")
+        return timedelta(days=value.days, seconds=value.seconds, microseconds=value.microseconds)
+    if isinstance(value, (int, float)):
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond any float
+            raise ValueError(f"{what} {value!r} is too large") from None
     elif isinstance(value, str):
         match = _PATTERN.match(value)
         if not match:
@@ -46,7 +51,10 @@ def parse_duration(value: object, *, what: str = "duration") -> timedelta:
         raise ValueError(f"{what} {value!r} is not a finite duration")
     if seconds < 0:
         raise ValueError(f"{what} {value!r} is negative")
-    return timedelta(seconds=seconds)
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:  # more than timedelta.max (about 2.7 million years)
+        raise ValueError(f"{what} {value!r} is too large") from None
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,11 @@ class RetryPolicy:
             backoff_coefficient, (int, float)
         ):
             raise ValueError(f"backoff_coefficient must be a number, not {backoff_coefficient!r}")
-        if not math.isfinite(backoff_coefficient) or backoff_coefficient < 1:
+        try:
+            coefficient = float(backoff_coefficient)
+        except OverflowError:  # an int beyond any float
+            coefficient = math.inf
+        if not math.isfinite(coefficient) or coefficient < 1:
             raise ValueError(f"backoff_coefficient must be at least 1, not {backoff_coefficient!r}")
         if isinstance(maximum_attempts, bool) or not isinstance(maximum_attempts, int):
             raise ValueError(f"maximum_attempts must be an integer, not {maximum_attempts!r}")
@@ -85,7 +97,7 @@ class RetryPolicy:
                 f"maximum_attempts must be 0 (unlimited) or more, not {maximum_attempts!r}"
             )
         object.__setattr__(self, "initial_interval", initial)
-        object.__setattr__(self, "backoff_coefficient", float(backoff_coefficient))
+        object.__setattr__(self, "backoff_coefficient", coefficient)
         object.__setattr__(self, "maximum_interval", maximum)
         object.__setattr__(self, "maximum_attempts", maximum_attempts)
 
@@ -96,9 +108,11 @@ class RetryPolicy:
         cap = self.maximum_interval.total_seconds()
         try:
             seconds = initial * self.backoff_coefficient**exponent
-        except OverflowError:
-            seconds = cap
-        return timedelta(seconds=min(seconds, cap))
+        except OverflowError:  # the power alone overflows: capped, unless there is no delay
+            seconds = cap if initial else 0.0
+        if seconds >= cap:  # the maximum itself: its seconds as a float may round past it
+            return self.maximum_interval
+        return timedelta(seconds=seconds)
 
     def exhausted(self, failed_attempts: int) -> bool:
         """True when no further attempt may be made after ``failed_attempts`` failures."""

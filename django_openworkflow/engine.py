@@ -32,7 +32,14 @@ from .durations import (
 from .exceptions import StepFailed
 from .managers import DEADLINE_ERROR, notify
 from .models import StepAttempt, WorkflowRun
-from .serialization import describe_exception, ensure_json, json_problem, size_problem
+from .registry import MAX_NAME_LENGTH
+from .serialization import (
+    NUL_PROBLEM,
+    describe_exception,
+    ensure_json,
+    json_problem,
+    size_problem,
+)
 from .signals import run_completed, run_failed, send_after_commit, step_failed
 
 if TYPE_CHECKING:
@@ -382,6 +389,13 @@ class Execution:
         while candidate in self.used_names:
             index += 1
             candidate = f"{name}:{index}"
+        if len(candidate) > MAX_NAME_LENGTH:  # StepAttempt.step_name
+            raise ValueError(
+                f"step name {candidate[:40]!r}… is {len(candidate)} characters"
+                f"{' with its number' if index else ''}; at most {MAX_NAME_LENGTH}"
+            )
+        if "\x00" in name:
+            raise ValueError(f"step name {name!r} {NUL_PROBLEM}")
         self.used_names.add(candidate)
         position = len(self.positions)
         before = self.history_positions.get(position)
@@ -675,7 +689,7 @@ class Execution:
             return None
         open_sleep = self.waiting.get(name)
         if open_sleep is None:
-            wake_at = self.now() + delta
+            wake_at = self._later(delta, f'sleep "{name}"')
             if delta <= timedelta(0):
                 self.completed[name] = self._begin_attempt(
                     name,
@@ -731,7 +745,7 @@ class Execution:
                 notify(transaction.get_connection().alias, self.run.namespace)
 
             attempt = self._begin_wait(
-                step, StepAttempt.Kind.WORKFLOW, self._wake_at(delta), then=start_child
+                step, StepAttempt.Kind.WORKFLOW, self._wake_at(delta, step), then=start_child
             )
             logger.info(
                 "child started run=%s step=%s child=%s",
@@ -820,14 +834,20 @@ class Execution:
         waiting = self.waiting.get(step)
         if waiting is None:
             self._begin_wait(
-                step, StepAttempt.Kind.SIGNAL_WAIT, self._wake_at(delta), signal=signal
+                step, StepAttempt.Kind.SIGNAL_WAIT, self._wake_at(delta, step), signal=signal
             )
             logger.info("run waiting run=%s step=%s signal=%s", self.run.pk, step, signal)
             raise Suspend("signal")
         return self._settle_wait(waiting, lambda: self._delivered(waiting))  # type: ignore[no-any-return]
 
-    def _wake_at(self, delta: timedelta | None) -> datetime | None:
-        return None if delta is None else self.now() + delta
+    def _wake_at(self, delta: timedelta | None, step: str) -> datetime | None:
+        return None if delta is None else self._later(delta, f'timeout of step "{step}"')
+
+    def _later(self, delta: timedelta, what: str) -> datetime:
+        try:
+            return self.now() + delta
+        except OverflowError:
+            raise ValueError(f"{what} ({delta}) would end after the year 9999") from None
 
     def _begin_wait(
         self,

@@ -12,13 +12,14 @@ from django.utils import timezone
 
 from .conf import app_settings
 from .durations import RetryPolicy
-from .serialization import ensure_json
+from .serialization import NUL_PROBLEM, ensure_json
 
 if TYPE_CHECKING:
     from .engine import WorkflowContext
     from .models import WorkflowRun
 
 IDEMPOTENCY_WINDOW = datetime.timedelta(hours=24)
+MAX_NAME_LENGTH = 255  # the longest workflow or step name: the columns hold 255 characters
 
 _registry: dict[str, Workflow] = {}
 _duplicates: list[tuple[Workflow, Workflow]] = []
@@ -37,6 +38,14 @@ class Workflow:
     ) -> None:
         if not callable(fn):
             raise TypeError(f"workflow {name!r} must wrap a callable, not {fn!r}")
+        if not isinstance(name, str) or not name.strip():
+            raise TypeError(f"workflow name must be a non-empty string, not {name!r}")
+        if len(name) > MAX_NAME_LENGTH:  # WorkflowRun.workflow_name
+            raise ValueError(
+                f"workflow name {name[:40]!r}… is {len(name)} characters; at most {MAX_NAME_LENGTH}"
+            )
+        if "\x00" in name:
+            raise ValueError(f"workflow name {name!r} {NUL_PROBLEM}")
         if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
             raise TypeError(
                 f"retry_policy of workflow {name!r} must be a RetryPolicy, not {retry_policy!r}"
@@ -86,6 +95,10 @@ class Workflow:
             raise ValueError(
                 f'idempotency_key of workflow "{self.name}" is {len(idempotency_key)} '
                 "characters long; at most 255 are allowed"
+            )
+        if idempotency_key is not None and "\x00" in idempotency_key:
+            raise ValueError(
+                f'idempotency_key {idempotency_key!r} of workflow "{self.name}" {NUL_PROBLEM}'
             )
         namespace = app_settings.NAMESPACE
         using = router.db_for_write(WorkflowRun)

@@ -7,6 +7,10 @@ import math
 import traceback
 from typing import Any
 
+# PostgreSQL cannot store U+0000 in text or jsonb: refused everywhere (values,
+# names, keys), so that what SQLite accepts PostgreSQL accepts too.
+NUL_PROBLEM = "contains the character U+0000 (NUL), which PostgreSQL cannot store"
+
 
 def json_problem(value: Any, path: str = "$") -> str | None:
     """Describe why ``value`` is not a plain JSON value, or return None if it is.
@@ -14,16 +18,45 @@ def json_problem(value: Any, path: str = "$") -> str | None:
     Only ``None``, ``bool``, ``int``, finite ``float``, ``str``, ``list`` and
     ``dict`` with ``str`` keys pass: tuples, sets, dates, Decimals and the like
     would be converted (or lost) by a JSON round trip, so they are refused.
+    So are strings with U+0000 (PostgreSQL cannot store them), values nested
+    too deeply (or containing themselves) and integers too long to write out.
     """
-    if value is None or isinstance(value, (bool, str)):
+    try:
+        return _json_problem(value, path)
+    except RecursionError:
+        return f"{path} is nested too deeply for JSON (or contains itself)"
+
+
+def _text_problem(text: str) -> str | None:
+    """What makes ``text`` unstorable, as "contains ...", or None."""
+    if "\x00" in text:
+        return NUL_PROBLEM
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a bad decode
+            return f"contains {text[exc.start]!r}, which is not valid Unicode text"
+    return None
+
+
+def _json_problem(value: Any, path: str) -> str | None:
+    if value is None or isinstance(value, bool):
         return None
+    if isinstance(value, str):
+        problem = _text_problem(value)
+        return f"{path} {problem}" if problem else None
     if isinstance(value, int):
+        if value.bit_length() > 3000:  # only huge ints can fail to become JSON text
+            try:
+                int.__repr__(value)
+            except ValueError:  # more digits than sys.get_int_max_str_digits()
+                return f"{path} is an integer with more digits than JSON text can hold here"
         return None
     if isinstance(value, float):
         return None if math.isfinite(value) else f"{path} is {value!r}, which JSON cannot hold"
     if isinstance(value, list):
         for index, item in enumerate(value):
-            problem = json_problem(item, f"{path}[{index}]")
+            problem = _json_problem(item, f"{path}[{index}]")
             if problem:
                 return problem
         return None
@@ -32,7 +65,9 @@ def json_problem(value: Any, path: str = "$") -> str | None:
             if not isinstance(key, str):
                 kind = type(key).__name__
                 return f"{path} has the key {key!r} of type {kind}; JSON keys are strings"
-            problem = json_problem(item, f"{path}[{key!r}]")
+            if key_problem := _text_problem(key):
+                return f"{path} has the key {key!r}, which {key_problem}"
+            problem = _json_problem(item, f"{path}[{key!r}]")
             if problem:
                 return problem
         return None

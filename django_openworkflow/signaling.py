@@ -20,7 +20,7 @@ from .conf import app_settings
 from .managers import ACTIVE, notify
 from .models import StepAttempt, WorkflowRun, WorkflowSignal
 from .registry import IDEMPOTENCY_WINDOW, lock_key
-from .serialization import ensure_json
+from .serialization import NUL_PROBLEM, ensure_json
 
 
 def check_signal_name(signal: Any, what: str = "signal") -> str:
@@ -28,6 +28,8 @@ def check_signal_name(signal: Any, what: str = "signal") -> str:
         raise TypeError(f"{what} must be a non-empty string, not {signal!r}")
     if len(signal) > 255:
         raise ValueError(f"{what} {signal[:40]!r}… is {len(signal)} characters; at most 255")
+    if "\x00" in signal:
+        raise ValueError(f"{what} {signal!r} {NUL_PROBLEM}")
     return signal
 
 

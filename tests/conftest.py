@@ -13,6 +13,7 @@ import pytest
 from django.conf import settings
 from django.db import connection
 from django.db.models.functions import Now
+from hypothesis import settings as hypothesis_settings
 
 from django_openworkflow.engine import Execution
 from django_openworkflow.models import WorkflowRun
@@ -21,6 +22,16 @@ from django_openworkflow.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 ON_POSTGRES = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
+
+# Property-based tests (hypothesis). "ci", the default, is stable: the same
+# examples on every run (derandomize, no example database), no deadline, as
+# many examples as fit a few seconds. HYPOTHESIS_PROFILE=explore searches
+# further with fresh random examples each run.
+hypothesis_settings.register_profile(
+    "ci", max_examples=100, deadline=None, derandomize=True, database=None, print_blob=True
+)
+hypothesis_settings.register_profile("explore", max_examples=2000, deadline=None)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -32,6 +32,7 @@ def test_parse_duration_accepts(value, seconds):
         ("10", "duration '10' is not a duration: use a number with a unit"),
         ("ten seconds", "duration 'ten seconds' is not a duration"),
         ("10w", "duration '10w' is not a duration"),
+        ("\u0663s", "duration '\u0663s' is not a duration"),  # an Arabic-Indic 3: digits are 0-9
         (-1, "duration -1 is negative"),
         (timedelta(seconds=-5), "is negative"),
         (float("nan"), "is not a finite duration"),

@@ -511,6 +511,15 @@ def test_a_bad_sleep_duration_is_a_value_error_naming_the_step():
     )
 
 
+def test_a_sleep_past_the_year_9999_is_a_value_error_naming_the_step():
+    start("huge-sleep")
+    run = claim_and_execute()
+    assert run.status == WorkflowRun.Status.FAILED
+    assert run.error["type"] == "ValueError"
+    message = 'sleep "nap" (3000000 days, 0:00:00) would end after the year 9999'
+    assert run.error["message"] == message
+
+
 def test_the_context_carries_input_run_id_and_version():
     run = start("context", {"a": [1, 2]})
     run = claim_and_execute()

@@ -25,6 +25,8 @@ def test_plain_json_values_pass(value):
         (float("nan"), "$ is nan, which JSON cannot hold"),
         ([float("inf")], "$[0] is inf, which JSON cannot hold"),
         (b"bytes", "$ is a builtins.bytes"),
+        ({"a": ["ok", "x\ud800"]}, "$['a'][1] contains '\\ud800', which is not valid Unicode text"),
+        ({"\udfff": 1}, "$ has the key '\\udfff', which contains '\\udfff', which is not valid"),
     ],
 )
 def test_other_values_are_refused_with_their_path(value, problem):

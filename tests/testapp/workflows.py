@@ -181,6 +181,11 @@ def bad_sleep(ctx):
     ctx.step.sleep("nap", "-5s")
 
 
+@workflow(name="huge-sleep")
+def huge_sleep(ctx):
+    ctx.step.sleep("nap", datetime.timedelta(days=3_000_000))  # a valid timedelta, past 9999
+
+
 @workflow(name="context", version="v3")
 def context(ctx):
     return {"run_id": str(ctx.run_id), "version": ctx.version, "input": ctx.input}
