@@ -13,8 +13,9 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from django.contrib import admin, messages
+from django.contrib.admin.views.main import ERROR_FLAG
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.urls import reverse
 from django.utils.html import format_html
 from django.utils.translation import gettext as _
@@ -147,8 +148,23 @@ RUN_SCHEDULING_FIELDS = (
 )
 
 
+class NulSafeChangelist(admin.ModelAdmin):
+    """Filters and searches with U+0000 go to the admin's "bad lookup" page, not a 500.
+
+    PostgreSQL refuses NUL in text parameters (psycopg raises ``DataError``
+    while the list renders); other bad lookups already take this path.
+    """
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        if any("\x00" in key + "".join(values) for key, values in request.GET.lists()):
+            return HttpResponseRedirect(f"{request.path}?{ERROR_FLAG}=1")
+        return super().changelist_view(request, extra_context)
+
+
 @admin.register(WorkflowRun)
-class WorkflowRunAdmin(admin.ModelAdmin):
+class WorkflowRunAdmin(NulSafeChangelist):
     list_display = [
         "id",
         "workflow_name",
@@ -314,7 +330,7 @@ class WorkflowRunAdmin(admin.ModelAdmin):
 
 
 @admin.register(StepAttempt)
-class StepAttemptAdmin(admin.ModelAdmin):
+class StepAttemptAdmin(NulSafeChangelist):
     """Step attempts, read-only (no change permission); usually seen inline on their run's page."""
 
     list_display = [

@@ -416,3 +416,228 @@ def test_admin_pages_escape_stored_data(admin_client):
         html = admin_client.get(url).content.decode()
         assert "<script>alert" not in html
         assert "&lt;script&gt;alert(&#x27;owf&#x27;)&lt;/script&gt;" in html
+
+
+# --- the security matrix: every page and POST, every role; GET changes nothing; CSRF --------
+
+ROLES = {
+    "anonymous": None,
+    "non_staff": {"is_staff": False, "perms": ("view_workflowrun", "change_workflowrun")},
+    "staff_without_perm": {"is_staff": True, "perms": ()},
+    "staff_view": {"is_staff": True, "perms": ("view_workflowrun",)},
+    "staff_change": {"is_staff": True, "perms": ("change_workflowrun",)},
+    "superuser": {"is_staff": True, "perms": (), "is_superuser": True},
+}
+CSRF_SECRET = "owfcsrfsecret0123456789abcdefghi"  # 32 characters: a valid unmasked token
+
+
+def role_client(django_user_model, kind: str, *, enforce_csrf: bool = False):
+    from django.test import Client
+
+    client = Client(enforce_csrf_checks=enforce_csrf)
+    spec = ROLES[kind]
+    if spec is not None:
+        spec = dict(spec)
+        perms = spec.pop("perms")
+        user = django_user_model.objects.create_user(kind, **spec)
+        for codename in perms:
+            user.user_permissions.add(
+                Permission.objects.get(
+                    content_type__app_label="django_openworkflow", codename=codename
+                )
+            )
+        client.force_login(user)
+    if enforce_csrf:
+        client.cookies["csrftoken"] = CSRF_SECRET
+    return client
+
+
+def admin_state() -> tuple:
+    return (
+        sorted(WorkflowRun.objects.values_list("pk", "status", "error")),
+        StepAttempt.objects.count(),
+        WorkflowRunEvent.objects.count(),
+        LogEntry.objects.count(),
+    )
+
+
+def admin_login_url(url: str) -> str:
+    return f"{reverse('admin:login')}?next={url}"
+
+
+# What each role gets on each admin page: the view permission opens the pages,
+# nobody but a superuser (delete_workflowrun) reaches the delete page.
+PAGE_MATRIX = {
+    "anonymous": {"changelist": 302, "change": 302, "history": 302, "delete": 302},
+    "non_staff": {"changelist": 302, "change": 302, "history": 302, "delete": 302},
+    "staff_without_perm": {"changelist": 403, "change": 403, "history": 403, "delete": 403},
+    "staff_view": {"changelist": 200, "change": 200, "history": 200, "delete": 403},
+    "staff_change": {"changelist": 200, "change": 200, "history": 200, "delete": 403},
+    "superuser": {"changelist": 200, "change": 200, "history": 200, "delete": 200},
+}
+
+
+@pytest.mark.parametrize("kind", list(ROLES))
+@pytest.mark.parametrize("page", ["changelist", "change", "history", "delete"])
+def test_admin_page_permissions_and_get_changes_nothing(django_user_model, kind, page):
+    run = make_run("failed")
+    StepAttempt.objects.create(workflow_run=run, step_name="charge", status="failed")
+    client = role_client(django_user_model, kind)
+    url = (
+        CHANGELIST
+        if page == "changelist"
+        else reverse(f"admin:django_openworkflow_workflowrun_{page}", args=[run.pk])
+    )
+    before = admin_state()
+
+    response = client.get(url)
+    # Action parameters in a GET's query string do nothing either.
+    client.get(url, {"action": "cancel_runs", "_selected_action": str(run.pk), "post": "yes"})
+
+    assert response.status_code == PAGE_MATRIX[kind][page]
+    if kind in ("anonymous", "non_staff"):
+        assert response["Location"] == admin_login_url(url)
+    assert admin_state() == before
+
+
+# Admin actions posted by each role: only change permission applies them; a
+# user with only the view permission is shown the list again; delete_selected
+# is never applied without its confirmation step (and only superusers get that).
+ACTION_MATRIX = {
+    "anonymous": (302, False),
+    "non_staff": (302, False),
+    "staff_without_perm": (403, False),
+    "staff_view": (200, False),
+    "staff_change": (302, True),
+    "superuser": (302, True),
+}
+
+
+@pytest.mark.parametrize("kind", list(ROLES))
+@pytest.mark.parametrize(
+    ("action", "status", "changed_status"),
+    [("resume_runs", "failed", "pending"), ("cancel_runs", "running", "canceled")],
+)
+def test_admin_action_permissions(django_user_model, kind, action, status, changed_status):
+    run = make_run(status)
+    client = role_client(django_user_model, kind)
+
+    response = run_action(client, action, [run])
+
+    expected_code, changes = ACTION_MATRIX[kind]
+    assert response.status_code == expected_code
+    if kind in ("anonymous", "non_staff"):
+        assert response["Location"] == admin_login_url(CHANGELIST)
+    run.refresh_from_db()
+    assert run.status == (changed_status if changes else status)
+    assert WorkflowRunEvent.objects.count() == (1 if changes else 0)
+    assert LogEntry.objects.count() == (1 if changes else 0)
+
+
+@pytest.mark.parametrize("kind", list(ROLES))
+def test_delete_selected_is_never_applied_without_confirmation(django_user_model, kind):
+    run = make_run("running")
+    client = role_client(django_user_model, kind)
+    before = admin_state()
+
+    response = run_action(client, "delete_selected", [run])
+
+    assert (
+        response.status_code
+        == {
+            "anonymous": 302,
+            "non_staff": 302,
+            "staff_without_perm": 403,
+            "staff_view": 200,
+            "staff_change": 302,  # "No action selected.": back to the list
+            "superuser": 200,  # the confirmation page
+        }[kind]
+    )
+    assert admin_state() == before
+
+
+@pytest.mark.parametrize("kind", list(ROLES))
+def test_admin_change_page_post_changes_nothing_for_any_role(django_user_model, kind):
+    run = make_run("running", input={"a": 1})
+    client = role_client(django_user_model, kind)
+    before = admin_state()
+
+    response = client.post(change_url(run), {"status": "completed", "input": "{}", "_save": "1"})
+
+    assert (
+        response.status_code
+        == {
+            "anonymous": 302,
+            "non_staff": 302,
+            "staff_without_perm": 405,
+            "staff_view": 405,
+            "staff_change": 405,
+            "superuser": 405,
+        }[kind]
+    )
+    assert admin_state() == before
+
+
+@pytest.mark.parametrize("kind", list(ROLES))
+@pytest.mark.parametrize(
+    "post",
+    [
+        pytest.param(lambda c, run: run_action(c, "resume_runs", [run]), id="resume-action"),
+        pytest.param(lambda c, run: run_action(c, "cancel_runs", [run]), id="cancel-action"),
+        pytest.param(
+            lambda c, run: c.post(
+                CHANGELIST,
+                {"action": "delete_selected", "_selected_action": [str(run.pk)], "post": "yes"},
+            ),
+            id="delete-selected-confirmed",
+        ),
+        pytest.param(
+            lambda c, run: c.post(
+                reverse("admin:django_openworkflow_workflowrun_delete", args=[run.pk]),
+                {"post": "yes"},
+            ),
+            id="delete-page-confirmed",
+        ),
+        pytest.param(lambda c, run: c.post(change_url(run), {"_save": "1"}), id="change-page"),
+    ],
+)
+def test_every_admin_post_needs_the_csrf_token(django_user_model, kind, post):
+    failed, running = make_run("failed"), make_run("running")
+    client = role_client(django_user_model, kind, enforce_csrf=True)
+    before = admin_state()
+
+    responses = [post(client, failed), post(client, running)]
+
+    assert [r.status_code for r in responses] == [403, 403]
+    assert b"CSRF verification failed" in responses[0].content
+    assert admin_state() == before
+
+
+@pytest.mark.parametrize("kind", ["staff_change", "superuser"])
+def test_admin_actions_work_with_a_valid_csrf_token(django_user_model, kind):
+    run = make_run("failed")
+    client = role_client(django_user_model, kind, enforce_csrf=True)
+
+    response = client.post(
+        CHANGELIST,
+        {
+            "action": "resume_runs",
+            "_selected_action": [str(run.pk)],
+            "csrfmiddlewaretoken": CSRF_SECRET,
+        },
+    )
+
+    assert response.status_code == 302
+    run.refresh_from_db()
+    assert run.status == "pending"
+
+
+@pytest.mark.parametrize("model", ["workflowrun", "stepattempt"])
+@pytest.mark.parametrize(
+    "query", ["q=%00", "workflow_name=a%00b", "failed_step=%00", "status=%00", "kind=%00", "a%00=1"]
+)
+def test_a_nul_in_a_changelist_filter_is_a_bad_lookup_not_a_500(admin_client, model, query):
+    # PostgreSQL refuses NUL in text parameters; without the check these are 500s there.
+    response = admin_client.get(f"/admin/django_openworkflow/{model}/?{query}")
+    assert response.status_code == 302
+    assert response["Location"] == f"/admin/django_openworkflow/{model}/?e=1"

@@ -698,3 +698,108 @@ def test_pretty_json_returns_plain_text_for_the_template_to_escape():
     assert pretty_json({"a": [1, "<b>"]}) == '{\n  "a": [\n    1,\n    "<b>"\n  ]\n}'
     assert pretty_json(None) == "null"
     assert not hasattr(pretty_json({"a": 1}), "__html__")
+
+
+# --- the rest of the security matrix: GET never changes state, CSRF on every POST ----------
+
+CSRF_SECRET = "owfcsrfsecret0123456789abcdefghi"  # 32 characters: a valid unmasked token
+
+
+def state_of(*runs) -> tuple:
+    return (
+        [WorkflowRun.objects.values_list("status", "error").get(pk=run.pk) for run in runs],
+        WorkflowRunEvent.objects.count(),
+        LogEntry.objects.count(),
+    )
+
+
+@pytest.mark.parametrize("kind", list(USERS))
+@pytest.mark.parametrize("method", ["get", "head"])
+@pytest.mark.parametrize(
+    ("action", "status"), [("resume", "failed"), ("cancel", "running"), ("cancel", "pending")]
+)
+def test_get_on_transition_endpoints_changes_nothing_for_any_role(
+    client, login, kind, method, action, status
+):
+    run = make_run(status)
+    login(kind)
+    url = resume_url(run) if action == "resume" else cancel_url(run)
+    before = state_of(run)
+
+    response = getattr(client, method)(url, {"next": "/", "csrfmiddlewaretoken": "x"})
+
+    assert response.status_code == 405
+    assert state_of(run) == before
+
+
+@pytest.mark.parametrize("kind", list(USERS))
+@pytest.mark.parametrize("page", ["list", "detail"])
+def test_pages_change_nothing_for_any_role(client, login, kind, page):
+    run = make_run("failed")
+    login(kind)
+    before = state_of(run)
+
+    client.get(list_url() if page == "list" else detail_url(run), {"action": "resume"})
+
+    assert state_of(run) == before
+
+
+def csrf_client(login_kind: str, make_user) -> Client:
+    client = Client(enforce_csrf_checks=True)
+    spec = USERS[login_kind]
+    if spec is not None:
+        client.force_login(make_user(login_kind, **spec))
+    client.cookies["csrftoken"] = CSRF_SECRET
+    return client
+
+
+@pytest.mark.parametrize("kind", list(USERS))
+@pytest.mark.parametrize(
+    ("action", "status"), [("resume", "failed"), ("cancel", "running"), ("cancel", "pending")]
+)
+@pytest.mark.parametrize("token", [None, "", "wrong-token", "x" * 64])
+def test_every_post_without_a_valid_csrf_token_is_403_for_any_role(
+    make_user, kind, action, status, token
+):
+    run = make_run(status)
+    client = csrf_client(kind, make_user)
+    url = resume_url(run) if action == "resume" else cancel_url(run)
+    before = state_of(run)
+
+    data = {} if token is None else {"csrfmiddlewaretoken": token}
+    response = client.post(url, data)
+
+    assert response.status_code == 403
+    assert b"CSRF verification failed" in response.content
+    assert state_of(run) == before
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("anonymous", 302),
+        ("non_staff", 403),
+        ("staff_without_perm", 403),
+        ("staff_view", 403),
+        ("staff_change", 302),
+        ("superuser", 302),
+    ],
+)
+@pytest.mark.parametrize(
+    ("action", "status", "changed_status"),
+    [("resume", "failed", "pending"), ("cancel", "running", "canceled")],
+)
+def test_a_valid_csrf_token_leaves_only_the_permission_check(
+    make_user, kind, expected, action, status, changed_status
+):
+    run = make_run(status)
+    client = csrf_client(kind, make_user)
+    url = resume_url(run) if action == "resume" else cancel_url(run)
+
+    response = client.post(url, {"csrfmiddlewaretoken": CSRF_SECRET})
+
+    assert response.status_code == expected
+    run.refresh_from_db()
+    may_change = kind in ("staff_change", "superuser")
+    assert run.status == (changed_status if may_change else status)
+    assert WorkflowRunEvent.objects.count() == (1 if may_change else 0)
