@@ -130,21 +130,20 @@ def test_page_permissions(client, login, kind, expected, page):
         assert response["Location"] == f"/accounts/login/?next={url}"
 
 
-@pytest.mark.parametrize(
-    ("kind", "expected"),
-    [
-        ("anonymous", 302),
-        ("non_staff", 403),
-        ("staff_without_perm", 403),
-        ("staff_view", 403),
-        ("staff_change", 302),
-        ("superuser", 302),
-    ],
-)
-@pytest.mark.parametrize(
-    ("action", "status", "changed_status"),
-    [("resume", "failed", "pending"), ("cancel", "running", "canceled")],
-)
+# What a POST to resume or cancel answers each kind of user: 302 is done (or to the login).
+POST_ANSWER_BY_ROLE = [
+    ("anonymous", 302),
+    ("non_staff", 403),
+    ("staff_without_perm", 403),
+    ("staff_view", 403),
+    ("staff_change", 302),
+    ("superuser", 302),
+]
+TRANSITIONS = [("resume", "failed", "pending"), ("cancel", "running", "canceled")]
+
+
+@pytest.mark.parametrize(("kind", "expected"), POST_ANSWER_BY_ROLE)
+@pytest.mark.parametrize(("action", "status", "changed_status"), TRANSITIONS)
 def test_post_permissions(client, login, kind, expected, action, status, changed_status):
     run = make_run(status)
     login(kind)
@@ -774,21 +773,8 @@ def test_every_post_without_a_valid_csrf_token_is_403_for_any_role(
     assert state_of(run) == before
 
 
-@pytest.mark.parametrize(
-    ("kind", "expected"),
-    [
-        ("anonymous", 302),
-        ("non_staff", 403),
-        ("staff_without_perm", 403),
-        ("staff_view", 403),
-        ("staff_change", 302),
-        ("superuser", 302),
-    ],
-)
-@pytest.mark.parametrize(
-    ("action", "status", "changed_status"),
-    [("resume", "failed", "pending"), ("cancel", "running", "canceled")],
-)
+@pytest.mark.parametrize(("kind", "expected"), POST_ANSWER_BY_ROLE)
+@pytest.mark.parametrize(("action", "status", "changed_status"), TRANSITIONS)
 def test_a_valid_csrf_token_leaves_only_the_permission_check(
     make_user, kind, expected, action, status, changed_status
 ):
