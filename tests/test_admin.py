@@ -7,7 +7,6 @@ from datetime import timedelta
 import pytest
 from django.contrib import admin
 from django.contrib.admin.models import CHANGE, LogEntry
-from django.contrib.auth.models import Permission
 from django.contrib.messages import get_messages
 from django.test import RequestFactory
 from django.urls import reverse
@@ -15,6 +14,7 @@ from django.utils import timezone
 
 from django_openworkflow.admin import WorkflowRunAdmin
 from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowRunEvent
+from tests.users import CSRF_SECRET, ROLES, create_user, role_client
 
 pytestmark = pytest.mark.django_db
 
@@ -33,25 +33,8 @@ def make_run(status: str, **fields) -> WorkflowRun:
 
 
 @pytest.fixture
-def make_user(django_user_model):
-    def make(username: str, *perms: str, superuser: bool = False):
-        user = django_user_model.objects.create_user(
-            username, is_staff=True, is_superuser=superuser
-        )
-        for codename in perms:
-            user.user_permissions.add(
-                Permission.objects.get(
-                    content_type__app_label="django_openworkflow", codename=codename
-                )
-            )
-        return user
-
-    return make
-
-
-@pytest.fixture
-def superuser(make_user):
-    return make_user("root", superuser=True)
+def superuser():
+    return create_user("root", superuser=True)
 
 
 @pytest.fixture
@@ -245,8 +228,8 @@ def test_cancel_action_single_run(admin_client):
     assert messages_of(response) == [("success", "1 run canceled.")]
 
 
-def test_actions_need_change_permission(client, make_user):
-    client.force_login(make_user("viewer", "view_workflowrun"))
+def test_actions_need_change_permission(client):
+    client.force_login(create_user("viewer", "view_workflowrun"))
     run = make_run("failed")
 
     page = client.get(CHANGELIST)
@@ -259,8 +242,8 @@ def test_actions_need_change_permission(client, make_user):
     assert run.status == "failed"
 
 
-def test_actions_are_offered_to_change_users(client, make_user):
-    client.force_login(make_user("operator", "change_workflowrun"))
+def test_actions_are_offered_to_change_users(client):
+    client.force_login(create_user("operator", "change_workflowrun"))
 
     page = client.get(CHANGELIST)
 
@@ -317,8 +300,8 @@ def test_change_page_buttons_post_back_to_the_admin(admin_client):
     assert run.status == "pending"
 
 
-def test_change_page_has_no_buttons_for_view_only_users(client, make_user):
-    client.force_login(make_user("viewer", "view_workflowrun"))
+def test_change_page_has_no_buttons_for_view_only_users(client):
+    client.force_login(create_user("viewer", "view_workflowrun"))
     run = make_run("failed")
 
     html = client.get(change_url(run)).content.decode()
@@ -327,9 +310,9 @@ def test_change_page_has_no_buttons_for_view_only_users(client, make_user):
     assert "Run page" in html
 
 
-def test_change_page_shows_step_attempts_and_history(client, make_user):
+def test_change_page_shows_step_attempts_and_history(client):
     # A user with only the run permission still sees the run's attempts and events.
-    client.force_login(make_user("viewer", "view_workflowrun"))
+    client.force_login(create_user("viewer", "view_workflowrun"))
     run = make_run(
         "failed",
         error={"type": "ValueError", "message": "card declined", "traceback": "Traceback <x>\n"},
@@ -420,37 +403,6 @@ def test_admin_pages_escape_stored_data(admin_client):
 
 # --- the security matrix: every page and POST, every role; GET changes nothing; CSRF --------
 
-ROLES = {
-    "anonymous": None,
-    "non_staff": {"is_staff": False, "perms": ("view_workflowrun", "change_workflowrun")},
-    "staff_without_perm": {"is_staff": True, "perms": ()},
-    "staff_view": {"is_staff": True, "perms": ("view_workflowrun",)},
-    "staff_change": {"is_staff": True, "perms": ("change_workflowrun",)},
-    "superuser": {"is_staff": True, "perms": (), "is_superuser": True},
-}
-CSRF_SECRET = "owfcsrfsecret0123456789abcdefghi"  # 32 characters: a valid unmasked token
-
-
-def role_client(django_user_model, kind: str, *, enforce_csrf: bool = False):
-    from django.test import Client
-
-    client = Client(enforce_csrf_checks=enforce_csrf)
-    spec = ROLES[kind]
-    if spec is not None:
-        spec = dict(spec)
-        perms = spec.pop("perms")
-        user = django_user_model.objects.create_user(kind, **spec)
-        for codename in perms:
-            user.user_permissions.add(
-                Permission.objects.get(
-                    content_type__app_label="django_openworkflow", codename=codename
-                )
-            )
-        client.force_login(user)
-    if enforce_csrf:
-        client.cookies["csrftoken"] = CSRF_SECRET
-    return client
-
 
 def admin_state() -> tuple:
     return (
@@ -479,10 +431,10 @@ PAGE_MATRIX = {
 
 @pytest.mark.parametrize("kind", list(ROLES))
 @pytest.mark.parametrize("page", ["changelist", "change", "history", "delete"])
-def test_admin_page_permissions_and_get_changes_nothing(django_user_model, kind, page):
+def test_admin_page_permissions_and_get_changes_nothing(kind, page):
     run = make_run("failed")
     StepAttempt.objects.create(workflow_run=run, step_name="charge", status="failed")
-    client = role_client(django_user_model, kind)
+    client = role_client(kind)
     url = (
         CHANGELIST
         if page == "changelist"
@@ -518,9 +470,9 @@ ACTION_MATRIX = {
     ("action", "status", "changed_status"),
     [("resume_runs", "failed", "pending"), ("cancel_runs", "running", "canceled")],
 )
-def test_admin_action_permissions(django_user_model, kind, action, status, changed_status):
+def test_admin_action_permissions(kind, action, status, changed_status):
     run = make_run(status)
-    client = role_client(django_user_model, kind)
+    client = role_client(kind)
 
     response = run_action(client, action, [run])
 
@@ -535,9 +487,9 @@ def test_admin_action_permissions(django_user_model, kind, action, status, chang
 
 
 @pytest.mark.parametrize("kind", list(ROLES))
-def test_delete_selected_is_never_applied_without_confirmation(django_user_model, kind):
+def test_delete_selected_is_never_applied_without_confirmation(kind):
     run = make_run("running")
-    client = role_client(django_user_model, kind)
+    client = role_client(kind)
     before = admin_state()
 
     response = run_action(client, "delete_selected", [run])
@@ -557,9 +509,9 @@ def test_delete_selected_is_never_applied_without_confirmation(django_user_model
 
 
 @pytest.mark.parametrize("kind", list(ROLES))
-def test_admin_change_page_post_changes_nothing_for_any_role(django_user_model, kind):
+def test_admin_change_page_post_changes_nothing_for_any_role(kind):
     run = make_run("running", input={"a": 1})
-    client = role_client(django_user_model, kind)
+    client = role_client(kind)
     before = admin_state()
 
     response = client.post(change_url(run), {"status": "completed", "input": "{}", "_save": "1"})
@@ -601,9 +553,9 @@ def test_admin_change_page_post_changes_nothing_for_any_role(django_user_model, 
         pytest.param(lambda c, run: c.post(change_url(run), {"_save": "1"}), id="change-page"),
     ],
 )
-def test_every_admin_post_needs_the_csrf_token(django_user_model, kind, post):
+def test_every_admin_post_needs_the_csrf_token(kind, post):
     failed, running = make_run("failed"), make_run("running")
-    client = role_client(django_user_model, kind, enforce_csrf=True)
+    client = role_client(kind, enforce_csrf=True)
     before = admin_state()
 
     responses = [post(client, failed), post(client, running)]
@@ -614,9 +566,9 @@ def test_every_admin_post_needs_the_csrf_token(django_user_model, kind, post):
 
 
 @pytest.mark.parametrize("kind", ["staff_change", "superuser"])
-def test_admin_actions_work_with_a_valid_csrf_token(django_user_model, kind):
+def test_admin_actions_work_with_a_valid_csrf_token(kind):
     run = make_run("failed")
-    client = role_client(django_user_model, kind, enforce_csrf=True)
+    client = role_client(kind, enforce_csrf=True)
 
     response = client.post(
         CHANGELIST,

@@ -128,7 +128,7 @@ def test_the_audit_counts_every_kind_of_damage():
 
 
 @pytest.mark.django_db
-def test_chaos_needs_postgresql(settings):
+def test_chaos_needs_postgresql():
     if connection.vendor == "postgresql":
         pytest.skip("the refusal is for other databases")
     with pytest.raises(CommandError, match="chaos_workflows needs PostgreSQL; the default"):

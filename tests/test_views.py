@@ -7,7 +7,6 @@ from datetime import timedelta
 
 import pytest
 from django.contrib.admin.models import LogEntry
-from django.contrib.auth.models import Permission
 from django.contrib.messages import get_messages
 from django.test import Client
 from django.urls import reverse
@@ -16,6 +15,7 @@ from django.utils import timezone
 from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowRunEvent
 from django_openworkflow.templatetags.openworkflow import pretty_json, short_duration
 from django_openworkflow.views import timeline
+from tests.users import CSRF_SECRET, ROLES, create_user, login_as, role_client
 
 pytestmark = pytest.mark.django_db
 
@@ -61,43 +61,9 @@ def messages_of(response) -> list[str]:
 
 
 @pytest.fixture
-def make_user(django_user_model):
-    def make(username: str, *, staff: bool = True, perms: tuple[str, ...] = (), **extra):
-        user = django_user_model.objects.create_user(username, is_staff=staff, **extra)
-        for codename in perms:
-            user.user_permissions.add(
-                Permission.objects.get(
-                    content_type__app_label="django_openworkflow", codename=codename
-                )
-            )
-        return user
-
-    return make
-
-
-USERS = {
-    "anonymous": None,
-    "non_staff": {"staff": False, "perms": ("view_workflowrun", "change_workflowrun")},
-    "staff_without_perm": {"staff": True, "perms": ()},
-    "staff_view": {"staff": True, "perms": ("view_workflowrun",)},
-    "staff_change": {"staff": True, "perms": ("change_workflowrun",)},
-    "superuser": {"staff": True, "perms": (), "is_superuser": True},
-}
-
-
-@pytest.fixture
-def login(client, make_user):
-    """Log ``client`` in as one of ``USERS``; returns the user (None for anonymous)."""
-
-    def do(kind: str):
-        spec = USERS[kind]
-        if spec is None:
-            return None
-        user = make_user(kind, **spec)
-        client.force_login(user)
-        return user
-
-    return do
+def login(client):
+    """Log ``client`` in as one of ``ROLES``; returns the user (None for anonymous)."""
+    return lambda kind: login_as(client, kind)
 
 
 @pytest.fixture
@@ -165,8 +131,8 @@ def test_post_permissions(client, login, kind, expected, action, status, changed
         assert response["Location"] == f"/accounts/login/?next={detail_url(run)}"
 
 
-def test_inactive_staff_user_is_refused(client, make_user):
-    user = make_user("gone", perms=("change_workflowrun",))
+def test_inactive_staff_user_is_refused(client):
+    user = create_user("gone", "change_workflowrun")
     client.force_login(user)
     user.is_active = False
     user.save()
@@ -195,10 +161,10 @@ def test_pages_refuse_post(staff_client):
     assert staff_client.post(detail_url(run)).status_code == 405
 
 
-def test_transitions_need_the_csrf_token(make_user):
+def test_transitions_need_the_csrf_token():
     run = make_run("failed")
     client = Client(enforce_csrf_checks=True)
-    client.force_login(make_user("alice", perms=("change_workflowrun",)))
+    client.force_login(create_user("alice", "change_workflowrun"))
 
     response = client.post(resume_url(run))
 
@@ -531,11 +497,11 @@ def test_run_detail_without_steps(staff_client):
     assert "Never resumed or canceled." in html
 
 
-def test_run_detail_shows_the_resume_and_cancel_history(staff_client, make_user):
+def test_run_detail_shows_the_resume_and_cancel_history(staff_client):
     run = make_run(
         "failed", error={"type": "ValueError", "message": "card declined", "traceback": ""}
     )
-    bob = make_user("bob", perms=("change_workflowrun",))
+    bob = create_user("bob", "change_workflowrun")
     WorkflowRun.objects.resume(run, by=bob)
     WorkflowRun.objects.cancel(run)
 
@@ -701,8 +667,6 @@ def test_pretty_json_returns_plain_text_for_the_template_to_escape():
 
 # --- the rest of the security matrix: GET never changes state, CSRF on every POST ----------
 
-CSRF_SECRET = "owfcsrfsecret0123456789abcdefghi"  # 32 characters: a valid unmasked token
-
 
 def state_of(*runs) -> tuple:
     return (
@@ -712,7 +676,7 @@ def state_of(*runs) -> tuple:
     )
 
 
-@pytest.mark.parametrize("kind", list(USERS))
+@pytest.mark.parametrize("kind", list(ROLES))
 @pytest.mark.parametrize("method", ["get", "head"])
 @pytest.mark.parametrize(
     ("action", "status"), [("resume", "failed"), ("cancel", "running"), ("cancel", "pending")]
@@ -731,7 +695,7 @@ def test_get_on_transition_endpoints_changes_nothing_for_any_role(
     assert state_of(run) == before
 
 
-@pytest.mark.parametrize("kind", list(USERS))
+@pytest.mark.parametrize("kind", list(ROLES))
 @pytest.mark.parametrize("page", ["list", "detail"])
 def test_pages_change_nothing_for_any_role(client, login, kind, page):
     run = make_run("failed")
@@ -743,25 +707,14 @@ def test_pages_change_nothing_for_any_role(client, login, kind, page):
     assert state_of(run) == before
 
 
-def csrf_client(login_kind: str, make_user) -> Client:
-    client = Client(enforce_csrf_checks=True)
-    spec = USERS[login_kind]
-    if spec is not None:
-        client.force_login(make_user(login_kind, **spec))
-    client.cookies["csrftoken"] = CSRF_SECRET
-    return client
-
-
-@pytest.mark.parametrize("kind", list(USERS))
+@pytest.mark.parametrize("kind", list(ROLES))
 @pytest.mark.parametrize(
     ("action", "status"), [("resume", "failed"), ("cancel", "running"), ("cancel", "pending")]
 )
 @pytest.mark.parametrize("token", [None, "", "wrong-token", "x" * 64])
-def test_every_post_without_a_valid_csrf_token_is_403_for_any_role(
-    make_user, kind, action, status, token
-):
+def test_every_post_without_a_valid_csrf_token_is_403_for_any_role(kind, action, status, token):
     run = make_run(status)
-    client = csrf_client(kind, make_user)
+    client = role_client(kind, enforce_csrf=True)
     url = resume_url(run) if action == "resume" else cancel_url(run)
     before = state_of(run)
 
@@ -776,10 +729,10 @@ def test_every_post_without_a_valid_csrf_token_is_403_for_any_role(
 @pytest.mark.parametrize(("kind", "expected"), POST_ANSWER_BY_ROLE)
 @pytest.mark.parametrize(("action", "status", "changed_status"), TRANSITIONS)
 def test_a_valid_csrf_token_leaves_only_the_permission_check(
-    make_user, kind, expected, action, status, changed_status
+    kind, expected, action, status, changed_status
 ):
     run = make_run(status)
-    client = csrf_client(kind, make_user)
+    client = role_client(kind, enforce_csrf=True)
     url = resume_url(run) if action == "resume" else cancel_url(run)
 
     response = client.post(url, {"csrfmiddlewaretoken": CSRF_SECRET})
