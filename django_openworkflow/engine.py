@@ -32,8 +32,8 @@ from .durations import (
 from .exceptions import StepFailed
 from .managers import DEADLINE_ERROR, notify
 from .models import StepAttempt, WorkflowRun
-from .registry import MAX_NAME_LENGTH
 from .serialization import (
+    MAX_NAME_LENGTH,
     NUL_PROBLEM,
     describe_exception,
     ensure_json,

@@ -12,14 +12,13 @@ from django.utils import timezone
 
 from .conf import app_settings
 from .durations import RetryPolicy
-from .serialization import NUL_PROBLEM, ensure_json
+from .serialization import NUL_PROBLEM, check_name_text, ensure_json
 
 if TYPE_CHECKING:
     from .engine import WorkflowContext
     from .models import WorkflowRun
 
 IDEMPOTENCY_WINDOW = datetime.timedelta(hours=24)
-MAX_NAME_LENGTH = 255  # the longest workflow or step name: the columns hold 255 characters
 
 _registry: dict[str, Workflow] = {}
 _duplicates: list[tuple[Workflow, Workflow]] = []
@@ -40,12 +39,7 @@ class Workflow:
             raise TypeError(f"workflow {name!r} must wrap a callable, not {fn!r}")
         if not isinstance(name, str) or not name.strip():
             raise TypeError(f"workflow name must be a non-empty string, not {name!r}")
-        if len(name) > MAX_NAME_LENGTH:  # WorkflowRun.workflow_name
-            raise ValueError(
-                f"workflow name {name[:40]!r}… is {len(name)} characters; at most {MAX_NAME_LENGTH}"
-            )
-        if "\x00" in name:
-            raise ValueError(f"workflow name {name!r} {NUL_PROBLEM}")
+        check_name_text(name, "workflow name")
         if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
             raise TypeError(
                 f"retry_policy of workflow {name!r} must be a RetryPolicy, not {retry_policy!r}"

@@ -10,6 +10,17 @@ from typing import Any
 # PostgreSQL cannot store U+0000 in text or jsonb: refused everywhere (values,
 # names, keys), so that what SQLite accepts PostgreSQL accepts too.
 NUL_PROBLEM = "contains the character U+0000 (NUL), which PostgreSQL cannot store"
+MAX_NAME_LENGTH = 255  # workflow, step and signal names: their columns hold 255 characters
+
+
+def check_name_text(name: str, what: str) -> None:
+    """Raise ``ValueError`` unless ``name`` fits its column: at most 255 characters, no NUL."""
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(
+            f"{what} {name[:40]!r}… is {len(name)} characters; at most {MAX_NAME_LENGTH}"
+        )
+    if "\x00" in name:
+        raise ValueError(f"{what} {name!r} {NUL_PROBLEM}")
 
 
 def json_problem(value: Any, path: str = "$") -> str | None:

@@ -20,16 +20,13 @@ from .conf import app_settings
 from .managers import ACTIVE, notify
 from .models import StepAttempt, WorkflowRun, WorkflowSignal
 from .registry import IDEMPOTENCY_WINDOW, lock_key
-from .serialization import NUL_PROBLEM, ensure_json
+from .serialization import check_name_text, ensure_json
 
 
 def check_signal_name(signal: Any, what: str = "signal") -> str:
     if not isinstance(signal, str) or not signal:
         raise TypeError(f"{what} must be a non-empty string, not {signal!r}")
-    if len(signal) > 255:
-        raise ValueError(f"{what} {signal[:40]!r}… is {len(signal)} characters; at most 255")
-    if "\x00" in signal:
-        raise ValueError(f"{what} {signal!r} {NUL_PROBLEM}")
+    check_name_text(signal, what)
     return signal
 
 

@@ -36,7 +36,7 @@ from ... import __version__
 from ...bench import HOLD_NAMESPACE, NAMESPACE, one_step, three_steps
 from ...managers import notify
 from ...models import WorkflowRun
-from ..workers import spawn_runworker
+from ..workers import spawn_runworker, stop_process
 
 SYSTEM = "django-openworkflow"
 
@@ -145,7 +145,7 @@ class Command(BaseCommand):
             end = self.wait_for(runs, worker)
             cpu1, wcpu1 = _machine_cpu(), _process_cpu_s(worker.pid)
         finally:
-            self.stop_worker(worker)  # its sessions end, so their statistics are flushed
+            stop_process(worker)  # its sessions end, so their statistics are flushed
         cost = self.cost_fields(counters0, runs)
         seconds = (end - t0).total_seconds()
         steps = WorkflowRun.objects.filter(namespace=NAMESPACE, status="completed").count() * 3
@@ -191,7 +191,7 @@ class Command(BaseCommand):
                         time.sleep(0.002)
                     latencies.append((row[1] - began).total_seconds() * 1000)
         finally:
-            self.stop_worker(worker)
+            stop_process(worker)
         return {
             "system": self.options["system_label"],
             "variant": "latency_idle_worker",
@@ -308,14 +308,6 @@ class Command(BaseCommand):
                 "WHERE datname = current_database() AND query LIKE 'LISTEN django_openworkflow%%'"
             )
             return int(cursor.fetchone()[0])
-
-    def stop_worker(self, worker: subprocess.Popen[bytes]) -> None:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
 
     def wait_for(self, runs: int, worker: subprocess.Popen[bytes]) -> datetime:
         deadline = time.monotonic() + self.options["timeout"]

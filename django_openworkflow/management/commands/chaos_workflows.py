@@ -30,13 +30,12 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connection
-from django.db.models import Count, Q
 from django.test.utils import override_settings
 
 from ...chaos import NAMESPACE, Audit, audit, create_ledger, drop_ledger, ledger_steps
 from ...models import WorkflowRun
 from ..workers import positive_int as _positive_int
-from ..workers import spawn_runworker
+from ..workers import spawn_runworker, stop_process
 
 ENGINE_CRASH = "crashed the engine"
 
@@ -83,16 +82,7 @@ class Worker:
         return not self.killed and self.process.poll() is not None
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def engine_crashes(self) -> int:
-        return self.log.read_text(errors="replace").count(ENGINE_CRASH)
+        stop_process(self.process)
 
 
 class Command(BaseCommand):
@@ -186,8 +176,7 @@ class Command(BaseCommand):
             finally:
                 for worker in self.workers:
                     worker.stop()
-            crashes = sum(w.engine_crashes() for w in [*self.workers, *self.retired])
-            self.report_exits()
+            crashes = self.report_crashes()
         result = self.query(lambda: audit(options["runs"], options["steps"]))
         seconds = time.monotonic() - started
         self.stdout.write(self.summary(result, crashes, seconds))
@@ -212,7 +201,7 @@ class Command(BaseCommand):
         while time.monotonic() < end:
             time.sleep(0.05)
             self.replace_exited()
-            finished, _ = self.progress()
+            finished = self.finished()
             if restart_due and (finished or 0) >= options["runs"] // 4:
                 restart_due = False
                 self.restart_database()
@@ -242,7 +231,7 @@ class Command(BaseCommand):
         deadline = time.monotonic() + self.options["timeout"]
         while time.monotonic() < deadline:
             self.replace_exited()
-            finished, _ = self.progress()
+            finished = self.finished()
             if finished is not None and finished >= self.options["runs"]:
                 return True
             time.sleep(0.2)
@@ -256,20 +245,17 @@ class Command(BaseCommand):
                 self.retired.append(worker)
                 self.workers[index] = self.spawn()
 
-    def progress(self) -> tuple[int | None, int | None]:
-        """``(finished runs, completed runs)``; ``(None, None)`` while the database is away."""
+    def finished(self) -> int | None:
+        """How many runs have finished; None while the database is away."""
         try:
-            parents = WorkflowRun.objects.filter(
-                namespace=NAMESPACE, workflow_name=ledger_steps.name
-            )
-            row = parents.aggregate(
-                finished=Count("pk", filter=Q(status__in=WorkflowRun.FINISHED_STATUSES)),
-                completed=Count("pk", filter=Q(status=WorkflowRun.Status.COMPLETED)),
-            )
+            return WorkflowRun.objects.filter(
+                namespace=NAMESPACE,
+                workflow_name=ledger_steps.name,
+                status__in=WorkflowRun.FINISHED_STATUSES,
+            ).count()
         except DatabaseError:
             connection.close()
-            return None, None
-        return row["finished"], row["completed"]
+            return None
 
     def query(self, fn: Any) -> Any:
         """Call ``fn``, retrying while the database comes back."""
@@ -281,18 +267,22 @@ class Command(BaseCommand):
                 time.sleep(0.2)
         return fn()
 
-    def report_exits(self) -> None:
+    def report_crashes(self) -> int:
+        """Print the logs of workers that exited or crashed on their own; count the crashes."""
         for worker in self.other_exits:
             tail = worker.log.read_text(errors="replace").splitlines()[-20:]
             self.stderr.write(
                 f"worker exited with {worker.process.returncode} without being killed; "
                 "the end of its log:\n" + "\n".join(tail)
             )
+        crashes = 0
         for worker in [*self.workers, *self.retired]:
             text = worker.log.read_text(errors="replace")
+            crashes += text.count(ENGINE_CRASH)
             if ENGINE_CRASH in text:
                 start = text.index(ENGINE_CRASH)
                 self.stderr.write(f"a worker logged an engine crash:\n{text[start : start + 3000]}")
+        return crashes
 
     def summary(self, result: Audit, crashes: int, seconds: float) -> str:
         others = ", ".join(f"{k} {v}" for k, v in sorted(result.failed_attempts.items())) or "0"
