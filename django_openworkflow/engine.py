@@ -32,6 +32,7 @@ from .durations import (
 from .exceptions import StepFailed
 from .managers import DEADLINE_ERROR, notify
 from .models import StepAttempt, WorkflowRun
+from .pauses import pause_point
 from .serialization import (
     MAX_NAME_LENGTH,
     NUL_PROBLEM,
@@ -365,6 +366,7 @@ class Execution:
                 )
                 if finished:
                     self._store_deferred()
+                pause_point("finish.before-commit", run_id=self.run.pk, status=status)
         self.deferred = None
         if not finished:
             self._claim_lost()
@@ -506,6 +508,7 @@ class Execution:
 
     def _begin_attempt(self, name: str, **fields: Any) -> StepAttempt:
         self._check_cap()
+        pause_point("step.before-fence", run_id=self.run.pk, step=name)
         if self.fast and not fields:
             started_at = self.now()
             attempt_id = fastpath.start_step(
@@ -550,6 +553,7 @@ class Execution:
                     result = fn()
                     self._check_result(attempt.step_name, result)
                     self._complete_attempt(attempt, result)
+                pause_point("step.after-commit", run_id=self.run.pk, step=attempt.step_name)
             else:
                 result = fn()
                 self._check_result(attempt.step_name, result)
@@ -632,6 +636,9 @@ class Execution:
         self, failed: list[tuple[StepAttempt, dict[str, Any]]], policy: RetryPolicy
     ) -> None:
         """Steps raised: raise ``TypeError``/``StepFailed``, or park the run for a retry."""
+        pause_point(
+            "step.before-failure", run_id=self.run.pk, steps=[a.step_name for a, _ in failed]
+        )
         for attempt, error in failed:
             if error.get("retryable") is False:
                 self._fail_attempt(attempt, error)
@@ -761,6 +768,7 @@ class Execution:
 
         Fails the step for a failed, canceled or missing child.
         """
+        pause_point("child.before-read", run_id=self.run.pk, child_id=attempt.child_workflow_run_id)
         child = (
             WorkflowRun.objects.filter(pk=attempt.child_workflow_run_id)
             .values("pk", "workflow_name", "status", "output", "error")

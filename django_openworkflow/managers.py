@@ -19,6 +19,7 @@ from django.db.models import Q
 from django.db.models.functions import Coalesce, Now
 
 from .exceptions import InvalidTransition
+from .pauses import pause_point
 from .signals import run_canceled, run_failed, run_resumed, run_started, send_after_commit
 
 if TYPE_CHECKING:
@@ -231,6 +232,7 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
                 self.wake_waiting_parents([run.pk])
                 notify(self.db, run.namespace)
             send_after_commit(run_canceled, run, using=self.db, by=by)
+            pause_point("cancel.before-children", run_id=run.pk)
             children = self.filter(parent_step_attempt__workflow_run=run).active()
             for child_pk in children.values_list("pk", flat=True):
                 try:

@@ -14,10 +14,16 @@ nothing is due it *travels in time*: every timer of the active runs (sleeps,
 retry delays, wait timeouts, deadlines) is moved closer by the same amount,
 so the next one is due at once. Runs waiting for a signal without a timeout
 stay waiting: send the signal, then call ``drain()`` again.
+
+``pause_at()`` stops a thread of the engine at a named pause point (see
+``django_openworkflow.pauses``) so a test can force a race deterministically.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -27,6 +33,7 @@ from django.utils import timezone
 from .conf import app_settings
 from .engine import Execution
 from .models import StepAttempt, WorkflowRun
+from .pauses import add_hook, remove_hook
 from .registry import Workflow, get_workflow, workflow_names
 
 TEST_WORKER_ID = "django_openworkflow.testing"
@@ -89,3 +96,58 @@ def run_to_completion(
     drain(time_travel=time_travel)
     run.refresh_from_db()
     return run
+
+
+class Pause:
+    """One thread held at a pause point; see ``pause_at``."""
+
+    def __init__(self, name: str, when: Callable[[dict[str, Any]], bool] | None, hold: float):
+        self.name = name
+        self.context: dict[str, Any] = {}
+        self._when = when
+        self._hold = hold
+        self._reached = threading.Event()
+        self._released = threading.Event()
+        self._lock = threading.Lock()
+
+    def _hook(self, context: dict[str, Any]) -> None:
+        if self._when is not None and not self._when(context):
+            return
+        with self._lock:
+            if self._reached.is_set():  # only the first thread that matches is held
+                return
+            self.context = context
+            self._reached.set()
+        self._released.wait(self._hold)
+
+    @property
+    def reached(self) -> bool:
+        return self._reached.is_set()
+
+    def wait(self, timeout: float = 10.0) -> dict[str, Any]:
+        """Block until a thread stands at the point; return the point's context."""
+        if not self._reached.wait(timeout):
+            raise AssertionError(f"no thread reached pause point {self.name!r} in {timeout} s")
+        return self.context
+
+    def release(self) -> None:
+        """Let the held thread (and any later one) go on."""
+        self._released.set()
+
+
+@contextmanager
+def pause_at(
+    name: str, *, when: Callable[[dict[str, Any]], bool] | None = None, hold: float = 60.0
+) -> Iterator[Pause]:
+    """Hold the first thread that reaches pause point ``name`` (and matches ``when``).
+
+    The thread waits until ``pause.release()`` or the end of the ``with``
+    block (or ``hold`` seconds, so a broken test cannot hang the suite).
+    """
+    pause = Pause(name, when, hold)
+    add_hook(name, pause._hook)
+    try:
+        yield pause
+    finally:
+        pause.release()
+        remove_hook(name, pause._hook)

@@ -29,6 +29,7 @@ from .conf import app_settings
 from .engine import Execution
 from .managers import NOTIFY_CHANNEL
 from .models import WorkflowRun
+from .pauses import pause_point
 from .registry import get_workflow, workflow_names
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ class Worker:
                     )
                     busy = len(claimed) == free
                     for run in claimed:
+                        pause_point("claim.after-commit", run_id=run.pk, worker_id=self.worker_id)
                         self._submit(run)
                     if self.burst and not claimed and not self._in_flight:
                         logger.info("no runs due, burst worker exits worker=%s", self.worker_id)
@@ -242,6 +244,7 @@ class Worker:
         except Exception:
             logger.exception("run crashed the engine run=%s", run.pk)
         finally:
+            pause_point("worker.after-execute", run_id=run.pk, token=run.claim_token)
             with self._lock:
                 self._in_flight.pop(run.pk, None)
                 self.runs_executed += 1
@@ -288,6 +291,7 @@ class Worker:
                     tokens = [r.claim_token for r in self._in_flight.values() if r.claim_token]
                 if not tokens:
                     continue
+                pause_point("heartbeat.before-renew", tokens=tokens)
                 try:
                     renewed = WorkflowRun.objects.renew_leases(tokens, self.lease_seconds)
                     logger.debug("leases renewed worker=%s runs=%d", self.worker_id, renewed)

@@ -70,6 +70,9 @@ _db = DATABASES["default"]
 if _db["ENGINE"] == "django.db.backends.sqlite3":
     _db["OPTIONS"] = {"transaction_mode": "IMMEDIATE", "timeout": 30}
     _db["TEST"] = {"NAME": _sqlite_file.replace(".sqlite3", "-test.sqlite3")}
+elif os.environ.get("OPENWORKFLOW_PG_TEST_NAME"):
+    # Several checkouts testing at once on one PostgreSQL server: a test database each.
+    _db["TEST"] = {"NAME": os.environ["OPENWORKFLOW_PG_TEST_NAME"]}
 if os.environ.get("OPENWORKFLOW_TEST_DB"):
     # A worker subprocess: talk to the database the test runner created.
     _db["NAME"] = os.environ["OPENWORKFLOW_TEST_DB"]

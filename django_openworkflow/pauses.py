@@ -1,0 +1,59 @@
+"""Named pause points: the places where the engine's timing against other transactions matters.
+
+The engine calls ``pause_point(name, run_id=...)`` at each of them. Nothing
+is registered in production, so a call costs one dictionary lookup. Tests
+block a thread there with ``django_openworkflow.testing.pause_at(name)`` and
+let another transaction run in between, so a race is forced, not hoped for:
+
+```python
+with pause_at("child.before-read", when=lambda c: c["run_id"] == parent.pk) as pause:
+    thread.start()          # the parent's replay stops before it reads its child
+    pause.wait()            # ... until it is stopped there
+    WorkflowRun.objects.resume(child)
+# leaving the block releases the parent
+```
+
+Every point is listed in ``PAUSE_POINTS`` with what is true when a thread
+stands there; ``pause_at`` refuses names that are not listed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+PAUSE_POINTS: dict[str, str] = {
+    "claim.after-commit": "a worker committed a claim and is about to hand the run to a slot",
+    "step.before-fence": "a step is about to open its fenced transaction (start or finish)",
+    "step.after-commit": "a step.atomic committed its writes and result; its on_commit hooks ran",
+    "step.before-failure": "a step raised; its failure is about to be stored",
+    "child.before-read": "a replaying parent holds its run lock and is about to read its child",
+    "finish.before-commit": "a run's finishing write is done but not committed (parent not woken)",
+    "cancel.before-children": "a cancel changed its own run's row, not yet its children's",
+    "worker.after-execute": "a slot finished executing a run and is about to drop it from flight",
+    "heartbeat.before-renew": "the heartbeat collected the claims it will renew",
+}
+
+_hooks: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
+
+
+def pause_point(name: str, **context: Any) -> None:
+    """Let a test's hook run here (it may block this thread); a no-op otherwise."""
+    hooks = _hooks.get(name)
+    if hooks:
+        for hook in list(hooks):
+            hook(context)
+
+
+def add_hook(name: str, hook: Callable[[dict[str, Any]], None]) -> None:
+    if name not in PAUSE_POINTS:
+        raise ValueError(f"unknown pause point {name!r}; known: {', '.join(sorted(PAUSE_POINTS))}")
+    _hooks.setdefault(name, []).append(hook)
+
+
+def remove_hook(name: str, hook: Callable[[dict[str, Any]], None]) -> None:
+    hooks = _hooks.get(name, [])
+    if hook in hooks:
+        hooks.remove(hook)
+    if not hooks:
+        _hooks.pop(name, None)
