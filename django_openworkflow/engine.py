@@ -277,7 +277,7 @@ class Execution:
             if a.status == StepAttempt.Status.RUNNING and a.kind == StepAttempt.Kind.RUN
         ]
         if lost:
-            with transaction.atomic():
+            with transaction.atomic(using=self.using):
                 self._fence()
                 StepAttempt.objects.filter(pk__in=lost, status="running").update(
                     status="failed", error=WORKER_LOST_ERROR, finished_at=Now()
@@ -340,7 +340,7 @@ class Execution:
         if self._past_deadline(retry_at):
             self._finish(WorkflowRun.Status.FAILED, error=_deadline_error(error), attempts=attempts)
             return
-        with transaction.atomic():
+        with transaction.atomic(using=self.using):
             self._fence()
             WorkflowRun.objects.park_claimed(
                 self.run.pk, self.token, retry_at, attempts=attempts, error=error
@@ -360,7 +360,7 @@ class Execution:
                 **fields,
             )
         else:
-            with transaction.atomic():
+            with transaction.atomic(using=self.using):
                 finished = WorkflowRun.objects.finish_claimed(
                     self.run.pk, self.token, status, wake_parent=wake_parent, **fields
                 )
@@ -535,7 +535,7 @@ class Execution:
                 started_at=started_at,
                 position=self.positions.get(name),
             )
-        with transaction.atomic():
+        with transaction.atomic(using=self.using):
             self._fence(renew=True)
             return self._new_attempt(name, fields.pop("kind", StepAttempt.Kind.RUN), **fields)
 
@@ -544,36 +544,76 @@ class Execution:
     ) -> tuple[Any, dict[str, Any] | None]:
         """Call ``fn`` and store its result; return ``(result, None)`` or ``(None, error)``.
 
-        With ``defer`` the result is stored by this run's next write (the next
-        step's start, a park or the finish), in the same commit.
+        Only what ``fn`` raises (any exception but ``KeyboardInterrupt`` and the
+        engine's own unwinding) and a refused result are failures of the step;
+        a failed write of the engine's own raises. With ``defer`` the result is
+        stored by this run's next write (the next step's start, a park or the
+        finish), in the same commit.
         """
+        if atomic:
+            return self._invoke_atomic(attempt, fn)
         try:
-            if atomic:
-                with transaction.atomic():
-                    result = fn()
-                    self._check_result(attempt.step_name, result)
-                    self._complete_attempt(attempt, result)
-                pause_point("step.after-commit", run_id=self.run.pk, step=attempt.step_name)
-            else:
+            result = fn()
+            self._check_result(attempt.step_name, result)
+        except (Suspend, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            return None, _step_error(exc)
+        if defer:
+            self.deferred = (attempt.pk, result, self.now())
+            attempt.status = StepAttempt.Status.COMPLETED
+            attempt.output = result
+        else:
+            with transaction.atomic(using=self.using):
+                self._complete_attempt(attempt, result)
+        return result, None
+
+    def _invoke_atomic(
+        self, attempt: StepAttempt, fn: Callable[[], Any]
+    ) -> tuple[Any, dict[str, Any] | None]:
+        """``step.atomic``: ``fn``'s writes and the step's result commit together.
+
+        An exception once both are written (a ``transaction.on_commit`` hook of
+        ``fn`` that raises, a commit whose reply was lost) is no failure of a
+        step that committed: whether it did is looked up under the fence.
+        """
+        stored = False
+        try:
+            with transaction.atomic(using=self.using):
                 result = fn()
                 self._check_result(attempt.step_name, result)
-                if defer:
-                    self.deferred = (attempt.pk, result, self.now())
-                    attempt.status = StepAttempt.Status.COMPLETED
-                    attempt.output = result
-                else:
-                    with transaction.atomic():
-                        self._complete_attempt(attempt, result)
-        except Suspend:
+                self._complete_attempt(attempt, result)
+                stored = True
+        except (Suspend, KeyboardInterrupt):
             raise
-        except _Refused as exc:
-            error = describe_exception(exc)
-            error["type"] = exc.kind.__name__
-            error["retryable"] = False
-            return None, error
-        except Exception as exc:
-            return None, describe_exception(exc)
+        except BaseException as exc:
+            error = _step_error(exc)
+            if not (stored and self._committed(attempt)):
+                return None, error
+            logger.warning(
+                "step committed, then raised run=%s step=%s error=%s "
+                "(an on_commit hook or the commit's reply failed; the step is not repeated)",
+                self.run.pk,
+                attempt.step_name,
+                error["type"],
+            )
+        pause_point("step.after-commit", run_id=self.run.pk, step=attempt.step_name)
         return result, None
+
+    def _committed(self, attempt: StepAttempt) -> bool:
+        """After an error at or after a commit: did the attempt's completion commit?"""
+        connection = connections[self.using]
+        if (
+            connection.connection is not None
+            and not connection.in_atomic_block
+            and not connection.is_usable()
+        ):
+            connection.close()  # the connection was lost: look on a new one
+        with transaction.atomic(using=self.using):
+            self._fence()
+            return StepAttempt.objects.filter(
+                pk=attempt.pk, status=StepAttempt.Status.COMPLETED
+            ).exists()
 
     def _invoke_many(
         self, calls: list[tuple[StepAttempt, Callable[[], Any]]]
@@ -616,14 +656,10 @@ class Execution:
         attempt.status = StepAttempt.Status.COMPLETED
         attempt.output = result
 
-    def _fail_attempt(self, attempt: StepAttempt, error: dict[str, Any]) -> None:
-        with transaction.atomic():
-            self._fence()
-            self._store_failure(attempt, error)
-
     def _store_failure(self, attempt: StepAttempt, error: dict[str, Any]) -> None:
-        StepAttempt.objects.filter(pk=attempt.pk).update(
-            status="failed", error=error, finished_at=Now()
+        """Inside a fenced transaction: fail the attempt, unless it is no longer running."""
+        StepAttempt.objects.filter(pk=attempt.pk, status=StepAttempt.Status.RUNNING).update(
+            status=StepAttempt.Status.FAILED, error=error, finished_at=Now()
         )
         attempt.status = StepAttempt.Status.FAILED
         attempt.error = error
@@ -635,49 +671,49 @@ class Execution:
     def _after_failures(
         self, failed: list[tuple[StepAttempt, dict[str, Any]]], policy: RetryPolicy
     ) -> None:
-        """Steps raised: raise ``TypeError``/``StepFailed``, or park the run for a retry."""
+        """Steps raised: store every failure, then raise ``TypeError``/``StepFailed`` or park.
+
+        All the failures of one pass (several with ``parallel``) are stored in
+        one fenced transaction before anything is raised, so no sibling's real
+        error is lost behind another's.
+        """
         pause_point(
             "step.before-failure", run_id=self.run.pk, steps=[a.step_name for a, _ in failed]
         )
+        counts = {a.step_name: len(self.failures.get(a.step_name, [])) + 1 for a, _ in failed}
+        refused = [(a, e) for a, e in failed if e.get("retryable") is False]
+        exhausted = [(a, e) for a, e in failed if policy.exhausted(counts[a.step_name])]
+        retry_at = None
+        if not refused and not exhausted:
+            retry_at = min(self.now() + policy.delay(counts[a.step_name]) for a, _ in failed)
+        past_deadline = retry_at is not None and self._past_deadline(retry_at)
+        with transaction.atomic(using=self.using):
+            self._fence()
+            for attempt, error in failed:
+                self._store_failure(attempt, error)
+            if retry_at is not None and not past_deadline:
+                WorkflowRun.objects.park_claimed(self.run.pk, self.token, retry_at)
         for attempt, error in failed:
-            if error.get("retryable") is False:
-                self._fail_attempt(attempt, error)
-                raise _refused_again(error)
-        exhausted = [
-            (attempt, error, len(self.failures.get(attempt.step_name, [])) + 1)
-            for attempt, error in failed
-            if policy.exhausted(len(self.failures.get(attempt.step_name, [])) + 1)
-        ]
-        if exhausted:
-            with transaction.atomic():
-                self._fence()
-                for attempt, error in failed:
-                    self._store_failure(attempt, error)
-            attempt, error, count = exhausted[0]
             logger.info(
-                "step failed run=%s step=%s attempts=%d", self.run.pk, attempt.step_name, count
+                "step failed run=%s step=%s error=%s attempts=%d",
+                self.run.pk,
+                attempt.step_name,
+                error["type"],
+                counts[attempt.step_name],
             )
-            raise StepFailed(attempt.step_name, error, count)
-        retry_at = min(
-            self.now() + policy.delay(len(self.failures.get(attempt.step_name, [])) + 1)
-            for attempt, _ in failed
-        )
-        if self._past_deadline(retry_at):
-            with transaction.atomic():
-                self._fence()
-                for attempt, error in failed:
-                    self._store_failure(attempt, error)
+        if refused:
+            raise _refused_again(refused[0][1])
+        if exhausted:
+            attempt, error = exhausted[0]
+            raise StepFailed(attempt.step_name, error, counts[attempt.step_name])
+        assert retry_at is not None
+        if past_deadline:
             attempt, error = failed[0]
             self._finish(
                 WorkflowRun.Status.FAILED, error=_deadline_error(error, step=attempt.step_name)
             )
             logger.info("run failed run=%s step=%s reason=deadline", self.run.pk, attempt.step_name)
             raise Suspend("deadline")
-        with transaction.atomic():
-            self._fence()
-            for attempt, error in failed:
-                self._store_failure(attempt, error)
-            WorkflowRun.objects.park_claimed(self.run.pk, self.token, retry_at)
         self.parked_until = retry_at
         logger.info(
             "step retry scheduled run=%s steps=%s at=%s",
@@ -812,7 +848,7 @@ class Execution:
             return done.output  # type: ignore[return-value]
         ensure_json(data, f'data of signal step "{step}"')
         self._check_cap()
-        with transaction.atomic():
+        with transaction.atomic(using=self.using):
             self._fence(renew=True)
             alias = transaction.get_connection().alias
             woken = [str(run_id) for run_id in deliver(alias, self.run.namespace, signal, data)]
@@ -868,7 +904,7 @@ class Execution:
     ) -> StepAttempt:
         """Store a waiting attempt and park the run, in one fenced transaction."""
         self._check_cap()
-        with transaction.atomic():
+        with transaction.atomic(using=self.using):
             self._fence()
             attempt = self._new_attempt(name, kind, wake_at=wake_at, **fields)
             if then is not None:
@@ -892,7 +928,7 @@ class Execution:
         step (child workflows).
         """
         failed: dict[str, Any] | None = None
-        with transaction.atomic():
+        with transaction.atomic(using=self.using):
             self._fence()
             try:
                 over, value = outcome()
@@ -926,6 +962,15 @@ class Execution:
         self.completed[attempt.step_name] = attempt
         self.waiting.pop(attempt.step_name, None)
         return value
+
+
+def _step_error(exc: BaseException) -> dict[str, Any]:
+    """The stored error of a failed step; a refused result is not retried."""
+    error = describe_exception(exc)
+    if isinstance(exc, _Refused):
+        error["type"] = exc.kind.__name__
+        error["retryable"] = False
+    return error
 
 
 def _refused_again(error: dict[str, Any]) -> Exception:

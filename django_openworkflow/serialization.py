@@ -108,10 +108,42 @@ def ensure_json(value: Any, what: str) -> None:
         raise ValueError(f"{what} is too large: {too_large}")
 
 
+MAX_ERROR_MESSAGE = 4_000  # characters of an error's message that are stored
+MAX_ERROR_TRACEBACK = 50_000  # characters of its traceback (the end is kept: the raise site)
+
+
+def storable_text(text: str, limit: int, *, keep_end: bool = False) -> str:
+    """``text`` made storable: NUL and lone surrogates escaped, cut at ``limit`` characters.
+
+    Error text comes from user code (an exception's message, a traceback with
+    its source lines) and is never refused: it is made storable instead.
+    """
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) > limit:
+        cut = f"… [{len(text) - limit:,} characters cut]"
+        text = cut + text[-limit:] if keep_end else text[:limit] + cut
+    return text
+
+
 def describe_exception(exc: BaseException) -> dict[str, Any]:
-    """The stored form of an error: type, message and traceback."""
+    """The stored form of an error: type, message and traceback, always storable.
+
+    Never raises: an exception whose ``__str__`` raises is described by its type.
+    """
+    kind = type(exc).__name__
+    try:
+        message = str(exc)
+    except Exception as broken:
+        message = f"<str() of the {kind} failed: {type(broken).__name__}>"
+    try:
+        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception as broken:
+        trace = f"<the traceback of the {kind} could not be formatted: {type(broken).__name__}>"
     return {
-        "type": type(exc).__name__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "type": storable_text(kind, MAX_NAME_LENGTH),
+        "message": storable_text(message, MAX_ERROR_MESSAGE),
+        "traceback": storable_text(trace, MAX_ERROR_TRACEBACK, keep_end=True),
     }

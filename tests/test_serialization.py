@@ -49,3 +49,24 @@ def test_describe_exception_keeps_type_message_and_traceback():
     assert error["type"] == "ValueError"
     assert error["message"] == "card declined"
     assert "raise ValueError" in error["traceback"]
+
+
+def test_describe_exception_makes_any_text_storable_and_never_raises():
+    class Unprintable(Exception):
+        def __str__(self):
+            raise RuntimeError("no")
+
+    error = describe_exception(Unprintable())
+    assert error["message"] == "<str() of the Unprintable failed: RuntimeError>"
+    assert error["type"] == "Unprintable"
+    error = describe_exception(ValueError("a\x00b\ud800c"))
+    assert error["message"] == "a\\x00b\\ud800c"
+    assert json_problem(error) is None
+
+
+def test_long_error_text_is_cut_keeping_the_start_of_a_message_and_the_end_of_a_traceback():
+    from django_openworkflow.serialization import MAX_ERROR_MESSAGE, storable_text
+
+    message = describe_exception(ValueError("x" * (MAX_ERROR_MESSAGE + 10)))["message"]
+    assert message == "x" * MAX_ERROR_MESSAGE + "… [10 characters cut]"
+    assert storable_text("abcdef", 2, keep_end=True) == "… [4 characters cut]ef"

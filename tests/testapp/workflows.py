@@ -286,3 +286,6 @@ def changes_order(ctx):
     ctx.step.run(order[0], lambda: effect(ctx, order[0]) or 1)
     ctx.step.sleep("pause", "10ms")
     return ctx.step.run(order[1], lambda: effect(ctx, order[1]) or 2)
+
+
+from . import hardening  # noqa: E402, F401  (its @workflow definitions)
