@@ -189,7 +189,7 @@ class Execution:
         self.waiting: dict[str, StepAttempt] = {}
         self.attempt_count = 0
         self.positions: dict[str, int] = {}  # step name -> its place among this pass's calls
-        self.history_positions: dict[int, str] = {}  # place -> step name, from stored attempts
+        self.history_positions: dict[int, str] = {}  # place -> the step stored there (binding)
         # Threads for ctx.step.parallel(); 1 runs the steps one after another
         # on this thread (the testing helper does, to stay in the test's transaction).
         self.max_parallel = max_parallel
@@ -287,9 +287,8 @@ class Execution:
                     a.status = StepAttempt.Status.FAILED
                     a.error = dict(WORKER_LOST_ERROR)
             logger.warning("worker lost run=%s steps=%d", self.run.pk, len(lost))
+        self.history_positions = replay_positions(attempts, self.generation)
         for a in attempts:
-            if a.position is not None:
-                self.history_positions.setdefault(a.position, a.step_name)
             if a.resume_generation == self.generation:
                 self.attempt_count += 1
             if a.status == StepAttempt.Status.COMPLETED:
@@ -962,6 +961,36 @@ class Execution:
         self.completed[attempt.step_name] = attempt
         self.waiting.pop(attempt.step_name, None)
         return value
+
+
+def replay_positions(attempts: Iterable[StepAttempt], generation: int) -> dict[int, str]:
+    """The step each place in the call order must hold when ``generation`` replays.
+
+    Every attempt of the current generation binds its place. An earlier
+    generation binds only the places of its completed steps before its first
+    unfinished one: after a step that failed, that generation's path followed
+    the failure (a compensation, say), which a resumed run need not repeat.
+    Later generations win.
+    """
+    by_generation: dict[int, list[tuple[int, str, bool]]] = {}
+    for a in attempts:
+        if a.position is not None:
+            done = a.status == StepAttempt.Status.COMPLETED
+            by_generation.setdefault(a.resume_generation, []).append(
+                (a.position, a.step_name, done)
+            )
+    expected: dict[int, str] = {}
+    for gen in sorted(by_generation):
+        rows = by_generation[gen]
+        if gen == generation:
+            expected.update((position, name) for position, name, _ in rows)
+            continue
+        completed = {name for _, name, done in rows if done}
+        cut = min((position for position, name, _ in rows if name not in completed), default=None)
+        for position, name, _ in rows:
+            if name in completed and (cut is None or position < cut):
+                expected[position] = name
+    return expected
 
 
 def _step_error(exc: BaseException) -> dict[str, Any]:

@@ -114,3 +114,57 @@ def test_a_refused_parallel_result_stores_the_siblings_own_error_too():
     drain()
     broken = StepAttempt.objects.filter(workflow_run=run, step_name="broken").order_by("id")
     assert [a.error["type"] for a in broken] == ["KeyError", "KeyError"]  # never WorkerLost
+
+
+# 5. Resuming a run that compensated ------------------------------------------------
+
+
+def test_a_run_that_compensated_resumes_on_its_new_path():
+    run = finished("compensates")
+    assert (run.status, run.error["type"]) == ("failed", "StepFailed")
+    SideEffect.objects.create(run_id=run.pk, step="card-fixed")
+    WorkflowRun.objects.resume(run)
+    drain()
+    run.refresh_from_db()
+    assert (run.status, run.output) == ("completed", "charged"), run.error
+    assert history(run) == [
+        ("reserve", "completed", 0),
+        ("charge", "failed", 0),
+        ("release-stock", "completed", 0),
+        ("charge", "completed", 1),
+        ("ship", "completed", 1),
+    ]
+    assert [executions(run, s) for s in ("reserve", "charge", "ship")] == [1, 2, 1]
+
+
+def test_a_resumed_run_still_may_not_reorder_the_steps_it_is_served():
+    run = finished("changes-order")
+    assert run.status == "completed"
+    StepAttempt.objects.filter(workflow_run=run, step_name="b").update(
+        status="failed", error={"type": "ValueError", "message": "made to fail"}
+    )
+    WorkflowRun.objects.filter(pk=run.pk).update(status="failed")
+    SideEffect.objects.create(run_id=run.pk, step="flip")  # now "b" is called first
+    WorkflowRun.objects.resume(run)
+    drain()
+    run.refresh_from_db()
+    assert (run.status, run.error["type"]) == ("failed", "NonDeterministicWorkflow")
+
+
+def test_replay_positions_bind_each_generation_up_to_its_first_unfinished_step():
+    from django_openworkflow.engine import replay_positions
+
+    def attempt(gen, position, name, status):
+        return StepAttempt(resume_generation=gen, position=position, step_name=name, status=status)
+
+    attempts = [
+        attempt(0, 0, "reserve", "completed"),
+        attempt(0, 1, "charge", "failed"),
+        attempt(0, 2, "release-stock", "completed"),  # after the failure: not binding
+        attempt(1, 1, "charge", "completed"),
+        attempt(1, 2, "ship", "failed"),
+    ]
+    assert replay_positions(attempts, 2) == {0: "reserve", 1: "charge"}
+    assert replay_positions(attempts, 1) == {0: "reserve", 1: "charge", 2: "ship"}
+    retried = [attempt(0, 0, "a", "failed"), attempt(0, 0, "a", "completed")]
+    assert replay_positions([*retried, attempt(0, 1, "b", "completed")], 1) == {0: "a", 1: "b"}
