@@ -803,7 +803,6 @@ class Execution:
 
         Fails the step for a failed, canceled or missing child.
         """
-        pause_point("child.before-read", run_id=self.run.pk, child_id=attempt.child_workflow_run_id)
         child = (
             WorkflowRun.objects.filter(pk=attempt.child_workflow_run_id)
             .values("pk", "workflow_name", "status", "output", "error")
@@ -848,9 +847,10 @@ class Execution:
         ensure_json(data, f'data of signal step "{step}"')
         self._check_cap()
         with transaction.atomic(using=self.using):
+            # The lock order: the sender is locked with the waiting runs, oldest first.
+            delivered = deliver(self.using, self.run.namespace, signal, data, sender=self.run.pk)
             self._fence(renew=True)
-            alias = transaction.get_connection().alias
-            woken = [str(run_id) for run_id in deliver(alias, self.run.namespace, signal, data)]
+            woken = [str(run_id) for run_id in delivered]
             self.completed[step] = self._new_attempt(
                 step,
                 StepAttempt.Kind.SIGNAL_SEND,
@@ -945,6 +945,7 @@ class Execution:
                         "child_run": str(attempt.child_workflow_run_id),
                     }
             if not over:
+                pause_point("wait.before-park", run_id=self.run.pk, step=attempt.step_name)
                 WorkflowRun.objects.park_claimed(self.run.pk, self.token, attempt.wake_at)
                 self.parked_until = attempt.wake_at
             elif failed is not None:

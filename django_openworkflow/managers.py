@@ -5,18 +5,26 @@ actions, the worker and the engine call them and never assign ``status``
 themselves. Transitions made on behalf of a worker are *fenced*: they match
 the run's ``claim_token`` (new for every claim), so a worker that lost its
 claim writes nothing.
+
+The lock order. A transaction that locks several runs' rows and waits for
+them locks them oldest first (``created_at``, then ``id``: ``LOCK_ORDER``).
+A parent is always older than its children, so parents are locked before
+children: a child that finishes, is canceled or passes its deadline locks
+its parent (``lock_parents``) *before* it changes its own row. Locks taken
+with ``SKIP LOCKED`` never wait and need no order.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.db import models, transaction
 from django.db.models import Q
 from django.db.models.functions import Coalesce, Now
+from django.utils import timezone
 
 from .exceptions import InvalidTransition
 from .pauses import pause_point
@@ -58,8 +66,31 @@ def notify(using: str, namespace: str) -> None:
         cursor.execute("SELECT pg_notify(%s, %s)", [NOTIFY_CHANNEL, namespace])
 
 
-def _pk(run_or_id: Any) -> Any:
-    return getattr(run_or_id, "pk", run_or_id)
+LOCK_ORDER = ("created_at", "pk")
+WAIT_KINDS = ("sleep", "workflow", "signal_wait")  # attempts that wait rather than execute
+
+
+def _pk(run_or_id: Any) -> uuid.UUID:
+    """The run id of a run or an id; an id that is no UUID names no run (``DoesNotExist``)."""
+    from .models import WorkflowRun
+
+    value = getattr(run_or_id, "pk", run_or_id)
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except (TypeError, ValueError, AttributeError):
+        raise WorkflowRun.DoesNotExist(f"no workflow run has the id {value!r}") from None
+
+
+def _aware_deadline(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, datetime) or timezone.is_naive(value):
+        raise ValueError(
+            f"deadline_at must be an aware datetime (timezone.now() + ...), not {value!r}"
+        )
+    return value
 
 
 class WorkflowRunQuerySet(models.QuerySet["WorkflowRun"]):
@@ -124,13 +155,17 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
 
         Locks the run row and decides from the status read under that lock.
         Raises ``InvalidTransition`` for a run that is not ``failed`` (or whose
-        deadline has passed and no future ``deadline_at`` is given) and
-        ``WorkflowRun.DoesNotExist`` for an unknown id.
+        deadline has passed and no future ``deadline_at`` is given),
+        ``WorkflowRun.DoesNotExist`` for an unknown id (or one that is not a
+        UUID) and ``ValueError`` for a ``deadline_at`` that is not an aware
+        datetime. Waits in flight when the run failed are kept.
         """
-        from .models import WorkflowRunEvent
+        from .models import StepAttempt, WorkflowRunEvent
 
+        pk = _pk(run_or_id)
+        deadline_at = _aware_deadline(deadline_at)
         with transaction.atomic(using=self.db):
-            run = self.select_for_update().annotate(db_now=Now()).get(pk=_pk(run_or_id))
+            run = self.select_for_update().annotate(db_now=Now()).get(pk=pk)
             if run.status != self.model.Status.FAILED:
                 raise InvalidTransition(
                     f"cannot resume run {run.pk}: it is {run.status}; "
@@ -181,6 +216,11 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
                     "deadline_at",
                 ]
             )
+            # Waits in flight when the run failed (its deadline passed while a child
+            # ran, say) go on in the new generation: the same child, the same signal.
+            StepAttempt.objects.using(self.db).filter(
+                workflow_run=run, status=StepAttempt.Status.RUNNING, kind__in=WAIT_KINDS
+            ).update(resume_generation=run.resume_generation)
             WorkflowRunEvent.objects.using(self.db).create(
                 run=run, action=WorkflowRunEvent.Action.RESUME, by=by, cleared_error=cleared
             )
@@ -189,16 +229,18 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
         return run
 
     def cancel(self, run_or_id: Any, *, by: Any = None) -> WorkflowRun:
-        """Cancel a pending or running run and its unfinished child runs.
+        """Cancel a pending or running run and its unfinished descendant runs.
 
-        A worker executing it stops at its next step boundary and stores
+        A worker executing one stops at its next step boundary and stores
         nothing further as success. Raises ``InvalidTransition`` for a
         finished run and ``WorkflowRun.DoesNotExist`` for an unknown id.
+        One transaction, locking in the lock order: the run's parent, the
+        run, then its descendants.
         """
-        from .models import StepAttempt, WorkflowRunEvent
-
+        pk = _pk(run_or_id)
         with transaction.atomic(using=self.db):
-            run = self.select_for_update().annotate(db_now=Now()).get(pk=_pk(run_or_id))
+            self.lock_parents([pk])
+            run = self.select_for_update().annotate(db_now=Now()).get(pk=pk)
             if run.status not in ACTIVE:
                 raise InvalidTransition(
                     f"cannot cancel run {run.pk}: it is {run.status}; "
@@ -206,40 +248,82 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
                     run_id=run.pk,
                     status=run.status,
                 )
-            run.status = self.model.Status.CANCELED
-            run.worker_id = None
-            run.claim_token = None
-            run.available_at = None
-            run.finished_at = run.db_now
-            run.updated_at = run.db_now
-            run.save(
-                update_fields=[
-                    "status",
-                    "worker_id",
-                    "claim_token",
-                    "available_at",
-                    "finished_at",
-                    "updated_at",
-                ]
-            )
-            StepAttempt.objects.using(self.db).filter(workflow_run=run, status="running").update(
-                status="failed", error=CANCELED_ERROR, finished_at=Now()
-            )
-            WorkflowRunEvent.objects.using(self.db).create(
-                run=run, action=WorkflowRunEvent.Action.CANCEL, by=by
-            )
-            if run.parent_step_attempt_id is not None:
-                self.wake_waiting_parents([run.pk])
-                notify(self.db, run.namespace)
-            send_after_commit(run_canceled, run, using=self.db, by=by)
+            self._mark_canceled(run, by)
             pause_point("cancel.before-children", run_id=run.pk)
-            children = self.filter(parent_step_attempt__workflow_run=run).active()
-            for child_pk in children.values_list("pk", flat=True):
-                try:
-                    self.cancel(child_pk, by=by)
-                except InvalidTransition:  # finished meanwhile
-                    continue
+            descendants = self._lock_active_descendants(run.pk)
+            for child in self.filter(pk__in=descendants).active().annotate(db_now=Now()):
+                self._mark_canceled(child, by)
+            if run.parent_step_attempt_id is not None and self.wake_waiting_parents([run.pk]):
+                notify(self.db, run.namespace)
         return run
+
+    def _mark_canceled(self, run: WorkflowRun, by: Any) -> None:
+        """Inside ``cancel``'s transaction, with the row locked: cancel one run."""
+        from .models import StepAttempt, WorkflowRunEvent
+
+        run.status = self.model.Status.CANCELED
+        run.worker_id = None
+        run.claim_token = None
+        run.available_at = None
+        run.finished_at = run.updated_at = getattr(run, "db_now", None) or timezone.now()
+        run.save(
+            update_fields=[
+                "status",
+                "worker_id",
+                "claim_token",
+                "available_at",
+                "finished_at",
+                "updated_at",
+            ]
+        )
+        StepAttempt.objects.using(self.db).filter(workflow_run=run, status="running").update(
+            status="failed", error=CANCELED_ERROR, finished_at=Now()
+        )
+        WorkflowRunEvent.objects.using(self.db).create(
+            run=run, action=WorkflowRunEvent.Action.CANCEL, by=by
+        )
+        send_after_commit(run_canceled, run, using=self.db, by=by)
+
+    def _lock_active_descendants(self, root: Any) -> set[Any]:
+        """Lock the active runs below ``root`` (children, their children, ...) in the lock order.
+
+        The whole family is read first and locked at once; a child started
+        meanwhile (its parent was not locked yet) is found by the next round.
+        """
+        locked: set[Any] = set()
+        while True:
+            family, frontier = set(), [root]
+            while frontier:
+                frontier = list(
+                    self.filter(parent_step_attempt__workflow_run_id__in=frontier)
+                    .active()
+                    .values_list("pk", flat=True)
+                )
+                family.update(frontier)
+            new = family - locked
+            if not new:
+                return locked
+            locked.update(self.lock(new))
+
+    # --- the lock order ---------------------------------------------------------
+
+    def lock(self, ids: Iterable[Any]) -> list[Any]:
+        """Lock these runs' rows in the lock order (oldest first); return their ids."""
+        return list(
+            self.select_for_update()
+            .filter(pk__in=ids if isinstance(ids, models.QuerySet) else list(ids))
+            .order_by(*LOCK_ORDER)
+            .values_list("pk", flat=True)
+        )
+
+    def lock_parents(self, child_ids: Iterable[Any]) -> list[Any]:
+        """Lock the runs whose steps started these child runs: before the children change."""
+        from .models import StepAttempt
+
+        parents = StepAttempt.objects.using(self.db).filter(
+            child_workflow_run_id__in=list(child_ids)
+        )
+        return self.lock(parents.values("workflow_run_id"))
 
     # --- transitions made by workers ----------------------------------------
 
@@ -335,18 +419,27 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
             return self.filter(pk__in=ids).update(available_at=now_plus(lease_seconds))
 
     def fail_overdue(self, namespace: str) -> int:
-        """Fail the active runs of ``namespace`` whose deadline has passed."""
+        """Fail the active runs of ``namespace`` whose deadline has passed; wake their parents.
+
+        Their executing step attempts fail with the deadline; waits in flight
+        (a child, a signal, a sleep) stay open, so a resumed run goes on
+        waiting for the same child rather than starting a second one.
+        """
         from .models import StepAttempt
 
+        candidates = list(self.in_namespace(namespace).overdue().values_list("pk", flat=True))
+        if not candidates:
+            return 0
         with transaction.atomic(using=self.db):
-            overdue = self.in_namespace(namespace).overdue()
+            self.lock_parents(candidates)
+            overdue = self.filter(pk__in=candidates).overdue()
             if self._connection().features.has_select_for_update_skip_locked:
                 overdue = overdue.select_for_update(skip_locked=True)
             ids = list(overdue.values_list("pk", flat=True))
             if not ids:
                 return 0
             StepAttempt.objects.using(self.db).filter(
-                workflow_run_id__in=ids, status="running"
+                workflow_run_id__in=ids, status="running", kind=StepAttempt.Kind.RUN
             ).update(status="failed", error=DEADLINE_ERROR, finished_at=Now())
             failed = (
                 self.filter(pk__in=ids)
@@ -370,14 +463,24 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
     def wake_waiting_parents(self, child_ids: Iterable[Any]) -> int:
         """Make the parked parents of these (now finished) child runs due at once.
 
-        The UPDATE locks each parent's row, so a parent on its way to parking
-        either parks first (and is woken here) or sees the finished child.
+        The caller has locked the parents (``lock_parents``) before changing
+        the children, so a parent replaying at this moment either parked
+        before (and is woken here) or reads the finished child after. Only a
+        wait of the parent's current generation is woken.
         """
-        return self.filter(
-            status=self.model.Status.PENDING,
-            step_attempts__child_workflow_run_id__in=list(child_ids),
-            step_attempts__status="running",
-        ).update(available_at=Now(), updated_at=Now())
+        from .models import StepAttempt
+
+        waits = StepAttempt.objects.using(self.db).filter(
+            workflow_run_id=models.OuterRef("pk"),
+            resume_generation=models.OuterRef("resume_generation"),
+            child_workflow_run_id__in=list(child_ids),
+            status=StepAttempt.Status.RUNNING,
+        )
+        return (
+            self.filter(status=self.model.Status.PENDING)
+            .filter(models.Exists(waits))
+            .update(available_at=Now(), updated_at=Now())
+        )
 
     def next_due_at(self, namespace: str, workflow_names: Iterable[str]) -> Any:
         """When the earliest active run of the known workflows becomes due, or None."""
@@ -436,6 +539,7 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
         if not wake_parent:
             return bool(claimed.update(**changes))
         with transaction.atomic(using=self.db):
+            self.lock_parents([run_id])  # the lock order: the parent before the child
             if not claimed.update(**changes):
                 return False
             self.wake_waiting_parents([run_id])

@@ -6,9 +6,9 @@ block a thread there with ``django_openworkflow.testing.pause_at(name)`` and
 let another transaction run in between, so a race is forced, not hoped for:
 
 ```python
-with pause_at("child.before-read", when=lambda c: c["run_id"] == parent.pk) as pause:
-    thread.start()          # the parent's replay stops before it reads its child
-    pause.wait()            # ... until it is stopped there
+with pause_at("wait.before-park", when=lambda c: c["run_id"] == parent.pk) as pause:
+    thread.start()          # the parent's replay found its child unfinished, will park
+    pause.wait()            # ... once it stands there
     WorkflowRun.objects.resume(child)
 # leaving the block releases the parent
 ```
@@ -27,7 +27,7 @@ PAUSE_POINTS: dict[str, str] = {
     "step.before-fence": "a step is about to open its fenced transaction (start or finish)",
     "step.after-commit": "a step.atomic committed its writes and result; its on_commit hooks ran",
     "step.before-failure": "a step raised; its failure is about to be stored",
-    "child.before-read": "a replaying parent holds its run lock and is about to read its child",
+    "wait.before-park": "a replaying run holds its row lock, found its wait not over, will park",
     "finish.before-commit": "a run's finishing write is done but not committed (parent not woken)",
     "cancel.before-children": "a cancel changed its own run's row, not yet its children's",
     "worker.after-execute": "a slot finished executing a run and is about to drop it from flight",

@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 from django.db import router, transaction
+from django.db.models import F
 from django.db.models.functions import Now
 
 from .conf import app_settings
@@ -30,26 +31,29 @@ def check_signal_name(signal: Any, what: str = "signal") -> str:
     return signal
 
 
-def deliver(using: str, namespace: str, signal: str, data: Any) -> list[uuid.UUID]:
-    """Inside a transaction: deliver ``data`` to every step waiting on ``signal`` now."""
+def deliver(
+    using: str, namespace: str, signal: str, data: Any, *, sender: Any = None
+) -> list[uuid.UUID]:
+    """Inside a transaction: deliver ``data`` to every step waiting on ``signal`` now.
+
+    Locks the waiting runs (and the ``sender``, a run sending as a step) in
+    the lock order, then re-reads who is still waiting. Only waits of a
+    run's current resume generation take the signal.
+    """
     waiting = StepAttempt.objects.using(using).filter(
         kind=StepAttempt.Kind.SIGNAL_WAIT,
         status=StepAttempt.Status.RUNNING,
         signal=signal,
+        resume_generation=F("workflow_run__resume_generation"),
         workflow_run__namespace=namespace,
         workflow_run__status__in=ACTIVE,
     )
-    run_ids = sorted(set(waiting.values_list("workflow_run_id", flat=True)))
+    run_ids = set(waiting.values_list("workflow_run_id", flat=True))
+    if sender is not None:
+        WorkflowRun.objects.db_manager(using).lock([*run_ids, sender])
     if not run_ids:
         return []
-    # Lock the waiting runs (in a fixed order), then re-read who is still waiting.
-    locked = list(
-        WorkflowRun.objects.using(using)
-        .select_for_update()
-        .filter(pk__in=run_ids, status__in=ACTIVE)
-        .order_by("pk")
-        .values_list("pk", flat=True)
-    )
+    locked = WorkflowRun.objects.db_manager(using).lock(run_ids)
     targets = list(waiting.filter(workflow_run_id__in=locked).values_list("pk", "workflow_run_id"))
     if not targets:
         return []

@@ -1,10 +1,17 @@
 """Regression tests for the broken promises of issue 10, on SQLite and PostgreSQL."""
 
-import pytest
+import datetime
+from datetime import timedelta
 
+import pytest
+from django.utils import timezone
+
+from django_openworkflow import send_signal
+from django_openworkflow.engine import replay_positions
 from django_openworkflow.models import StepAttempt, WorkflowRun
 from django_openworkflow.registry import get_workflow
-from tests.conftest import drain
+from django_openworkflow.testing import drain as drain_here
+from tests.conftest import claim_and_execute, drain
 from tests.testapp.models import Ledger, SideEffect
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -152,8 +159,6 @@ def test_a_resumed_run_still_may_not_reorder_the_steps_it_is_served():
 
 
 def test_replay_positions_bind_each_generation_up_to_its_first_unfinished_step():
-    from django_openworkflow.engine import replay_positions
-
     def attempt(gen, position, name, status):
         return StepAttempt(resume_generation=gen, position=position, step_name=name, status=status)
 
@@ -168,3 +173,68 @@ def test_replay_positions_bind_each_generation_up_to_its_first_unfinished_step()
     assert replay_positions(attempts, 1) == {0: "reserve", 1: "charge", 2: "ship"}
     retried = [attempt(0, 0, "a", "failed"), attempt(0, 0, "a", "completed")]
     assert replay_positions([*retried, attempt(0, 1, "b", "completed")], 1) == {0: "a", 1: "b"}
+
+
+# 9. A resumed parent waits for its still-running child -------------------------------
+
+
+def test_a_parent_resumed_after_its_deadline_waits_for_the_same_child():
+    run = get_workflow("parent").start(
+        {"child": "waiter", "child_input": {"signal": "go-9"}},
+        deadline_at=timezone.now() + timedelta(hours=1),
+    )
+    claim_and_execute()  # the parent starts its child and parks
+    claim_and_execute()  # the child runs "before" and waits for its signal
+    [wait] = StepAttempt.objects.filter(workflow_run=run, kind="workflow")
+    child = wait.child_workflow_run
+    WorkflowRun.objects.filter(pk=run.pk).update(deadline_at=timezone.now() - timedelta(1))
+    assert WorkflowRun.objects.fail_overdue("default") == 1
+    run.refresh_from_db()
+    wait.refresh_from_db()
+    assert (run.status, run.error["type"]) == ("failed", "DeadlineExceeded")
+    assert wait.status == "running"  # the wait is kept, not failed with the deadline
+
+    WorkflowRun.objects.resume(run, deadline_at=timezone.now() + timedelta(hours=1))
+    wait.refresh_from_db()
+    assert wait.resume_generation == 1  # it goes on in the new generation
+    drain_here()  # the parent replays and parks on the same child
+    assert send_signal("go-9", {"ok": True}) == [str(child.pk)]
+    drain_here()
+    run.refresh_from_db()
+    assert (run.status, run.output) == ("completed", {"child": {"data": {"ok": True}}})
+    assert list(WorkflowRun.objects.filter(parent_step_attempt__workflow_run=run)) == [child]
+    wait.refresh_from_db()
+    child.refresh_from_db()
+    assert (wait.status, child.parent_step_attempt_id) == ("completed", wait.pk)
+
+
+def test_a_wait_of_a_superseded_generation_takes_no_signal():
+    run = get_workflow("waiter").start({"signal": "gen-signal"})
+    claim_and_execute()
+    WorkflowRun.objects.filter(pk=run.pk).update(resume_generation=1)  # a later generation
+    assert send_signal("gen-signal", 1) == []
+    [wait] = StepAttempt.objects.filter(workflow_run=run, kind="signal_wait")
+    assert (wait.status, wait.resume_generation) == ("running", 0)
+
+
+# Bad input to the manager transitions --------------------------------------------
+
+
+@pytest.mark.parametrize("deadline_at", ["2030-01-01T00:00:00Z", datetime.datetime(2030, 1, 1)])
+def test_resume_refuses_a_deadline_that_is_not_an_aware_datetime(deadline_at):
+    run = finished("fails-at-once")
+    with pytest.raises(ValueError) as refused:
+        WorkflowRun.objects.resume(run, deadline_at=deadline_at)
+    assert str(refused.value) == (
+        f"deadline_at must be an aware datetime (timezone.now() + ...), not {deadline_at!r}"
+    )
+    run.refresh_from_db()
+    assert (run.status, run.resume_generation, run.events.count()) == ("failed", 0, 0)
+
+
+@pytest.mark.parametrize("transition", ["resume", "cancel"])
+@pytest.mark.parametrize("bad_id", ["not-a-uuid", 12, None, "\x00"])
+def test_an_id_that_is_not_a_uuid_names_no_run(transition, bad_id):
+    with pytest.raises(WorkflowRun.DoesNotExist) as missing:
+        getattr(WorkflowRun.objects, transition)(bad_id)
+    assert str(missing.value) == f"no workflow run has the id {bad_id!r}"

@@ -1,0 +1,163 @@
+"""Races forced at the engine's pause points, on PostgreSQL (row locks), never with sleeps.
+
+Each test holds one thread at a named pause point (``testing.pause_at``),
+lets another transaction run into it, and checks the outcome the lock order
+promises. Every thread uses its own database connection.
+"""
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from django_openworkflow.engine import Execution
+from django_openworkflow.models import WorkflowRun
+from django_openworkflow.registry import get_workflow
+from django_openworkflow.testing import drain, pause_at
+from tests.conftest import make_due
+from tests.testapp.workflows import parent
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres]
+
+
+class Backend(threading.Thread):
+    """A thread with its own connection; ``pid`` is its server process, ``error`` what it raised."""
+
+    def __init__(self, target):
+        super().__init__(daemon=True)
+        self._target_fn = target
+        self.pid = None
+        self.error = None
+        self.connected = threading.Event()
+
+    def run(self):
+        try:
+            connection.ensure_connection()
+            self.pid = connection.connection.info.backend_pid
+            self.connected.set()
+            self._target_fn()
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+        finally:
+            self.connected.set()
+            connection.close()
+
+    def finish(self):
+        self.join(15)
+        assert not self.is_alive()
+        assert self.error is None, repr(self.error)
+
+
+def blocked_on_a_lock(thread):
+    """Wait (bounded) until ``thread`` has ended or waits for a row lock; True for the lock."""
+    assert thread.connected.wait(10)
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        if not thread.is_alive():
+            return False
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [thread.pid]
+            )
+            row = cursor.fetchone()
+        if row and row[0] == "Lock":
+            return True
+        time.sleep(0.01)
+    raise AssertionError("the thread neither ended nor waited for a lock")
+
+
+def claim(name, worker_id="race-worker"):
+    [run] = WorkflowRun.objects.claim(
+        worker_id=worker_id, workflow_names=[name], limit=1, lease_seconds=30, namespace="default"
+    )
+    return run
+
+
+def execute(run):
+    return lambda: Execution(run, get_workflow(run.workflow_name), lease_seconds=30).execute()
+
+
+def parked_parent(child="echo", child_input=7):
+    run = parent.start({"child": child, "child_input": child_input})
+    execute(claim("parent"))()  # the parent starts its child and parks
+    run.refresh_from_db()
+    assert (run.status, run.available_at) == ("pending", None)
+    return run, WorkflowRun.objects.get(parent_step_attempt__workflow_run=run)
+
+
+def test_a_child_finishing_while_its_parent_replays_still_wakes_the_parent():
+    run, child = parked_parent()
+    make_due(run)  # woken early: the parent replays while the child is unfinished
+    replay = Backend(execute(claim("parent")))
+    with pause_at("wait.before-park", when=lambda c: c["run_id"] == run.pk) as pause:
+        replay.start()
+        pause.wait()  # the parent read its child as unfinished and holds its row lock
+        finishing = Backend(execute(claim("echo")))
+        finishing.start()
+        blocked_on_a_lock(finishing)  # the child locks its parent before changing its row
+    replay.finish()
+    finishing.finish()
+    child.refresh_from_db()
+    run.refresh_from_db()
+    assert child.status == "completed"
+    assert run.status == "pending"
+    assert run.available_at is not None and run.available_at <= timezone.now()  # woken
+    drain()
+    run.refresh_from_db()
+    assert (run.status, run.output) == ("completed", {"child": 7})
+
+
+def test_cancelling_a_parent_while_its_child_finishes_does_not_deadlock():
+    run, child = parked_parent()
+    child_claim = claim("echo")
+    cancel = Backend(lambda: WorkflowRun.objects.cancel(run))
+    with pause_at("cancel.before-children", when=lambda c: c["run_id"] == run.pk) as pause:
+        cancel.start()
+        pause.wait()  # the cancel holds the parent's row, not yet the child's
+        finishing = Backend(execute(child_claim))
+        finishing.start()
+        assert blocked_on_a_lock(finishing)  # waits for the parent, holding nothing
+    cancel.finish()  # no deadlock: the cancel took the child's row
+    finishing.finish()
+    run.refresh_from_db()
+    child.refresh_from_db()
+    assert (run.status, child.status) == ("canceled", "canceled")
+    assert child.output is None  # the fenced-out child stored nothing as success
+
+
+def test_the_deadline_sweep_and_a_cancel_of_the_parent_do_not_deadlock():
+    run, child = parked_parent(child="waiter", child_input={"signal": "never"})
+    execute(claim("waiter"))()  # the child waits for its signal
+    WorkflowRun.objects.filter(pk=child.pk).update(deadline_at=timezone.now() - timedelta(1))
+    cancel = Backend(lambda: WorkflowRun.objects.cancel(run))
+    with pause_at("cancel.before-children", when=lambda c: c["run_id"] == run.pk) as pause:
+        cancel.start()
+        pause.wait()
+        sweep = Backend(lambda: WorkflowRun.objects.fail_overdue("default"))
+        sweep.start()
+        assert blocked_on_a_lock(sweep)  # it locks the parent before the overdue child
+    cancel.finish()
+    sweep.finish()
+    child.refresh_from_db()
+    assert child.status == "canceled"  # the cancel came first; the sweep found nothing due
+
+
+def test_a_resumed_child_finishing_during_its_parents_replay_wakes_the_parent():
+    run, child = parked_parent(child="fails-at-once", child_input=None)
+    execute(claim("fails-at-once"))()  # the child fails and wakes its parent
+    replay = Backend(execute(claim("parent")))
+    WorkflowRun.objects.resume(child)  # meanwhile a person resumes the failed child
+    with pause_at("wait.before-park", when=lambda c: c["run_id"] == run.pk) as pause:
+        replay.start()
+        pause.wait()  # the replay read the resumed child as pending
+        finishing = Backend(execute(claim("fails-at-once")))
+        finishing.start()
+        assert blocked_on_a_lock(finishing)
+    replay.finish()
+    finishing.finish()
+    run.refresh_from_db()
+    assert run.status == "pending"
+    assert run.available_at is not None and run.available_at <= timezone.now()  # woken again
