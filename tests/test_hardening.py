@@ -238,3 +238,16 @@ def test_an_id_that_is_not_a_uuid_names_no_run(transition, bad_id):
     with pytest.raises(WorkflowRun.DoesNotExist) as missing:
         getattr(WorkflowRun.objects, transition)(bad_id)
     assert str(missing.value) == f"no workflow run has the id {bad_id!r}"
+
+
+@pytest.mark.postgres
+def test_a_step_atomic_whose_connection_dies_after_the_commit_is_not_repeated(caplog):
+    run = finished("atomic-reply-lost")
+    assert (run.status, run.output) == ("completed", "written")
+    # found committed on a new connection, in the same pass (no release and replay)
+    assert f"step committed, then raised run={run.pk} step=write error=OperationalError" in (
+        caplog.text
+    )
+    assert "releasing the run" not in caplog.text
+    assert Ledger.objects.filter(run_id=run.pk).count() == 1
+    assert history(run) == [("write", "completed", 0)]

@@ -130,3 +130,22 @@ def compensates(ctx):
         raise
     ctx.step.run("ship", lambda: effect(ctx, "ship") or "shipped")
     return charged
+
+
+@workflow(name="atomic-reply-lost")
+def atomic_reply_lost(ctx):
+    """step.atomic whose connection dies right after its COMMIT (PostgreSQL): the reply is lost."""
+
+    def write():
+        from django.db import connection
+
+        Ledger.objects.create(run_id=ctx.run_id, note="written")
+
+        def kill_own_session():
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+        transaction.on_commit(kill_own_session)
+        return "written"
+
+    return ctx.step.atomic("write", write)
