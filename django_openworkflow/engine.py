@@ -36,6 +36,7 @@ from .pauses import pause_point
 from .serialization import (
     MAX_NAME_LENGTH,
     NUL_PROBLEM,
+    check_name_text,
     describe_exception,
     ensure_json,
     json_problem,
@@ -726,6 +727,8 @@ class Execution:
             child_name, version = workflow, known.version if known else None
         else:
             raise TypeError(f"run_workflow() needs a workflow or its name, not {workflow!r}")
+        of_step = "" if name is None else f' of step "{name}"'
+        check_name_text(child_name, f"child workflow name{of_step}")
         step = name or child_name
         delta = _timeout(timeout, step)
         ensure_json(input, f'input of child workflow step "{step}"')
