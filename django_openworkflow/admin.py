@@ -24,7 +24,7 @@ from django.utils.translation import gettext_lazy, ngettext
 from .exceptions import InvalidTransition
 from .managers import WorkflowRunQuerySet
 from .models import StepAttempt, WorkflowRun, WorkflowRunEvent
-from .views import can_view_runs
+from .views import can_view_runs, run_page_url
 
 
 def _error_summary(error: Any) -> str:
@@ -223,7 +223,10 @@ class WorkflowRunAdmin(NulSafeChangelist):
         obj: WorkflowRun | None = None,
     ) -> HttpResponse:
         context["can_resume"] = context["can_cancel"] = False
-        if obj is not None and self.has_change_permission(request, obj):
+        # The buttons post to the run pages' endpoints: without the pages, the
+        # changelist actions are the way to resume or cancel.
+        context["run_page_url"] = run_page_url(obj.pk) if obj is not None else None
+        if obj is not None and context["run_page_url"] and self.has_change_permission(request, obj):
             context["can_resume"] = obj.status == WorkflowRun.Status.FAILED
             context["can_cancel"] = not obj.is_finished
         return super().render_change_form(request, context, add, change, form_url, obj)

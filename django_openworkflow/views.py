@@ -24,7 +24,7 @@ from django.core.paginator import Paginator
 from django.db.models import Count, Q, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
-from django.urls import reverse
+from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext as _
@@ -42,6 +42,21 @@ RUNS_PER_PAGE = 50
 REFRESH_SECONDS = 3
 
 ViewFunc = Callable[..., HttpResponse]
+
+
+# --- where the pages are -------------------------------------------------------
+
+
+def run_page_url(run_id: Any) -> str | None:
+    """The run's page, or None when the project did not include ``django_openworkflow.urls``.
+
+    The pages are optional (the admin works without them); whatever links to
+    them asks here first.
+    """
+    try:
+        return reverse("django_openworkflow:run-detail", args=[run_id])
+    except NoReverseMatch:
+        return None
 
 
 # --- permissions ---------------------------------------------------------------

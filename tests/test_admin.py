@@ -8,7 +8,7 @@ import pytest
 from django.contrib import admin
 from django.contrib.admin.models import CHANGE, LogEntry
 from django.contrib.messages import get_messages
-from django.test import RequestFactory
+from django.test import RequestFactory, override_settings
 from django.urls import reverse
 from django.utils import timezone
 
@@ -283,6 +283,31 @@ def test_change_page_shows_the_buttons_that_apply(admin_client, status, resume, 
     assert html.count(next_field) == resume + cancel
     assert 'name="_save"' not in html
     assert 'name="_continue"' not in html
+
+
+@override_settings(ROOT_URLCONF="tests.urls_admin_only")
+@pytest.mark.parametrize("status", ["failed", "running"])
+def test_change_page_works_without_the_run_pages(admin_client, status):
+    # The README presents include("django_openworkflow.urls") as optional.
+    run = make_run(status)
+
+    response = admin_client.get(change_url(run))
+
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "Run page" not in html
+    assert "owf-admin-action" not in html  # the buttons need the pages' endpoints
+    assert f"<title>{run} | Change workflow run | Django site admin</title>" in html
+
+
+@override_settings(ROOT_URLCONF="tests.urls_admin_only")
+def test_the_actions_work_without_the_run_pages(admin_client):
+    run = make_run("failed")
+
+    response = run_action(admin_client, "resume_runs", [run])
+
+    assert response.status_code == 302
+    assert messages_of(response) == [("success", "1 run resumed.")]
 
 
 def test_change_page_buttons_post_back_to_the_admin(admin_client):
