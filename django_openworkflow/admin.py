@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from django.contrib import admin, messages
+from django.contrib.admin.actions import delete_selected as django_delete_selected
 from django.contrib.admin.views.main import ERROR_FLAG
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
@@ -177,7 +178,7 @@ class WorkflowRunAdmin(NulSafeChangelist):
     list_filter = ["status", "workflow_name", FailedStepFilter]
     search_fields = ["=id", "idempotency_key", "workflow_name"]
     list_per_page = 50
-    actions = ["resume_runs", "cancel_runs"]
+    actions = ["resume_runs", "cancel_runs", "delete_selected"]
     inlines = [StepAttemptInline, WorkflowRunEventInline]
     change_form_template = "django_openworkflow/admin/workflowrun_change_form.html"
     view_on_site = False  # the change page links to the run page itself
@@ -193,6 +194,12 @@ class WorkflowRunAdmin(NulSafeChangelist):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # runs are started by code (Workflow.start), never typed in
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """An active run cannot be deleted here (its worker or its waiting parent needs it)."""
+        if obj is not None and obj.status in WorkflowRun.ACTIVE_STATUSES:
+            return False
+        return super().has_delete_permission(request, obj)
 
     def changeform_view(
         self,
@@ -278,6 +285,27 @@ class WorkflowRunAdmin(NulSafeChangelist):
             still_allowed=None,
         )
 
+    @admin.action(
+        permissions=["delete"], description=gettext_lazy("Delete selected %(verbose_name_plural)s")
+    )
+    def delete_selected(
+        self, request: HttpRequest, queryset: QuerySet[WorkflowRun]
+    ) -> HttpResponse | None:
+        """Django's delete action for finished runs; active runs are skipped and counted."""
+        active = queryset.filter(status__in=WorkflowRun.ACTIVE_STATUSES)
+        self._report_skipped(
+            request,
+            Counter(
+                _("it is %(status)s (cancel it first)")
+                % {"status": WorkflowRun.Status(status).label}
+                for status in active.values_list("status", flat=True)
+            ),
+        )
+        finished = queryset.exclude(status__in=WorkflowRun.ACTIVE_STATUSES)
+        if not finished.exists():
+            return None
+        return django_delete_selected(self, request, finished)  # type: ignore[no-any-return]
+
     def _transition_each(
         self,
         request: HttpRequest,
@@ -306,6 +334,9 @@ class WorkflowRunAdmin(NulSafeChangelist):
             done(changed) % {"count": changed},
             messages.SUCCESS if changed else messages.WARNING,
         )
+        self._report_skipped(request, skipped)
+
+    def _report_skipped(self, request: HttpRequest, skipped: Counter[str]) -> None:
         for reason, count in sorted(skipped.items()):
             self.message_user(
                 request,

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from django.conf import settings
 from django.db import models
 from django.db.models.functions import Now
+from django.db.models.signals import pre_delete
+from django.dispatch import receiver
 from django.urls import reverse
 from django.utils.translation import gettext_lazy as _
 
@@ -233,6 +236,22 @@ class StepAttempt(models.Model):
         if self.finished_at and self.started_at:
             return self.finished_at - self.started_at
         return None
+
+
+@receiver(pre_delete, sender=WorkflowRun, dispatch_uid="django_openworkflow.wake_parent")
+def wake_parent_of_deleted_child(
+    sender: type[WorkflowRun], instance: WorkflowRun, **kwargs: Any
+) -> None:
+    """A child run deleted from anywhere (ORM, shell, admin) wakes its waiting parent.
+
+    ``pre_delete`` because it runs in the delete's own transaction while the
+    parent's step still links the child (``SET_NULL`` clears the link next),
+    so the parent is woken with the existing child-finished query, and it
+    catches ``instance.delete()`` and ``QuerySet.delete()`` alike. On replay
+    the parent finds no child and fails the step (``ChildWorkflowMissing``).
+    """
+    if instance.parent_step_attempt_id is not None:
+        WorkflowRun.objects.db_manager(kwargs.get("using")).wake_waiting_parents([instance.pk])
 
 
 class WorkflowRunEvent(models.Model):

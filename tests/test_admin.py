@@ -513,7 +513,7 @@ def test_admin_action_permissions(kind, action, status, changed_status):
 
 @pytest.mark.parametrize("kind", list(ROLES))
 def test_delete_selected_is_never_applied_without_confirmation(kind):
-    run = make_run("running")
+    run = make_run("failed")
     client = role_client(kind)
     before = admin_state()
 
@@ -618,3 +618,54 @@ def test_a_nul_in_a_changelist_filter_is_a_bad_lookup_not_a_500(admin_client, mo
     response = admin_client.get(f"/admin/django_openworkflow/{model}/?{query}")
     assert response.status_code == 302
     assert response["Location"] == f"/admin/django_openworkflow/{model}/?e=1"
+
+
+# --- deleting runs ---------------------------------------------------------------
+# An active run is never deleted here: its worker, or a parent waiting for it,
+# still needs it. Finished runs are deleted as usual, with confirmation.
+
+
+@pytest.mark.parametrize(
+    ("status", "deletable"),
+    [("pending", False), ("running", False), ("completed", True), ("failed", True)],
+)
+def test_only_finished_runs_have_a_delete_page(admin_client, status, deletable):
+    run = make_run(status)
+    delete_url = reverse("admin:django_openworkflow_workflowrun_delete", args=[run.pk])
+
+    html = admin_client.get(change_url(run)).content.decode()
+    response = admin_client.post(delete_url, {"post": "yes"})
+
+    assert (f'href="{delete_url}"' in html) is deletable
+    assert response.status_code == (302 if deletable else 403)
+    assert WorkflowRun.objects.filter(pk=run.pk).exists() is not deletable
+
+
+def test_delete_selected_skips_active_runs_and_says_how_many(admin_client):
+    pending, running = make_run("pending"), make_run("running")
+    done = make_run("completed")
+
+    confirm = run_action(admin_client, "delete_selected", [pending, running, done])
+    assert confirm.status_code == 200
+    assert [str(m) for m in confirm.context["messages"]] == [
+        "1 run skipped: it is pending (cancel it first).",
+        "1 run skipped: it is running (cancel it first).",
+    ]
+    assert list(confirm.context["queryset"]) == [done]
+    response = admin_client.post(
+        CHANGELIST,
+        {"action": "delete_selected", "_selected_action": [str(done.pk)], "post": "yes"},
+    )
+
+    assert messages_of(response) == [("success", "Successfully deleted 1 workflow run.")]
+    assert set(WorkflowRun.objects.values_list("pk", flat=True)) == {pending.pk, running.pk}
+
+
+def test_delete_selected_of_only_active_runs_deletes_nothing(admin_client):
+    run = make_run("pending")
+
+    response = run_action(admin_client, "delete_selected", [run])
+
+    assert response.status_code == 302
+    assert messages_of(response) == [("warning", "1 run skipped: it is pending (cancel it first).")]
+    assert WorkflowRun.objects.filter(pk=run.pk).exists()

@@ -112,6 +112,27 @@ def test_cancelling_a_parent_cancels_its_unfinished_children():
     assert child.events.get().action == "cancel"
 
 
+@pytest.mark.parametrize(
+    "delete",
+    [lambda child: child.delete(), lambda child: WorkflowRun.objects.filter(pk=child.pk).delete()],
+    ids=["instance", "queryset"],
+)
+def test_deleting_a_waiting_child_fails_its_parents_step_instead_of_leaving_it_waiting(delete):
+    run = parent.start({"child": "waiter", "child_input": {"signal": "never"}})
+    drain()
+    child = child_of(run)
+    child_id = child.pk
+    delete(child)
+    drain()
+    run.refresh_from_db()
+    assert run.status == WorkflowRun.Status.FAILED
+    assert run.error["message"] == (
+        'step "waiter" failed after 1 attempt: ChildWorkflowMissing: the child run of step '
+        '"waiter" no longer exists'
+    )
+    assert not WorkflowRun.objects.filter(pk=child_id).exists()
+
+
 def test_a_parent_that_fails_leaves_its_children_running():
     run = parent.start({"child": "waiter", "child_input": {"signal": "never"}, "timeout": "10ms"})
     drain()
