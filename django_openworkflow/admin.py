@@ -38,6 +38,20 @@ def _error_summary(error: Any) -> str:
     return str(error)
 
 
+class StepAttemptColumns:
+    """Kind and status of an attempt as the run page shows them ("atomic", "interrupted")."""
+
+    @admin.display(description=gettext_lazy("kind"), ordering="kind")
+    def kind_shown(self, attempt: StepAttempt) -> str:
+        return attempt.kind_label
+
+    @admin.display(description=gettext_lazy("status"), ordering="status")
+    def status_shown(self, attempt: StepAttempt) -> str:
+        if attempt.is_interrupted(attempt.workflow_run):
+            return _("interrupted")
+        return attempt.get_status_display()
+
+
 class ReadOnlyInline(admin.TabularInline):
     """An inline of records that belong to the run: shown, never added, changed or deleted.
 
@@ -61,13 +75,13 @@ class ReadOnlyInline(admin.TabularInline):
         return can_view_runs(request.user)
 
 
-class StepAttemptInline(ReadOnlyInline):
+class StepAttemptInline(StepAttemptColumns, ReadOnlyInline):
     model = StepAttempt
     fk_name = "workflow_run"
     fields = readonly_fields = (
         "step_name",
-        "kind",
-        "status",
+        "kind_shown",
+        "status_shown",
         "resume_generation",
         "started_at",
         "finished_at",
@@ -364,20 +378,20 @@ class WorkflowRunAdmin(NulSafeChangelist):
 
 
 @admin.register(StepAttempt)
-class StepAttemptAdmin(NulSafeChangelist):
+class StepAttemptAdmin(StepAttemptColumns, NulSafeChangelist):
     """Step attempts, read-only (no change permission); usually seen inline on their run's page."""
 
     list_display = [
         "id",
         "run_link",
         "step_name",
-        "kind",
-        "status",
+        "kind_shown",
+        "status_shown",
         "resume_generation",
         "started_at",
         "finished_at",
     ]
-    list_filter = ["status", "kind"]
+    list_filter = ["status", "kind", "atomic"]
     search_fields = ["=workflow_run__id", "step_name"]
     list_select_related = ["workflow_run"]
     list_per_page = 50

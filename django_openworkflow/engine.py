@@ -446,7 +446,7 @@ class Execution:
         replayed, value = self._replay(name, policy)
         if replayed:
             return value
-        attempt = self._begin_attempt(name)
+        attempt = self._begin_attempt(name, atomic=atomic)
         result, error = self._invoke(attempt, fn, atomic=atomic, defer=not atomic)
         if error is None:
             self.completed[name] = attempt
@@ -507,7 +507,7 @@ class Execution:
             raise StepFailed(name, failures[-1].error or {}, len(failures))
         return False, None
 
-    def _begin_attempt(self, name: str, **fields: Any) -> StepAttempt:
+    def _begin_attempt(self, name: str, *, atomic: bool = False, **fields: Any) -> StepAttempt:
         self._check_cap()
         pause_point("step.before-fence", run_id=self.run.pk, step=name)
         if self.fast and not fields:
@@ -521,6 +521,7 @@ class Execution:
                 started_at=started_at,
                 position=self.positions.get(name),
                 deferred=self.deferred,
+                atomic=atomic,
             )
             if attempt_id is None:
                 raise ClaimLost
@@ -531,6 +532,7 @@ class Execution:
                 workflow_run_id=self.run.pk,
                 step_name=name,
                 kind=StepAttempt.Kind.RUN,
+                atomic=atomic,
                 status=StepAttempt.Status.RUNNING,
                 resume_generation=self.generation,
                 started_at=started_at,
@@ -538,7 +540,8 @@ class Execution:
             )
         with transaction.atomic():
             self._fence(renew=True)
-            return self._new_attempt(name, fields.pop("kind", StepAttempt.Kind.RUN), **fields)
+            kind = fields.pop("kind", StepAttempt.Kind.RUN)
+            return self._new_attempt(name, kind, atomic=atomic, **fields)
 
     def _invoke(
         self, attempt: StepAttempt, fn: Callable[[], Any], *, atomic: bool, defer: bool = False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db import models
@@ -14,6 +14,9 @@ from django.urls import reverse
 from django.utils.translation import gettext_lazy as _
 
 from .managers import StepAttemptQuerySet, WorkflowRunManager
+
+if TYPE_CHECKING:
+    from .waiting import WaitingFor
 
 
 class WorkflowRun(models.Model):
@@ -41,7 +44,7 @@ class WorkflowRun(models.Model):
     output = models.JSONField(_("output"), null=True, blank=True)
     error = models.JSONField(_("error"), null=True, blank=True)
     attempts = models.PositiveIntegerField(
-        _("attempts"),
+        _("workflow failures"),
         default=0,
         help_text=_("Workflow-level failures since creation or the last resume."),
     )
@@ -130,6 +133,16 @@ class WorkflowRun(models.Model):
 
         return wait_for_result(self, timeout)
 
+    def waiting_for(self) -> WaitingFor | None:
+        """What this pending run waits for: a sleep, a retry, a child run or a signal.
+
+        None when it is not pending, or pending with nothing to wait for (due,
+        or not started yet). See ``django_openworkflow.waiting.WaitingFor``.
+        """
+        from .waiting import waiting_for
+
+        return waiting_for(self)
+
 
 class StepAttempt(models.Model):
     """One attempt at one step of a run; completed attempts are the run's memory."""
@@ -156,6 +169,12 @@ class StepAttempt(models.Model):
     )
     step_name = models.CharField(_("step"), max_length=255)
     kind = models.CharField(_("kind"), max_length=16, choices=Kind.choices, default=Kind.RUN)
+    atomic = models.BooleanField(
+        _("atomic"),
+        default=False,
+        db_default=False,  # so raw INSERTs that leave it out stay valid
+        help_text=_("A step.atomic step: its database writes commit with its result."),
+    )
     status = models.CharField(
         _("status"), max_length=16, choices=Status.choices, default=Status.RUNNING
     )
@@ -230,6 +249,15 @@ class StepAttempt(models.Model):
 
     def __str__(self) -> str:
         return f"{self.step_name} ({self.status})"
+
+    @property
+    def kind_label(self) -> str:
+        """The kind as shown on the pages and in the admin: "atomic" for step.atomic steps."""
+        return str(_("atomic")) if self.atomic else self.get_kind_display()
+
+    def is_interrupted(self, run: WorkflowRun) -> bool:
+        """Left ``running`` on a finished run (failed, canceled): it never finished."""
+        return self.status == self.Status.RUNNING and run.is_finished
 
     @property
     def duration(self):  # type: ignore[no-untyped-def]

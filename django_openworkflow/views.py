@@ -34,6 +34,7 @@ from django.views.decorators.http import require_POST, require_safe
 from .exceptions import InvalidTransition
 from .managers import WorkflowRunQuerySet
 from .models import StepAttempt, WorkflowRun
+from .waiting import waiting_for
 
 VIEW_PERMISSION = "django_openworkflow.view_workflowrun"
 CHANGE_PERMISSION = "django_openworkflow.change_workflowrun"
@@ -199,6 +200,8 @@ def run_detail(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
         "duration": duration_of(run, now=now),
         "generations": timeline(run, attempts, now=now),
         "attempt_count": len(attempts),
+        "failed_attempt_count": sum(a.status == StepAttempt.Status.FAILED for a in attempts),
+        "waiting": waiting_for(run, attempts),
         "events": events,
         "error": error_parts(run.error),
         "can_resume": can_change and run.status == WorkflowRun.Status.FAILED,
@@ -264,6 +267,7 @@ def timeline(
         attempt.bar_width = width  # type: ignore[attr-defined]
         attempt.elapsed = attempt_end - attempt.started_at  # type: ignore[attr-defined]
         attempt.error_parts = error_parts(attempt.error)  # type: ignore[attr-defined]
+        attempt.interrupted = attempt.is_interrupted(run)  # type: ignore[attr-defined]
         group = generations.setdefault(
             attempt.resume_generation,
             {"number": attempt.resume_generation, "attempts": []},
