@@ -190,7 +190,10 @@ class WorkflowRunAdmin(NulSafeChangelist):
         "finished_at",
     ]
     list_filter = ["status", "workflow_name", FailedStepFilter]
-    search_fields = ["=id", "idempotency_key", "workflow_name"]
+    search_fields = ["idempotency_key"]  # shows the search box; the rule is matching()
+    search_help_text = gettext_lazy(
+        "A run id or its first characters, or part of the idempotency key or workflow name."
+    )
     list_per_page = 50
     actions = ["resume_runs", "cancel_runs", "delete_selected"]
     inlines = [StepAttemptInline, WorkflowRunEventInline]
@@ -208,6 +211,12 @@ class WorkflowRunAdmin(NulSafeChangelist):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # runs are started by code (Workflow.start), never typed in
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[WorkflowRun], search_term: str
+    ) -> tuple[QuerySet[WorkflowRun], bool]:
+        """The run list's search (``WorkflowRunQuerySet.matching``), not the admin's own."""
+        return cast(WorkflowRunQuerySet, queryset).matching(search_term), False
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         """An active run cannot be deleted here (its worker or its waiting parent needs it)."""

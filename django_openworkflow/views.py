@@ -8,7 +8,6 @@ changes go through ``WorkflowRun.objects.resume()`` / ``.cancel()`` only.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -21,7 +20,7 @@ from django.contrib import messages
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
 from django.urls import NoReverseMatch, reverse
@@ -119,7 +118,10 @@ class RunFilterForm(forms.Form):
         required=False,
         strip=True,
         widget=forms.TextInput(
-            attrs={"placeholder": gettext_lazy("run id or idempotency key"), "type": "search"}
+            attrs={
+                "placeholder": gettext_lazy("run id (first characters), idempotency key"),
+                "type": "search",
+            }
         ),
     )
 
@@ -130,10 +132,7 @@ class RunFilterForm(forms.Form):
         if workflow := data.get("workflow"):
             queryset = queryset.filter(workflow_name=workflow)
         if q := data.get("q"):
-            matches = Q(idempotency_key=q)
-            with contextlib.suppress(ValueError):
-                matches |= Q(pk=uuid.UUID(q))
-            queryset = queryset.filter(matches)
+            queryset = cast(WorkflowRunQuerySet, queryset).matching(q)
         return queryset
 
     def selected_status(self) -> str:

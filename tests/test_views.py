@@ -261,18 +261,42 @@ def test_pages_answer_head(staff_client):
     assert staff_client.head(detail_url(run)).status_code == 200
 
 
-def test_run_list_searches_by_id_and_idempotency_key(staff_client):
-    by_key = make_run("completed", idempotency_key="order-42")
-    other = make_run("completed", idempotency_key="order-43")
+FIRST = uuid.UUID("12345678-9abc-def0-1234-56789abcdef0")
+SECOND = uuid.UUID("12345678-0000-4000-8000-000000000000")
 
-    by_id = staff_client.get(list_url(), {"q": str(other.pk)})
-    by_idem = staff_client.get(list_url(), {"q": " order-42 "})
-    nothing = staff_client.get(list_url(), {"q": "order"})
 
-    assert [run.pk for run in by_id.context["page"]] == [other.pk]
-    assert [run.pk for run in by_idem.context["page"]] == [by_key.pk]
-    assert list(nothing.context["page"]) == []
-    assert "No runs match." in nothing.content.decode()
+@pytest.mark.parametrize(
+    ("term", "expected"),
+    [
+        ("12345678", {FIRST, SECOND}),  # the first 8 hex digits of a run id
+        ("12345678-9abc", {FIRST}),
+        ("123456789ABC", {FIRST}),  # without dashes, any case
+        (str(FIRST), {FIRST}),
+        (" order-4 ", {FIRST}),  # part of an idempotency key
+        ("ORDER", {FIRST}),
+        ("invoice-7", {SECOND}),
+        ("bil", {SECOND}),  # part of a workflow name
+        ("123", set()),  # too short for an id prefix
+        ("no-such-thing", set()),
+    ],
+)
+@pytest.mark.parametrize("page", ["run-list", "admin"])
+def test_the_run_list_and_the_admin_search_alike(staff_client, page, term, expected):
+    make_run("completed", id=FIRST, idempotency_key="order-42", workflow_name="ship")
+    make_run("completed", id=SECOND, idempotency_key="invoice-7", workflow_name="bill")
+
+    if page == "run-list":
+        response = staff_client.get(list_url(), {"q": term})
+        found = {run.pk for run in response.context["page"]}
+    else:
+        changelist = reverse("admin:django_openworkflow_workflowrun_changelist")
+        response = staff_client.get(changelist, {"q": term})
+        found = {run.pk for run in response.context["cl"].result_list}
+
+    assert response.status_code == 200
+    assert found == expected
+    if page == "run-list" and not expected:
+        assert "No runs match." in response.content.decode()
 
 
 def test_run_list_paginates_by_50(staff_client):
