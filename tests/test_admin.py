@@ -641,6 +641,23 @@ def test_only_finished_runs_have_a_delete_page(admin_client, status, deletable):
     assert WorkflowRun.objects.filter(pk=run.pk).exists() is not deletable
 
 
+def test_a_finished_run_is_deleted_with_its_step_attempts_and_events(admin_client):
+    run = make_run("failed")
+    StepAttempt.objects.create(workflow_run=run, step_name="charge", status="failed")
+    WorkflowRun.objects.resume(run)
+    WorkflowRun.objects.cancel(run)
+    delete_url = reverse("admin:django_openworkflow_workflowrun_delete", args=[run.pk])
+
+    page = admin_client.get(delete_url)
+    response = admin_client.post(delete_url, {"post": "yes"})
+
+    assert page.context["perms_lacking"] == set()
+    assert response.status_code == 302
+    assert not WorkflowRun.objects.filter(pk=run.pk).exists()
+    assert not StepAttempt.objects.exists()
+    assert not WorkflowRunEvent.objects.exists()
+
+
 def test_delete_selected_skips_active_runs_and_says_how_many(admin_client):
     pending, running = make_run("pending"), make_run("running")
     done = make_run("completed")
