@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from django.contrib import admin, messages
+from django.contrib.admin.actions import delete_selected as django_delete_selected
 from django.contrib.admin.views.main import ERROR_FLAG
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
@@ -24,7 +25,7 @@ from django.utils.translation import gettext_lazy, ngettext
 from .exceptions import InvalidTransition
 from .managers import WorkflowRunQuerySet
 from .models import StepAttempt, WorkflowRun, WorkflowRunEvent
-from .views import can_view_runs
+from .views import can_view_runs, run_page_url
 
 
 def _error_summary(error: Any) -> str:
@@ -35,6 +36,20 @@ def _error_summary(error: Any) -> str:
         message = str(error.get("message") or "")
         return f"{kind}: {message}" if kind and message else kind or message
     return str(error)
+
+
+class StepAttemptColumns:
+    """Kind and status of an attempt as the run page shows them ("atomic", "interrupted")."""
+
+    @admin.display(description=gettext_lazy("kind"), ordering="kind")
+    def kind_shown(self, attempt: StepAttempt) -> str:
+        return attempt.kind_label
+
+    @admin.display(description=gettext_lazy("status"), ordering="status")
+    def status_shown(self, attempt: StepAttempt) -> str:
+        if attempt.is_interrupted(attempt.workflow_run):
+            return _("interrupted")
+        return attempt.get_status_display()
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -60,13 +75,13 @@ class ReadOnlyInline(admin.TabularInline):
         return can_view_runs(request.user)
 
 
-class StepAttemptInline(ReadOnlyInline):
+class StepAttemptInline(StepAttemptColumns, ReadOnlyInline):
     model = StepAttempt
     fk_name = "workflow_run"
     fields = readonly_fields = (
         "step_name",
-        "kind",
-        "status",
+        "kind_shown",
+        "status_shown",
         "resume_generation",
         "started_at",
         "finished_at",
@@ -175,9 +190,12 @@ class WorkflowRunAdmin(NulSafeChangelist):
         "finished_at",
     ]
     list_filter = ["status", "workflow_name", FailedStepFilter]
-    search_fields = ["=id", "idempotency_key", "workflow_name"]
+    search_fields = ["idempotency_key"]  # shows the search box; the rule is matching()
+    search_help_text = gettext_lazy(
+        "A run id or its first characters, or part of the idempotency key or workflow name."
+    )
     list_per_page = 50
-    actions = ["resume_runs", "cancel_runs"]
+    actions = ["resume_runs", "cancel_runs", "delete_selected"]
     inlines = [StepAttemptInline, WorkflowRunEventInline]
     change_form_template = "django_openworkflow/admin/workflowrun_change_form.html"
     view_on_site = False  # the change page links to the run page itself
@@ -193,6 +211,28 @@ class WorkflowRunAdmin(NulSafeChangelist):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # runs are started by code (Workflow.start), never typed in
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[WorkflowRun], search_term: str
+    ) -> tuple[QuerySet[WorkflowRun], bool]:
+        """The run list's search (``WorkflowRunQuerySet.matching``), not the admin's own."""
+        return cast(WorkflowRunQuerySet, queryset).matching(search_term), False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """An active run cannot be deleted here (its worker or its waiting parent needs it)."""
+        if obj is not None and obj.status in WorkflowRun.ACTIVE_STATUSES:
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def get_deleted_objects(self, objs: Any, request: HttpRequest) -> Any:
+        """A run's step attempts and events go with it: no permission of their own is asked.
+
+        (They cannot be deleted on their own, so asking would refuse every run
+        that has any.)
+        """
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        parts = {str(StepAttempt._meta.verbose_name), str(WorkflowRunEvent._meta.verbose_name)}
+        return deleted, counts, {name for name in perms_needed if str(name) not in parts}, protected
 
     def changeform_view(
         self,
@@ -223,7 +263,10 @@ class WorkflowRunAdmin(NulSafeChangelist):
         obj: WorkflowRun | None = None,
     ) -> HttpResponse:
         context["can_resume"] = context["can_cancel"] = False
-        if obj is not None and self.has_change_permission(request, obj):
+        # The buttons post to the run pages' endpoints: without the pages, the
+        # changelist actions are the way to resume or cancel.
+        context["run_page_url"] = run_page_url(obj.pk) if obj is not None else None
+        if obj is not None and context["run_page_url"] and self.has_change_permission(request, obj):
             context["can_resume"] = obj.status == WorkflowRun.Status.FAILED
             context["can_cancel"] = not obj.is_finished
         return super().render_change_form(request, context, add, change, form_url, obj)
@@ -275,6 +318,27 @@ class WorkflowRunAdmin(NulSafeChangelist):
             still_allowed=None,
         )
 
+    @admin.action(
+        permissions=["delete"], description=gettext_lazy("Delete selected %(verbose_name_plural)s")
+    )
+    def delete_selected(
+        self, request: HttpRequest, queryset: QuerySet[WorkflowRun]
+    ) -> HttpResponse | None:
+        """Django's delete action for finished runs; active runs are skipped and counted."""
+        active = queryset.filter(status__in=WorkflowRun.ACTIVE_STATUSES)
+        self._report_skipped(
+            request,
+            Counter(
+                _("it is %(status)s (cancel it first)")
+                % {"status": WorkflowRun.Status(status).label}
+                for status in active.values_list("status", flat=True)
+            ),
+        )
+        finished = queryset.exclude(status__in=WorkflowRun.ACTIVE_STATUSES)
+        if not finished.exists():
+            return None
+        return django_delete_selected(self, request, finished)  # type: ignore[no-any-return]
+
     def _transition_each(
         self,
         request: HttpRequest,
@@ -303,6 +367,9 @@ class WorkflowRunAdmin(NulSafeChangelist):
             done(changed) % {"count": changed},
             messages.SUCCESS if changed else messages.WARNING,
         )
+        self._report_skipped(request, skipped)
+
+    def _report_skipped(self, request: HttpRequest, skipped: Counter[str]) -> None:
         for reason, count in sorted(skipped.items()):
             self.message_user(
                 request,
@@ -330,20 +397,20 @@ class WorkflowRunAdmin(NulSafeChangelist):
 
 
 @admin.register(StepAttempt)
-class StepAttemptAdmin(NulSafeChangelist):
+class StepAttemptAdmin(StepAttemptColumns, NulSafeChangelist):
     """Step attempts, read-only (no change permission); usually seen inline on their run's page."""
 
     list_display = [
         "id",
         "run_link",
         "step_name",
-        "kind",
-        "status",
+        "kind_shown",
+        "status_shown",
         "resume_generation",
         "started_at",
         "finished_at",
     ]
-    list_filter = ["status", "kind"]
+    list_filter = ["status", "kind", "atomic"]
     search_fields = ["=workflow_run__id", "step_name"]
     list_select_related = ["workflow_run"]
     list_per_page = 50

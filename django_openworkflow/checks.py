@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from django.conf import settings
-from django.core.checks import Error, Warning, register
+from django.core.checks import Error, Tags, Warning, register
 from django.db import connections
 
 from .conf import DEFAULTS
@@ -136,3 +137,24 @@ def check_workflows(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                 )
             )
     return errors
+
+
+@register(Tags.urls)
+def check_pages_included(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    from .views import run_page_url
+
+    if run_page_url(uuid.UUID(int=0)) is not None:
+        return []
+    return [
+        Warning(
+            "The run pages are not in the URLconf: the namespace 'django_openworkflow' "
+            "is not registered.",
+            hint=(
+                'Add path("workflows/", include("django_openworkflow.urls")) to your urls.py '
+                "(from django.urls import include, path). Without it the admin works, but "
+                "its run pages and its Resume and Cancel buttons do not. Silence "
+                "django_openworkflow.W002 if you want the admin only."
+            ),
+            id="django_openworkflow.W002",
+        )
+    ]

@@ -36,6 +36,7 @@ from .pauses import pause_point
 from .serialization import (
     MAX_NAME_LENGTH,
     NUL_PROBLEM,
+    check_name_text,
     describe_exception,
     ensure_json,
     json_problem,
@@ -444,7 +445,7 @@ class Execution:
         replayed, value = self._replay(name, policy)
         if replayed:
             return value
-        attempt = self._begin_attempt(name)
+        attempt = self._begin_attempt(name, atomic=atomic)
         result, error = self._invoke(attempt, fn, atomic=atomic, defer=not atomic)
         if error is None:
             self.completed[name] = attempt
@@ -505,7 +506,7 @@ class Execution:
             raise StepFailed(name, failures[-1].error or {}, len(failures))
         return False, None
 
-    def _begin_attempt(self, name: str, **fields: Any) -> StepAttempt:
+    def _begin_attempt(self, name: str, *, atomic: bool = False, **fields: Any) -> StepAttempt:
         self._check_cap()
         pause_point("step.before-fence", run_id=self.run.pk, step=name)
         if self.fast and not fields:
@@ -519,6 +520,7 @@ class Execution:
                 started_at=started_at,
                 position=self.positions.get(name),
                 deferred=self.deferred,
+                atomic=atomic,
             )
             if attempt_id is None:
                 raise ClaimLost
@@ -529,6 +531,7 @@ class Execution:
                 workflow_run_id=self.run.pk,
                 step_name=name,
                 kind=StepAttempt.Kind.RUN,
+                atomic=atomic,
                 status=StepAttempt.Status.RUNNING,
                 resume_generation=self.generation,
                 started_at=started_at,
@@ -536,7 +539,8 @@ class Execution:
             )
         with transaction.atomic(using=self.using):
             self._fence(renew=True)
-            return self._new_attempt(name, fields.pop("kind", StepAttempt.Kind.RUN), **fields)
+            kind = fields.pop("kind", StepAttempt.Kind.RUN)
+            return self._new_attempt(name, kind, atomic=atomic, **fields)
 
     def _invoke(
         self, attempt: StepAttempt, fn: Callable[[], Any], *, atomic: bool, defer: bool = False
@@ -761,6 +765,8 @@ class Execution:
             child_name, version = workflow, known.version if known else None
         else:
             raise TypeError(f"run_workflow() needs a workflow or its name, not {workflow!r}")
+        of_step = "" if name is None else f' of step "{name}"'
+        check_name_text(child_name, f"child workflow name{of_step}")
         step = name or child_name
         delta = _timeout(timeout, step)
         ensure_json(input, f'input of child workflow step "{step}"')

@@ -67,8 +67,8 @@ RETURNING run.*, due.previous_started_at, due.previous_status, statement_timesta
 START_STEP = f"""
 WITH fence AS ({FENCE}), deferred AS ({STORE_DEFERRED})
 INSERT INTO {STEP} (workflow_run_id, step_name, kind, status, resume_generation, started_at,
-                    position)
-SELECT id, %s, 'run', 'running', %s, %s, %s FROM fence
+                    position, atomic)
+SELECT id, %s, 'run', 'running', %s, %s, %s, %s FROM fence
 RETURNING id
 """
 
@@ -178,6 +178,7 @@ def start_step(
     started_at: datetime,
     position: int | None,
     deferred: Deferred | None,
+    atomic: bool = False,
 ) -> int | None:
     """Insert a running ``run`` attempt; None when the claim no longer holds."""
     params = [
@@ -188,6 +189,7 @@ def start_step(
         generation,
         started_at,
         position,
+        atomic,
     ]
     row = _execute(using, START_STEP, params)
     return None if row is None else int(row[0])

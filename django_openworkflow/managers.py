@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .models import WorkflowRun
 
 ACTIVE = ("pending", "running")
+UUID_GROUPS = ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32))  # 8-4-4-4-12 hex digits
 NOTIFY_CHANNEL = "django_openworkflow"
 
 DEADLINE_ERROR = {
@@ -120,6 +121,23 @@ class WorkflowRunQuerySet(models.QuerySet["WorkflowRun"]):
             .values("step_name")[:1]
         )
         return self.annotate(current_step=models.Subquery(latest))
+
+    def matching(self, text: str) -> WorkflowRunQuerySet:
+        """Runs that a search for ``text`` finds (the run list's and the admin's search).
+
+        A run id or its first characters (at least 4 hex digits, dashes optional),
+        or part of the idempotency key or of the workflow name (any case).
+        """
+        text = text.strip()
+        if not text:
+            return self
+        found = Q(idempotency_key__icontains=text) | Q(workflow_name__icontains=text)
+        digits = text.replace("-", "").lower()
+        if 4 <= len(digits) <= 32 and all(c in "0123456789abcdef" for c in digits):
+            # the canonical text form's dashes, so it matches native uuid columns too
+            dashed = "-".join(digits[a:b] for a, b in UUID_GROUPS if digits[a:b])
+            found |= Q(id__startswith=dashed)
+        return self.filter(found)
 
     def due(self) -> WorkflowRunQuerySet:
         """Active runs a worker may take now: queued, woken, or with an expired lease."""

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import uuid
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db import models
 from django.db.models.functions import Now
+from django.db.models.signals import pre_delete
+from django.dispatch import receiver
 from django.urls import reverse
 from django.utils.translation import gettext_lazy as _
 
 from .managers import StepAttemptQuerySet, WorkflowRunManager
+
+if TYPE_CHECKING:
+    from .waiting import WaitingFor
 
 
 class WorkflowRun(models.Model):
@@ -38,7 +44,7 @@ class WorkflowRun(models.Model):
     output = models.JSONField(_("output"), null=True, blank=True)
     error = models.JSONField(_("error"), null=True, blank=True)
     attempts = models.PositiveIntegerField(
-        _("attempts"),
+        _("workflow failures"),
         default=0,
         help_text=_("Workflow-level failures since creation or the last resume."),
     )
@@ -127,6 +133,16 @@ class WorkflowRun(models.Model):
 
         return wait_for_result(self, timeout)
 
+    def waiting_for(self) -> WaitingFor | None:
+        """What this pending run waits for: a sleep, a retry, a child run or a signal.
+
+        None when it is not pending, or pending with nothing to wait for (due,
+        or not started yet). See ``django_openworkflow.waiting.WaitingFor``.
+        """
+        from .waiting import waiting_for
+
+        return waiting_for(self)
+
 
 class StepAttempt(models.Model):
     """One attempt at one step of a run; completed attempts are the run's memory."""
@@ -153,6 +169,12 @@ class StepAttempt(models.Model):
     )
     step_name = models.CharField(_("step"), max_length=255)
     kind = models.CharField(_("kind"), max_length=16, choices=Kind.choices, default=Kind.RUN)
+    atomic = models.BooleanField(
+        _("atomic"),
+        default=False,
+        db_default=False,  # so raw INSERTs that leave it out stay valid
+        help_text=_("A step.atomic step: its database writes commit with its result."),
+    )
     status = models.CharField(
         _("status"), max_length=16, choices=Status.choices, default=Status.RUNNING
     )
@@ -229,10 +251,37 @@ class StepAttempt(models.Model):
         return f"{self.step_name} ({self.status})"
 
     @property
+    def kind_label(self) -> str:
+        """The kind as shown on the pages and in the admin: "atomic" for step.atomic steps."""
+        return str(_("atomic")) if self.atomic else self.get_kind_display()
+
+    def is_interrupted(self, run: WorkflowRun) -> bool:
+        """Left ``running`` on a finished run (failed, canceled): it never finished."""
+        return self.status == self.Status.RUNNING and run.is_finished
+
+    @property
     def duration(self):  # type: ignore[no-untyped-def]
         if self.finished_at and self.started_at:
             return self.finished_at - self.started_at
         return None
+
+
+@receiver(pre_delete, sender=WorkflowRun, dispatch_uid="django_openworkflow.wake_parent")
+def wake_parent_of_deleted_child(
+    sender: type[WorkflowRun], instance: WorkflowRun, **kwargs: Any
+) -> None:
+    """A child run deleted from anywhere (ORM, shell, admin) wakes its waiting parent.
+
+    ``pre_delete`` because it runs in the delete's own transaction while the
+    parent's step still links the child (``SET_NULL`` clears the link next),
+    so the parent is woken with the existing child-finished query, and it
+    catches ``instance.delete()`` and ``QuerySet.delete()`` alike. On replay
+    the parent finds no child and fails the step (``ChildWorkflowMissing``).
+    """
+    if instance.parent_step_attempt_id is not None:
+        runs = WorkflowRun.objects.db_manager(kwargs.get("using"))
+        runs.lock_parents([instance.pk])  # the lock order: the parent before the child's DELETE
+        runs.wake_waiting_parents([instance.pk])
 
 
 class WorkflowRunEvent(models.Model):

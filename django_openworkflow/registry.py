@@ -74,6 +74,7 @@ class Workflow:
         """
         from .managers import notify
         from .models import WorkflowRun
+        from .results import started
 
         ensure_json(input, f'input of workflow "{self.name}"')
         available_at = _aware(available_at, "available_at", self.name)
@@ -99,7 +100,7 @@ class Workflow:
         if idempotency_key is None and connections[using].vendor == "postgresql":
             from . import fastpath
 
-            return fastpath.start_run(
+            run = fastpath.start_run(
                 using,
                 namespace=namespace,
                 workflow_name=self.name,
@@ -108,6 +109,7 @@ class Workflow:
                 available_at=available_at,
                 deadline_at=deadline_at,
             )
+            return started(run, using)
         with transaction.atomic(using=using):
             if idempotency_key is not None:
                 lock_key(using, "start", namespace, self.name, idempotency_key)
@@ -136,7 +138,7 @@ class Workflow:
                 fields["available_at"] = available_at
             run = WorkflowRun.objects.using(using).create(**fields)
             notify(using, namespace)
-        return run
+        return started(run, using)
 
     def start_many(
         self,

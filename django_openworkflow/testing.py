@@ -15,6 +15,13 @@ retry delays, wait timeouts, deadlines) is moved closer by the same amount,
 so the next one is due at once. Runs waiting for a signal without a timeout
 stay waiting: send the signal, then call ``drain()`` again.
 
+``drain(time_travel="sleeps")`` skips only sleeps and retry delays (step and
+workflow retries): those runs become due at once, while every other timer
+stays where it is, so a wait's timeout (signal or child) and a deadline never
+pass. Use it to bring a run to its ``wait_for_signal`` and test what happens
+when the signal arrives in time. ``run.waiting_for()`` says what a run waits
+for.
+
 ``pause_at()`` stops a thread of the engine at a named pause point (see
 ``django_openworkflow.pauses``) so a test can force a race deterministically.
 """
@@ -25,7 +32,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from django.db.models import F
 from django.utils import timezone
@@ -39,12 +46,16 @@ from .registry import Workflow, get_workflow, workflow_names
 TEST_WORKER_ID = "django_openworkflow.testing"
 
 
-def drain(*, time_travel: bool = True, max_passes: int = 10_000) -> int:
+def drain(*, time_travel: bool | Literal["sleeps"] = True, max_passes: int = 10_000) -> int:
     """Execute due runs until none is due (travelling in time past timers).
 
+    ``time_travel``: True moves every timer (sleeps, retries, wait timeouts,
+    deadlines); ``"sleeps"`` skips only sleeps and retry delays; False none.
     Returns how many execution passes ran. Raises ``RuntimeError`` after
     ``max_passes`` (a workflow that never finishes).
     """
+    if time_travel not in (True, False, "sleeps"):
+        raise ValueError(f'time_travel must be True, False or "sleeps", not {time_travel!r}')
     namespace = app_settings.NAMESPACE
     names = workflow_names()
     passes = 0
@@ -70,6 +81,10 @@ def drain(*, time_travel: bool = True, max_passes: int = 10_000) -> int:
         WorkflowRun.objects.fail_overdue(namespace)
         if not time_travel:
             return passes
+        if time_travel == "sleeps":
+            if not skip_sleeps_and_retries(namespace, names):
+                return passes
+            continue
         next_due = WorkflowRun.objects.next_due_at(namespace, names)
         if next_due is None:
             return passes
@@ -88,8 +103,35 @@ def travel(delta: timedelta) -> None:
     ).update(wake_at=F("wake_at") - delta)
 
 
+def skip_sleeps_and_retries(namespace: str, workflow_names: list[str]) -> int:
+    """Make the runs that sleep or wait for a retry due now; return how many."""
+    now = timezone.now()
+    skipped = 0
+    parked = WorkflowRun.objects.in_namespace(namespace).filter(
+        status=WorkflowRun.Status.PENDING, workflow_name__in=workflow_names, available_at__gt=now
+    )
+    for run in parked:
+        wait = run.waiting_for()
+        if wait is None or wait.kind not in ("sleep", "retry"):
+            continue
+        if wait.kind == "sleep":
+            StepAttempt.objects.filter(
+                workflow_run=run,
+                step_name=wait.step,
+                status=StepAttempt.Status.RUNNING,
+                resume_generation=run.resume_generation,
+            ).update(wake_at=now)
+        WorkflowRun.objects.filter(pk=run.pk).update(available_at=now)
+        skipped += 1
+    return skipped
+
+
 def run_to_completion(
-    workflow: Workflow, input: Any = None, *, time_travel: bool = True, **start_kwargs: Any
+    workflow: Workflow,
+    input: Any = None,
+    *,
+    time_travel: bool | Literal["sleeps"] = True,
+    **start_kwargs: Any,
 ) -> WorkflowRun:
     """Start a run of ``workflow``, ``drain()``, and return the run as it ended (or waits)."""
     run = workflow.start(input, **start_kwargs)

@@ -8,7 +8,6 @@ changes go through ``WorkflowRun.objects.resume()`` / ``.cancel()`` only.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -21,10 +20,10 @@ from django.contrib import messages
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
-from django.urls import reverse
+from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext as _
@@ -34,6 +33,7 @@ from django.views.decorators.http import require_POST, require_safe
 from .exceptions import InvalidTransition
 from .managers import WorkflowRunQuerySet
 from .models import StepAttempt, WorkflowRun
+from .waiting import waiting_for
 
 VIEW_PERMISSION = "django_openworkflow.view_workflowrun"
 CHANGE_PERMISSION = "django_openworkflow.change_workflowrun"
@@ -42,6 +42,21 @@ RUNS_PER_PAGE = 50
 REFRESH_SECONDS = 3
 
 ViewFunc = Callable[..., HttpResponse]
+
+
+# --- where the pages are -------------------------------------------------------
+
+
+def run_page_url(run_id: Any) -> str | None:
+    """The run's page, or None when the project did not include ``django_openworkflow.urls``.
+
+    The pages are optional (the admin works without them); whatever links to
+    them asks here first.
+    """
+    try:
+        return reverse("django_openworkflow:run-detail", args=[run_id])
+    except NoReverseMatch:
+        return None
 
 
 # --- permissions ---------------------------------------------------------------
@@ -103,7 +118,10 @@ class RunFilterForm(forms.Form):
         required=False,
         strip=True,
         widget=forms.TextInput(
-            attrs={"placeholder": gettext_lazy("run id or idempotency key"), "type": "search"}
+            attrs={
+                "placeholder": gettext_lazy("run id (first characters), idempotency key"),
+                "type": "search",
+            }
         ),
     )
 
@@ -114,10 +132,7 @@ class RunFilterForm(forms.Form):
         if workflow := data.get("workflow"):
             queryset = queryset.filter(workflow_name=workflow)
         if q := data.get("q"):
-            matches = Q(idempotency_key=q)
-            with contextlib.suppress(ValueError):
-                matches |= Q(pk=uuid.UUID(q))
-            queryset = queryset.filter(matches)
+            queryset = cast(WorkflowRunQuerySet, queryset).matching(q)
         return queryset
 
     def selected_status(self) -> str:
@@ -184,6 +199,8 @@ def run_detail(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
         "duration": duration_of(run, now=now),
         "generations": timeline(run, attempts, now=now),
         "attempt_count": len(attempts),
+        "failed_attempt_count": sum(a.status == StepAttempt.Status.FAILED for a in attempts),
+        "waiting": waiting_for(run, attempts),
         "events": events,
         "error": error_parts(run.error),
         "can_resume": can_change and run.status == WorkflowRun.Status.FAILED,
@@ -249,6 +266,7 @@ def timeline(
         attempt.bar_width = width  # type: ignore[attr-defined]
         attempt.elapsed = attempt_end - attempt.started_at  # type: ignore[attr-defined]
         attempt.error_parts = error_parts(attempt.error)  # type: ignore[attr-defined]
+        attempt.interrupted = attempt.is_interrupted(run)  # type: ignore[attr-defined]
         group = generations.setdefault(
             attempt.resume_generation,
             {"number": attempt.resume_generation, "attempts": []},

@@ -8,7 +8,7 @@ import pytest
 from django.contrib import admin
 from django.contrib.admin.models import CHANGE, LogEntry
 from django.contrib.messages import get_messages
-from django.test import RequestFactory
+from django.test import RequestFactory, override_settings
 from django.urls import reverse
 from django.utils import timezone
 
@@ -130,7 +130,7 @@ def test_changelist_search_by_id_key_and_workflow(admin_client):
         return [run.pk for run in response.context["cl"].result_list]
 
     assert found(str(by_name.pk)) == [by_name.pk]
-    assert found(str(by_name.pk)[:8]) == []  # ids match exactly only
+    assert found(str(by_name.pk)[:8]) == [by_name.pk]  # a run id's first characters
     assert found("order-42") == [by_key.pk]
     assert found("parcel") == [by_name.pk]
     assert found("no-such-thing") == []
@@ -283,6 +283,31 @@ def test_change_page_shows_the_buttons_that_apply(admin_client, status, resume, 
     assert html.count(next_field) == resume + cancel
     assert 'name="_save"' not in html
     assert 'name="_continue"' not in html
+
+
+@override_settings(ROOT_URLCONF="tests.urls_admin_only")
+@pytest.mark.parametrize("status", ["failed", "running"])
+def test_change_page_works_without_the_run_pages(admin_client, status):
+    # The README presents include("django_openworkflow.urls") as optional.
+    run = make_run(status)
+
+    response = admin_client.get(change_url(run))
+
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "Run page" not in html
+    assert "owf-admin-action" not in html  # the buttons need the pages' endpoints
+    assert f"<title>{run} | Change workflow run | Django site admin</title>" in html
+
+
+@override_settings(ROOT_URLCONF="tests.urls_admin_only")
+def test_the_actions_work_without_the_run_pages(admin_client):
+    run = make_run("failed")
+
+    response = run_action(admin_client, "resume_runs", [run])
+
+    assert response.status_code == 302
+    assert messages_of(response) == [("success", "1 run resumed.")]
 
 
 def test_change_page_buttons_post_back_to_the_admin(admin_client):
@@ -488,7 +513,7 @@ def test_admin_action_permissions(kind, action, status, changed_status):
 
 @pytest.mark.parametrize("kind", list(ROLES))
 def test_delete_selected_is_never_applied_without_confirmation(kind):
-    run = make_run("running")
+    run = make_run("failed")
     client = role_client(kind)
     before = admin_state()
 
@@ -593,3 +618,71 @@ def test_a_nul_in_a_changelist_filter_is_a_bad_lookup_not_a_500(admin_client, mo
     response = admin_client.get(f"/admin/django_openworkflow/{model}/?{query}")
     assert response.status_code == 302
     assert response["Location"] == f"/admin/django_openworkflow/{model}/?e=1"
+
+
+# --- deleting runs ---------------------------------------------------------------
+# An active run is never deleted here: its worker, or a parent waiting for it,
+# still needs it. Finished runs are deleted as usual, with confirmation.
+
+
+@pytest.mark.parametrize(
+    ("status", "deletable"),
+    [("pending", False), ("running", False), ("completed", True), ("failed", True)],
+)
+def test_only_finished_runs_have_a_delete_page(admin_client, status, deletable):
+    run = make_run(status)
+    delete_url = reverse("admin:django_openworkflow_workflowrun_delete", args=[run.pk])
+
+    html = admin_client.get(change_url(run)).content.decode()
+    response = admin_client.post(delete_url, {"post": "yes"})
+
+    assert (f'href="{delete_url}"' in html) is deletable
+    assert response.status_code == (302 if deletable else 403)
+    assert WorkflowRun.objects.filter(pk=run.pk).exists() is not deletable
+
+
+def test_a_finished_run_is_deleted_with_its_step_attempts_and_events(admin_client):
+    run = make_run("failed")
+    StepAttempt.objects.create(workflow_run=run, step_name="charge", status="failed")
+    WorkflowRun.objects.resume(run)
+    WorkflowRun.objects.cancel(run)
+    delete_url = reverse("admin:django_openworkflow_workflowrun_delete", args=[run.pk])
+
+    page = admin_client.get(delete_url)
+    response = admin_client.post(delete_url, {"post": "yes"})
+
+    assert page.context["perms_lacking"] == set()
+    assert response.status_code == 302
+    assert not WorkflowRun.objects.filter(pk=run.pk).exists()
+    assert not StepAttempt.objects.exists()
+    assert not WorkflowRunEvent.objects.exists()
+
+
+def test_delete_selected_skips_active_runs_and_says_how_many(admin_client):
+    pending, running = make_run("pending"), make_run("running")
+    done = make_run("completed")
+
+    confirm = run_action(admin_client, "delete_selected", [pending, running, done])
+    assert confirm.status_code == 200
+    assert [str(m) for m in confirm.context["messages"]] == [
+        "1 run skipped: it is pending (cancel it first).",
+        "1 run skipped: it is running (cancel it first).",
+    ]
+    assert list(confirm.context["queryset"]) == [done]
+    response = admin_client.post(
+        CHANGELIST,
+        {"action": "delete_selected", "_selected_action": [str(done.pk)], "post": "yes"},
+    )
+
+    assert messages_of(response) == [("success", "Successfully deleted 1 workflow run.")]
+    assert set(WorkflowRun.objects.values_list("pk", flat=True)) == {pending.pk, running.pk}
+
+
+def test_delete_selected_of_only_active_runs_deletes_nothing(admin_client):
+    run = make_run("pending")
+
+    response = run_action(admin_client, "delete_selected", [run])
+
+    assert response.status_code == 302
+    assert messages_of(response) == [("warning", "1 run skipped: it is pending (cancel it first).")]
+    assert WorkflowRun.objects.filter(pk=run.pk).exists()

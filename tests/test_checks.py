@@ -2,7 +2,11 @@ import pytest
 from django.core import checks
 from django.test import override_settings
 
-from django_openworkflow.checks import check_settings, check_sqlite_transaction_mode
+from django_openworkflow.checks import (
+    check_pages_included,
+    check_settings,
+    check_sqlite_transaction_mode,
+)
 
 
 def ids(messages):
@@ -144,3 +148,24 @@ def test_a_non_callable_registration_is_reported():
 def test_a_bad_payload_limit_is_reported(value):
     with override_settings(OPENWORKFLOW={"MAX_PAYLOAD_BYTES": value}):
         assert [m.id for m in check_settings()] == ["django_openworkflow.E009"]
+
+
+def test_the_run_pages_in_the_urlconf_pass():
+    assert check_pages_included() == []
+
+
+@override_settings(ROOT_URLCONF="tests.urls_admin_only")
+def test_a_urlconf_without_the_run_pages_is_a_warning():
+    [warning] = check_pages_included()
+    assert (warning.id, warning.msg) == (
+        "django_openworkflow.W002",
+        "The run pages are not in the URLconf: the namespace 'django_openworkflow' is not "
+        "registered.",
+    )
+    assert warning.hint == (
+        'Add path("workflows/", include("django_openworkflow.urls")) to your urls.py '
+        "(from django.urls import include, path). Without it the admin works, but its run "
+        "pages and its Resume and Cancel buttons do not. Silence django_openworkflow.W002 if "
+        "you want the admin only."
+    )
+    assert warning in checks.run_checks(tags=[checks.Tags.urls])

@@ -8,7 +8,7 @@ from django_openworkflow.models import StepAttempt, WorkflowRun
 from django_openworkflow.testing import drain
 from tests.conftest import claim_and_execute
 from tests.testapp.models import SideEffect
-from tests.testapp.workflows import parent
+from tests.testapp.workflows import bad_child_name, parent
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -112,6 +112,27 @@ def test_cancelling_a_parent_cancels_its_unfinished_children():
     assert child.events.get().action == "cancel"
 
 
+@pytest.mark.parametrize(
+    "delete",
+    [lambda child: child.delete(), lambda child: WorkflowRun.objects.filter(pk=child.pk).delete()],
+    ids=["instance", "queryset"],
+)
+def test_deleting_a_waiting_child_fails_its_parents_step_instead_of_leaving_it_waiting(delete):
+    run = parent.start({"child": "waiter", "child_input": {"signal": "never"}})
+    drain()
+    child = child_of(run)
+    child_id = child.pk
+    delete(child)
+    drain()
+    run.refresh_from_db()
+    assert run.status == WorkflowRun.Status.FAILED
+    assert run.error["message"] == (
+        'step "waiter" failed after 1 attempt: ChildWorkflowMissing: the child run of step '
+        '"waiter" no longer exists'
+    )
+    assert not WorkflowRun.objects.filter(pk=child_id).exists()
+
+
 def test_a_parent_that_fails_leaves_its_children_running():
     run = parent.start({"child": "waiter", "child_input": {"signal": "never"}, "timeout": "10ms"})
     drain()
@@ -190,3 +211,31 @@ def test_cancel_of_a_finished_child_is_still_refused():
     drain()
     with pytest.raises(InvalidTransition):
         WorkflowRun.objects.cancel(child_of(run))
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        (
+            {"length": 299, "nul": True},
+            "child workflow name 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'… is 300 characters; "
+            "at most 255",
+        ),
+        (
+            {"length": 3, "nul": True, "step": "start-child"},
+            "child workflow name of step \"start-child\" 'xxx\\x00' contains the character "
+            "U+0000 (NUL), which PostgreSQL cannot store",
+        ),
+    ],
+    ids=["too-long", "nul"],
+)
+def test_a_child_workflow_name_no_column_can_hold_fails_the_run_before_anything_is_stored(
+    given, message
+):
+    run = bad_child_name.start(given)
+    drain()
+    run.refresh_from_db()
+    assert run.status == WorkflowRun.Status.FAILED
+    assert (run.error["type"], run.error["message"]) == ("ValueError", message)
+    assert list(WorkflowRun.objects.values_list("pk", flat=True)) == [run.pk]  # no child
+    assert not StepAttempt.objects.filter(workflow_run=run).exists()

@@ -1,6 +1,8 @@
 import uuid
 
 import pytest
+from django.db import transaction
+from django.db.transaction import TransactionManagementError
 
 from django_openworkflow import WorkflowCanceled, WorkflowError, WorkflowFailed
 from django_openworkflow.models import StepAttempt, WorkflowRun
@@ -34,6 +36,35 @@ def test_result_raises_workflow_canceled():
     with pytest.raises(WorkflowCanceled) as info:
         run.result(timeout=1)
     assert str(info.value) == f"run {run.pk} was canceled"
+
+
+def test_result_inside_the_transaction_that_started_the_run_says_so_at_once():
+    with transaction.atomic():
+        run = echo.start({"n": 1})
+        copy = WorkflowRun.objects.get(pk=run.pk)  # fetched again: the same run
+        for waiting in (run, copy):
+            with pytest.raises(TransactionManagementError) as info:
+                waiting.result(timeout=1)
+            assert str(info.value) == (
+                f"run {run.pk} is not committed yet: result() is waiting inside the transaction "
+                "that started it, where no worker can see the run. Call result() after the "
+                "atomic() block, or in transaction.on_commit()."
+            )
+    # committed: an ordinary wait
+    with pytest.raises(TimeoutError) as timeout:
+        run.result(timeout=0.05)
+    assert str(timeout.value) == f"run {run.pk} did not finish within 0.05 s (it is pending)"
+
+
+def test_a_wait_inside_a_transaction_that_times_out_names_the_transaction():
+    run = echo.start({"n": 1})
+    with transaction.atomic(), pytest.raises(TimeoutError) as info:
+        run.result(timeout=0.05)
+    assert str(info.value) == (
+        f"run {run.pk} did not finish within 0.05 s (it is pending); result() was called "
+        "inside transaction.atomic(): a run started in this transaction is seen by workers "
+        "only after it commits"
+    )
 
 
 def test_result_times_out_on_an_unfinished_run():

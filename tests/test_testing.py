@@ -8,8 +8,10 @@ from django.utils import timezone
 from django_openworkflow import send_signal
 from django_openworkflow.models import WorkflowRun
 from django_openworkflow.testing import drain, run_to_completion, travel
+from django_openworkflow.waiting import WaitingFor
+from tests.conftest import claim_and_execute
 from tests.testapp.models import SideEffect
-from tests.testapp.workflows import fan_out, flaky, parent, sleeper, waiter
+from tests.testapp.workflows import fails_once, fan_out, flaky, parent, sleeper, waiter
 
 pytestmark = pytest.mark.django_db  # a plain test transaction: everything runs in this thread
 
@@ -74,3 +76,55 @@ def test_a_run_that_never_ends_is_reported():
         assert str(info.value) == "drain() stopped after 5 passes; a run never ends"
     finally:
         _registry.pop("forever", None)
+
+
+def test_drain_sleeps_skips_sleeps_and_retries_but_never_a_signal_timeout():
+    napping = sleeper.start({"sleep": "7d"})
+    retrying = flaky.start({"failures": 2, "initial": "1h"})
+    waiting = waiter.start({"signal": "approved", "timeout": "1h"})
+
+    drain(time_travel="sleeps")
+
+    for run in (napping, retrying, waiting):
+        run.refresh_from_db()
+    assert (napping.status, napping.output) == ("completed", 2)
+    assert (retrying.status, retrying.output) == ("completed", 3)
+    wait = waiting.waiting_for()
+    assert (wait.kind, wait.step, wait.signal) == ("signal", "approved", "approved")
+    assert timedelta(minutes=59) < wait.until - timezone.now() <= timedelta(hours=1)
+    send_signal("approved", {"by": "qa"})
+    drain(time_travel="sleeps")
+    waiting.refresh_from_db()
+    assert (waiting.status, waiting.output) == ("completed", {"data": {"by": "qa"}})
+
+
+def test_drain_refuses_an_unknown_time_travel():
+    with pytest.raises(ValueError) as info:
+        drain(time_travel="signals")
+    assert str(info.value) == "time_travel must be True, False or \"sleeps\", not 'signals'"
+
+
+def test_waiting_for_says_what_a_parked_run_waits_for():
+    napping = run_to_completion(sleeper, {"sleep": "1h"}, time_travel=False)
+    wait = napping.waiting_for()
+    assert (wait.kind, wait.step, wait.child_run_id, wait.signal) == ("sleep", "nap", None, None)
+    assert wait.until == napping.step_attempts.get(step_name="nap").wake_at
+
+    retrying = run_to_completion(flaky, {"failures": 1, "initial": "1h"}, time_travel=False)
+    assert retrying.waiting_for() == WaitingFor(
+        kind="retry", step="flaky", until=retrying.available_at
+    )
+
+    fails_once.start()
+    again = claim_and_execute()  # one pass: the workflow failed and waits for its retry
+    assert again.waiting_for() == WaitingFor(kind="retry", step=None, until=again.available_at)
+
+    parked = run_to_completion(parent, {"child": "waiter", "child_input": {"signal": "x"}})
+    child = WorkflowRun.objects.get(parent_step_attempt__workflow_run=parked)
+    assert parked.waiting_for() == WaitingFor(
+        kind="child", step="waiter", until=None, child_run_id=child.pk
+    )
+    assert child.waiting_for() == WaitingFor(kind="signal", step="x", until=None, signal="x")
+
+    assert run_to_completion(sleeper, {"sleep": "1ms"}).waiting_for() is None  # completed
+    assert sleeper.start().waiting_for() is None  # due, not started

@@ -14,7 +14,9 @@ from django.utils import timezone
 
 from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowRunEvent
 from django_openworkflow.templatetags.openworkflow import pretty_json, short_duration
+from django_openworkflow.testing import run_to_completion
 from django_openworkflow.views import timeline
+from tests.testapp.workflows import atomic_writer, echo, flaky, parent, sleeper, waiter
 from tests.users import CSRF_SECRET, ROLES, create_user, login_as, role_client
 
 pytestmark = pytest.mark.django_db
@@ -259,18 +261,42 @@ def test_pages_answer_head(staff_client):
     assert staff_client.head(detail_url(run)).status_code == 200
 
 
-def test_run_list_searches_by_id_and_idempotency_key(staff_client):
-    by_key = make_run("completed", idempotency_key="order-42")
-    other = make_run("completed", idempotency_key="order-43")
+FIRST = uuid.UUID("12345678-9abc-def0-1234-56789abcdef0")
+SECOND = uuid.UUID("12345678-0000-4000-8000-000000000000")
 
-    by_id = staff_client.get(list_url(), {"q": str(other.pk)})
-    by_idem = staff_client.get(list_url(), {"q": " order-42 "})
-    nothing = staff_client.get(list_url(), {"q": "order"})
 
-    assert [run.pk for run in by_id.context["page"]] == [other.pk]
-    assert [run.pk for run in by_idem.context["page"]] == [by_key.pk]
-    assert list(nothing.context["page"]) == []
-    assert "No runs match." in nothing.content.decode()
+@pytest.mark.parametrize(
+    ("term", "expected"),
+    [
+        ("12345678", {FIRST, SECOND}),  # the first 8 hex digits of a run id
+        ("12345678-9abc", {FIRST}),
+        ("123456789ABC", {FIRST}),  # without dashes, any case
+        (str(FIRST), {FIRST}),
+        (" order-4 ", {FIRST}),  # part of an idempotency key
+        ("ORDER", {FIRST}),
+        ("invoice-7", {SECOND}),
+        ("bil", {SECOND}),  # part of a workflow name
+        ("123", set()),  # too short for an id prefix
+        ("no-such-thing", set()),
+    ],
+)
+@pytest.mark.parametrize("page", ["run-list", "admin"])
+def test_the_run_list_and_the_admin_search_alike(staff_client, page, term, expected):
+    make_run("completed", id=FIRST, idempotency_key="order-42", workflow_name="ship")
+    make_run("completed", id=SECOND, idempotency_key="invoice-7", workflow_name="bill")
+
+    if page == "run-list":
+        response = staff_client.get(list_url(), {"q": term})
+        found = {run.pk for run in response.context["page"]}
+    else:
+        changelist = reverse("admin:django_openworkflow_workflowrun_changelist")
+        response = staff_client.get(changelist, {"q": term})
+        found = {run.pk for run in response.context["cl"].result_list}
+
+    assert response.status_code == 200
+    assert found == expected
+    if page == "run-list" and not expected:
+        assert "No runs match." in response.content.decode()
 
 
 def test_run_list_paginates_by_50(staff_client):
@@ -398,7 +424,7 @@ def test_run_detail_shows_the_summary(staff_client):
     parent_html = staff_client.get(detail_url(parent)).content.decode()
 
     assert "<dt>Worker</dt><dd>host:123</dd>" in child_html
-    assert "<dt>Attempts</dt><dd>2</dd>" in child_html
+    assert ">Workflow failures</dt><dd>2</dd>" in child_html
     assert "<dt>Resume generation</dt><dd>3</dd>" in child_html
     assert "<dt>Idempotency key</dt><dd>key-1</dd>" in child_html
     assert f"<dt>Deadline</dt><dd>{deadline:%Y-%m-%d %H:%M:%S} UTC</dd>" in child_html
@@ -742,3 +768,75 @@ def test_a_valid_csrf_token_leaves_only_the_permission_check(
     may_change = kind in ("staff_change", "superuser")
     assert run.status == (changed_status if may_change else status)
     assert WorkflowRunEvent.objects.count() == (1 if may_change else 0)
+
+
+# --- what the run page says about attempts, kinds and waits ----------------------
+
+
+def test_a_run_that_failed_in_a_step_shows_its_step_attempts(staff_client):
+    run = run_to_completion(flaky, {"failures": 5, "attempts": 3})
+    assert run.status == "failed"
+
+    html = staff_client.get(detail_url(run)).content.decode()
+
+    assert '<dt>Step attempts</dt><dd>3 <span class="owf-muted">(3 failed)</span></dd>' in html
+    assert ">Workflow failures</dt><dd>0</dd>" in html
+    assert "<dt>Attempts</dt>" not in html
+
+
+def test_an_atomic_step_is_shown_as_atomic(staff_client):
+    run = run_to_completion(atomic_writer, {"fail": False})
+    attempt = run.step_attempts.get()
+    assert (attempt.kind, attempt.atomic) == ("run", True)
+    assert run_to_completion(echo, {"n": 1}).step_attempts.get().atomic is False
+
+    html = staff_client.get(detail_url(run)).content.decode()
+
+    assert "<td>atomic</td>" in html
+    assert "<td>run</td>" not in html
+
+
+def test_attempts_left_running_on_a_finished_run_are_shown_as_interrupted(staff_client):
+    run = make_run("failed")
+    StepAttempt.objects.create(workflow_run=run, step_name="charge", status="running")
+    active = make_run("running")
+    StepAttempt.objects.create(workflow_run=active, step_name="charge", status="running")
+
+    html = staff_client.get(detail_url(run)).content.decode()
+    active_html = staff_client.get(detail_url(active)).content.decode()
+    admin_html = staff_client.get(
+        reverse("admin:django_openworkflow_workflowrun_change", args=[run.pk])
+    ).content.decode()
+
+    assert '<span class="owf-status owf-status-interrupted"' in html
+    assert '<span class="owf-status owf-status-running">running</span>' not in html
+    assert '<div class="owf-bar owf-bar-interrupted"' in html
+    assert '<span class="owf-status owf-status-running">running</span>' in active_html
+    assert "<p>interrupted</p>" in admin_html
+
+
+def test_the_run_page_says_what_the_run_waits_for(staff_client):
+    waiting = run_to_completion(waiter, {"signal": "approved"})
+    parent_run = run_to_completion(parent, {"child": "waiter", "child_input": {"signal": "x"}})
+    child = WorkflowRun.objects.get(parent_step_attempt__workflow_run=parent_run)
+    napping = run_to_completion(sleeper, {"sleep": "1h"}, time_travel=False)  # the last drain
+    wake_at = napping.step_attempts.get(step_name="nap").wake_at
+
+    pages = {
+        run: staff_client.get(detail_url(run)).content.decode()
+        for run in (napping, waiting, parent_run)
+    }
+
+    assert (
+        '<dt>Waiting for</dt><dd class="owf-waiting">sleep "nap" until '
+        f"{wake_at:%Y-%m-%d %H:%M:%S} UTC</dd>" in pages[napping]
+    )
+    assert (
+        '<dt>Waiting for</dt><dd class="owf-waiting">signal "approved", no timeout</dd>'
+        in pages[waiting]
+    )
+    assert (
+        f'<dt>Waiting for</dt><dd class="owf-waiting">child run <a href="{detail_url(child)}">'
+        f'{child.pk}</a> (step "waiter")</dd>' in pages[parent_run]
+    )
+    assert "Waiting for" not in staff_client.get(detail_url(make_run("failed"))).content.decode()

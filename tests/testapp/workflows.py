@@ -288,4 +288,11 @@ def changes_order(ctx):
     return ctx.step.run(order[1], lambda: effect(ctx, order[1]) or 2)
 
 
+@workflow(name="bad-child-name")
+def bad_child_name(ctx):
+    """Starts a child named "x" * length (+ NUL): a name no column can hold."""
+    child = "x" * ctx.input["length"] + ("\x00" if ctx.input.get("nul") else "")
+    return ctx.step.run_workflow(child, name=ctx.input.get("step"))
+
+
 from . import hardening  # noqa: E402, F401  (its @workflow definitions)
