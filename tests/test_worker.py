@@ -96,10 +96,12 @@ def test_a_worker_killed_mid_step_is_replaced_and_finished_steps_are_not_repeate
 def test_sigterm_finishes_the_run_in_flight_then_exits_0(worker_process, tmp_path):
     flag = tmp_path / "go"
     run = waits_for_file.start({"path": str(flag)})
-    proc = worker_process("--concurrency", "2")
+    # A poll far longer than the test: the loop waits for a wake-up, so the
+    # signal reaches it there, not half-way through a claim.
+    proc = worker_process("--concurrency", "2", "--poll-interval", "600")
     wait_until(lambda: running_attempt(run, "block"), message="the blocking step")
     proc.signal(signal.SIGTERM)
-    time.sleep(0.3)
+    proc.wait_for("stopping worker=")
     late = echo.start({"late": True})  # a stopping worker takes no new run
     flag.touch()
     assert proc.wait(timeout=30) == 0
@@ -108,7 +110,7 @@ def test_sigterm_finishes_the_run_in_flight_then_exits_0(worker_process, tmp_pat
     assert run.output == 3
     late.refresh_from_db()
     assert late.status == WorkflowRun.Status.PENDING
-    assert "stopping worker=" in proc.output()
+    assert "in_flight=1 (send again to exit now)" in proc.output()
 
 
 def test_while_a_run_sleeps_another_runs_on_a_single_slot(worker_process):
@@ -128,9 +130,8 @@ def test_while_a_run_sleeps_another_runs_on_a_single_slot(worker_process):
 
 @pytest.mark.postgres
 def test_new_runs_are_picked_up_through_notify_not_the_poll(worker_process):
-    proc = worker_process("--poll-interval", "60")
-    wait_until(lambda: "listening channel=" in proc.output(), message="LISTEN")
-    time.sleep(0.2)  # the worker has gone idle: its next poll is a minute away
+    proc = worker_process("--poll-interval", "600")
+    proc.wait_until_idle()
     run = echo.start({"n": 2})
     assert run.result(timeout=10) == {"n": 2}
 
