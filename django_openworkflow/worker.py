@@ -169,7 +169,7 @@ class Worker:
                 check_connection(self.using)
                 if time.monotonic() - last_sweep >= self.poll_interval:
                     last_sweep = time.monotonic()
-                    self._sweep(names)
+                    self._sweep(names, busy)
                 free = self.concurrency - len(self._in_flight)
                 # While the queue is busy, claim in batches rather than one run per freed slot.
                 if (
@@ -209,9 +209,14 @@ class Worker:
                 logger.debug("worker idle worker=%s next_poll_in=%.1fs", self.worker_id, timeout)
             self._wakeup.wait(timeout)
 
-    def _sweep(self, names: list[str]) -> None:
-        """Once a poll interval: fail overdue runs, learn when parked runs are due."""
-        report_unknown_names(self.namespace, names, self._unknown_names)
+    def _sweep(self, names: list[str], busy: bool) -> None:
+        """Once a poll interval: fail overdue runs, learn when parked runs are due.
+
+        And report due runs of unknown workflows, unless every slot is busy:
+        that query reads every due run, so not while there is a backlog.
+        """
+        if not busy:
+            report_unknown_names(self.namespace, names, self._unknown_names)
         overdue = WorkflowRun.objects.fail_overdue(self.namespace)
         if overdue:
             logger.info("runs failed reason=deadline count=%d", overdue)

@@ -316,3 +316,26 @@ def test_database_is_locked_in_the_worker_log_names_the_sqlite_settings(caplog):
     assert "error=database is locked retry_in=" in message
     assert message.endswith(f" hint={SQLITE_LOCKED_HINT}")
     assert 'OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 20}' in SQLITE_LOCKED_HINT
+
+
+def test_a_worker_with_every_slot_busy_reports_unknown_names_once_a_slot_is_free(caplog):
+    caplog.set_level(logging.WARNING, logger="django_openworkflow")
+    held = echo.start({"n": 1})
+    hold = pause_at("step.before-fence", when=lambda c: c["run_id"] == held.pk)
+    with hold as busy, worker_thread(concurrency=1):
+        busy.wait()  # the one slot is taken
+        Workflow(lambda ctx: None, name="send-reciept").start()
+        for _ in range(2):  # two sweeps while busy: the query over due runs is skipped
+            overdue = swept()
+            wait_until(
+                lambda run=overdue: WorkflowRun.objects.get(pk=run.pk).status == "failed",
+                message="a sweep",
+            )
+        assert warnings_logged(caplog) == []
+        busy.release()
+        wait_until(lambda: warnings_logged(caplog), message="the warning")
+    assert warnings_logged(caplog) == [
+        "unknown workflow name=send-reciept runs=1: no @workflow with this name is registered "
+        "in this worker"
+    ]
+    assert held.result(timeout=10) == {"n": 1}
