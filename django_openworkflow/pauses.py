@@ -30,6 +30,7 @@ PAUSE_POINTS: dict[str, str] = {
     "child.before-read": "a replaying parent holds its run lock and is about to read its child",
     "finish.before-commit": "a run's finishing write is done but not committed (parent not woken)",
     "cancel.before-children": "a cancel changed its own run's row, not yet its children's",
+    "worker.before-poll": "the worker's loop is about to clear its wake-up and look at the queue",
     "worker.after-execute": "a slot finished executing a run and is about to drop it from flight",
     "heartbeat.before-renew": "the heartbeat collected the claims it will renew",
 }

@@ -163,6 +163,7 @@ class Worker:
         busy = False  # the last claim filled every free slot: more runs are probably due
         idle = False
         while not self._stopping.is_set():
+            pause_point("worker.before-poll", worker_id=self.worker_id)
             self._wakeup.clear()
             was_idle, idle = idle, False
             try:
@@ -207,7 +208,8 @@ class Worker:
                 connections[self.using].close()
             if idle and not was_idle:  # only a wake-up (NOTIFY, a timer, the poll) ends this wait
                 logger.debug("worker idle worker=%s next_poll_in=%.1fs", self.worker_id, timeout)
-            self._wakeup.wait(timeout)
+            if not self._stopping.is_set():  # stop() may have set the wake-up cleared above
+                self._wakeup.wait(timeout)
 
     def _sweep(self, names: list[str], busy: bool) -> None:
         """Once a poll interval: fail overdue runs, learn when parked runs are due.

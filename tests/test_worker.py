@@ -339,3 +339,14 @@ def test_a_worker_with_every_slot_busy_reports_unknown_names_once_a_slot_is_free
         "in this worker"
     ]
     assert held.result(timeout=10) == {"n": 1}
+
+
+def test_a_stop_just_before_the_loop_clears_its_wake_up_is_not_lost():
+    worker = Worker(concurrency=1, poll_interval=600)
+    thread = threading.Thread(target=worker.run)
+    with pause_at("worker.before-poll") as poll:
+        thread.start()
+        poll.wait()
+        worker.stop()  # sets the wake-up the loop is about to clear
+    thread.join(10)
+    assert not thread.is_alive()
