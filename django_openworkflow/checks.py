@@ -90,10 +90,22 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     return errors
 
 
-@register("database")
-def check_sqlite_transaction_mode(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+# Shown by W001 and by the worker's log when SQLite answers "database is locked".
+SQLITE_LOCKED_HINT = (
+    'give the SQLite database "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 20} '
+    "(IMMEDIATE takes the write lock when a transaction begins; timeout is how many seconds "
+    "a connection waits for that lock)"
+)
+
+
+@register()
+def check_sqlite_transaction_mode(
+    app_configs: Any = None, databases: Any = None, **kwargs: Any
+) -> list[Any]:
+    """W001. Not a "database" check: it reads settings only (no query), so a plain
+    ``check``, ``runserver`` and ``runworker`` report it, not only ``migrate``."""
     warnings: list[Any] = []
-    for alias in kwargs.get("databases") or []:
+    for alias in databases or connections:
         connection = connections[alias]
         if connection.vendor != "sqlite":
             continue
@@ -103,9 +115,8 @@ def check_sqlite_transaction_mode(app_configs: Any = None, **kwargs: Any) -> lis
                 Warning(
                     f"SQLite database {alias!r} does not use IMMEDIATE transactions.",
                     hint=(
-                        'Add "OPTIONS": {"transaction_mode": "IMMEDIATE"} to the database '
-                        "settings: SQLite has no row locks, so workers and resume need the "
-                        "write lock from the start of each transaction."
+                        f"SQLite has no row locks, so workers and resume need the write lock "
+                        f"from the start of each transaction: {SQLITE_LOCKED_HINT}."
                     ),
                     id="django_openworkflow.W001",
                 )

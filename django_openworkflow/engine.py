@@ -304,7 +304,7 @@ class Execution:
         ctx = WorkflowContext(self)
         try:
             output = self.workflow.fn(ctx)
-        except Suspend:
+        except (Suspend, KeyboardInterrupt):
             raise
         except StepFailed as exc:
             error = describe_exception(exc)
@@ -312,9 +312,14 @@ class Execution:
             if exc.error.get("traceback"):
                 error["traceback"] = exc.error["traceback"]
             self._finish(WorkflowRun.Status.FAILED, error=error)
-            logger.info("run failed run=%s step=%s", self.run.pk, exc.step_name)
+            logger.info(
+                "run failed run=%s step=%s error=%s",
+                self.run.pk,
+                exc.step_name,
+                exc.error.get("type"),
+            )
             return
-        except Exception as exc:
+        except BaseException as exc:  # asyncio.CancelledError too: a failure like any other
             self._workflow_error(exc)
             return
         try:
@@ -326,7 +331,7 @@ class Execution:
         self._finish(WorkflowRun.Status.COMPLETED, output=output)
         logger.info("run completed run=%s workflow=%s", self.run.pk, self.run.workflow_name)
 
-    def _workflow_error(self, exc: Exception) -> None:
+    def _workflow_error(self, exc: BaseException) -> None:
         policy = self.workflow.retry_policy or DEFAULT_WORKFLOW_RETRY_POLICY
         attempts = self.run.attempts + 1
         error = describe_exception(exc)
@@ -346,7 +351,13 @@ class Execution:
                 self.run.pk, self.token, retry_at, attempts=attempts, error=error
             )
         self.parked_until = retry_at
-        logger.info("run retry scheduled run=%s attempts=%d at=%s", self.run.pk, attempts, retry_at)
+        logger.info(
+            "run retry scheduled run=%s error=%s attempts=%d at=%s",
+            self.run.pk,
+            error["type"],
+            attempts,
+            retry_at,
+        )
 
     def _finish(self, status: str, **fields: Any) -> None:
         wake_parent = self.run.parent_step_attempt_id is not None
@@ -697,6 +708,10 @@ class Execution:
             if retry_at is not None and not past_deadline:
                 WorkflowRun.objects.park_claimed(self.run.pk, self.token, retry_at)
         for attempt, error in failed:
+            if error.get("retryable") is not False and not policy.exhausted(
+                counts[attempt.step_name]
+            ):
+                continue  # to be retried: logged with the retry
             logger.info(
                 "step failed run=%s step=%s error=%s attempts=%d",
                 self.run.pk,
@@ -715,13 +730,19 @@ class Execution:
             self._finish(
                 WorkflowRun.Status.FAILED, error=_deadline_error(error, step=attempt.step_name)
             )
-            logger.info("run failed run=%s step=%s reason=deadline", self.run.pk, attempt.step_name)
+            logger.info(
+                "run failed run=%s step=%s error=%s reason=deadline",
+                self.run.pk,
+                attempt.step_name,
+                error["type"],
+            )
             raise Suspend("deadline")
         self.parked_until = retry_at
         logger.info(
-            "step retry scheduled run=%s steps=%s at=%s",
+            "step retry scheduled run=%s steps=%s error=%s at=%s",
             self.run.pk,
             ",".join(attempt.step_name for attempt, _ in failed),
+            ",".join(error["type"] for _, error in failed),
             retry_at.isoformat(),
         )
         raise Suspend("step retry")

@@ -30,6 +30,7 @@ PAUSE_POINTS: dict[str, str] = {
     "wait.before-park": "a replaying run holds its row lock, found its wait not over, will park",
     "finish.before-commit": "a run's finishing write is done but not committed (parent not woken)",
     "cancel.before-children": "a cancel changed its own run's row, not yet its children's",
+    "worker.before-poll": "the worker's loop is about to clear its wake-up and look at the queue",
     "worker.after-execute": "a slot finished executing a run and is about to drop it from flight",
     "heartbeat.before-renew": "the heartbeat collected the claims it will renew",
 }

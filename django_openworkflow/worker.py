@@ -22,15 +22,18 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import DatabaseError, connections, router
+from django.db.models import Count
 from django.db.models.functions import Now
 from django.utils import timezone
 
+from .checks import SQLITE_LOCKED_HINT
 from .conf import app_settings
 from .engine import Execution
 from .managers import NOTIFY_CHANNEL
 from .models import WorkflowRun
 from .pauses import pause_point
 from .registry import get_workflow, workflow_names
+from .serialization import check_name_text
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +60,16 @@ class Worker:
         self.burst = burst
         self.namespace = namespace or app_settings.NAMESPACE
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        check_name_text(self.worker_id, "worker id")  # it fits WorkflowRun.worker_id
         self.using = router.db_for_write(WorkflowRun)
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._finished = threading.Event()
         self._lock = threading.Lock()
-        self._in_flight: dict[Any, WorkflowRun] = {}
+        # Keyed by claim token: a run parked and claimed again while its last
+        # slot is still finishing is two entries, each dropped by its own slot.
+        self._in_flight: dict[uuid.UUID, WorkflowRun] = {}
+        self._unknown_names: set[str] = set()  # names of due runs already reported
         self._queue: queue.SimpleQueue[WorkflowRun | None] = queue.SimpleQueue()
         self._timers: list[datetime] = []  # wake-ups of runs parked by this worker
         self.claim_batch = max(1, self.concurrency // 5)
@@ -126,7 +133,13 @@ class Worker:
             and not self.burst  # a burst worker exits when idle: nothing to wait for
             and connections[self.using].vendor == "postgresql"
         ):
-            helpers.append(threading.Thread(target=self._listen_loop, name="openworkflow-listen"))
+            helpers.append(
+                threading.Thread(
+                    target=listen,
+                    args=(self.using, self.namespace, self._wakeup, self._stopping, self.worker_id),
+                    name="openworkflow-listen",
+                )
+            )
         for thread in helpers:
             thread.daemon = True
             thread.start()
@@ -148,16 +161,23 @@ class Worker:
         last_sweep = float("-inf")
         failures = 0
         busy = False  # the last claim filled every free slot: more runs are probably due
+        idle = False
         while not self._stopping.is_set():
+            pause_point("worker.before-poll", worker_id=self.worker_id)
             self._wakeup.clear()
+            was_idle, idle = idle, False
             try:
-                self._check_connection()
+                check_connection(self.using)
                 if time.monotonic() - last_sweep >= self.poll_interval:
                     last_sweep = time.monotonic()
-                    self._sweep(names)
+                    self._sweep(names, busy)
                 free = self.concurrency - len(self._in_flight)
                 # While the queue is busy, claim in batches rather than one run per freed slot.
-                if free > 0 and (not busy or free >= self.claim_batch):
+                if (
+                    free > 0
+                    and (not busy or free >= self.claim_batch)
+                    and not self._stopping.is_set()
+                ):
                     claimed = WorkflowRun.objects.claim(
                         worker_id=self.worker_id,
                         workflow_names=names,
@@ -169,7 +189,8 @@ class Worker:
                     for run in claimed:
                         pause_point("claim.after-commit", run_id=run.pk, worker_id=self.worker_id)
                         self._submit(run)
-                    if self.burst and not claimed and not self._in_flight:
+                    idle = not claimed and not self._in_flight
+                    if self.burst and idle:
                         logger.info("no runs due, burst worker exits worker=%s", self.worker_id)
                         return
                 timeout = self._timer_timeout()
@@ -178,13 +199,26 @@ class Worker:
                 failures += 1
                 timeout = min(self.poll_interval * 2**failures, 30.0)
                 logger.warning(
-                    "database error worker=%s error=%s retry_in=%.1fs", self.worker_id, exc, timeout
+                    "database error worker=%s error=%s retry_in=%.1fs%s",
+                    self.worker_id,
+                    exc,
+                    timeout,
+                    _hint(exc),
                 )
                 connections[self.using].close()
-            self._wakeup.wait(timeout)
+            if idle and not was_idle:  # only a wake-up (NOTIFY, a timer, the poll) ends this wait
+                logger.debug("worker idle worker=%s next_poll_in=%.1fs", self.worker_id, timeout)
+            if not self._stopping.is_set():  # stop() may have set the wake-up cleared above
+                self._wakeup.wait(timeout)
 
-    def _sweep(self, names: list[str]) -> None:
-        """Once a poll interval: fail overdue runs, learn when parked runs are due."""
+    def _sweep(self, names: list[str], busy: bool) -> None:
+        """Once a poll interval: fail overdue runs, learn when parked runs are due.
+
+        And report due runs of unknown workflows, unless every slot is busy:
+        that query reads every due run, so not while there is a backlog.
+        """
+        if not busy:
+            report_unknown_names(self.namespace, names, self._unknown_names)
         overdue = WorkflowRun.objects.fail_overdue(self.namespace)
         if overdue:
             logger.info("runs failed reason=deadline count=%d", overdue)
@@ -207,21 +241,33 @@ class Worker:
         return max(0.0, min(self.poll_interval, seconds + 0.001))
 
     def _submit(self, run: WorkflowRun) -> None:
+        assert run.claim_token is not None  # a claimed run
         with self._lock:
-            self._in_flight[run.pk] = run
+            self._in_flight[run.claim_token] = run
         logger.info(
             "run claimed run=%s workflow=%s worker=%s", run.pk, run.workflow_name, self.worker_id
         )
         self._queue.put(run)
 
     def _slot_loop(self) -> None:
-        """One execution slot: a thread with its own database connection."""
+        """One execution slot: a thread with its own database connection.
+
+        It survives anything a run raises (an engine bug, a ``KeyboardInterrupt``
+        from a step): the run's claim is released so it is replayed at once,
+        and the slot takes the next run.
+        """
         try:
             while True:
                 run = self._queue.get()
                 if run is None:
                     return
-                self._execute(run)
+                try:
+                    self._execute(run)
+                except BaseException:
+                    logger.exception("run crashed the engine run=%s; releasing the run", run.pk)
+                    release(self.using, run)
+                finally:
+                    self._done(run)
         finally:
             connections.close_all()
 
@@ -239,48 +285,22 @@ class Worker:
             execution.execute()
             self._add_timer(execution.parked_until)
         except DatabaseError as exc:
-            logger.warning("database error run=%s error=%s; releasing the run", run.pk, exc)
-            self._release(run)
-        except Exception:
-            logger.exception("run crashed the engine run=%s", run.pk)
-        finally:
-            pause_point("worker.after-execute", run_id=run.pk, token=run.claim_token)
-            with self._lock:
-                self._in_flight.pop(run.pk, None)
-                self.runs_executed += 1
-            self._check_connection()
-            self._wakeup.set()
+            logger.warning(
+                "database error run=%s error=%s%s; releasing the run", run.pk, exc, _hint(exc)
+            )
+            release(self.using, run)
 
-    def _release(self, run: WorkflowRun) -> None:
-        """After a database error: end our lease at once, so the run is replayed now.
-
-        Best effort on a fresh connection; if the database is still away, the
-        lease simply runs out.
-        """
-        connections[self.using].close()
-        if run.claim_token is None:
-            return
+    def _done(self, run: WorkflowRun) -> None:
+        """The slot is free again: drop this claim (only this one) from flight."""
+        pause_point("worker.after-execute", run_id=run.pk, token=run.claim_token)
+        with self._lock:
+            self._in_flight.pop(run.claim_token, None)  # type: ignore[arg-type]
+            self.runs_executed += 1
+        self._wakeup.set()
         try:
-            WorkflowRun.objects.claimed(run.pk, run.claim_token).update(available_at=Now())
+            check_connection(self.using)
         except DatabaseError:
             connections[self.using].close()
-
-    def _check_connection(self) -> None:
-        """Keep this thread's connection open between runs unless it is broken.
-
-        (Django's request-oriented ``close_old_connections()`` would reconnect
-        for every run with the default ``CONN_MAX_AGE = 0``.)
-        """
-        connection = connections[self.using]
-        if connection.connection is None:
-            return
-        if connection.in_atomic_block or not connection.get_autocommit():
-            connection.close()  # never leak a transaction into the next run
-        elif connection.errors_occurred:
-            if connection.is_usable():
-                connection.errors_occurred = False
-            else:
-                connection.close()
 
     # --- helpers threads ----------------------------------------------------------------
 
@@ -288,7 +308,7 @@ class Worker:
         try:
             while not self._finished.wait(self.heartbeat_seconds):
                 with self._lock:
-                    tokens = [r.claim_token for r in self._in_flight.values() if r.claim_token]
+                    tokens = list(self._in_flight)
                 if not tokens:
                     continue
                 pause_point("heartbeat.before-renew", tokens=tokens)
@@ -296,30 +316,103 @@ class Worker:
                     renewed = WorkflowRun.objects.renew_leases(tokens, self.lease_seconds)
                     logger.debug("leases renewed worker=%s runs=%d", self.worker_id, renewed)
                 except DatabaseError as exc:
-                    logger.warning("heartbeat failed worker=%s error=%s", self.worker_id, exc)
+                    logger.warning(
+                        "heartbeat failed worker=%s error=%s%s", self.worker_id, exc, _hint(exc)
+                    )
                     connections[self.using].close()
         finally:
             connections[self.using].close()
 
-    def _listen_loop(self) -> None:
-        import psycopg
 
-        delay = 0.5
-        while not self._stopping.is_set():
-            try:
-                params = connections[self.using].get_connection_params()
-                params.pop("cursor_factory", None)
-                params.pop("context", None)
-                params.pop("server_side_binding", None)
-                with psycopg.connect(**params, autocommit=True) as conn:
-                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    delay = 0.5
-                    logger.debug("listening channel=%s", NOTIFY_CHANNEL)
-                    while not self._stopping.is_set():
-                        for notice in conn.notifies(timeout=1.0):
-                            if notice.payload in ("", self.namespace):
-                                self._wakeup.set()
-            except Exception as exc:  # reconnect with backoff; polling covers the gap
-                logger.warning("listen failed worker=%s error=%s", self.worker_id, exc)
-                self._stopping.wait(delay)
-                delay = min(delay * 2, 30.0)
+def _hint(exc: DatabaseError) -> str:
+    """What to change when SQLite says "database is locked" (appended to the log line)."""
+    return f" hint={SQLITE_LOCKED_HINT}" if "database is locked" in str(exc) else ""
+
+
+def report_unknown_names(namespace: str, names: list[str], reported: set[str]) -> None:
+    """Warn once per name about due runs of workflows this worker does not know.
+
+    (A typo in ``run_workflow("send-reciept")``, or a worker started without
+    the module that defines the workflow.) ``reported`` holds the names
+    already reported; they are left out of the query.
+    """
+    unknown = (
+        WorkflowRun.objects.in_namespace(namespace)
+        .due()
+        .exclude(workflow_name__in=[*names, *reported])
+        .values_list("workflow_name")
+        .annotate(runs=Count("pk"))
+        .order_by("workflow_name")
+    )
+    for name, runs in unknown:
+        reported.add(name)
+        logger.warning(
+            "unknown workflow name=%s runs=%d: no @workflow with this name is registered "
+            "in this worker",
+            name,
+            runs,
+        )
+
+
+def release(using: str, run: WorkflowRun) -> None:
+    """After a database error or a crash: end our lease at once, so the run is replayed now.
+
+    Best effort on a fresh connection; if the database is still away, the
+    lease simply runs out.
+    """
+    connections[using].close()
+    if run.claim_token is None:
+        return
+    try:
+        WorkflowRun.objects.claimed(run.pk, run.claim_token).update(available_at=Now())
+    except DatabaseError:
+        connections[using].close()
+
+
+def check_connection(using: str) -> None:
+    """Keep this thread's connection open between runs unless it is broken.
+
+    (Django's request-oriented ``close_old_connections()`` would reconnect
+    for every run with the default ``CONN_MAX_AGE = 0``.)
+    """
+    connection = connections[using]
+    if connection.connection is None:
+        return
+    if connection.in_atomic_block or not connection.get_autocommit():
+        connection.close()  # never leak a transaction into the next run
+    elif connection.errors_occurred:
+        if connection.is_usable():
+            connection.errors_occurred = False
+        else:
+            connection.close()
+
+
+def listen(
+    using: str,
+    namespace: str,
+    wakeup: threading.Event,
+    stopping: threading.Event,
+    worker_id: str,
+) -> None:
+    """PostgreSQL: set ``wakeup`` on each NOTIFY for ``namespace`` until ``stopping``."""
+    import psycopg
+
+    delay = 0.5
+    while not stopping.is_set():
+        try:
+            params = connections[using].get_connection_params()
+            params.pop("cursor_factory", None)
+            params.pop("context", None)
+            params.pop("server_side_binding", None)
+            with psycopg.connect(**params, autocommit=True) as conn:
+                conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                delay = 0.5
+                logger.debug("listening channel=%s", NOTIFY_CHANNEL)
+                while not stopping.is_set():
+                    for notice in conn.notifies(timeout=1.0):
+                        if notice.payload in ("", namespace):
+                            wakeup.set()
+        except Exception as exc:  # reconnect with backoff; polling covers the gap
+            logger.warning("listen failed worker=%s error=%s", worker_id, exc)
+            stopping.wait(delay)
+            delay = min(delay * 2, 30.0)

@@ -113,6 +113,18 @@ class WorkerProcess:
     def output(self) -> str:
         return self.log_path.read_text()
 
+    def wait_for(self, *texts: str, timeout: float = 20.0) -> None:
+        """Until each of ``texts`` is in the log (the process logs at ``-v 2``)."""
+        end = time.monotonic() + timeout
+        while not all(text in self.output() for text in texts):
+            assert time.monotonic() < end, f"{texts} not in the log:\n{self.output()[-3000:]}"
+            time.sleep(0.05)
+
+    def wait_until_idle(self) -> None:
+        """Until it listens (PostgreSQL) and waits: with a long ``--poll-interval``, only a
+        NOTIFY (or a timer of its own) wakes it now."""
+        self.wait_for("listening channel=", "worker idle worker=")
+
 
 @pytest.fixture
 def worker_process(tmp_path):

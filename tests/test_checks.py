@@ -1,5 +1,10 @@
+from contextlib import contextmanager
+from io import StringIO
+
 import pytest
 from django.core import checks
+from django.core.management import call_command
+from django.db import connections
 from django.test import override_settings
 
 from django_openworkflow.checks import (
@@ -75,25 +80,56 @@ def test_every_error_has_a_hint():
         assert all(m.hint for m in check_settings())
 
 
-def test_sqlite_without_immediate_transactions_is_warned_about(settings):
-    from django.db import connections
-
-    connection = connections["default"]
-    if connection.vendor != "sqlite":
-        assert check_sqlite_transaction_mode(databases=["default"]) == []
-        return
-    assert check_sqlite_transaction_mode(databases=["default"]) == []
-    options = connection.settings_dict["OPTIONS"]
+@contextmanager
+def without_immediate_transactions():
+    """The default (SQLite) database's settings without ``transaction_mode``, for a while."""
+    options = connections["default"].settings_dict["OPTIONS"]
     saved = dict(options)
+    options.pop("transaction_mode")
     try:
-        options.pop("transaction_mode")
-        [warning] = check_sqlite_transaction_mode(databases=["default"])
+        yield
     finally:
         options.clear()
         options.update(saved)
+
+
+on_sqlite = pytest.mark.skipif(connections["default"].vendor != "sqlite", reason="a SQLite setting")
+
+
+def test_sqlite_without_immediate_transactions_is_warned_about():
+    assert check_sqlite_transaction_mode(databases=["default"]) == []
+    if connections["default"].vendor != "sqlite":
+        return
+    with without_immediate_transactions():
+        [warning] = check_sqlite_transaction_mode(databases=["default"])
     assert warning.id == "django_openworkflow.W001"
     assert warning.level == checks.WARNING
-    assert 'OPTIONS": {"transaction_mode": "IMMEDIATE"}' in warning.hint
+    assert warning.msg == "SQLite database 'default' does not use IMMEDIATE transactions."
+    assert warning.hint == (
+        "SQLite has no row locks, so workers and resume need the write lock from the start of "
+        'each transaction: give the SQLite database "OPTIONS": {"transaction_mode": '
+        '"IMMEDIATE", "timeout": 20} (IMMEDIATE takes the write lock when a transaction '
+        "begins; timeout is how many seconds a connection waits for that lock)."
+    )
+
+
+@on_sqlite
+def test_a_plain_check_reports_sqlite_without_immediate_transactions():
+    # manage.py check and runserver run the checks without naming databases.
+    assert "django_openworkflow.W001" not in [m.id for m in checks.run_checks()]
+    with without_immediate_transactions():
+        assert "django_openworkflow.W001" in [m.id for m in checks.run_checks()]
+
+
+@on_sqlite
+@pytest.mark.django_db(transaction=True)
+def test_runworker_prints_the_sqlite_warning_at_start():
+    err = StringIO()
+    with without_immediate_transactions():
+        call_command("runworker", "--burst", skip_checks=False, stderr=err, verbosity=0)
+    assert "?: (django_openworkflow.W001) SQLite database 'default' does not use IMMEDIATE" in (
+        err.getvalue()
+    )
 
 
 def test_two_functions_with_one_workflow_name_are_reported():

@@ -616,3 +616,40 @@ def test_an_unchanged_order_replays_normally():
     StepAttempt.objects.filter(workflow_run=run, step_name="pause").update(wake_at=Now())
     run = claim_and_execute()
     assert (run.status, run.output) == ("completed", 2)
+
+
+# --- BaseException from user code -----------------------------------------------------
+
+BASE_EXCEPTION_TYPES = [("cancelled", "CancelledError"), ("boom", "Boom"), ("exit", "SystemExit")]
+
+
+@pytest.mark.parametrize(("raised", "kind"), BASE_EXCEPTION_TYPES)
+def test_a_base_exception_from_a_step_is_a_failure_of_the_step(raised, kind):
+    start("step-raises-base-exception", {"raise": raised})
+    run = claim_and_execute()
+    assert (run.status, run.claim_token) == (WorkflowRun.Status.PENDING, None)  # retry at 10 ms
+    make_due(run)
+    run = claim_and_execute()
+    assert (run.status, run.error["type"], run.error["step"]) == ("failed", "StepFailed", "step")
+    assert [(a.status, a.error["type"]) for a in attempts(run)] == [("failed", kind)] * 2
+    assert effects(run, "step") == 2
+
+
+@pytest.mark.parametrize(("raised", "kind"), BASE_EXCEPTION_TYPES)
+def test_a_base_exception_from_the_workflow_function_is_a_failure_of_the_run(raised, kind):
+    start("workflow-raises-base-exception", {"raise": raised})
+    run = claim_and_execute()
+    assert (run.status, run.attempts, run.error["type"]) == ("pending", 1, kind)
+    make_due(run)
+    run = claim_and_execute()
+    assert (run.status, run.attempts, run.error["type"]) == ("failed", 2, kind)
+    assert run.claim_token is None
+
+
+def test_keyboard_interrupt_from_a_step_interrupts_the_pass_and_is_no_failure():
+    run = start("interrupted-once")
+    with pytest.raises(KeyboardInterrupt):
+        claim_and_execute()
+    run.refresh_from_db()
+    assert run.status == WorkflowRun.Status.RUNNING  # as if the process had stopped here
+    assert [a.status for a in attempts(run)] == ["running"]

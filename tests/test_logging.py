@@ -189,3 +189,35 @@ def test_the_runworker_command_logs_no_inputs_at_its_default_verbosity(worker_pr
     ):
         assert expected in output
     assert MARKER not in output
+
+
+def test_failure_lines_name_the_error_type_and_the_step(caplog):
+    caplog.set_level(logging.INFO, logger="django_openworkflow")
+    runs = {wf.name: wf.start(INPUT) for wf in (step_fails, workflow_fails)}
+    runs["deadline"] = deadline.start(INPUT, deadline_at=timezone.now() + timedelta(seconds=30))
+    drain(timeout=60)
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+
+    def lines(prefix):
+        return [m.split(" at=")[0] for m in messages if m.startswith(prefix)]
+
+    step, body, late = (
+        runs[k].pk for k in ("log-secret-step-fails", "log-secret-workflow-fails", "deadline")
+    )
+    assert lines(f"step retry scheduled run={step} ") == [
+        f"step retry scheduled run={step} steps=charge error=ValueError"
+    ]
+    assert lines(f"step failed run={step} ") == [
+        f"step failed run={step} step=charge error=ValueError attempts=2"
+    ]
+    assert lines(f"run failed run={step} ") == [
+        f"run failed run={step} step=charge error=ValueError"
+    ]
+    assert lines(f"run retry scheduled run={body} ") == [
+        f"run retry scheduled run={body} error=KeyError attempts=1"
+    ]
+    assert lines(f"run failed run={body} ") == [f"run failed run={body} error=KeyError attempts=2"]
+    assert lines(f"run failed run={late} ") == [
+        f"run failed run={late} step=charge error=ValueError reason=deadline"
+    ]
+    assert not any(MARKER in m for m in messages)

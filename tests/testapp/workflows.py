@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -293,6 +295,62 @@ def bad_child_name(ctx):
     """Starts a child named "x" * length (+ NUL): a name no column can hold."""
     child = "x" * ctx.input["length"] + ("\x00" if ctx.input.get("nul") else "")
     return ctx.step.run_workflow(child, name=ctx.input.get("step"))
+
+
+# --- BaseException that is not an Exception (asyncio.CancelledError and the like) ---------
+
+
+class Boom(BaseException):
+    """Like ``asyncio.CancelledError``, not an ``Exception``: ``except Exception`` misses it."""
+
+
+def cancelled_in_asyncio():
+    """What a step that calls ``asyncio.run()`` raises when its task is canceled."""
+
+    async def fetch():
+        asyncio.current_task().cancel()
+        await asyncio.sleep(0)
+
+    asyncio.run(fetch())
+
+
+def boom():
+    raise Boom("boom")
+
+
+BASE_EXCEPTIONS = {"cancelled": cancelled_in_asyncio, "boom": boom, "exit": sys.exit}
+TWO_TRIES = RetryPolicy(maximum_attempts=2, initial_interval="10ms")
+
+
+@workflow(name="step-raises-base-exception")
+def step_raises_base_exception(ctx):
+    """Its step raises what BASE_EXCEPTIONS[ctx.input['raise']] raises, twice (its budget)."""
+
+    def step():
+        effect(ctx, "step")
+        BASE_EXCEPTIONS[ctx.input["raise"]]()
+
+    return ctx.step.run("step", step, retry_policy=TWO_TRIES)
+
+
+@workflow(name="workflow-raises-base-exception", retry_policy=TWO_TRIES)
+def workflow_raises_base_exception(ctx):
+    """The workflow function itself raises (outside any step)."""
+    effect(ctx, "body")
+    BASE_EXCEPTIONS[ctx.input["raise"]]()
+
+
+@workflow(name="interrupted-once")
+def interrupted_once(ctx):
+    """Its step raises KeyboardInterrupt the first time it runs (an interrupt, not a failure)."""
+
+    def step():
+        effect(ctx, "step")
+        if SideEffect.objects.filter(run_id=ctx.run_id, step="step").count() == 1:
+            raise KeyboardInterrupt
+        return "done"
+
+    return ctx.step.run("step", step)
 
 
 from . import hardening  # noqa: E402, F401  (its @workflow definitions)

@@ -9,8 +9,12 @@ import sys
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError, connections, router
+from django.db.migrations.executor import MigrationExecutor
 
 from ...conf import app_settings
+from ...models import WorkflowRun
+from ...serialization import check_name_text
 from ...worker import Worker
 from ..workers import positive_int as _positive_int
 
@@ -91,6 +95,12 @@ class Command(BaseCommand):
                 ) from exc
         if options["namespace"] is not None and not options["namespace"]:
             raise CommandError("--namespace must not be empty")
+        if options["worker_id"] is not None:
+            try:
+                check_name_text(options["worker_id"], "--worker-id")
+            except ValueError as exc:
+                raise CommandError(str(exc)) from None
+        self._check_migrations(router.db_for_write(WorkflowRun))
         worker = Worker(
             namespace=options["namespace"],
             concurrency=options["concurrency"],
@@ -101,6 +111,24 @@ class Command(BaseCommand):
         )
         worker.install_signal_handlers()
         worker.run()
+
+    def _check_migrations(self, using: str) -> None:
+        """Refuse to start on a database without this app's tables (``migrate`` not run)."""
+        try:
+            executor = MigrationExecutor(connections[using])
+            plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
+        except DatabaseError as exc:  # the database is away: the loop retries until it is back
+            logging.getLogger("django_openworkflow").warning(
+                "cannot check migrations database=%s error=%s", using, exc
+            )
+            return
+        missing = [m.name for m, _ in plan if m.app_label == "django_openworkflow"]
+        if missing:
+            raise CommandError(
+                f"the database {using!r} lacks {len(missing)} "
+                f"migration{'s' if len(missing) > 1 else ''} of django_openworkflow "
+                f"({', '.join(missing)}): run 'manage.py migrate' first"
+            )
 
     def _configure_logging(self, verbosity: int) -> None:
         logger = logging.getLogger("django_openworkflow")
