@@ -54,7 +54,7 @@ MAX_STEP_ATTEMPTS = 1000
 WORKER_LOST_ERROR = {
     "type": "WorkerLost",
     "message": "the worker executing this step stopped before the step finished "
-    "(its lease expired)",
+    "(it crashed, lost its database connection, or its lease expired)",
 }
 
 

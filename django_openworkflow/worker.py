@@ -23,13 +23,12 @@ from typing import Any
 
 from django.db import DatabaseError, connections, router
 from django.db.models import Count
-from django.db.models.functions import Now
 from django.utils import timezone
 
 from .checks import SQLITE_LOCKED_HINT
 from .conf import app_settings
 from .engine import Execution
-from .managers import NOTIFY_CHANNEL
+from .managers import NOTIFY_CHANNEL, now_plus
 from .models import WorkflowRun
 from .pauses import pause_point
 from .registry import get_workflow, workflow_names
@@ -265,7 +264,7 @@ class Worker:
                     self._execute(run)
                 except BaseException:
                     logger.exception("run crashed the engine run=%s; releasing the run", run.pk)
-                    release(self.using, run)
+                    release(self.using, run, delay=CRASH_RELEASE_DELAY)
                 finally:
                     self._done(run)
         finally:
@@ -354,8 +353,13 @@ def report_unknown_names(namespace: str, names: list[str], reported: set[str]) -
         )
 
 
-def release(using: str, run: WorkflowRun) -> None:
-    """After a database error or a crash: end our lease at once, so the run is replayed now.
+# A run that crashed the engine (not a database error) is replayed after this many
+# seconds, so one that crashes before any step is recorded cannot spin a worker.
+CRASH_RELEASE_DELAY = 1.0
+
+
+def release(using: str, run: WorkflowRun, *, delay: float = 0.0) -> None:
+    """After a database error or a crash: end our lease now, so the run is replayed soon.
 
     Best effort on a fresh connection; if the database is still away, the
     lease simply runs out.
@@ -364,7 +368,7 @@ def release(using: str, run: WorkflowRun) -> None:
     if run.claim_token is None:
         return
     try:
-        WorkflowRun.objects.claimed(run.pk, run.claim_token).update(available_at=Now())
+        WorkflowRun.objects.claimed(run.pk, run.claim_token).update(available_at=now_plus(delay))
     except DatabaseError:
         connections[using].close()
 

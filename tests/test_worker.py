@@ -11,6 +11,7 @@ from datetime import timedelta
 import pytest
 from django.db import connection
 from django.db.models import Count
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from django_openworkflow import WorkflowFailed
@@ -205,7 +206,7 @@ def test_a_step_raising_a_base_exception_fails_per_policy_and_the_slot_runs_on(r
     assert [(a.status, a.error["type"]) for a in attempts] == [("failed", kind)] * 2
 
 
-def test_a_run_that_escapes_the_engine_is_released_replayed_at_once_and_the_slot_survives(
+def test_a_run_that_escapes_the_engine_is_released_replayed_and_the_slot_survives(
     caplog,
 ):
     caplog.set_level(logging.ERROR, logger="django_openworkflow")
@@ -350,3 +351,17 @@ def test_a_stop_just_before_the_loop_clears_its_wake_up_is_not_lost():
         worker.stop()  # sets the wake-up the loop is about to clear
     thread.join(10)
     assert not thread.is_alive()
+
+
+def test_a_run_that_crashes_the_engine_is_replayed_a_second_later_not_at_once():
+    run = interrupted_once.start()
+    with (
+        pause_at("worker.after-execute", when=lambda c: c["run_id"] == run.pk) as crashed,
+        worker_thread(concurrency=1, lease_seconds=600),
+    ):
+        crashed.wait()  # released after the crash, before the slot takes anything else
+        released = WorkflowRun.objects.filter(pk=run.pk).annotate(now=Now()).get()
+        assert released.available_at > released.now  # not due at once: no crash loop
+        assert released.available_at <= released.now + timedelta(seconds=1)
+        crashed.release()
+        assert run.result(timeout=30) == "done"
