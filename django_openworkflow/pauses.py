@@ -29,6 +29,8 @@ PAUSE_POINTS: dict[str, str] = {
     "step.before-failure": "a step raised; its failure is about to be stored",
     "child.before-read": "a replaying parent holds its run lock and is about to read its child",
     "finish.before-commit": "a run's finishing write is done but not committed (parent not woken)",
+    "signal.locked": "a delivery locked the waiting runs and found steps still waiting; not yet"
+    " completed",
     "cancel.before-children": "a cancel changed its own run's row, not yet its children's",
     "worker.after-execute": "a slot finished executing a run and is about to drop it from flight",
     "heartbeat.before-renew": "the heartbeat collected the claims it will renew",
