@@ -367,10 +367,10 @@ class Execution:
                 if finished:
                     self._store_deferred()
                 pause_point("finish.before-commit", run_id=self.run.pk, status=status)
-        self.deferred = None
         if not finished:
-            self._claim_lost()
+            self._claim_lost()  # past the deadline: fails the run, storing the deferred result
             return
+        self.deferred = None
         self.run.status = status
         for field in ("output", "error", "attempts"):
             if field in fields:
