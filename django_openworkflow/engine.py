@@ -892,6 +892,7 @@ class Execution:
         step (child workflows).
         """
         failed: dict[str, Any] | None = None
+        pause_point("wait.before-settle", run_id=self.run.pk, step=attempt.step_name)
         with transaction.atomic():
             self._fence()
             try:

@@ -27,6 +27,7 @@ PAUSE_POINTS: dict[str, str] = {
     "step.before-fence": "a step is about to open its fenced transaction (start or finish)",
     "step.after-commit": "a step.atomic committed its writes and result; its on_commit hooks ran",
     "step.before-failure": "a step raised; its failure is about to be stored",
+    "wait.before-settle": "a replaying run is about to lock itself and re-check an open wait",
     "child.before-read": "a replaying parent holds its run lock and is about to read its child",
     "finish.before-commit": "a run's finishing write is done but not committed (parent not woken)",
     "signal.locked": "a delivery locked the waiting runs and found steps still waiting; not yet"

@@ -296,18 +296,26 @@ def test_a_delivery_waits_for_another_and_then_delivers_nothing():
     assert (status, output) == ("completed", {"data": "first"})
 
 
-def test_a_delivered_wait_keeps_its_delivery_time_when_the_run_replays():
-    """The run settles a wait a signal completed: the attempt is left as the signal left it."""
-    run = waiter.start({"signal": "bell"})
+def test_a_signal_delivered_while_the_run_replays_keeps_its_delivery_time():
+    """The run woke (its timeout) and is replaying when the signal completes its wait.
+
+    Settling the wait then finds the step completed and leaves it as the
+    signal left it (the ``status="running"`` guard in ``_settle_wait``).
+    """
+    run = waiter.start({"signal": "bell", "timeout": "1h"})
     drain(time_travel=False)
-    assert send_signal("bell", "ding") == [str(run.pk)]
-    delivered = StepAttempt.objects.values_list("status", "output", "finished_at").get(
-        workflow_run=run, step_name="bell"
-    )
+    make_due(run)
+    [claimed] = claim("waiter", worker_id="worker-a")
+    with pause_at("wait.before-settle", when=lambda c: c["run_id"] == run.pk) as pause:
+        thread = EngineThread(claimed, "worker-a")
+        pause.wait()  # A read the step as waiting and is about to settle it
+        assert send_signal("bell", "ding") == [str(run.pk)]
+        delivered = StepAttempt.objects.values_list("status", "output", "finished_at").get(
+            workflow_run=run, step_name="bell"
+        )
+    thread.finish()
+
     assert delivered[:2] == ("completed", {"data": "ding"})
-
-    drain()
-
     run.refresh_from_db()
     assert (run.status, run.output) == ("completed", {"data": "ding"})
     assert (
