@@ -84,7 +84,7 @@ def test_sigterm_finishes_the_run_in_flight_then_exits_0(worker_process, tmp_pat
     proc = worker_process("--concurrency", "2")
     wait_until(lambda: running_attempt(run, "block"), message="the blocking step")
     proc.signal(signal.SIGTERM)
-    time.sleep(0.3)
+    wait_until(lambda: "stopping worker=" in proc.output(), message="the worker to stop")
     late = echo.start({"late": True})  # a stopping worker takes no new run
     flag.touch()
     assert proc.wait(timeout=30) == 0
@@ -93,7 +93,6 @@ def test_sigterm_finishes_the_run_in_flight_then_exits_0(worker_process, tmp_pat
     assert run.output == 3
     late.refresh_from_db()
     assert late.status == WorkflowRun.Status.PENDING
-    assert "stopping worker=" in proc.output()
 
 
 def test_while_a_run_sleeps_another_runs_on_a_single_slot(worker_process):
