@@ -12,6 +12,7 @@ from datetime import timedelta
 import pytest
 from django.db import connection, transaction
 from django.db.models.functions import Now
+from django.test import override_settings
 from django.utils import timezone
 
 from django_openworkflow import send_signal
@@ -344,3 +345,55 @@ def test_fenced_transitions_refuse_a_run_past_its_deadline_except_failing_it():
 
     assert WorkflowRun.objects.finish_claimed(run.pk, token, "failed", error=DEADLINE_ERROR)
     assert state(run) == ("failed", None, None, None)
+
+
+# --- what a stop and a claim may touch: running attempts, one namespace ------------
+
+
+@pytest.mark.parametrize("stop", ["cancel", "deadline"])
+def test_stopping_a_run_fails_its_running_step_and_keeps_its_completed_ones(gates, stop):
+    run = get_workflow("names-its-finisher").start(deadline_at=timezone.now() + timedelta(hours=1))
+    gate = gates["worker-a"] = Gate()
+    [claimed] = claim("names-its-finisher", worker_id="worker-a")
+    thread = EngineThread(claimed, "worker-a")
+    assert gate.entered.wait(10)  # "first" is stored (with the start of "who")
+
+    if stop == "cancel":
+        WorkflowRun.objects.cancel(run)
+    else:
+        WorkflowRun.objects.filter(pk=run.pk).update(deadline_at=Now() - timedelta(seconds=1))
+        assert WorkflowRun.objects.fail_overdue("default") == 1
+    gate.opened.set()
+    thread.finish()
+
+    stopped = "WorkflowCanceled" if stop == "cancel" else "DeadlineExceeded"
+    assert attempts(run, "first") == [("completed", 1, None)]
+    assert attempts(run, "who") == [("failed", None, stopped)]
+    assert state(run)[:2] == ("canceled" if stop == "cancel" else "failed", None)
+
+
+def test_a_claim_takes_only_runs_of_its_namespace():
+    with override_settings(OPENWORKFLOW={"NAMESPACE": "other"}):
+        run = get_workflow("echo").start({"n": 1})
+
+    assert claim("echo", worker_id="worker-a") == []  # the "default" namespace
+    [claimed] = WorkflowRun.objects.claim(
+        worker_id="worker-a",
+        workflow_names=["echo"],
+        limit=1,
+        lease_seconds=30,
+        namespace="other",
+    )
+    assert claimed.pk == run.pk
+
+
+def test_a_signal_wakes_only_runs_of_its_namespace():
+    with override_settings(OPENWORKFLOW={"NAMESPACE": "other"}):
+        run = waiter.start({"signal": "bell"})
+        drain(time_travel=False)
+
+    assert send_signal("bell", "from default") == []
+    assert attempts(run, "bell") == [("running", None, None)]
+    with override_settings(OPENWORKFLOW={"NAMESPACE": "other"}):
+        assert send_signal("bell", "from other") == [str(run.pk)]
+    assert attempts(run, "bell") == [("completed", {"data": "from other"}, None)]
