@@ -378,10 +378,10 @@ class Execution:
                 if finished:
                     self._store_deferred()
                 pause_point("finish.before-commit", run_id=self.run.pk, status=status)
-        self.deferred = None
         if not finished:
-            self._claim_lost()
+            self._claim_lost()  # past the deadline: fails the run, storing the deferred result
             return
+        self.deferred = None
         self.run.status = status
         for field in ("output", "error", "attempts"):
             if field in fields:
@@ -954,6 +954,7 @@ class Execution:
         step (child workflows).
         """
         failed: dict[str, Any] | None = None
+        pause_point("wait.before-settle", run_id=self.run.pk, step=attempt.step_name)
         with transaction.atomic(using=self.using):
             self._fence()
             try:

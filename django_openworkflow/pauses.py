@@ -27,8 +27,11 @@ PAUSE_POINTS: dict[str, str] = {
     "step.before-fence": "a step is about to open its fenced transaction (start or finish)",
     "step.after-commit": "a step.atomic committed its writes and result; its on_commit hooks ran",
     "step.before-failure": "a step raised; its failure is about to be stored",
+    "wait.before-settle": "a replaying run is about to lock itself and re-check an open wait",
     "wait.before-park": "a replaying run holds its row lock, found its wait not over, will park",
     "finish.before-commit": "a run's finishing write is done but not committed (parent not woken)",
+    "signal.locked": "a delivery locked the waiting runs and found steps still waiting; not yet"
+    " completed",
     "cancel.before-children": "a cancel changed its own run's row, not yet its children's",
     "worker.before-poll": "the worker's loop is about to clear its wake-up and look at the queue",
     "worker.after-execute": "a slot finished executing a run and is about to drop it from flight",

@@ -20,6 +20,7 @@ from django.db.models.functions import Now
 from .conf import app_settings
 from .managers import ACTIVE, notify
 from .models import StepAttempt, WorkflowRun, WorkflowSignal
+from .pauses import pause_point
 from .registry import IDEMPOTENCY_WINDOW, lock_key
 from .serialization import check_name_text, ensure_json
 
@@ -57,6 +58,7 @@ def deliver(
     targets = list(waiting.filter(workflow_run_id__in=locked).values_list("pk", "workflow_run_id"))
     if not targets:
         return []
+    pause_point("signal.locked", signal=signal, run_ids=locked)
     StepAttempt.objects.using(using).filter(pk__in=[pk for pk, _ in targets]).update(
         status=StepAttempt.Status.COMPLETED, output={"data": data}, finished_at=Now()
     )

@@ -58,6 +58,33 @@ def claim_and_execute(*, worker_id: str = "test-worker", lease: float = 30.0) ->
     return run
 
 
+def backend_pid() -> int:
+    """The PostgreSQL backend pid of this thread's connection (opened if need be)."""
+    connection.ensure_connection()
+    return int(connection.connection.info.backend_pid)
+
+
+def wait_until_blocked(pid: int, *, by: int, timeout: float = 10.0) -> None:
+    """Wait until backend ``pid`` waits for a lock that backend ``by`` holds (PostgreSQL).
+
+    Polls ``pg_stat_activity``/``pg_blocking_pids`` on this thread's connection
+    (autocommit: a fresh snapshot each time); fails after ``timeout`` seconds.
+    """
+    end = time.monotonic() + timeout
+    with connection.cursor() as cursor:
+        while True:
+            cursor.execute(
+                "SELECT wait_event_type, pg_blocking_pids(pid) FROM pg_stat_activity"
+                " WHERE pid = %s",
+                [pid],
+            )
+            row = cursor.fetchone()
+            if row is not None and row[0] == "Lock" and by in row[1]:
+                return
+            assert time.monotonic() < end, f"backend {pid} is not waiting for {by}: {row}"
+            time.sleep(0.01)
+
+
 def make_due(run: WorkflowRun) -> None:
     """Time travel: make a parked run due now."""
     WorkflowRun.objects.filter(pk=run.pk).update(available_at=Now())

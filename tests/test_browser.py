@@ -73,6 +73,7 @@ def worker():
     yield worker
     worker.stop()
     thread.join(10)
+    assert not thread.is_alive()
 
 
 @pytest.fixture

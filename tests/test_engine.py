@@ -301,6 +301,7 @@ def test_a_worker_whose_lease_was_taken_over_cannot_complete_its_step(tmp_path, 
     run_b = _take_over(run_a)
     flag.touch()
     thread.join(10)
+    assert not thread.is_alive()
     block = StepAttempt.objects.get(workflow_run=run_a, step_name="block")
     assert block.status == "running"  # A's completion was refused
     assert Ledger.objects.count() == 0  # and its atomic writes rolled back
@@ -414,6 +415,7 @@ def test_a_running_run_past_its_deadline_is_failed_by_the_sweep_and_its_worker_f
     assert WorkflowRun.objects.fail_overdue("default") == 1
     flag.touch()
     thread.join(10)
+    assert not thread.is_alive()
     run.refresh_from_db()
     assert run.status == WorkflowRun.Status.FAILED
     assert run.error["type"] == "DeadlineExceeded"
@@ -462,6 +464,7 @@ def test_cancel_a_running_run_stops_it_at_the_next_step(tmp_path):
     WorkflowRun.objects.cancel(run)
     flag.touch()
     thread.join(10)
+    assert not thread.is_alive()
     run.refresh_from_db()
     assert run.status == WorkflowRun.Status.CANCELED
     assert run.output is None

@@ -1,9 +1,10 @@
-"""Property-based tests (hypothesis) of the pure parts: durations, retry maths, names, JSON.
+"""Property-based tests (hypothesis): durations, retry maths, names, JSON values.
 
 Each property states what must hold for every input hypothesis can make, and
 each can fail: the expected values are computed another way than the code
 computes them (exact integer or fraction arithmetic, a declarative spec of
-step numbering, a JSON round trip).
+step numbering), or checked against what the test database gives back after
+a run (a JSON value's round trip through our code and a real JSONField).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from django_openworkflow.registry import (
 from django_openworkflow.serialization import ensure_json, json_problem
 from django_openworkflow.signaling import check_signal_name
 from django_openworkflow.testing import drain
+from tests.conftest import ON_POSTGRES
 from tests.testapp.workflows import echo
 
 MICROSECOND = timedelta(microseconds=1)
@@ -551,11 +553,75 @@ json_values = st.recursive(
 )
 
 
-@given(value=json_values)
-def test_plain_json_values_are_accepted_and_survive_a_round_trip(value):
-    assert json_problem(value) is None
-    ensure_json(value, "input")
-    assert json.loads(json.dumps(value)) == value
+def same(stored, value) -> bool:
+    """Equal, and of the same JSON type all the way down (1 is neither 1.0 nor True)."""
+    if type(stored) is not type(value):
+        return False
+    if isinstance(value, list):
+        return len(stored) == len(value) and all(map(same, stored, value))
+    if isinstance(value, dict):
+        return stored.keys() == value.keys() and all(same(stored[k], value[k]) for k in value)
+    return bool(stored == value)
+
+
+def stored_by_a_run(value):
+    """``value`` as the database gives it back after a run of "echo": input, step result, output.
+
+    The whole way of a value through our code: ``start()`` (the fast path on
+    PostgreSQL), the claim that reads the input back, the step result stored
+    with the next write (deferred) and the run's output.
+    """
+    run = echo.start(value)
+    drain()
+    run = WorkflowRun.objects.get(pk=run.pk)
+    assert run.status == "completed", run.error
+    [step_output] = StepAttempt.objects.filter(workflow_run=run).values_list("output", flat=True)
+    return run.input, step_output, run.output
+
+
+def has_a_float_jsonb_makes_an_int(value) -> bool:
+    """A float of 1e16 or more (JSON text ``1e+16``): jsonb keeps it as an integer.
+
+    PostgreSQL's jsonb stores numbers as ``numeric`` and writes them back
+    without the exponent, so such a float comes back as an ``int``: a known
+    bug, see ``test_a_large_float_comes_back_a_float``.
+    """
+    if isinstance(value, float):
+        return abs(value) >= 1e16
+    if isinstance(value, list):
+        return any(map(has_a_float_jsonb_makes_an_int, value))
+    if isinstance(value, dict):
+        return any(map(has_a_float_jsonb_makes_an_int, value.values()))
+    return False
+
+
+def skip_known_jsonb_bug(value) -> None:
+    if ON_POSTGRES:
+        assume(not has_a_float_jsonb_makes_an_int(value))
+
+
+@pytest.mark.postgres
+@pytest.mark.xfail(
+    strict=True, reason="jsonb stores numbers as numeric: 1e+16 comes back as int 10**16"
+)
+@pytest.mark.django_db
+def test_a_large_float_comes_back_a_float():
+    stored = stored_by_a_run([1e16, 1e308])
+    assert all(same(each, [1e16, 1e308]) for each in stored), stored
+
+
+@pytest.mark.django_db
+def test_an_accepted_value_is_stored_and_read_back_unchanged():
+    @given(value=json_values)
+    def check(value):
+        assert json_problem(value) is None
+        ensure_json(value, "input")
+        skip_known_jsonb_bug(value)
+        with rolled_back():
+            stored = stored_by_a_run(value)
+        assert all(same(each, value) for each in stored), (value, stored)
+
+    check()
 
 
 class Opaque:
@@ -688,16 +754,24 @@ mixed = st.recursive(
 )
 
 
-@given(value=mixed)
-def test_ensure_json_accepts_or_raises_type_error_naming_what(value):
-    try:
-        ensure_json(value, "input of workflow")
-    except TypeError as exc:
-        assert str(exc).startswith("input of workflow is not a JSON value: $")
-        assert json_problem(value) is not None
-    else:
-        assert json_problem(value) is None
-        assert json.loads(json.dumps(value)) == value
+@pytest.mark.django_db
+def test_a_value_is_either_refused_naming_where_or_stored_unchanged():
+    @given(value=mixed)
+    def check(value):
+        problem = json_problem(value)
+        with rolled_back():
+            if problem is None:
+                skip_known_jsonb_bug(value)
+                stored = stored_by_a_run(value)
+                assert all(same(each, value) for each in stored), (value, stored)
+                return
+            assert problem.startswith("$"), problem
+            with pytest.raises(TypeError) as info:
+                echo.start(value)
+            assert str(info.value) == f'input of workflow "echo" is not a JSON value: {problem}'
+            assert not WorkflowRun.objects.exists()
+
+    check()
 
 
 def test_examples_of_refusals_read_well():

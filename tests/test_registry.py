@@ -118,7 +118,8 @@ def test_concurrent_starts_with_the_same_key_make_one_run():
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(10)
+        assert not thread.is_alive()
     assert errors == []
     assert len(ids) == 8
     assert len(set(ids)) == 1

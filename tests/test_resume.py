@@ -1,7 +1,6 @@
 """WorkflowRun.objects.resume(): the rules of SPEC section 4, on SQLite and PostgreSQL."""
 
 import threading
-import time
 import uuid
 from datetime import timedelta
 
@@ -14,7 +13,7 @@ from django_openworkflow import InvalidTransition, WorkflowError
 from django_openworkflow.engine import MAX_STEP_ATTEMPTS
 from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowRunEvent
 from django_openworkflow.registry import get_workflow
-from tests.conftest import drain
+from tests.conftest import backend_pid, drain, wait_until_blocked
 from tests.testapp.models import SideEffect
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -234,7 +233,8 @@ def test_four_concurrent_resumes_resume_exactly_once():
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(10)
+        assert not thread.is_alive()
     refused = f"cannot resume run {run.pk}: it is pending; only failed runs can be resumed"
     assert sorted(outcomes) == sorted(["resumed", refused, refused, refused])
     run.refresh_from_db()
@@ -246,11 +246,13 @@ def test_four_concurrent_resumes_resume_exactly_once():
 @pytest.mark.parametrize("committed_status", ["failed", "completed"])
 def test_resume_waits_for_a_row_lock_and_decides_on_the_committed_status(committed_status):
     run = WorkflowRun.objects.create(workflow_name="echo", status="failed")
-    locked, release = threading.Event(), threading.Event()
+    locked, release, connected = threading.Event(), threading.Event(), threading.Event()
+    pids: dict[str, int] = {}
     outcome = []
 
     def hold_lock():
         try:
+            pids["holder"] = backend_pid()
             with transaction.atomic():
                 WorkflowRun.objects.select_for_update().get(pk=run.pk)
                 locked.set()
@@ -261,6 +263,8 @@ def test_resume_waits_for_a_row_lock_and_decides_on_the_committed_status(committ
 
     def resume():
         try:
+            pids["resumer"] = backend_pid()
+            connected.set()
             WorkflowRun.objects.resume(run.pk)
             outcome.append("resumed")
         except InvalidTransition as exc:
@@ -273,12 +277,15 @@ def test_resume_waits_for_a_row_lock_and_decides_on_the_committed_status(committ
     assert locked.wait(10)
     resumer = threading.Thread(target=resume)
     resumer.start()
-    time.sleep(0.3)
-    assert resumer.is_alive()  # waiting on the row lock, not deciding on a stale read
+    assert connected.wait(10)
+    # waiting on the holder's row lock, not deciding on a stale read
+    wait_until_blocked(pids["resumer"], by=pids["holder"])
     assert outcome == []
     release.set()
     holder.join(10)
+    assert not holder.is_alive()
     resumer.join(10)
+    assert not resumer.is_alive()
     run.refresh_from_db()
     if committed_status == "failed":
         assert outcome == ["resumed"]

@@ -139,7 +139,8 @@ def test_concurrent_sends_deliver_to_a_waiting_step_once():
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(10)
+        assert not thread.is_alive()
     assert sorted(len(r) for r in results) == [0, 0, 0, 1]
     drain()
     run.refresh_from_db()

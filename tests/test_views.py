@@ -142,25 +142,46 @@ def test_inactive_staff_user_is_refused(client):
     assert client.get(list_url()).status_code == 302  # logged out by the auth backend
 
 
-@pytest.mark.parametrize("action", ["resume", "cancel"])
-def test_get_on_transition_endpoints_is_405(staff_client, action):
-    run = make_run("failed" if action == "resume" else "running")
-    url = resume_url(run) if action == "resume" else cancel_url(run)
+# One answer per endpoint and method (for a staff user with the change permission):
+# the pages are GET/HEAD only, the transitions POST only.
+METHOD_ANSWERS = [
+    *[("list", method, 200, None) for method in ("get", "head")],
+    *[("detail", method, 200, None) for method in ("get", "head")],
+    *[("resume", "post", 302, None), ("cancel", "post", 302, None)],
+    *[
+        (page, method, 405, "GET, HEAD")
+        for page in ("list", "detail")
+        for method in ("post", "put", "patch", "delete", "options")
+    ],
+    *[
+        (action, method, 405, "POST")
+        for action in ("resume", "cancel")
+        for method in ("get", "head", "put", "patch", "delete", "options")
+    ],
+]
+# the status each endpoint's run starts in, and ends in after a POST
+STATUS_BEFORE = {"list": "failed", "detail": "failed", "resume": "failed", "cancel": "running"}
+STATUS_AFTER_POST = {"resume": "pending", "cancel": "canceled"}
 
-    response = staff_client.get(url)
 
-    assert response.status_code == 405
-    assert response["Allow"] == "POST"
+@pytest.mark.parametrize(("endpoint", "method", "expected", "allow"), METHOD_ANSWERS)
+def test_each_endpoint_answers_each_method_exactly(staff_client, endpoint, method, expected, allow):
+    run = make_run(STATUS_BEFORE[endpoint])
+    url = {
+        "list": list_url(),
+        "detail": detail_url(run),
+        "resume": resume_url(run),
+        "cancel": cancel_url(run),
+    }[endpoint]
+
+    response = getattr(staff_client, method)(url)
+
+    assert response.status_code == expected
+    assert response.get("Allow") == allow
     run.refresh_from_db()
-    assert run.status in ("failed", "running")
-    assert not WorkflowRunEvent.objects.exists()
-
-
-def test_pages_refuse_post(staff_client):
-    run = make_run("failed")
-
-    assert staff_client.post(list_url()).status_code == 405
-    assert staff_client.post(detail_url(run)).status_code == 405
+    changed = expected == 302
+    assert run.status == (STATUS_AFTER_POST[endpoint] if changed else STATUS_BEFORE[endpoint])
+    assert WorkflowRunEvent.objects.count() == (1 if changed else 0)
 
 
 def test_transitions_need_the_csrf_token():

@@ -353,4 +353,35 @@ def interrupted_once(ctx):
     return ctx.step.run("step", step)
 
 
+class Gate:
+    """Holds a step function of the thread it is opened for: ``entered`` is set, then it waits."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+
+    def pass_through(self) -> None:
+        self.entered.set()
+        assert self.opened.wait(30), "the test never opened the gate"
+
+
+# thread name -> the gate its "who" step waits at (set by the test, per test)
+gates: dict[str, Gate] = {}
+
+
+@workflow(name="names-its-finisher")
+def names_its_finisher(ctx):
+    """Its last step returns the name of the thread that ran it, after that thread's gate."""
+    ctx.step.run("first", lambda: effect(ctx, "first") or 1)
+
+    def who():
+        name = threading.current_thread().name
+        gate = gates.get(name)
+        if gate is not None:
+            gate.pass_through()
+        return name
+
+    return ctx.step.run("who", who)
+
+
 from . import hardening  # noqa: E402, F401  (its @workflow definitions)
