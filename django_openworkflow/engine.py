@@ -35,7 +35,7 @@ from .models import StepAttempt, WorkflowRun
 from .pauses import pause_point
 from .serialization import (
     MAX_NAME_LENGTH,
-    NUL_PROBLEM,
+    check_name_text,
     describe_exception,
     ensure_json,
     json_problem,
@@ -313,7 +313,9 @@ class Execution:
             self._finish(WorkflowRun.Status.FAILED, error=error)
             logger.info("run failed run=%s step=%s", self.run.pk, exc.step_name)
             return
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit, asyncio.CancelledError: failures of the code
             self._workflow_error(exc)
             return
         try:
@@ -325,17 +327,17 @@ class Execution:
         self._finish(WorkflowRun.Status.COMPLETED, output=output)
         logger.info("run completed run=%s workflow=%s", self.run.pk, self.run.workflow_name)
 
-    def _workflow_error(self, exc: Exception) -> None:
+    def _workflow_error(self, exc: BaseException) -> None:
         policy = self.workflow.retry_policy or DEFAULT_WORKFLOW_RETRY_POLICY
         attempts = self.run.attempts + 1
         error = describe_exception(exc)
-        if policy.exhausted(attempts):
+        retry_at = None if policy.exhausted(attempts) else self._retry_at(policy, attempts)
+        if retry_at is None:
             self._finish(WorkflowRun.Status.FAILED, error=error, attempts=attempts)
             logger.info(
                 "run failed run=%s error=%s attempts=%d", self.run.pk, error["type"], attempts
             )
             return
-        retry_at = self.now() + policy.delay(attempts)
         if self._past_deadline(retry_at):
             self._finish(WorkflowRun.Status.FAILED, error=_deadline_error(error), attempts=attempts)
             return
@@ -377,6 +379,13 @@ class Execution:
         signal = run_completed if status == WorkflowRun.Status.COMPLETED else run_failed
         send_after_commit(signal, self.run)
 
+    def _retry_at(self, policy: RetryPolicy, failures: int) -> datetime | None:
+        """When the next attempt may start; None when that is after the year 9999 (never)."""
+        try:
+            return self.now() + policy.delay(failures)
+        except OverflowError:
+            return None
+
     def _past_deadline(self, when: datetime) -> bool:
         deadline = self.run.deadline_at
         return deadline is not None and when > deadline
@@ -395,8 +404,7 @@ class Execution:
                 f"step name {candidate[:40]!r}… is {len(candidate)} characters"
                 f"{' with its number' if index else ''}; at most {MAX_NAME_LENGTH}"
             )
-        if "\x00" in name:
-            raise ValueError(f"step name {name!r} {NUL_PROBLEM}")
+        check_name_text(name, "step name")
         self.used_names.add(candidate)
         position = len(self.positions)
         before = self.history_positions.get(position)
@@ -684,7 +692,9 @@ class Execution:
         exhausted = [(a, e) for a, e in failed if policy.exhausted(counts[a.step_name])]
         retry_at = None
         if not refused and not exhausted:
-            retry_at = min(self.now() + policy.delay(counts[a.step_name]) for a, _ in failed)
+            times = [self._retry_at(policy, counts[a.step_name]) for a, _ in failed]
+            exhausted = [entry for entry, at in zip(failed, times, strict=True) if at is None]
+            retry_at = None if exhausted else min(at for at in times if at is not None)
         past_deadline = retry_at is not None and self._past_deadline(retry_at)
         with transaction.atomic(using=self.using):
             self._fence()
@@ -757,6 +767,7 @@ class Execution:
         if isinstance(workflow, Workflow):
             child_name, version = workflow.name, workflow.version
         elif isinstance(workflow, str) and workflow:
+            check_name_text(workflow, "workflow name")  # as @workflow checks its name
             known = get_workflow(workflow)
             child_name, version = workflow, known.version if known else None
         else:

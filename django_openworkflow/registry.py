@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from .conf import app_settings
 from .durations import RetryPolicy
-from .serialization import NUL_PROBLEM, check_name_text, ensure_json
+from .serialization import check_name_text, ensure_json, text_problem
 
 if TYPE_CHECKING:
     from .engine import WorkflowContext
@@ -90,9 +90,9 @@ class Workflow:
                 f'idempotency_key of workflow "{self.name}" is {len(idempotency_key)} '
                 "characters long; at most 255 are allowed"
             )
-        if idempotency_key is not None and "\x00" in idempotency_key:
+        if idempotency_key is not None and (problem := text_problem(idempotency_key)):
             raise ValueError(
-                f'idempotency_key {idempotency_key!r} of workflow "{self.name}" {NUL_PROBLEM}'
+                f'idempotency_key {idempotency_key!r} of workflow "{self.name}" {problem}'
             )
         namespace = app_settings.NAMESPACE
         using = router.db_for_write(WorkflowRun)

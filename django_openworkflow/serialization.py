@@ -14,13 +14,13 @@ MAX_NAME_LENGTH = 255  # workflow, step and signal names: their columns hold 255
 
 
 def check_name_text(name: str, what: str) -> None:
-    """Raise ``ValueError`` unless ``name`` fits its column: at most 255 characters, no NUL."""
+    """Raise ``ValueError`` unless ``name`` fits its column: at most 255 characters of text."""
     if len(name) > MAX_NAME_LENGTH:
         raise ValueError(
             f"{what} {name[:40]!r}… is {len(name)} characters; at most {MAX_NAME_LENGTH}"
         )
-    if "\x00" in name:
-        raise ValueError(f"{what} {name!r} {NUL_PROBLEM}")
+    if problem := text_problem(name):
+        raise ValueError(f"{what} {name!r} {problem}")
 
 
 def json_problem(value: Any, path: str = "$") -> str | None:
@@ -38,7 +38,7 @@ def json_problem(value: Any, path: str = "$") -> str | None:
         return f"{path} is nested too deeply for JSON (or contains itself)"
 
 
-def _text_problem(text: str) -> str | None:
+def text_problem(text: str) -> str | None:
     """What makes ``text`` unstorable, as "contains ...", or None."""
     if "\x00" in text:
         return NUL_PROBLEM
@@ -54,7 +54,7 @@ def _json_problem(value: Any, path: str) -> str | None:
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, str):
-        problem = _text_problem(value)
+        problem = text_problem(value)
         return f"{path} {problem}" if problem else None
     if isinstance(value, int):
         if value.bit_length() > 3000:  # only huge ints can fail to become JSON text
@@ -76,7 +76,7 @@ def _json_problem(value: Any, path: str) -> str | None:
             if not isinstance(key, str):
                 kind = type(key).__name__
                 return f"{path} has the key {key!r} of type {kind}; JSON keys are strings"
-            if key_problem := _text_problem(key):
+            if key_problem := text_problem(key):
                 return f"{path} has the key {key!r}, which {key_problem}"
             problem = _json_problem(item, f"{path}[{key!r}]")
             if problem:

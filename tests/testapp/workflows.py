@@ -288,4 +288,4 @@ def changes_order(ctx):
     return ctx.step.run(order[1], lambda: effect(ctx, order[1]) or 2)
 
 
-from . import hardening  # noqa: E402, F401  (its @workflow definitions)
+from . import hardening, review  # noqa: E402, F401  (their @workflow definitions)

@@ -1,0 +1,151 @@
+"""The adversarial review of the engine's write paths (issue 10, "go beyond the list").
+
+Each test is one interleaving or fault tried against one write path. Tests of
+holes still open are marked ``xfail(strict=True)`` with the hole as reason;
+the others pass: a hole fixed here, or an interleaving that held.
+"""
+
+import pytest
+
+from django_openworkflow import send_signal
+from django_openworkflow.models import StepAttempt, WorkflowRun
+from django_openworkflow.registry import get_workflow
+from tests.conftest import claim_and_execute
+from tests.testapp.models import Ledger
+from tests.testapp.review import UNDECODABLE
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def history(run):
+    return [
+        (a.step_name, a.status, a.error and a.error["type"])
+        for a in StepAttempt.objects.filter(workflow_run=run).order_by("id")
+    ]
+
+
+def one_pass(name, input=None):
+    """Start a run and execute one pass of it, as a worker would."""
+    run = get_workflow(name).start(input)
+    claim_and_execute()
+    run.refresh_from_db()
+    return run
+
+
+# --- workflow code outside steps --------------------------------------------------
+
+
+@pytest.mark.parametrize(("input", "kind"), [(None, "SystemExit"), ("cancelled", "CancelledError")])
+def test_a_base_exception_from_workflow_code_fails_the_run_instead_of_escaping(input, kind):
+    # Before: it escaped Execution.execute(); the run stayed "running" under a claim
+    # nobody executed, was claimed again when the lease ran out, and crashed again, forever.
+    run = one_pass("review-base-exception", input)
+    assert (run.status, run.error["type"], run.worker_id) == ("failed", kind, None)
+    assert history(run) == [("before", "completed", None)]  # the deferred result was stored
+
+
+def test_a_workflow_retry_delay_past_the_year_9999_fails_the_run_with_its_error():
+    # Before: OverflowError escaped execute(); the run stayed "running", forever.
+    run = one_pass("review-far-workflow-retry")
+    assert (run.status, run.error["type"], run.error["message"]) == (
+        "failed",
+        "ValueError",
+        "broken input",
+    )
+    assert run.attempts == 1
+
+
+def test_a_step_retry_delay_past_the_year_9999_fails_the_step():
+    # Before: the run failed with "OverflowError: date value out of range" and the
+    # step's attempt was never marked failed (it stayed "running").
+    run = one_pass("review-far-step-retry")
+    assert (run.status, run.error["type"], run.error["step"]) == ("failed", "StepFailed", "broken")
+    assert run.error["message"] == 'step "broken" failed after 1 attempt: ValueError: broken step'
+    assert history(run) == [("broken", "failed", "ValueError")]
+
+
+# --- bad text from users: names and keys -------------------------------------------
+
+
+def test_a_step_name_that_is_not_unicode_text_is_refused_naming_it():
+    # Before: "UnicodeEncodeError: 'utf-8' codec can't encode character '\udcff' in
+    # position 16", naming neither the step nor the value.
+    run = one_pass("review-bad-step-name")
+    assert (run.status, run.error["type"]) == ("failed", "ValueError")
+    assert run.error["message"] == (
+        f"step name {'process ' + UNDECODABLE!r} contains '\\udcff', "
+        "which is not valid Unicode text"
+    )
+
+
+def test_a_signal_name_that_is_not_unicode_text_is_refused_naming_it():
+    run = one_pass("review-bad-signal-name")
+    assert (run.status, run.error["type"]) == ("failed", "ValueError")
+    assert run.error["message"] == (
+        f"signal {'uploaded ' + UNDECODABLE!r} contains '\\udcff', which is not valid Unicode text"
+    )
+    with pytest.raises(ValueError) as refused:
+        send_signal("uploaded", idempotency_key=UNDECODABLE)
+    assert str(refused.value) == (
+        f"idempotency_key of signal \"uploaded\" {UNDECODABLE!r} contains '\\udcff', "
+        "which is not valid Unicode text"
+    )
+
+
+def test_an_idempotency_key_that_is_not_unicode_text_is_refused_naming_it():
+    with pytest.raises(ValueError) as refused:
+        get_workflow("review-two-steps").start(idempotency_key=UNDECODABLE)
+    assert str(refused.value) == (
+        f'idempotency_key {UNDECODABLE!r} of workflow "review-two-steps" contains '
+        "'\\udcff', which is not valid Unicode text"
+    )
+    assert not WorkflowRun.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("input", "message"),
+    [
+        (
+            {"child": "x" * 300},
+            f"workflow name {'x' * 40!r}… is 300 characters; at most 255",
+        ),
+        (
+            {"child": "ab", "nul": True},
+            "workflow name 'ab\\x00' contains the character U+0000 (NUL), "
+            "which PostgreSQL cannot store",
+        ),
+    ],
+)
+def test_a_child_workflow_name_no_column_can_hold_is_refused_on_every_database(input, message):
+    # Before: SQLite stored the child and the parent waited forever for a run no
+    # worker could know; PostgreSQL failed the parent with a bare DataError.
+    run = one_pass("review-bad-child-name", input)
+    assert (run.status, run.error["type"], run.error["message"]) == (
+        "failed",
+        "ValueError",
+        message,
+    )
+    assert WorkflowRun.objects.count() == 1  # no child was started
+
+
+# --- step.atomic ------------------------------------------------------------------------
+
+
+def test_held_a_step_atomic_that_marks_its_transaction_for_rollback_is_a_failed_step():
+    # transaction.set_rollback(True) in fn: the step's completion cannot be written
+    # in that transaction, so the step fails; nothing of it is committed.
+    run = one_pass("review-atomic-rollback")
+    assert (run.status, run.error["type"]) == ("failed", "StepFailed")
+    assert history(run) == [("write", "failed", "TransactionManagementError")]
+    assert not Ledger.objects.exists()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a step.atomic that cancels its own run: the cancel rolls back with the step "
+    "(the fence sees the run canceled and unwinds), and the run is left running under a "
+    "claim nobody executes; when the lease ends it is replayed and does it again, forever",
+)
+def test_a_step_atomic_that_cancels_its_own_run_does_not_leave_it_running():
+    run = one_pass("review-atomic-cancels-itself")
+    assert run.status != "running"

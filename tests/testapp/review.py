@@ -1,0 +1,96 @@
+"""Workflows for the adversarial review of the engine (tests/test_review.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from django.db import transaction
+
+from django_openworkflow import RetryPolicy, workflow
+from django_openworkflow.models import WorkflowRun
+
+from .models import Ledger, SideEffect
+
+# A file name that is not UTF-8, as os.listdir() returns it (surrogateescape).
+UNDECODABLE = b"invoice-\xff.pdf".decode("utf-8", "surrogateescape")
+
+
+def effect(ctx, step):
+    SideEffect.objects.create(run_id=ctx.run_id, step=step)
+
+
+@workflow(name="review-bad-step-name")
+def bad_step_name(ctx):
+    """A step named after an undecodable file name (a lone surrogate)."""
+    return ctx.step.run(f"process {UNDECODABLE}", lambda: 1)
+
+
+@workflow(name="review-bad-signal-name")
+def bad_signal_name(ctx):
+    return ctx.step.wait_for_signal(f"uploaded {UNDECODABLE}")
+
+
+@workflow(name="review-bad-child-name")
+def bad_child_name(ctx):
+    """A child started by a name string that no column can hold (its step named "child")."""
+    child = ctx.input["child"] + ("\x00" if ctx.input.get("nul") else "")
+    return ctx.step.run_workflow(child, name="child")
+
+
+@workflow(name="review-base-exception")
+def base_exception(ctx):
+    """Workflow code (outside any step) raises a BaseException that is no Exception."""
+    ctx.step.run("before", lambda: 1)
+    if ctx.input == "cancelled":
+        raise asyncio.CancelledError()
+    raise SystemExit(3)
+
+
+@workflow(name="review-atomic-rollback")
+def atomic_rollback(ctx):
+    """step.atomic whose function marks its transaction for rollback."""
+
+    def write():
+        Ledger.objects.create(run_id=ctx.run_id, note="written")
+        transaction.set_rollback(True)
+        return "written"
+
+    written = ctx.step.atomic("write", write, retry_policy=RetryPolicy(maximum_attempts=1))
+    return ctx.step.run("after", lambda: written + " and after")
+
+
+@workflow(name="review-atomic-cancels-itself")
+def atomic_cancels_itself(ctx):
+    """step.atomic that cancels its own run (say, "cancel every run of this order")."""
+
+    def cancel():
+        Ledger.objects.create(run_id=ctx.run_id, note="canceled")
+        WorkflowRun.objects.cancel(ctx.run_id)
+        return "canceled"
+
+    ctx.step.atomic("cancel", cancel)
+    return ctx.step.run("after", lambda: "not reached")
+
+
+@workflow(name="review-two-steps")
+def two_steps(ctx):
+    a = ctx.step.run("a", lambda: effect(ctx, "a") or 1)
+    b = ctx.step.run("b", lambda: effect(ctx, "b") or 2)
+    return a + b
+
+
+FAR = RetryPolicy(initial_interval="4000000d", maximum_interval="4000000d", maximum_attempts=3)
+
+
+@workflow(name="review-far-workflow-retry", retry_policy=FAR)
+def far_workflow_retry(ctx):
+    """A workflow retry delay that ends after the year 9999."""
+    raise ValueError("broken input")
+
+
+@workflow(name="review-far-step-retry")
+def far_step_retry(ctx):
+    def broken():
+        raise ValueError("broken step")
+
+    return ctx.step.run("broken", broken, retry_policy=FAR)
