@@ -5,19 +5,23 @@ holes still open are marked ``xfail(strict=True)`` with the hole as reason;
 the others pass: a hole fixed here, or an interleaving that held.
 """
 
+import threading
 from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
+from django.db import transaction
 from django.utils import timezone
 
 from django_openworkflow import send_signal
+from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowSignal
 from django_openworkflow.pauses import add_hook, remove_hook
-from django_openworkflow.models import StepAttempt, WorkflowRun
 from django_openworkflow.registry import get_workflow
-from tests.conftest import claim_and_execute, drain
+from django_openworkflow.testing import pause_at
+from tests.conftest import claim_and_execute, drain, make_due
+from tests.test_races import Backend, blocked_on_a_lock, claim, execute, parked_parent
 from tests.testapp.models import Ledger, SideEffect
-from tests.testapp.review import UNDECODABLE
+from tests.testapp.review import GATES, UNDECODABLE
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -204,3 +208,161 @@ def test_a_finished_step_whose_result_waits_for_the_next_write_is_not_run_again_
     run.refresh_from_db()
     assert (run.status, run.output) == ("completed", 3)
     assert executions(run, "a") == 1
+
+
+# --- races on PostgreSQL: a thread held at a point, another transaction into it -------------
+
+
+def gated(run):
+    """Hold ``run``'s next step function until the returned ``release`` is set."""
+    entered, release = threading.Event(), threading.Event()
+    GATES[run.pk] = (entered, release)
+    return entered, release
+
+
+@pytest.mark.postgres
+def test_held_a_cancel_while_a_step_atomic_runs_rolls_its_writes_back():
+    run = get_workflow("review-atomic-gated").start()
+    entered, release = gated(run)
+    worker = Backend(execute(claim("review-atomic-gated")))
+    worker.start()
+    assert entered.wait(10)  # fn wrote its Ledger row, uncommitted
+    WorkflowRun.objects.cancel(run)  # the step holds no lock on its run: not blocked
+    release.set()
+    worker.finish()
+    run.refresh_from_db()
+    assert (run.status, run.output) == ("canceled", None)
+    assert not Ledger.objects.exists()  # the fence failed inside the step: all rolled back
+    assert history(run) == [("write", "failed", "WorkflowCanceled")]
+
+
+@pytest.mark.postgres
+def test_held_a_step_atomic_whose_lease_expired_is_fenced_out_and_the_new_owner_commits_once():
+    run = get_workflow("review-atomic-gated").start()
+    entered, release = gated(run)
+    first = Backend(execute(claim("review-atomic-gated", worker_id="first")))
+    first.start()
+    assert entered.wait(10)
+    make_due(run)  # the first worker's lease ran out (it stalled)
+    second = Backend(execute(claim("review-atomic-gated", worker_id="second")))
+    second.start()
+    second.finish()  # replays: the first attempt is lost, its own commits
+    release.set()
+    first.finish()  # its fence fails: its Ledger row rolls back
+    run.refresh_from_db()
+    assert (run.status, run.output) == ("completed", "written")
+    assert Ledger.objects.count() == 1
+    assert history(run) == [("write", "failed", "WorkerLost"), ("write", "completed", None)]
+
+
+@pytest.mark.postgres
+def test_held_a_signal_sent_while_its_waiter_replays_is_delivered_and_wakes_it():
+    run = get_workflow("waiter").start({"signal": "review-go"})
+    execute(claim("waiter"))()  # "before", then the wait parks the run
+    make_due(run)  # woken early: it replays while nothing was sent
+    replay = Backend(execute(claim("waiter")))
+    woken = []
+    sender = Backend(lambda: woken.extend(send_signal("review-go", 5)))
+    with pause_at("wait.before-park", when=lambda c: c["run_id"] == run.pk) as pause:
+        replay.start()
+        pause.wait()  # the replay found no signal and holds its row lock
+        sender.start()
+        assert blocked_on_a_lock(sender)
+    replay.finish()
+    sender.finish()
+    assert woken == [str(run.pk)]
+    run.refresh_from_db()
+    assert run.status == "pending" and run.available_at <= timezone.now()  # woken
+    drain()
+    run.refresh_from_db()
+    assert (run.status, run.output) == ("completed", {"data": 5})
+
+
+@pytest.mark.postgres
+def test_held_a_child_canceled_while_its_parent_replays_wakes_the_parent():
+    run, child = parked_parent(child="waiter", child_input={"signal": "never"})
+    make_due(run)
+    replay = Backend(execute(claim("parent")))
+    cancel = Backend(lambda: WorkflowRun.objects.cancel(child))
+    with pause_at("wait.before-park", when=lambda c: c["run_id"] == run.pk) as pause:
+        replay.start()
+        pause.wait()
+        cancel.start()
+        assert blocked_on_a_lock(cancel)  # it locks the parent before the child
+    replay.finish()
+    cancel.finish()
+    run.refresh_from_db()
+    assert run.status == "pending" and run.available_at <= timezone.now()  # woken
+
+
+@pytest.mark.postgres
+def test_held_a_child_past_its_deadline_while_its_parent_replays_wakes_the_parent():
+    run, child = parked_parent(child="waiter", child_input={"signal": "never"})
+    WorkflowRun.objects.filter(pk=child.pk).update(deadline_at=timezone.now())
+    make_due(run)
+    replay = Backend(execute(claim("parent")))
+    sweep = Backend(lambda: WorkflowRun.objects.fail_overdue("default"))
+    with pause_at("wait.before-park", when=lambda c: c["run_id"] == run.pk) as pause:
+        replay.start()
+        pause.wait()
+        sweep.start()
+        assert blocked_on_a_lock(sweep)
+    replay.finish()
+    sweep.finish()
+    child.refresh_from_db()
+    run.refresh_from_db()
+    assert child.status == "failed"
+    assert run.status == "pending" and run.available_at <= timezone.now()  # woken
+
+
+def hold_transaction(action, started, release):
+    """A thread's body: do ``action`` in a transaction and keep it open until ``release``."""
+
+    def body():
+        with transaction.atomic():
+            action()
+            started.set()
+            assert release.wait(10)
+
+    return body
+
+
+@pytest.mark.postgres
+def test_held_two_starts_with_one_idempotency_key_at_once_make_one_run():
+    wf = get_workflow("review-two-steps")
+    started, release, runs = threading.Event(), threading.Event(), []
+    first = Backend(
+        hold_transaction(lambda: runs.append(wf.start(idempotency_key="k")), started, release)
+    )
+    second = Backend(lambda: runs.append(wf.start(idempotency_key="k")))
+    first.start()
+    assert started.wait(10)  # the first start is in, its transaction open
+    second.start()
+    assert blocked_on_a_lock(second)  # the key's advisory lock
+    release.set()
+    first.finish()
+    second.finish()
+    assert [r.pk for r in runs] == [runs[0].pk, runs[0].pk]
+    assert WorkflowRun.objects.count() == 1
+
+
+@pytest.mark.postgres
+def test_held_two_signals_with_one_idempotency_key_at_once_deliver_once():
+    run = get_workflow("waiter").start({"signal": "review-go"})
+    execute(claim("waiter"))()
+    started, release, woken = threading.Event(), threading.Event(), []
+    first = Backend(
+        hold_transaction(
+            lambda: woken.append(send_signal("review-go", 1, idempotency_key="k")), started, release
+        )
+    )
+    second = Backend(lambda: woken.append(send_signal("review-go", 2, idempotency_key="k")))
+    first.start()
+    assert started.wait(10)
+    second.start()
+    assert blocked_on_a_lock(second)
+    release.set()
+    first.finish()
+    second.finish()
+    assert woken == [[str(run.pk)], []]
+    assert WorkflowSignal.objects.count() == 1

@@ -94,3 +94,27 @@ def far_step_retry(ctx):
         raise ValueError("broken step")
 
     return ctx.step.run("broken", broken, retry_policy=FAR)
+
+
+# run id -> (entered, release): a step function that waits for the test, once per run
+GATES: dict = {}
+
+
+def gate(ctx):
+    pair = GATES.pop(ctx.run_id, None)
+    if pair is not None:
+        entered, release = pair
+        entered.set()
+        assert release.wait(30), "the test never released the step"
+
+
+@workflow(name="review-atomic-gated")
+def atomic_gated(ctx):
+    """step.atomic that writes a Ledger row, then (first time only) waits for the test."""
+
+    def write():
+        Ledger.objects.create(run_id=ctx.run_id, note="written")
+        gate(ctx)
+        return "written"
+
+    return ctx.step.atomic("write", write)
