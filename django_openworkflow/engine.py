@@ -11,6 +11,7 @@ worker slot. Every write is fenced by the claim token.
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -188,6 +189,7 @@ class Execution:
         self.failures: dict[str, list[StepAttempt]] = {}
         self.waiting: dict[str, StepAttempt] = {}
         self.attempt_count = 0
+        self.in_step = threading.local()  # .name: the step whose fn this thread is running
         self.positions: dict[str, int] = {}  # step name -> its place among this pass's calls
         self.history_positions: dict[int, str] = {}  # place -> the step stored there (binding)
         # Threads for ctx.step.parallel(); 1 runs the steps one after another
@@ -393,6 +395,13 @@ class Execution:
     # --- step bookkeeping ----------------------------------------------------
 
     def _step_name(self, name: str) -> str:
+        outer = getattr(self.in_step, "name", None)
+        if outer is not None:  # its Suspend would unwind (or roll back) the outer step
+            raise _Refused(
+                f'step "{name}" was called inside the function of step "{outer}" of run '
+                f"{self.run.pk}: steps cannot be nested; call them from the workflow function",
+                TypeError,
+            )
         if not isinstance(name, str) or not name:
             raise TypeError(f"step name must be a non-empty string, not {name!r}")
         candidate, index = name, 0
@@ -560,7 +569,7 @@ class Execution:
         if atomic:
             return self._invoke_atomic(attempt, fn)
         try:
-            result = fn()
+            result = self._call(attempt, fn)
             self._check_result(attempt.step_name, result)
         except (Suspend, KeyboardInterrupt):
             raise
@@ -587,7 +596,7 @@ class Execution:
         stored = False
         try:
             with transaction.atomic(using=self.using):
-                result = fn()
+                result = self._call(attempt, fn)
                 self._check_result(attempt.step_name, result)
                 self._complete_attempt(attempt, result)
                 stored = True
@@ -606,6 +615,13 @@ class Execution:
             )
         pause_point("step.after-commit", run_id=self.run.pk, step=attempt.step_name)
         return result, None
+
+    def _call(self, attempt: StepAttempt, fn: Callable[[], Any]) -> Any:
+        self.in_step.name = attempt.step_name
+        try:
+            return fn()
+        finally:
+            self.in_step.name = None
 
     def _committed(self, attempt: StepAttempt) -> bool:
         """After an error at or after a commit: did the attempt's completion commit?"""

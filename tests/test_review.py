@@ -158,6 +158,28 @@ def test_a_child_workflow_name_no_column_can_hold_is_refused_on_every_database(i
     assert WorkflowRun.objects.count() == 1  # no child was started
 
 
+# --- steps called inside steps -------------------------------------------------------
+
+
+@pytest.mark.parametrize("outer", ["atomic", "run"])
+@pytest.mark.parametrize("inner", ["sleep", "run"])
+def test_a_step_called_inside_a_step_function_fails_the_run_at_once(outer, inner):
+    # Before: a sleep inside step.atomic parked the run inside the step's transaction,
+    # which rolled back: the run stayed "running" under a dead claim, and every lease
+    # later was replayed, its step failed as "WorkerLost", ten times. Inside step.run
+    # the same lost one retry per pass; a nested step.run was left "running" forever
+    # on a completed run (its deferred result was overwritten by the outer step's).
+    run = one_pass("review-nested-steps", {"outer": outer, "inner": inner})
+    inner_name = "nap" if inner == "sleep" else "inner"
+    assert (run.status, run.error["type"], run.error["message"]) == (
+        "failed",
+        "TypeError",
+        f'step "{inner_name}" was called inside the function of step "outer" of run {run.pk}: '
+        "steps cannot be nested; call them from the workflow function",
+    )
+    assert history(run) == [("outer", "failed", "TypeError")]
+
+
 # --- step.atomic ------------------------------------------------------------------------
 
 

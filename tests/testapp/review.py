@@ -118,3 +118,12 @@ def atomic_gated(ctx):
         return "written"
 
     return ctx.step.atomic("write", write)
+
+
+@workflow(name="review-nested-steps")
+def nested_steps(ctx):
+    """A step called inside another step's function (a misuse the engine must refuse)."""
+    outer = ctx.step.atomic if ctx.input["outer"] == "atomic" else ctx.step.run
+    if ctx.input["inner"] == "sleep":
+        return outer("outer", lambda: ctx.step.sleep("nap", "1h") or 1)
+    return outer("outer", lambda: ctx.step.run("inner", lambda: 2))
