@@ -600,6 +600,20 @@ class Execution:
                 self._check_result(attempt.step_name, result)
                 self._complete_attempt(attempt, result)
                 stored = True
+        except ClaimLost:
+            with transaction.atomic(using=self.using):
+                if not WorkflowRun.objects.fence(self.run.pk, self.token):
+                    raise
+            # The claim holds: the fence failed on a change fn made to its own run
+            # (a cancel, say), which rolled back with it and would on every replay.
+            return None, _step_error(
+                _Refused(
+                    f'step "{attempt.step_name}" of run {self.run.pk} changed its own run '
+                    "(canceled it?) inside its transaction, which the step's completion "
+                    "then refused; do that in ctx.step.run, which commits at once",
+                    TypeError,
+                )
+            )
         except (Suspend, KeyboardInterrupt):
             raise
         except BaseException as exc:

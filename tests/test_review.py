@@ -192,15 +192,20 @@ def test_held_a_step_atomic_that_marks_its_transaction_for_rollback_is_a_failed_
     assert not Ledger.objects.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a step.atomic that cancels its own run: the cancel rolls back with the step "
-    "(the fence sees the run canceled and unwinds), and the run is left running under a "
-    "claim nobody executes; when the lease ends it is replayed and does it again, forever",
-)
-def test_a_step_atomic_that_cancels_its_own_run_does_not_leave_it_running():
+def test_a_step_atomic_that_cancels_its_own_run_fails_it_clearly_instead_of_looping():
+    # Before: the cancel rolled back with the step (the step's own fence saw the run
+    # canceled and unwound), and the run was left running under a claim nobody
+    # executed; when the lease ended it was replayed and did it again, forever.
     run = one_pass("review-atomic-cancels-itself")
-    assert run.status != "running"
+    assert (run.status, run.error["type"], run.error["message"]) == (
+        "failed",
+        "TypeError",
+        f'step "cancel" of run {run.pk} changed its own run (canceled it?) inside its '
+        "transaction, which the step's completion then refused; do that in ctx.step.run, "
+        "which commits at once",
+    )
+    assert history(run) == [("cancel", "failed", "TypeError")]
+    assert not Ledger.objects.exists()
 
 
 # --- the deferred step.run result ("rides on the next write") -------------------------------
