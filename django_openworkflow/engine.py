@@ -10,6 +10,7 @@ worker slot. Every write is fenced by the claim token.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import uuid
@@ -576,7 +577,8 @@ class Execution:
         except BaseException as exc:
             return None, _step_error(exc)
         if defer:
-            self.deferred = (attempt.pk, result, self.now())
+            # A copy: the workflow may change the value it gets back before it is stored.
+            self.deferred = (attempt.pk, copy.deepcopy(result), self.now())
             attempt.status = StepAttempt.Status.COMPLETED
             attempt.output = result
         else:

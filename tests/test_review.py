@@ -211,6 +211,32 @@ def test_a_step_atomic_that_cancels_its_own_run_fails_it_clearly_instead_of_loop
 # --- the deferred step.run result ("rides on the next write") -------------------------------
 
 
+def test_a_step_result_changed_in_place_by_the_workflow_is_stored_as_the_step_returned_it():
+    # Before: the deferred result was the very object handed to the workflow; the
+    # workflow's append was stored with it, and the replay appended again (output 5).
+    run = get_workflow("review-mutates-result").start()
+    drain()
+    run.refresh_from_db()
+    assert (run.status, run.output) == ("completed", 4)
+    load = StepAttempt.objects.get(workflow_run=run, step_name="load")
+    assert load.output == {"items": [3, 1, 2]}
+
+
+def test_a_step_result_changed_in_place_into_no_json_value_does_not_crash_the_pass():
+    # Before: the next write failed to serialize the date ("Object of type date is not
+    # JSON serializable"), the TypeError escaped the pass and left the run running under
+    # a dead claim; each lease later the step failed as WorkerLost, ten times.
+    run = get_workflow("review-mutates-result").start("date")
+    drain()
+    run.refresh_from_db()
+    assert (run.status, run.output) == ("completed", 4)
+    assert history(run) == [
+        ("load", "completed", None),
+        ("pause", "completed", None),
+        ("total", "completed", None),
+    ]
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="a step.run whose fn returned but whose result still waits for the next write is "

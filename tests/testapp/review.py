@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 
 from django.db import transaction
 
@@ -127,3 +128,14 @@ def nested_steps(ctx):
     if ctx.input["inner"] == "sleep":
         return outer("outer", lambda: ctx.step.sleep("nap", "1h") or 1)
     return outer("outer", lambda: ctx.step.run("inner", lambda: 2))
+
+
+@workflow(name="review-mutates-result")
+def mutates_result(ctx):
+    """Workflow code that changes a step's result in place (sorts it, adds to it)."""
+    order = ctx.step.run("load", lambda: {"items": [3, 1, 2]})
+    order["items"].append(4)
+    if ctx.input == "date":
+        order["at"] = datetime.date(2026, 1, 1)  # not JSON; never meant to be stored
+    ctx.step.sleep("pause", "10ms")  # a replay starts from the stored result
+    return ctx.step.run("total", lambda: len(order["items"]))
