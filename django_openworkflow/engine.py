@@ -190,6 +190,7 @@ class Execution:
         self.failures: dict[str, list[StepAttempt]] = {}
         self.waiting: dict[str, StepAttempt] = {}
         self.attempt_count = 0
+        self.atomic_depth = 0  # the transaction depth of the workflow thread (execute())
         self.in_step = threading.local()  # .name: the step whose fn this thread is running
         self.positions: dict[str, int] = {}  # step name -> its place among this pass's calls
         self.history_positions: dict[int, str] = {}  # place -> the step stored there (binding)
@@ -258,6 +259,9 @@ class Execution:
     # --- the pass ------------------------------------------------------------
 
     def execute(self) -> None:
+        # Steps are called at this transaction depth; deeper, workflow code opened a
+        # transaction that would hold (or roll back) what the steps commit.
+        self.atomic_depth = len(connections[self.using].atomic_blocks)
         try:
             self._load_history()
             self._execute()
@@ -402,6 +406,12 @@ class Execution:
                 f'step "{name}" was called inside the function of step "{outer}" of run '
                 f"{self.run.pk}: steps cannot be nested; call them from the workflow function",
                 TypeError,
+            )
+        if len(connections[self.using].atomic_blocks) > self.atomic_depth:
+            raise TypeError(
+                f'step "{name}" of run {self.run.pk} was called inside a transaction.atomic() '
+                "block of the workflow function: steps commit on their own (use "
+                "ctx.step.atomic for database writes that must commit with a step)"
             )
         if not isinstance(name, str) or not name:
             raise TypeError(f"step name must be a non-empty string, not {name!r}")

@@ -180,6 +180,22 @@ def test_a_step_called_inside_a_step_function_fails_the_run_at_once(outer, inner
     assert history(run) == [("outer", "failed", "TypeError")]
 
 
+def test_a_step_called_inside_a_transaction_of_the_workflow_code_fails_the_run_at_once():
+    # Before: the sleep parked the run inside the workflow code's transaction, which
+    # rolled back as the Suspend unwound it: the run stayed "running" with no attempt
+    # stored, and every lease later ran "charge" again, with no budget ever used up.
+    run = one_pass("review-steps-in-user-transaction")
+    assert (run.status, run.error["type"], run.error["message"]) == (
+        "failed",
+        "TypeError",
+        f'step "charge" of run {run.pk} was called inside a transaction.atomic() block of '
+        "the workflow function: steps commit on their own (use ctx.step.atomic for database "
+        "writes that must commit with a step)",
+    )
+    assert history(run) == []
+    assert not Ledger.objects.exists()
+
+
 # --- step.atomic ------------------------------------------------------------------------
 
 

@@ -139,3 +139,13 @@ def mutates_result(ctx):
         order["at"] = datetime.date(2026, 1, 1)  # not JSON; never meant to be stored
     ctx.step.sleep("pause", "10ms")  # a replay starts from the stored result
     return ctx.step.run("total", lambda: len(order["items"]))
+
+
+@workflow(name="review-steps-in-user-transaction")
+def steps_in_user_transaction(ctx):
+    """Workflow code that wraps its steps in its own transaction.atomic()."""
+    with transaction.atomic():
+        Ledger.objects.create(run_id=ctx.run_id, note="order locked")
+        ctx.step.run("charge", lambda: 1)
+        ctx.step.sleep("cool-off", "1h")
+    return ctx.step.run("ship", lambda: 2)
