@@ -13,7 +13,7 @@ import pytest
 from django.db import transaction
 from django.utils import timezone
 
-from django_openworkflow import send_signal
+from django_openworkflow import send_signal, workflow
 from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowSignal
 from django_openworkflow.pauses import add_hook, remove_hook
 from django_openworkflow.registry import get_workflow
@@ -130,6 +130,30 @@ def test_an_idempotency_key_that_is_not_unicode_text_is_refused_naming_it():
         "'\\udcff', which is not valid Unicode text"
     )
     assert not WorkflowRun.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("version", "error", "message"),
+    [
+        ("v" * 101, ValueError, "version of workflow 'review-v' is 101 characters; at most 100"),
+        (
+            "a\x00b",
+            ValueError,
+            "version 'a\\x00b' of workflow 'review-v' contains the character U+0000 (NUL), "
+            "which PostgreSQL cannot store",
+        ),
+        (7, TypeError, "version of workflow 'review-v' must be a string, not 7"),
+    ],
+)
+def test_a_workflow_version_no_column_can_hold_is_refused_where_it_is_declared(
+    version, error, message
+):
+    # Before: SQLite stored it (an int came back as ctx.version "7"); PostgreSQL raised
+    # a bare DataError from every start() of the workflow and every child step starting it.
+    with pytest.raises(error) as refused:
+        workflow(name="review-v", version=version)(lambda ctx: None)
+    assert str(refused.value) == message
+    assert get_workflow("review-v") is None
 
 
 @pytest.mark.parametrize(
