@@ -65,13 +65,15 @@ def _json_problem(value: Any, path: str) -> str | None:
         return None
     if isinstance(value, float):
         return None if math.isfinite(value) else f"{path} is {value!r}, which JSON cannot hold"
-    if isinstance(value, list):
+    # Exactly list and dict: a subclass (Counter, defaultdict, OrderedDict) would come
+    # back from the database as the plain type, behaving otherwise on replay.
+    if type(value) is list:
         for index, item in enumerate(value):
             problem = _json_problem(item, f"{path}[{index}]")
             if problem:
                 return problem
         return None
-    if isinstance(value, dict):
+    if type(value) is dict:
         for key, item in value.items():
             if not isinstance(key, str):
                 kind = type(key).__name__

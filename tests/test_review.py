@@ -132,6 +132,20 @@ def test_an_idempotency_key_that_is_not_unicode_text_is_refused_naming_it():
     assert not WorkflowRun.objects.exists()
 
 
+def test_a_step_result_of_a_dict_subclass_is_refused_not_converted():
+    # Before: the Counter was stored as a plain dict; the first pass read counts["c"]
+    # as 0, the replay after the sleep raised KeyError and failed the run.
+    run = get_workflow("review-counter").start()
+    drain()
+    run.refresh_from_db()
+    assert (run.status, run.error["type"]) == ("failed", "TypeError")
+    assert run.error["message"] == (
+        f'step "count" of run {run.pk} returned a value that is not JSON: '
+        "$ is a collections.Counter (Counter({'a': 2, 'b': 1}))"
+    )
+    assert history(run) == [("count", "failed", "TypeError")]
+
+
 @pytest.mark.parametrize(
     ("version", "error", "message"),
     [

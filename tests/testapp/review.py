@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 
 from django.db import transaction
@@ -149,3 +150,11 @@ def steps_in_user_transaction(ctx):
         ctx.step.run("charge", lambda: 1)
         ctx.step.sleep("cool-off", "1h")
     return ctx.step.run("ship", lambda: 2)
+
+
+@workflow(name="review-counter")
+def counter(ctx):
+    """A step that returns a Counter: missing keys count 0, until a replay makes it a dict."""
+    counts = ctx.step.run("count", lambda: collections.Counter(["a", "a", "b"]))
+    ctx.step.sleep("pause", "10ms")
+    return counts["a"] + counts["c"]
