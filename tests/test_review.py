@@ -363,6 +363,27 @@ def test_held_a_step_atomic_whose_lease_expired_is_fenced_out_and_the_new_owner_
 
 
 @pytest.mark.postgres
+def test_held_a_run_failed_at_its_deadline_and_resumed_during_a_step_atomic_commits_it_once():
+    run = get_workflow("review-atomic-gated").start()
+    entered, release = gated(run)
+    old = Backend(execute(claim("review-atomic-gated", worker_id="old")))
+    old.start()
+    assert entered.wait(10)  # the old worker's fn wrote its Ledger row, uncommitted
+    WorkflowRun.objects.filter(pk=run.pk).update(deadline_at=timezone.now())
+    assert WorkflowRun.objects.fail_overdue("default") == 1
+    WorkflowRun.objects.resume(run, deadline_at=timezone.now() + timedelta(hours=1))
+    new = Backend(execute(claim("review-atomic-gated", worker_id="new")))
+    new.start()
+    new.finish()  # the new generation runs the step and completes the run
+    release.set()
+    old.finish()  # the old claim is fenced out: its Ledger row rolls back
+    run.refresh_from_db()
+    assert (run.status, run.output, run.resume_generation) == ("completed", "written", 1)
+    assert Ledger.objects.count() == 1
+    assert history(run) == [("write", "failed", "DeadlineExceeded"), ("write", "completed", None)]
+
+
+@pytest.mark.postgres
 def test_held_a_signal_sent_while_its_waiter_replays_is_delivered_and_wakes_it():
     run = get_workflow("waiter").start({"signal": "review-go"})
     execute(claim("waiter"))()  # "before", then the wait parks the run
