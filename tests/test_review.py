@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from django_openworkflow import send_signal, workflow
@@ -471,6 +471,38 @@ def test_held_two_starts_with_one_idempotency_key_at_once_make_one_run():
     first.finish()
     second.finish()
     assert [r.pk for r in runs] == [runs[0].pk, runs[0].pk]
+    assert WorkflowRun.objects.count() == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.xfail(
+    strict=True,
+    reason="the idempotency key's advisory lock orders two start()s, but a caller whose "
+    "database runs REPEATABLE READ (OPTIONS isolation_level) reads with the snapshot taken "
+    "before it waited for the lock: it does not see the first run and inserts a second",
+)
+def test_two_starts_with_one_idempotency_key_make_one_run_under_repeatable_read():
+    import psycopg
+
+    wf = get_workflow("review-two-steps")
+    started, release, runs = threading.Event(), threading.Event(), []
+
+    def repeatable_read_start():
+        connection.ensure_connection()
+        connection.connection.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        runs.append(wf.start(idempotency_key="k"))
+
+    first = Backend(
+        hold_transaction(lambda: runs.append(wf.start(idempotency_key="k")), started, release)
+    )
+    second = Backend(repeatable_read_start)
+    first.start()
+    assert started.wait(10)
+    second.start()
+    assert blocked_on_a_lock(second)
+    release.set()
+    first.finish()
+    second.finish()
     assert WorkflowRun.objects.count() == 1
 
 
