@@ -10,7 +10,7 @@ worker slot. Every write is fenced by the claim token.
 
 from __future__ import annotations
 
-import copy
+import json
 import logging
 import threading
 import uuid
@@ -587,8 +587,8 @@ class Execution:
         except BaseException as exc:
             return None, _step_error(exc)
         if defer:
-            # A copy: the workflow may change the value it gets back before it is stored.
-            self.deferred = (attempt.pk, copy.deepcopy(result), self.now())
+            # A copy (as stored: JSON): the workflow may change the value it gets back.
+            self.deferred = (attempt.pk, json.loads(json.dumps(result)), self.now())
             attempt.status = StepAttempt.Status.COMPLETED
             attempt.output = result
         else:

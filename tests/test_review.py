@@ -276,6 +276,13 @@ def test_a_step_result_changed_in_place_by_the_workflow_is_stored_as_the_step_re
     assert load.output == {"items": [3, 1, 2]}
 
 
+def test_a_deeply_nested_step_result_is_stored_as_returned():
+    run = get_workflow("review-deep-result").start()
+    drain()
+    run.refresh_from_db()
+    assert (run.status, run.output) == ("completed", 600)
+
+
 def test_a_step_result_changed_in_place_into_no_json_value_does_not_crash_the_pass():
     # Before: the next write failed to serialize the date ("Object of type date is not
     # JSON serializable"), the TypeError escaped the pass and left the run running under

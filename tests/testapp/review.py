@@ -158,3 +158,21 @@ def counter(ctx):
     counts = ctx.step.run("count", lambda: collections.Counter(["a", "a", "b"]))
     ctx.step.sleep("pause", "10ms")
     return counts["a"] + counts["c"]
+
+
+@workflow(name="review-deep-result")
+def deep_result(ctx):
+    """A step result nested 600 lists deep (JSON allows it; a deepcopy would not)."""
+
+    def deep():
+        value: list = []
+        for _ in range(599):
+            value = [value]
+        return value
+
+    value = ctx.step.run("deep", deep)
+    ctx.step.sleep("pause", "10ms")
+    depth = 0
+    while isinstance(value, list):
+        value, depth = (value[0] if value else None), depth + 1
+    return depth
