@@ -533,3 +533,25 @@ def test_held_two_signals_with_one_idempotency_key_at_once_deliver_once():
     second.finish()
     assert woken == [[str(run.pk)], []]
     assert WorkflowSignal.objects.count() == 1
+
+
+@pytest.mark.postgres
+def test_held_two_senders_racing_for_one_waiter_deliver_it_once():
+    run = get_workflow("waiter").start({"signal": "review-go"})
+    execute(claim("waiter"))()
+    started, release, woken = threading.Event(), threading.Event(), []
+    first = Backend(
+        hold_transaction(lambda: woken.append(send_signal("review-go", 1)), started, release)
+    )
+    second = Backend(lambda: woken.append(send_signal("review-go", 2)))
+    first.start()
+    assert started.wait(10)  # delivered, not committed: it holds the waiter's row
+    second.start()
+    assert blocked_on_a_lock(second)  # it saw the waiter waiting, and waits for its row
+    release.set()
+    first.finish()
+    second.finish()  # re-read under the lock: no longer waiting
+    assert woken == [[str(run.pk)], []]
+    drain()
+    run.refresh_from_db()
+    assert (run.status, run.output) == ("completed", {"data": 1})
