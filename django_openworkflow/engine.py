@@ -375,10 +375,10 @@ class Execution:
                 if finished:
                     self._store_deferred()
                 pause_point("finish.before-commit", run_id=self.run.pk, status=status)
-        self.deferred = None
-        if not finished:
+        if not finished:  # the deferred result stays for a deadline failure to store
             self._claim_lost()
             return
+        self.deferred = None
         self.run.status = status
         for field in ("output", "error", "attempts"):
             if field in fields:

@@ -298,6 +298,22 @@ def test_a_step_result_changed_in_place_into_no_json_value_does_not_crash_the_pa
     ]
 
 
+def test_a_last_step_that_returned_as_the_deadline_passed_is_not_run_again_after_resume():
+    # Before: the completion was refused (deadline), the deferred result was dropped
+    # with it, and the deadline failure that followed stored the run failed with the
+    # step still "running": after the resume the finished step ran again.
+    run = get_workflow("review-deadline-in-last-step").start()
+    claim_and_execute()
+    run.refresh_from_db()
+    assert (run.status, run.error["type"]) == ("failed", "DeadlineExceeded")
+    assert history(run) == [("last", "completed", None)]
+    WorkflowRun.objects.resume(run, deadline_at=timezone.now() + timedelta(hours=1))
+    drain()
+    run.refresh_from_db()
+    assert (run.status, run.output) == ("completed", 1)
+    assert executions(run, "last") == 1
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="a step.run whose fn returned but whose result still waits for the next write is "

@@ -7,6 +7,7 @@ import collections
 import datetime
 
 from django.db import transaction
+from django.db.models.functions import Now
 
 from django_openworkflow import RetryPolicy, workflow
 from django_openworkflow.models import WorkflowRun
@@ -176,3 +177,15 @@ def deep_result(ctx):
     while isinstance(value, list):
         value, depth = (value[0] if value else None), depth + 1
     return depth
+
+
+@workflow(name="review-deadline-in-last-step")
+def deadline_in_last_step(ctx):
+    """The last step's function returns just as the deadline passes (it moves it, here)."""
+
+    def last():
+        effect(ctx, "last")
+        WorkflowRun.objects.filter(pk=ctx.run_id).update(deadline_at=Now())
+        return 1
+
+    return ctx.step.run("last", last)
