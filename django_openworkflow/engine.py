@@ -250,6 +250,13 @@ class Execution:
             and row["deadline_at"] <= row["db_now"]
         ):
             self._finish(WorkflowRun.Status.FAILED, error=dict(DEADLINE_ERROR))
+            # As the deadline sweep does: the step that was executing fails with it.
+            StepAttempt.objects.filter(
+                workflow_run_id=self.run.pk,
+                resume_generation=self.generation,
+                status=StepAttempt.Status.RUNNING,
+                kind=StepAttempt.Kind.RUN,
+            ).update(status="failed", error=DEADLINE_ERROR, finished_at=Now())
             logger.info("run failed run=%s reason=deadline", self.run.pk)
         else:
             logger.info(

@@ -386,6 +386,25 @@ def test_held_a_step_atomic_whose_lease_expired_is_fenced_out_and_the_new_owner_
 
 
 @pytest.mark.postgres
+def test_a_step_atomic_outlived_by_its_deadline_is_failed_like_the_sweep_fails_it():
+    # Before: the worker found the deadline passed at the step's completion and failed
+    # the run, but left the step's attempt "running" on the failed run (the deadline
+    # sweep marks it failed with the deadline).
+    run = get_workflow("review-atomic-gated").start()
+    entered, release = gated(run)
+    worker = Backend(execute(claim("review-atomic-gated")))
+    worker.start()
+    assert entered.wait(10)
+    WorkflowRun.objects.filter(pk=run.pk).update(deadline_at=timezone.now())
+    release.set()
+    worker.finish()
+    run.refresh_from_db()
+    assert (run.status, run.error["type"]) == ("failed", "DeadlineExceeded")
+    assert history(run) == [("write", "failed", "DeadlineExceeded")]
+    assert not Ledger.objects.exists()
+
+
+@pytest.mark.postgres
 def test_held_a_run_failed_at_its_deadline_and_resumed_during_a_step_atomic_commits_it_once():
     run = get_workflow("review-atomic-gated").start()
     entered, release = gated(run)
