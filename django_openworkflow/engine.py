@@ -10,7 +10,9 @@ worker slot. Every write is fenced by the claim token.
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,12 +37,12 @@ from .models import StepAttempt, WorkflowRun
 from .pauses import pause_point
 from .serialization import (
     MAX_NAME_LENGTH,
-    NUL_PROBLEM,
     check_name_text,
     describe_exception,
     ensure_json,
     json_problem,
     size_problem,
+    to_json,
 )
 from .signals import run_completed, run_failed, send_after_commit, step_failed
 
@@ -189,6 +191,8 @@ class Execution:
         self.failures: dict[str, list[StepAttempt]] = {}
         self.waiting: dict[str, StepAttempt] = {}
         self.attempt_count = 0
+        self.atomic_depth = 0  # the transaction depth of the workflow thread (execute())
+        self.in_step = threading.local()  # .name: the step whose fn this thread is running
         self.positions: dict[str, int] = {}  # step name -> its place among this pass's calls
         self.history_positions: dict[int, str] = {}  # place -> the step stored there (binding)
         # Threads for ctx.step.parallel(); 1 runs the steps one after another
@@ -225,9 +229,9 @@ class Execution:
 
     def _store_deferred(self) -> None:
         if self.deferred is not None:
-            attempt_id, result, finished_at = self.deferred
+            attempt_id, text, finished_at = self.deferred
             StepAttempt.objects.filter(pk=attempt_id, status="running").update(
-                status="completed", output=result, finished_at=finished_at
+                status="completed", output=json.loads(text), finished_at=finished_at
             )
             self.deferred = None
 
@@ -247,6 +251,13 @@ class Execution:
             and row["deadline_at"] <= row["db_now"]
         ):
             self._finish(WorkflowRun.Status.FAILED, error=dict(DEADLINE_ERROR))
+            # As the deadline sweep does: the step that was executing fails with it.
+            StepAttempt.objects.filter(
+                workflow_run_id=self.run.pk,
+                resume_generation=self.generation,
+                status=StepAttempt.Status.RUNNING,
+                kind=StepAttempt.Kind.RUN,
+            ).update(status="failed", error=DEADLINE_ERROR, finished_at=Now())
             logger.info("run failed run=%s reason=deadline", self.run.pk)
         else:
             logger.info(
@@ -256,6 +267,9 @@ class Execution:
     # --- the pass ------------------------------------------------------------
 
     def execute(self) -> None:
+        # Steps are called at this transaction depth; deeper, workflow code opened a
+        # transaction that would hold (or roll back) what the steps commit.
+        self.atomic_depth = len(connections[self.using].atomic_blocks)
         try:
             self._load_history()
             self._execute()
@@ -319,7 +333,7 @@ class Execution:
                 exc.error.get("type"),
             )
             return
-        except BaseException as exc:  # asyncio.CancelledError too: a failure like any other
+        except BaseException as exc:  # SystemExit, asyncio.CancelledError: failures of the code
             self._workflow_error(exc)
             return
         try:
@@ -335,13 +349,13 @@ class Execution:
         policy = self.workflow.retry_policy or DEFAULT_WORKFLOW_RETRY_POLICY
         attempts = self.run.attempts + 1
         error = describe_exception(exc)
-        if policy.exhausted(attempts):
+        retry_at = None if policy.exhausted(attempts) else self._retry_at(policy, attempts)
+        if retry_at is None:
             self._finish(WorkflowRun.Status.FAILED, error=error, attempts=attempts)
             logger.info(
                 "run failed run=%s error=%s attempts=%d", self.run.pk, error["type"], attempts
             )
             return
-        retry_at = self.now() + policy.delay(attempts)
         if self._past_deadline(retry_at):
             self._finish(WorkflowRun.Status.FAILED, error=_deadline_error(error), attempts=attempts)
             return
@@ -378,8 +392,8 @@ class Execution:
                 if finished:
                     self._store_deferred()
                 pause_point("finish.before-commit", run_id=self.run.pk, status=status)
-        if not finished:
-            self._claim_lost()  # past the deadline: fails the run, storing the deferred result
+        if not finished:  # the deferred result stays for a deadline failure to store
+            self._claim_lost()
             return
         self.deferred = None
         self.run.status = status
@@ -389,6 +403,13 @@ class Execution:
         signal = run_completed if status == WorkflowRun.Status.COMPLETED else run_failed
         send_after_commit(signal, self.run)
 
+    def _retry_at(self, policy: RetryPolicy, failures: int) -> datetime | None:
+        """When the next attempt may start; None when that is after the year 9999 (never)."""
+        try:
+            return self.now() + policy.delay(failures)
+        except OverflowError:
+            return None
+
     def _past_deadline(self, when: datetime) -> bool:
         deadline = self.run.deadline_at
         return deadline is not None and when > deadline
@@ -396,6 +417,19 @@ class Execution:
     # --- step bookkeeping ----------------------------------------------------
 
     def _step_name(self, name: str) -> str:
+        outer = getattr(self.in_step, "name", None)
+        if outer is not None:  # its Suspend would unwind (or roll back) the outer step
+            raise _Refused(
+                f'step "{name}" was called inside the function of step "{outer}" of run '
+                f"{self.run.pk}: steps cannot be nested; call them from the workflow function",
+                TypeError,
+            )
+        if len(connections[self.using].atomic_blocks) > self.atomic_depth:
+            raise TypeError(
+                f'step "{name}" of run {self.run.pk} was called inside a transaction.atomic() '
+                "block of the workflow function: steps commit on their own (use "
+                "ctx.step.atomic for database writes that must commit with a step)"
+            )
         if not isinstance(name, str) or not name:
             raise TypeError(f"step name must be a non-empty string, not {name!r}")
         candidate, index = name, 0
@@ -407,8 +441,7 @@ class Execution:
                 f"step name {candidate[:40]!r}… is {len(candidate)} characters"
                 f"{' with its number' if index else ''}; at most {MAX_NAME_LENGTH}"
             )
-        if "\x00" in name:
-            raise ValueError(f"step name {name!r} {NUL_PROBLEM}")
+        check_name_text(name, "step name")
         self.used_names.add(candidate)
         position = len(self.positions)
         before = self.history_positions.get(position)
@@ -567,14 +600,15 @@ class Execution:
         if atomic:
             return self._invoke_atomic(attempt, fn)
         try:
-            result = fn()
-            self._check_result(attempt.step_name, result)
+            result = self._call(attempt, fn)
+            text = self._check_result(attempt.step_name, result)
         except (Suspend, KeyboardInterrupt):
             raise
         except BaseException as exc:
             return None, _step_error(exc)
         if defer:
-            self.deferred = (attempt.pk, result, self.now())
+            # The JSON text, taken now: the workflow may change the value it gets back.
+            self.deferred = (attempt.pk, text, self.now())
             attempt.status = StepAttempt.Status.COMPLETED
             attempt.output = result
         else:
@@ -594,10 +628,24 @@ class Execution:
         stored = False
         try:
             with transaction.atomic(using=self.using):
-                result = fn()
+                result = self._call(attempt, fn)
                 self._check_result(attempt.step_name, result)
                 self._complete_attempt(attempt, result)
                 stored = True
+        except ClaimLost:
+            with transaction.atomic(using=self.using):
+                if not WorkflowRun.objects.fence(self.run.pk, self.token):
+                    raise
+            # The claim holds: the fence failed on a change fn made to its own run
+            # (a cancel, say), which rolled back with it and would on every replay.
+            return None, _step_error(
+                _Refused(
+                    f'step "{attempt.step_name}" of run {self.run.pk} changed its own run '
+                    "(canceled it?) inside its transaction, which the step's completion "
+                    "then refused; do that in ctx.step.run, which commits at once",
+                    TypeError,
+                )
+            )
         except (Suspend, KeyboardInterrupt):
             raise
         except BaseException as exc:
@@ -613,6 +661,13 @@ class Execution:
             )
         pause_point("step.after-commit", run_id=self.run.pk, step=attempt.step_name)
         return result, None
+
+    def _call(self, attempt: StepAttempt, fn: Callable[[], Any]) -> Any:
+        self.in_step.name = attempt.step_name
+        try:
+            return fn()
+        finally:
+            self.in_step.name = None
 
     def _committed(self, attempt: StepAttempt) -> bool:
         """After an error at or after a commit: did the attempt's completion commit?"""
@@ -646,20 +701,23 @@ class Execution:
             futures = [pool.submit(call, attempt, fn) for attempt, fn in calls]
         return [future.result() for future in futures]  # re-raises ClaimLost
 
-    def _check_result(self, name: str, result: Any) -> None:
+    def _check_result(self, name: str, result: Any) -> str:
+        """The result's JSON text, as stored; ``_Refused`` when it cannot be stored."""
         problem = json_problem(result)
         if problem:
             raise _Refused(
                 f'step "{name}" of run {self.run.pk} returned a value that is not JSON: {problem}',
                 TypeError,
             )
-        too_large = size_problem(result)
+        text = to_json(result)
+        too_large = size_problem(result, text)
         if too_large:
             raise _Refused(
                 f'step "{name}" of run {self.run.pk} returned a value that is too large: '
                 f"{too_large}",
                 ValueError,
             )
+        return text
 
     def _complete_attempt(self, attempt: StepAttempt, result: Any) -> None:
         """Inside a transaction: renew the lease (fenced) and store the result."""
@@ -699,7 +757,9 @@ class Execution:
         exhausted = [(a, e) for a, e in failed if policy.exhausted(counts[a.step_name])]
         retry_at = None
         if not refused and not exhausted:
-            retry_at = min(self.now() + policy.delay(counts[a.step_name]) for a, _ in failed)
+            times = [self._retry_at(policy, counts[a.step_name]) for a, _ in failed]
+            exhausted = [entry for entry, at in zip(failed, times, strict=True) if at is None]
+            retry_at = None if exhausted else min(at for at in times if at is not None)
         past_deadline = retry_at is not None and self._past_deadline(retry_at)
         with transaction.atomic(using=self.using):
             self._fence()

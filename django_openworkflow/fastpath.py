@@ -144,14 +144,14 @@ def _json(value: Any) -> str | None:
     return None if value is None else json.dumps(value)
 
 
-Deferred = tuple[int, Any, datetime]  # (attempt id, result, finished_at)
+Deferred = tuple[int, str, datetime]  # (attempt id, the result's JSON text, finished_at)
 
 
 def _deferred_params(deferred: Deferred | None) -> list[Any]:
     if deferred is None:
         return [None, None, None]
-    attempt_id, result, finished_at = deferred
-    return [_json(result), finished_at, attempt_id]
+    attempt_id, text, finished_at = deferred
+    return [text, finished_at, attempt_id]
 
 
 def claim(

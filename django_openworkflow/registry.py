@@ -12,13 +12,14 @@ from django.utils import timezone
 
 from .conf import app_settings
 from .durations import RetryPolicy
-from .serialization import NUL_PROBLEM, check_name_text, ensure_json
+from .serialization import check_name_text, ensure_json, text_problem
 
 if TYPE_CHECKING:
     from .engine import WorkflowContext
     from .models import WorkflowRun
 
 IDEMPOTENCY_WINDOW = datetime.timedelta(hours=24)
+MAX_VERSION_LENGTH = 100  # WorkflowRun.version
 
 _registry: dict[str, Workflow] = {}
 _duplicates: list[tuple[Workflow, Workflow]] = []
@@ -40,6 +41,15 @@ class Workflow:
         if not isinstance(name, str) or not name.strip():
             raise TypeError(f"workflow name must be a non-empty string, not {name!r}")
         check_name_text(name, "workflow name")
+        if version is not None and not isinstance(version, str):
+            raise TypeError(f"version of workflow {name!r} must be a string, not {version!r}")
+        if version is not None and len(version) > MAX_VERSION_LENGTH:
+            raise ValueError(
+                f"version of workflow {name!r} is {len(version)} characters; "
+                f"at most {MAX_VERSION_LENGTH}"
+            )
+        if version is not None and (problem := text_problem(version)):
+            raise ValueError(f"version {version!r} of workflow {name!r} {problem}")
         if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
             raise TypeError(
                 f"retry_policy of workflow {name!r} must be a RetryPolicy, not {retry_policy!r}"
@@ -91,9 +101,9 @@ class Workflow:
                 f'idempotency_key of workflow "{self.name}" is {len(idempotency_key)} '
                 "characters long; at most 255 are allowed"
             )
-        if idempotency_key is not None and "\x00" in idempotency_key:
+        if idempotency_key is not None and (problem := text_problem(idempotency_key)):
             raise ValueError(
-                f'idempotency_key {idempotency_key!r} of workflow "{self.name}" {NUL_PROBLEM}'
+                f'idempotency_key {idempotency_key!r} of workflow "{self.name}" {problem}'
             )
         namespace = app_settings.NAMESPACE
         using = router.db_for_write(WorkflowRun)

@@ -14,13 +14,13 @@ MAX_NAME_LENGTH = 255  # workflow, step and signal names: their columns hold 255
 
 
 def check_name_text(name: str, what: str) -> None:
-    """Raise ``ValueError`` unless ``name`` fits its column: at most 255 characters, no NUL."""
+    """Raise ``ValueError`` unless ``name`` fits its column: at most 255 characters of text."""
     if len(name) > MAX_NAME_LENGTH:
         raise ValueError(
             f"{what} {name[:40]!r}… is {len(name)} characters; at most {MAX_NAME_LENGTH}"
         )
-    if "\x00" in name:
-        raise ValueError(f"{what} {name!r} {NUL_PROBLEM}")
+    if problem := text_problem(name):
+        raise ValueError(f"{what} {name!r} {problem}")
 
 
 def json_problem(value: Any, path: str = "$") -> str | None:
@@ -38,7 +38,7 @@ def json_problem(value: Any, path: str = "$") -> str | None:
         return f"{path} is nested too deeply for JSON (or contains itself)"
 
 
-def _text_problem(text: str) -> str | None:
+def text_problem(text: str) -> str | None:
     """What makes ``text`` unstorable, as "contains ...", or None."""
     if "\x00" in text:
         return NUL_PROBLEM
@@ -54,7 +54,7 @@ def _json_problem(value: Any, path: str) -> str | None:
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, str):
-        problem = _text_problem(value)
+        problem = text_problem(value)
         return f"{path} {problem}" if problem else None
     if isinstance(value, int):
         if value.bit_length() > 3000:  # only huge ints can fail to become JSON text
@@ -65,18 +65,20 @@ def _json_problem(value: Any, path: str) -> str | None:
         return None
     if isinstance(value, float):
         return None if math.isfinite(value) else f"{path} is {value!r}, which JSON cannot hold"
-    if isinstance(value, list):
+    # Exactly list and dict: a subclass (Counter, defaultdict, OrderedDict) would come
+    # back from the database as the plain type, behaving otherwise on replay.
+    if type(value) is list:
         for index, item in enumerate(value):
             problem = _json_problem(item, f"{path}[{index}]")
             if problem:
                 return problem
         return None
-    if isinstance(value, dict):
+    if type(value) is dict:
         for key, item in value.items():
             if not isinstance(key, str):
                 kind = type(key).__name__
                 return f"{path} has the key {key!r} of type {kind}; JSON keys are strings"
-            if key_problem := _text_problem(key):
+            if key_problem := text_problem(key):
                 return f"{path} has the key {key!r}, which {key_problem}"
             problem = _json_problem(item, f"{path}[{key!r}]")
             if problem:
@@ -85,14 +87,22 @@ def _json_problem(value: Any, path: str) -> str | None:
     return f"{path} is a {type(value).__module__}.{type(value).__qualname__} ({value!r:.80})"
 
 
-def size_problem(value: Any) -> str | None:
-    """Why ``value`` is too large to store, or None (``OPENWORKFLOW["MAX_PAYLOAD_BYTES"]``)."""
+def to_json(value: Any) -> str:
+    """The JSON text a checked value is stored as."""
+    return json.dumps(value, separators=(",", ":"))
+
+
+def size_problem(value: Any, text: str | None = None) -> str | None:
+    """Why ``value`` (as JSON ``text``) is too large to store, or None.
+
+    The limit is ``OPENWORKFLOW["MAX_PAYLOAD_BYTES"]``.
+    """
     from .conf import app_settings
 
     limit = app_settings.MAX_PAYLOAD_BYTES
     if not limit or value is None or isinstance(value, (bool, int, float)):
         return None
-    size = len(json.dumps(value, separators=(",", ":")).encode())
+    size = len((to_json(value) if text is None else text).encode())
     if size <= limit:
         return None
     return f"it is {size:,} bytes of JSON, more than OPENWORKFLOW['MAX_PAYLOAD_BYTES'] ({limit:,})"

@@ -384,4 +384,4 @@ def names_its_finisher(ctx):
     return ctx.step.run("who", who)
 
 
-from . import hardening  # noqa: E402, F401  (its @workflow definitions)
+from . import hardening, review  # noqa: E402, F401  (their @workflow definitions)
