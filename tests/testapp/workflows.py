@@ -6,7 +6,10 @@ import datetime
 import os
 import threading
 import time
+import uuid
 from pathlib import Path
+
+from django.db import transaction
 
 from django_openworkflow import RetryPolicy, StepFailed, workflow
 
@@ -286,3 +289,58 @@ def changes_order(ctx):
     ctx.step.run(order[0], lambda: effect(ctx, order[0]) or 1)
     ctx.step.sleep("pause", "10ms")
     return ctx.step.run(order[1], lambda: effect(ctx, order[1]) or 2)
+
+
+# --- the stateful test (tests/test_stateful.py) ------------------------------------
+
+SWITCH_RUN = uuid.UUID(int=1)  # SideEffect rows of this run id are switches:
+FAIL_SWITCH = "fail"  # steps raise
+HOOK_SWITCH = "hook"  # the on_commit hook of step.atomic "write" raises
+STATEFUL_SIGNAL = "stateful-go"
+ONE_RETRY = RetryPolicy(initial_interval=0, maximum_attempts=2)
+NO_RETRY = RetryPolicy(maximum_attempts=1)
+
+
+def switch_on(name):
+    return SideEffect.objects.filter(run_id=SWITCH_RUN, step=name).exists()
+
+
+def after_commit():
+    if switch_on(HOOK_SWITCH):
+        raise RuntimeError("the on_commit hook failed")
+
+
+@workflow(name="stateful")
+def stateful(ctx):
+    """Step "first"; then, per ``shape``, a sleep, a child run, a signal wait or a step
+    whose failure is compensated; then a ``step.atomic`` "write" that writes a Ledger row
+    (and registers an on_commit hook). Steps fail while the fail switch is on."""
+
+    def switched(name):
+        def fn():
+            effect(ctx, name)
+            if switch_on(FAIL_SWITCH):
+                raise RuntimeError(f"the switch is on in {name}")
+            return name
+
+        return fn
+
+    def write():
+        Ledger.objects.create(run_id=ctx.run_id, note="write")
+        transaction.on_commit(after_commit)
+        return switched("write")()
+
+    ctx.step.run("first", switched("first"), retry_policy=ONE_RETRY)
+    shape = ctx.input["shape"]
+    if shape == "sleep":
+        ctx.step.sleep("nap", "1h")
+    elif shape == "child":
+        ctx.step.run_workflow(stateful, {"shape": "steps"}, name="child")
+    elif shape == "signal":
+        ctx.step.wait_for_signal(STATEFUL_SIGNAL)
+    elif shape == "compensate":
+        try:
+            ctx.step.run("risky", switched("risky"), retry_policy=NO_RETRY)
+        except StepFailed:
+            ctx.step.run("compensate", switched("compensate"), retry_policy=ONE_RETRY)
+    return ctx.step.atomic("write", write, retry_policy=ONE_RETRY)
