@@ -312,8 +312,8 @@ def after_commit():
 
 @workflow(name="stateful")
 def stateful(ctx):
-    """Step "first"; then, per ``shape``, a sleep, a child run, a signal wait or a step
-    whose failure is compensated; then a ``step.atomic`` "write" that writes a Ledger row
+    """Step "first"; then, per ``shape``, a sleep, a child run, a signal wait, or a sleep
+    and a step whose failure is compensated; then a ``step.atomic`` "write" that writes a Ledger row
     (and registers an on_commit hook). Steps fail while the fail switch is on."""
 
     def switched(name):
@@ -339,8 +339,9 @@ def stateful(ctx):
     elif shape == "signal":
         ctx.step.wait_for_signal(STATEFUL_SIGNAL)
     elif shape == "compensate":
+        ctx.step.sleep("nap", "1h")  # the switch may change before "risky"
         try:
             ctx.step.run("risky", switched("risky"), retry_policy=NO_RETRY)
         except StepFailed:
-            ctx.step.run("compensate", switched("compensate"), retry_policy=ONE_RETRY)
+            ctx.step.run("compensate", lambda: effect(ctx, "compensate") or "undone")
     return ctx.step.atomic("write", write, retry_policy=ONE_RETRY)
