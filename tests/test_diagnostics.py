@@ -18,7 +18,8 @@ from django_openworkflow.diagnostics import StuckRun, stuck_runs
 from django_openworkflow.models import StepAttempt, WorkflowRun
 from django_openworkflow.testing import drain
 from tests.conftest import claim_and_execute
-from tests.testapp.workflows import echo, parent, sleeper, three_steps, waiter
+from tests.testapp.models import SideEffect
+from tests.testapp.workflows import changes_order, echo, parent, sleeper, three_steps, waiter
 
 pytestmark = pytest.mark.django_db
 
@@ -294,3 +295,18 @@ def test_the_command_passes_the_grace():
 def test_the_command_refuses_a_bad_grace(value, message):
     with pytest.raises(CommandError, match=f"argument --grace: {message}"):
         call_command("check_workflow_runs", "--grace", value, stdout=StringIO())
+
+
+# --- engine bugs the detector finds ------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug: non-determinism leaves a step running")
+def test_a_run_failed_for_non_determinism_keeps_no_running_step():
+    run = changes_order.start()
+    drain(time_travel=False)  # "a" ran; the run sleeps in "pause"
+    SideEffect.objects.create(run_id=run.pk, step="flip")  # now it calls "b" first
+    drain()
+    run.refresh_from_db()
+    assert run.error["type"] == "NonDeterministicWorkflow"
+
+    assert stuck_runs() == []
