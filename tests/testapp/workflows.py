@@ -312,9 +312,10 @@ def after_commit():
 
 @workflow(name="stateful")
 def stateful(ctx):
-    """Step "first"; then, per ``shape``, a sleep, a child run, a signal wait, or a sleep
-    and a step whose failure is compensated; then a ``step.atomic`` "write" that writes a Ledger row
-    (and registers an on_commit hook). Steps fail while the fail switch is on."""
+    """Step "first"; then, per ``shape``: a sleep; a child run (that waits for the signal);
+    a signal wait; or a step that fails the first time, its compensation, and a sleep.
+    Last, a ``step.atomic`` "write" that writes a Ledger row (and registers an on_commit
+    hook). Steps fail while the fail switch is on."""
 
     def switched(name):
         def fn():
@@ -325,6 +326,13 @@ def stateful(ctx):
 
         return fn
 
+    def risky():  # fails the first time, and while the switch is on
+        effect(ctx, "risky")
+        runs = SideEffect.objects.filter(run_id=ctx.run_id, step="risky").count()
+        if runs == 1 or switch_on(FAIL_SWITCH):
+            raise RuntimeError(f"risky failed (execution {runs})")
+        return "risky"
+
     def write():
         Ledger.objects.create(run_id=ctx.run_id, note="write")
         transaction.on_commit(after_commit)
@@ -334,14 +342,14 @@ def stateful(ctx):
     shape = ctx.input["shape"]
     if shape == "sleep":
         ctx.step.sleep("nap", "1h")
-    elif shape == "child":
-        ctx.step.run_workflow(stateful, {"shape": "steps"}, name="child")
+    elif shape == "child":  # the child waits for the signal
+        ctx.step.run_workflow(stateful, {"shape": "signal"}, name="child")
     elif shape == "signal":
         ctx.step.wait_for_signal(STATEFUL_SIGNAL)
     elif shape == "compensate":
-        ctx.step.sleep("nap", "1h")  # the switch may change before "risky"
         try:
-            ctx.step.run("risky", switched("risky"), retry_policy=NO_RETRY)
+            ctx.step.run("risky", risky, retry_policy=NO_RETRY)
         except StepFailed:
             ctx.step.run("compensate", lambda: effect(ctx, "compensate") or "undone")
+        ctx.step.sleep("nap", "1h")
     return ctx.step.atomic("write", write, retry_policy=ONE_RETRY)
