@@ -29,6 +29,7 @@ from typing import Any
 from django.db import connection
 from django.db.models import Count
 
+from .diagnostics import StuckRun, stuck_runs
 from .durations import RetryPolicy
 from .models import StepAttempt, WorkflowRun
 from .registry import workflow
@@ -117,6 +118,7 @@ class Audit:
     steps: int
     statuses: dict[str, int] = field(default_factory=dict)
     duplicated_ledger_rows: int = 0  # extra rows of atomic steps: must be 0
+    stuck: list[StuckRun] = field(default_factory=list)  # runs nothing will wake: must be none
     missing_ledger_rows: int = 0  # steps of completed runs without a row: must be 0
     wrong_outputs: int = 0  # completed runs whose output is not the expected total
     reexecutions: int = 0  # extra rows of run steps: allowed for steps in flight at a kill
@@ -134,13 +136,19 @@ class Audit:
 
     @property
     def ok(self) -> bool:
-        problems = (self.duplicated_ledger_rows, self.missing_ledger_rows, self.wrong_outputs)
+        problems = (
+            self.duplicated_ledger_rows,
+            len(self.stuck),
+            self.missing_ledger_rows,
+            self.wrong_outputs,
+        )
         return not (self.lost or any(problems))
 
 
 def audit(runs: int, steps: int) -> Audit:
-    """Check the chaos runs of ``NAMESPACE`` against the ledger."""
+    """Check the chaos runs of ``NAMESPACE`` against the ledger and the stuck-run detector."""
     result = Audit(runs=runs, steps=steps)
+    result.stuck = stuck_runs(namespace=NAMESPACE)
     chaos_runs = WorkflowRun.objects.filter(namespace=NAMESPACE, workflow_name=ledger_steps.name)
     result.statuses = {
         row["status"]: row["n"] for row in chaos_runs.values("status").annotate(n=Count("pk"))

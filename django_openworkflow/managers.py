@@ -147,6 +147,15 @@ class WorkflowRunQuerySet(models.QuerySet["WorkflowRun"]):
         """Active runs whose deadline has passed."""
         return self.active().filter(deadline_at__lte=Now())
 
+    def asleep_beyond(self, seconds: float) -> WorkflowRunQuerySet:
+        """Pending runs not due within ``seconds``: parked without a timer, or due later."""
+        later = Q(available_at__isnull=True) | Q(available_at__gt=now_plus(seconds))
+        return self.filter(status=self.model.Status.PENDING).filter(later)
+
+    def lease_expired_for(self, seconds: float) -> WorkflowRunQuerySet:
+        """Running runs whose lease ended more than ``seconds`` ago."""
+        return self.filter(status=self.model.Status.RUNNING, available_at__lt=now_plus(-seconds))
+
     def resume(self, *, by: Any = None) -> list[WorkflowRun]:
         """Resume every resumable run in the queryset; skip the others. Returns the resumed."""
         return self._each(self.model.objects.resume, by)
@@ -601,3 +610,7 @@ class StepAttemptQuerySet(models.QuerySet[Any]):
 
     def failed(self) -> StepAttemptQuerySet:
         return self.filter(status="failed")
+
+    def open_waits(self) -> StepAttemptQuerySet:
+        """Running waits for a child run or a signal (what a run parked without a timer awaits)."""
+        return self.running().filter(kind__in=["workflow", "signal_wait"])

@@ -15,6 +15,7 @@ from django.db import connection
 from django.db.models.functions import Now
 from hypothesis import settings as hypothesis_settings
 
+from django_openworkflow.diagnostics import stuck_runs
 from django_openworkflow.engine import Execution
 from django_openworkflow.models import WorkflowRun
 from django_openworkflow.registry import get_workflow, workflow_names
@@ -99,6 +100,13 @@ def drain(timeout: float = 20.0, concurrency: int = 4) -> None:
             raise AssertionError(f"runs still active after {timeout}s: {active}")
         Worker(concurrency=concurrency, burst=True, poll_interval=0.02).run()
         time.sleep(0.02)
+    assert_no_stuck_runs()
+
+
+def assert_no_stuck_runs() -> None:
+    """The stuck-run detector finds nothing: checked after every test that ran workers."""
+    stuck = stuck_runs()
+    assert stuck == [], "stuck runs:\n" + "\n".join(map(str, stuck))
 
 
 class WorkerProcess:
@@ -166,3 +174,5 @@ def worker_process(tmp_path):
     yield start
     for proc in started:
         proc.stop()
+    if started:
+        assert_no_stuck_runs()

@@ -21,7 +21,7 @@ from django_openworkflow.chaos import (
     expected_total,
     ledger_steps,
 )
-from django_openworkflow.models import WorkflowRun
+from django_openworkflow.models import StepAttempt, WorkflowRun
 
 
 def summary_numbers(line):
@@ -55,7 +55,9 @@ def test_killing_workers_loses_and_doubles_nothing(worker_env):
         stdout=out,
     )
     line = out.getvalue().strip()
-    assert line.startswith("chaos: runs completed 60/60, lost 0, duplicated ledger rows 0, ")
+    assert line.startswith(
+        "chaos: runs completed 60/60, lost 0, duplicated ledger rows 0, stuck 0, "
+    )
     numbers = summary_numbers(line)
     assert numbers["missing ledger rows"] == 0
     assert numbers["wrong outputs"] == 0
@@ -91,7 +93,9 @@ def test_the_audit_counts_every_kind_of_damage():
     create_ledger()
     with override_settings(OPENWORKFLOW={"NAMESPACE": NAMESPACE}):
         runs = ledger_steps.start_many({"i": i, "steps": 2, "pause_ms": 0} for i in range(4))
-    good, doubled, wrong, _queued = runs
+    good, doubled, wrong, parked = runs
+    # A run parked with nothing to wake it: stuck.
+    WorkflowRun.objects.filter(pk=parked.pk).update(available_at=None)
     WorkflowRun.objects.filter(pk__in=[good.pk, doubled.pk]).update(
         status="completed", output={"total": expected_total(2)}
     )
@@ -119,8 +123,9 @@ def test_the_audit_counts_every_kind_of_damage():
     drop_ledger()
 
     assert result.statuses == {"completed": 3, "pending": 1}
-    assert result.lost == 2  # one still queued, one never created
+    assert result.lost == 2  # one stuck, one never created
     assert result.duplicated_ledger_rows == 2
+    assert [(f.run_id, f.reason) for f in result.stuck] == [(str(parked.pk), "parked-without-wake")]
     assert result.reexecutions == 1
     assert result.missing_ledger_rows == 2
     assert result.wrong_outputs == 1
@@ -146,3 +151,32 @@ def test_chaos_needs_postgresql():
 def test_bad_options_are_refused(option, message):
     with pytest.raises(CommandError, match=message):
         call_command("chaos_workflows", option, stdout=StringIO())
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_stuck_run_alone_fails_the_audit():
+    create_ledger()
+    with override_settings(OPENWORKFLOW={"NAMESPACE": NAMESPACE}):
+        run = ledger_steps.start({"i": 0, "steps": 1, "pause_ms": 0})
+    WorkflowRun.objects.filter(pk=run.pk).update(
+        status="completed", output={"total": expected_total(1)}, available_at=None
+    )
+    with connection.cursor() as cursor:
+        for step in (0, 1):
+            cursor.execute(
+                f"INSERT INTO {LEDGER} (run_id, step, kind) VALUES (%s, %s, 'atomic')",
+                [run.pk, step],
+            )
+    clean = audit(runs=1, steps=1)
+    StepAttempt.objects.create(workflow_run=run, step_name="step-0", status="running")
+
+    result = audit(runs=1, steps=1)
+    drop_ledger()
+
+    assert clean.ok
+    assert (result.completed, result.lost, result.missing_ledger_rows) == (1, 0, 0)
+    assert [(f.run_id, f.reason) for f in result.stuck] == [
+        (str(run.pk), "step-running-on-finished-run")
+    ]
+    assert not result.ok

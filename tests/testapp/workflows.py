@@ -8,7 +8,10 @@ import os
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
+
+from django.db import transaction
 
 from django_openworkflow import RetryPolicy, StepFailed, workflow
 
@@ -382,6 +385,70 @@ def names_its_finisher(ctx):
         return name
 
     return ctx.step.run("who", who)
+
+
+# --- the stateful test (tests/test_stateful.py) ------------------------------------
+
+SWITCH_RUN = uuid.UUID(int=1)  # SideEffect rows of this run id are switches:
+FAIL_SWITCH = "fail"  # steps raise
+HOOK_SWITCH = "hook"  # the on_commit hook of step.atomic "write" raises
+STATEFUL_SIGNAL = "stateful-go"
+ONE_RETRY = RetryPolicy(initial_interval=0, maximum_attempts=2)
+NO_RETRY = RetryPolicy(maximum_attempts=1)
+
+
+def switch_on(name):
+    return SideEffect.objects.filter(run_id=SWITCH_RUN, step=name).exists()
+
+
+def after_commit():
+    if switch_on(HOOK_SWITCH):
+        raise RuntimeError("the on_commit hook failed")
+
+
+@workflow(name="stateful")
+def stateful(ctx):
+    """Step "first"; then, per ``shape``: a sleep; a child run (that waits for the signal);
+    a signal wait; or a step that fails the first time, its compensation, and a sleep.
+    Last, a ``step.atomic`` "write" that writes a Ledger row (and registers an on_commit
+    hook). Steps fail while the fail switch is on."""
+
+    def switched(name):
+        def fn():
+            effect(ctx, name)
+            if switch_on(FAIL_SWITCH):
+                raise RuntimeError(f"the switch is on in {name}")
+            return name
+
+        return fn
+
+    def risky():  # fails the first time, and while the switch is on
+        effect(ctx, "risky")
+        runs = SideEffect.objects.filter(run_id=ctx.run_id, step="risky").count()
+        if runs == 1 or switch_on(FAIL_SWITCH):
+            raise RuntimeError(f"risky failed (execution {runs})")
+        return "risky"
+
+    def write():
+        Ledger.objects.create(run_id=ctx.run_id, note="write")
+        transaction.on_commit(after_commit)
+        return switched("write")()
+
+    ctx.step.run("first", switched("first"), retry_policy=ONE_RETRY)
+    shape = ctx.input["shape"]
+    if shape == "sleep":
+        ctx.step.sleep("nap", "1h")
+    elif shape == "child":  # the child waits for the signal
+        ctx.step.run_workflow(stateful, {"shape": "signal"}, name="child")
+    elif shape == "signal":
+        ctx.step.wait_for_signal(STATEFUL_SIGNAL)
+    elif shape == "compensate":
+        try:
+            ctx.step.run("risky", risky, retry_policy=NO_RETRY)
+        except StepFailed:
+            ctx.step.run("compensate", lambda: effect(ctx, "compensate") or "undone")
+        ctx.step.sleep("nap", "1h")
+    return ctx.step.atomic("write", write, retry_policy=ONE_RETRY)
 
 
 from . import hardening, review  # noqa: E402, F401  (their @workflow definitions)

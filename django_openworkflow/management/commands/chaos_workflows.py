@@ -13,7 +13,8 @@ ledger table of their own, ``openworkflow_chaos_ledger``):
    restart``);
 4. lets the workers drain the queue, then prints one summary line and fails
    unless every run completed, no ``step.atomic`` ledger row is missing or
-   duplicated, every output is right and no worker exited on its own.
+   duplicated, every output is right, no run is stuck (``check_workflow_runs``
+   finds nothing) and no worker exited on its own.
 """
 
 from __future__ import annotations
@@ -180,13 +181,17 @@ class Command(BaseCommand):
         result = self.query(lambda: audit(options["runs"], options["steps"]))
         seconds = time.monotonic() - started
         self.stdout.write(self.summary(result, crashes, seconds))
+        for finding in result.stuck:
+            self.stderr.write(f"stuck: {finding}")
         if not options["keep"]:
             WorkflowRun.objects.filter(namespace=NAMESPACE).delete()
             drop_ledger()
         if not drained:
             self.stderr.write(f"the queue did not drain within {options['timeout']:g} s")
         if not result.ok or crashes or self.other_exits:
-            raise CommandError("chaos found lost, doubled or wrong work (see the line above)")
+            raise CommandError(
+                "chaos found lost, doubled, stuck or wrong work (see the line above)"
+            )
 
     def spawn(self) -> Worker:
         self.spawned += 1
@@ -290,6 +295,7 @@ class Command(BaseCommand):
             f"chaos: runs completed {result.completed}/{result.runs}, "
             f"lost {result.lost}, "
             f"duplicated ledger rows {result.duplicated_ledger_rows}, "
+            f"stuck {len(result.stuck)}, "
             f"missing ledger rows {result.missing_ledger_rows}, "
             f"wrong outputs {result.wrong_outputs}, "
             f"step.run re-executions {result.reexecutions}, "
