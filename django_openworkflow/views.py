@@ -33,6 +33,7 @@ from django.views.decorators.http import require_POST, require_safe
 from .exceptions import InvalidTransition
 from .managers import WorkflowRunQuerySet
 from .models import StepAttempt, WorkflowRun
+from .registry import get_workflow
 from .waiting import waiting_for
 
 VIEW_PERMISSION = "django_openworkflow.view_workflowrun"
@@ -201,6 +202,8 @@ def run_detail(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
         "attempt_count": len(attempts),
         "failed_attempt_count": sum(a.status == StepAttempt.Status.FAILED for a in attempts),
         "waiting": waiting_for(run, attempts),
+        # A typo in start() or run_workflow(): no worker of this project will ever claim it.
+        "unknown_workflow": active and get_workflow(run.workflow_name) is None,
         "events": events,
         "error": error_parts(run.error),
         "can_resume": can_change and run.status == WorkflowRun.Status.FAILED,

@@ -861,3 +861,18 @@ def test_the_run_page_says_what_the_run_waits_for(staff_client):
         f'{child.pk}</a> (step "waiter")</dd>' in pages[parent_run]
     )
     assert "Waiting for" not in staff_client.get(detail_url(make_run("failed"))).content.decode()
+
+
+def test_the_run_page_says_when_no_workflow_of_that_name_is_registered(staff_client):
+    typo = WorkflowRun.objects.create(workflow_name="send-reciept")
+    known = echo.start({"n": 1})
+    notice = (
+        "No workflow named “send-reciept” is registered in this project, so no worker will "
+        "run this run."
+    )
+    assert notice in staff_client.get(detail_url(typo)).content.decode()
+    assert (
+        "is registered in this project" not in staff_client.get(detail_url(known)).content.decode()
+    )
+    WorkflowRun.objects.cancel(typo)  # a finished run of an unknown name needs no warning
+    assert notice not in staff_client.get(detail_url(typo)).content.decode()
