@@ -10,6 +10,9 @@ from typing import Any
 # PostgreSQL cannot store U+0000 in text or jsonb: refused everywhere (values,
 # names, keys), so that what SQLite accepts PostgreSQL accepts too.
 NUL_PROBLEM = "contains the character U+0000 (NUL), which PostgreSQL cannot store"
+# PostgreSQL's jsonb keeps numbers as numeric and writes 1e+16 back as 10000000000000000,
+# an int: floats this large are refused everywhere, so none comes back converted.
+LARGEST_FLOAT = 1e16
 MAX_NAME_LENGTH = 255  # workflow, step and signal names: their columns hold 255 characters
 
 
@@ -64,7 +67,14 @@ def _json_problem(value: Any, path: str) -> str | None:
                 return f"{path} is an integer with more digits than JSON text can hold here"
         return None
     if isinstance(value, float):
-        return None if math.isfinite(value) else f"{path} is {value!r}, which JSON cannot hold"
+        if not math.isfinite(value):
+            return f"{path} is {value!r}, which JSON cannot hold"
+        if abs(value) >= LARGEST_FLOAT:
+            return (
+                f"{path} is the float {value!r}: PostgreSQL gives floats of 1e16 and more back "
+                "as integers; store it as an int or a string"
+            )
+        return None
     # Exactly list and dict: a subclass (Counter, defaultdict, OrderedDict) would come
     # back from the database as the plain type, behaving otherwise on replay.
     if type(value) is list:
