@@ -125,6 +125,40 @@ def check_sqlite_transaction_mode(
 
 
 @register()
+def check_postgresql_isolation_level(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    """E011. The engine re-reads after each lock it takes (a child's status, waiting signal
+    steps, an idempotency key's earlier run): that needs READ COMMITTED, where each
+    statement sees what committed before it; REPEATABLE READ reads an older snapshot."""
+    from django.db import router
+
+    from .models import WorkflowRun
+
+    alias = router.db_for_write(WorkflowRun)
+    connection = connections[alias]
+    if connection.vendor != "postgresql":
+        return []
+    import psycopg
+
+    level = (connection.settings_dict.get("OPTIONS") or {}).get("isolation_level")
+    if level is None or int(level) == psycopg.IsolationLevel.READ_COMMITTED:
+        return []
+    name = getattr(level, "name", str(level))
+    return [
+        Error(
+            f"PostgreSQL database {alias!r} uses the isolation level {name}; "
+            "django-openworkflow needs READ COMMITTED.",
+            hint=(
+                "Remove OPTIONS['isolation_level'] (PostgreSQL's default is READ COMMITTED) or "
+                "give the engine a database alias of its own (OPENWORKFLOW's tables, routed "
+                "with a database router). Under a stricter level, two start()s with one "
+                "idempotency key can both insert a run."
+            ),
+            id="django_openworkflow.E011",
+        )
+    ]
+
+
+@register()
 def check_workflows(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     from .registry import duplicate_registrations, qualified_name, registered_workflows
 

@@ -205,3 +205,31 @@ def test_a_urlconf_without_the_run_pages_is_a_warning():
         "you want the admin only."
     )
     assert warning in checks.run_checks(tags=[checks.Tags.urls])
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("level", ["REPEATABLE_READ", "SERIALIZABLE", "READ_COMMITTED", None])
+def test_a_postgresql_isolation_level_other_than_read_committed_is_an_error(level):
+    import psycopg
+
+    from django_openworkflow.checks import check_postgresql_isolation_level
+
+    options = connections["default"].settings_dict.setdefault("OPTIONS", {})
+    saved = dict(options)
+    if level is not None:
+        options["isolation_level"] = getattr(psycopg.IsolationLevel, level)
+    try:
+        found = ids(check_postgresql_isolation_level())
+    finally:
+        options.clear()
+        options.update(saved)
+    if level in (None, "READ_COMMITTED"):
+        assert found == []
+    else:
+        assert found == [
+            (
+                "django_openworkflow.E011",
+                f"PostgreSQL database 'default' uses the isolation level {level}; "
+                "django-openworkflow needs READ COMMITTED.",
+            )
+        ]

@@ -495,7 +495,8 @@ def test_held_two_starts_with_one_idempotency_key_at_once_make_one_run():
     strict=True,
     reason="the idempotency key's advisory lock orders two start()s, but a caller whose "
     "database runs REPEATABLE READ (OPTIONS isolation_level) reads with the snapshot taken "
-    "before it waited for the lock: it does not see the first run and inserts a second",
+    "before it waited for the lock: it does not see the first run and inserts a second; "
+    "check E011 refuses such a database (test_checks.py), this shows why",
 )
 def test_two_starts_with_one_idempotency_key_make_one_run_under_repeatable_read():
     import psycopg
