@@ -240,7 +240,7 @@ class Execution:
         row = (
             WorkflowRun.objects.filter(pk=self.run.pk)
             .annotate(db_now=Now())
-            .values("status", "claim_token", "deadline_at", "db_now")
+            .values("status", "claim_token", "deadline_at", "db_now", "error")
             .first()
         )
         if (
@@ -260,9 +260,36 @@ class Execution:
             ).update(status="failed", error=DEADLINE_ERROR, finished_at=Now())
             logger.info("run failed run=%s reason=deadline", self.run.pk)
         else:
+            if row and self.deferred is not None and row["status"] == WorkflowRun.Status.FAILED:
+                self._store_late_result()
             logger.info(
                 "claim lost run=%s status=%s", self.run.pk, row["status"] if row else "deleted"
             )
+
+    def _store_late_result(self) -> None:
+        """The deadline sweep failed the run after a step's function returned, before its
+        result was written: store it, so a resume does not run that finished step again.
+
+        Under the run's row lock, only while the run is still failed in this generation
+        and only over what the sweep wrote (the attempt failed with the deadline).
+        """
+        attempt_id, text, finished_at = self.deferred  # type: ignore[misc]
+        self.deferred = None
+        with transaction.atomic(using=self.using):
+            still_failed = WorkflowRun.objects.select_for_update().filter(
+                pk=self.run.pk,
+                status=WorkflowRun.Status.FAILED,
+                resume_generation=self.generation,
+            )
+            if still_failed.exists():
+                StepAttempt.objects.filter(
+                    pk=attempt_id, status=StepAttempt.Status.FAILED, error=DEADLINE_ERROR
+                ).update(
+                    status=StepAttempt.Status.COMPLETED,
+                    output=json.loads(text),
+                    error=None,
+                    finished_at=finished_at,
+                )
 
     # --- the pass ------------------------------------------------------------
 

@@ -288,13 +288,9 @@ def test_a_last_step_that_returned_as_the_deadline_passed_is_not_run_again_after
     assert executions(run, "last") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a step.run whose fn returned but whose result still waits for the next write is "
-    "marked failed by the deadline sweep (DeadlineExceeded) as if it never finished; after "
-    "the resume the finished step runs again",
-)
 def test_a_finished_step_whose_result_waits_for_the_next_write_is_not_run_again_after_resume():
+    # The deadline sweep fails the run between "a" returning and its result's write: the
+    # worker's next fence fails, and it stores the result the sweep had marked failed.
     run = get_workflow("review-two-steps").start()
 
     def deadline_passes():  # between "a" returning and "b" starting: the sweep runs
@@ -306,7 +302,7 @@ def test_a_finished_step_whose_result_waits_for_the_next_write_is_not_run_again_
     assert done
     run.refresh_from_db()
     assert (run.status, run.error["type"]) == ("failed", "DeadlineExceeded")
-    assert history(run) == [("a", "completed", None)]  # a's fn returned 1
+    assert history(run) == [("a", "completed", None)]  # a's fn returned 1: stored
     WorkflowRun.objects.resume(run, deadline_at=timezone.now() + timedelta(hours=1))
     drain()
     run.refresh_from_db()
