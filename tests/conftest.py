@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,22 @@ def wait_until_blocked(pid: int, *, by: int, timeout: float = 10.0) -> None:
                 return
             assert time.monotonic() < end, f"backend {pid} is not waiting for {by}: {row}"
             time.sleep(0.01)
+
+
+def claim(workflow_name: str, *, worker_id: str = "worker-a") -> list[WorkflowRun]:
+    """Claim the due run of one workflow as ``worker_id``, without executing it; [] if none."""
+    return WorkflowRun.objects.claim(
+        worker_id=worker_id,
+        workflow_names=[workflow_name],
+        limit=1,
+        lease_seconds=30,
+        namespace="default",
+    )
+
+
+def expire_lease(run: WorkflowRun) -> None:
+    """Time travel: the run's lease ends now, as if its worker had died."""
+    WorkflowRun.objects.filter(pk=run.pk).update(available_at=Now() - timedelta(seconds=1))
 
 
 def make_due(run: WorkflowRun) -> None:

@@ -14,7 +14,7 @@ from django_openworkflow.engine import MAX_STEP_ATTEMPTS, Execution
 from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowRunEvent
 from django_openworkflow.registry import Workflow, get_workflow
 from django_openworkflow.worker import Worker
-from tests.conftest import claim_and_execute, drain, make_due
+from tests.conftest import claim, claim_and_execute, drain, expire_lease, make_due
 from tests.testapp.models import Ledger, SideEffect
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -31,21 +31,6 @@ def effects(run, step=None):
 
 def attempts(run):
     return list(StepAttempt.objects.filter(workflow_run=run).order_by("id"))
-
-
-def claim(workflow_name, *, worker_id="worker-a"):
-    """Claim due runs of one workflow as ``worker_id`` (without executing them)."""
-    return WorkflowRun.objects.claim(
-        worker_id=worker_id,
-        workflow_names=[workflow_name],
-        limit=1,
-        lease_seconds=30,
-        namespace="default",
-    )
-
-
-def expire_lease(run):
-    WorkflowRun.objects.filter(pk=run.pk).update(available_at=Now() - timedelta(seconds=1))
 
 
 # --- replay -------------------------------------------------------------------

@@ -21,7 +21,14 @@ from django_openworkflow.managers import DEADLINE_ERROR
 from django_openworkflow.models import StepAttempt, WorkflowRun
 from django_openworkflow.registry import get_workflow
 from django_openworkflow.testing import drain, pause_at
-from tests.conftest import backend_pid, claim_and_execute, make_due, wait_until_blocked
+from tests.conftest import (
+    backend_pid,
+    claim,
+    claim_and_execute,
+    expire_lease,
+    make_due,
+    wait_until_blocked,
+)
 from tests.testapp import workflows
 from tests.testapp.workflows import Gate, parent, waiter
 
@@ -35,21 +42,6 @@ def gates():
     for gate in workflows.gates.values():
         gate.opened.set()
     workflows.gates.clear()
-
-
-def claim(workflow_name, *, worker_id):
-    """Claim the due run of ``workflow_name`` as ``worker_id``; [] if none is due."""
-    return WorkflowRun.objects.claim(
-        worker_id=worker_id,
-        workflow_names=[workflow_name],
-        limit=1,
-        lease_seconds=30,
-        namespace="default",
-    )
-
-
-def expire_lease(run):
-    WorkflowRun.objects.filter(pk=run.pk).update(available_at=Now() - timedelta(seconds=1))
 
 
 class EngineThread(threading.Thread):

@@ -32,6 +32,17 @@ def positive_int(value: str) -> int:
     return number
 
 
+def seconds(value: str) -> float:
+    """argparse type: a number of seconds, zero or more."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {value!r}") from None
+    if not (0 <= number < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be zero or more seconds, not {value!r}")
+    return number
+
+
 def stop_process(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM (the worker finishes its runs in flight), SIGKILL after 30 s."""
     if process.poll() is None:

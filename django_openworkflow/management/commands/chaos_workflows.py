@@ -19,7 +19,6 @@ ledger table of their own, ``openworkflow_chaos_ledger``):
 
 from __future__ import annotations
 
-import argparse
 import random
 import shlex
 import signal
@@ -36,19 +35,9 @@ from django.test.utils import override_settings
 from ...chaos import NAMESPACE, Audit, audit, create_ledger, drop_ledger, ledger_steps
 from ...models import WorkflowRun
 from ..workers import positive_int as _positive_int
-from ..workers import spawn_runworker, stop_process
+from ..workers import seconds, spawn_runworker, stop_process
 
 ENGINE_CRASH = "crashed the engine"
-
-
-def _seconds(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {value!r}") from None
-    if not (0 <= number < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be zero or more seconds, not {value!r}")
-    return number
 
 
 class Worker:
@@ -105,13 +94,13 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--duration",
-            type=_seconds,
+            type=seconds,
             default=60.0,
             help="Seconds of chaos at most (it stops when every run finished). Default: 60.",
         )
         parser.add_argument(
             "--kill-every",
-            type=_seconds,
+            type=seconds,
             default=0.5,
             help="Mean seconds between two SIGKILLs; 0 kills nothing. Default: 0.5.",
         )
@@ -124,19 +113,19 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--lease",
-            type=_seconds,
+            type=seconds,
             default=3.0,
             help="Workers' lease: how soon a killed worker's runs are taken over. Default: 3.",
         )
         parser.add_argument(
             "--pause-ms",
-            type=_seconds,
+            type=seconds,
             default=2.0,
             help="Milliseconds each step sleeps, so kills land inside steps. Default: 2.",
         )
         parser.add_argument(
             "--timeout",
-            type=_seconds,
+            type=seconds,
             default=300.0,
             help="Seconds to wait for the queue to drain after the chaos. Default: 300.",
         )

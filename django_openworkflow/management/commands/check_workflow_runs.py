@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
@@ -10,16 +9,7 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from ...conf import app_settings
 from ...diagnostics import stuck_runs
-
-
-def _grace(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {value!r}") from None
-    if not (0 <= number < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be zero or more seconds, not {value!r}")
-    return number
+from ..workers import seconds
 
 
 class Command(BaseCommand):
@@ -35,7 +25,7 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--grace",
-            type=_grace,
+            type=seconds,
             default=None,
             metavar="SECONDS",
             help="How late a run may be before it counts as stuck. Default: "
