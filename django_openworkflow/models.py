@@ -276,12 +276,19 @@ def wake_parent_of_deleted_child(
     parent's step still links the child (``SET_NULL`` clears the link next),
     so the parent is woken with the existing child-finished query, and it
     catches ``instance.delete()`` and ``QuerySet.delete()`` alike. On replay
-    the parent finds no child and fails the step (``ChildWorkflowMissing``).
+    the parent finds no child and fails the step (``ChildWorkflowMissing``),
+    unless the child had completed: then the step is completed here with the
+    child's output, which the parent has not read yet and would otherwise lose.
     """
     if instance.parent_step_attempt_id is not None:
-        runs = WorkflowRun.objects.db_manager(kwargs.get("using"))
+        using = kwargs.get("using")
+        runs = WorkflowRun.objects.db_manager(using)
         runs.lock_parents([instance.pk])  # the lock order: the parent before the child's DELETE
         runs.wake_waiting_parents([instance.pk])
+        if instance.status == WorkflowRun.Status.COMPLETED:
+            StepAttempt.objects.using(using).filter(
+                child_workflow_run_id=instance.pk, status=StepAttempt.Status.RUNNING
+            ).update(status=StepAttempt.Status.COMPLETED, output=instance.output, finished_at=Now())
 
 
 class WorkflowRunEvent(models.Model):

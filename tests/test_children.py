@@ -239,3 +239,13 @@ def test_a_child_workflow_name_no_column_can_hold_fails_the_run_before_anything_
     assert (run.error["type"], run.error["message"]) == ("ValueError", message)
     assert list(WorkflowRun.objects.values_list("pk", flat=True)) == [run.pk]  # no child
     assert not StepAttempt.objects.filter(workflow_run=run).exists()
+
+
+def test_deleting_a_completed_child_before_its_parent_read_it_keeps_its_output():
+    run = parent.start({"child": "echo", "child_input": {"n": 3}})
+    claim_and_execute()  # the parent starts its child and parks
+    claim_and_execute()  # the child completes and wakes its parent, which has not read it yet
+    child_of(run).delete()
+    drain()
+    run.refresh_from_db()
+    assert (run.status, run.output) == ("completed", {"child": {"n": 3}})
