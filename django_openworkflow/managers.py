@@ -122,6 +122,17 @@ class WorkflowRunQuerySet(models.QuerySet["WorkflowRun"]):
         )
         return self.annotate(current_step=models.Subquery(latest))
 
+    def delete(self) -> tuple[int, dict[str, int]]:
+        """Delete the runs, first locking every run the delete touches in the lock order.
+
+        Their parents (woken, see ``models.wake_parent_of_deleted_child``), the
+        runs, and their children (whose link to the deleted step is cleared).
+        """
+        with transaction.atomic(using=self.db):
+            ids = list(self.values_list("pk", flat=True))
+            self.model.objects.db_manager(self.db).lock_for_delete(ids)
+            return super().delete()
+
     def matching(self, text: str) -> WorkflowRunQuerySet:
         """Runs that a search for ``text`` finds (the run list's and the admin's search).
 
@@ -341,6 +352,21 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
             .filter(pk__in=ids if isinstance(ids, models.QuerySet) else list(ids))
             .order_by(*LOCK_ORDER)
             .values_list("pk", flat=True)
+        )
+
+    def lock_for_delete(self, ids: Iterable[Any]) -> None:
+        """Before deleting runs: lock their parents, them and their children, oldest first."""
+        from .models import StepAttempt
+
+        ids = list(ids)
+        parents = StepAttempt.objects.using(self.db).filter(child_workflow_run_id__in=ids)
+        children = self.filter(parent_step_attempt__workflow_run_id__in=ids)
+        self.lock(
+            self.filter(
+                Q(pk__in=ids)
+                | Q(pk__in=parents.values("workflow_run_id"))
+                | Q(pk__in=children.values("pk"))
+            ).values("pk")
         )
 
     def lock_parents(self, child_ids: Iterable[Any]) -> list[Any]:
@@ -567,6 +593,7 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
             return bool(claimed.update(**changes))
         with transaction.atomic(using=self.db):
             self.lock_parents([run_id])  # the lock order: the parent before the child
+            pause_point("finish.parent-locked", run_id=run_id)
             if not claimed.update(**changes):
                 return False
             self.wake_waiting_parents([run_id])

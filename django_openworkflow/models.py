@@ -280,15 +280,19 @@ def wake_parent_of_deleted_child(
     unless the child had completed: then the step is completed here with the
     child's output, which the parent has not read yet and would otherwise lose.
     """
-    if instance.parent_step_attempt_id is not None:
-        using = kwargs.get("using")
-        runs = WorkflowRun.objects.db_manager(using)
-        runs.lock_parents([instance.pk])  # the lock order: the parent before the child's DELETE
-        runs.wake_waiting_parents([instance.pk])
-        if instance.status == WorkflowRun.Status.COMPLETED:
-            StepAttempt.objects.using(using).filter(
-                child_workflow_run_id=instance.pk, status=StepAttempt.Status.RUNNING
-            ).update(status=StepAttempt.Status.COMPLETED, output=instance.output, finished_at=Now())
+    using = kwargs.get("using")
+    runs = WorkflowRun.objects.db_manager(using)
+    # The lock order: parents, the run, its children (their link is cleared next),
+    # before the delete changes any of them. (QuerySet.delete() locked them all already.)
+    runs.lock_for_delete([instance.pk])
+    if instance.parent_step_attempt_id is None:
+        return
+    runs.wake_waiting_parents([instance.pk])
+    ended = runs.filter(pk=instance.pk).values("status", "output").first()  # under the lock
+    if ended is not None and ended["status"] == WorkflowRun.Status.COMPLETED:
+        StepAttempt.objects.using(using).filter(
+            child_workflow_run_id=instance.pk, status=StepAttempt.Status.RUNNING
+        ).update(status=StepAttempt.Status.COMPLETED, output=ended["output"], finished_at=Now())
 
 
 class WorkflowRunEvent(models.Model):

@@ -29,6 +29,7 @@ PAUSE_POINTS: dict[str, str] = {
     "step.before-failure": "a step raised; its failure is about to be stored",
     "wait.before-settle": "a replaying run is about to lock itself and re-check an open wait",
     "wait.before-park": "a replaying run holds its row lock, found its wait not over, will park",
+    "finish.parent-locked": "a finishing child locked its parent, not yet its own row",
     "finish.before-commit": "a run's finishing write is done but not committed (parent not woken)",
     "signal.locked": "a delivery locked the waiting runs and found steps still waiting; not yet"
     " completed",

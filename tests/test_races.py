@@ -13,6 +13,7 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
+from django_openworkflow import send_signal
 from django_openworkflow.engine import Execution
 from django_openworkflow.models import WorkflowRun
 from django_openworkflow.registry import get_workflow
@@ -161,3 +162,24 @@ def test_a_resumed_child_finishing_during_its_parents_replay_wakes_the_parent():
     run.refresh_from_db()
     assert run.status == "pending"
     assert run.available_at is not None and run.available_at <= timezone.now()  # woken again
+
+
+def test_deleting_a_failed_parent_while_its_child_finishes_does_not_deadlock():
+    run, child = parked_parent(child="waiter", child_input={"signal": "never"})
+    WorkflowRun.objects.filter(pk=run.pk).update(deadline_at=timezone.now() - timedelta(1))
+    assert WorkflowRun.objects.fail_overdue("default") == 1  # the child keeps running
+    execute(claim("waiter"))()  # the child waits for its signal
+    send_signal("never", 1)
+    finishing_claim = claim("waiter")
+    finishing = Backend(execute(finishing_claim))
+    with pause_at("finish.parent-locked", when=lambda c: c["run_id"] == child.pk) as pause:
+        finishing.start()
+        pause.wait()  # the finishing child holds its parent's row, not yet its own
+        deleting = Backend(lambda: WorkflowRun.objects.filter(pk=run.pk).delete())
+        deleting.start()
+        assert blocked_on_a_lock(deleting)  # it locks the parent before the child's row
+    finishing.finish()
+    deleting.finish()
+    assert not WorkflowRun.objects.filter(pk=run.pk).exists()
+    child.refresh_from_db()
+    assert (child.status, child.parent_step_attempt_id) == ("completed", None)
