@@ -47,7 +47,10 @@ class StepAttemptColumns:
 
     @admin.display(description=gettext_lazy("status"), ordering="status")
     def status_shown(self, attempt: StepAttempt) -> str:
-        if attempt.is_interrupted(attempt.workflow_run):
+        # (only a running attempt needs its run: no query per row for the others)
+        if attempt.status == StepAttempt.Status.RUNNING and attempt.is_interrupted(
+            attempt.workflow_run
+        ):
             return _("interrupted")
         return attempt.get_status_display()
 

@@ -250,14 +250,15 @@ class Execution:
             and row["deadline_at"] is not None
             and row["deadline_at"] <= row["db_now"]
         ):
-            self._finish(WorkflowRun.Status.FAILED, error=dict(DEADLINE_ERROR))
-            # As the deadline sweep does: the step that was executing fails with it.
-            StepAttempt.objects.filter(
-                workflow_run_id=self.run.pk,
-                resume_generation=self.generation,
-                status=StepAttempt.Status.RUNNING,
-                kind=StepAttempt.Kind.RUN,
-            ).update(status="failed", error=DEADLINE_ERROR, finished_at=Now())
+            with transaction.atomic(using=self.using):
+                self._finish(WorkflowRun.Status.FAILED, error=dict(DEADLINE_ERROR))
+                # As the deadline sweep does: the step that was executing fails with it.
+                StepAttempt.objects.filter(
+                    workflow_run_id=self.run.pk,
+                    resume_generation=self.generation,
+                    status=StepAttempt.Status.RUNNING,
+                    kind=StepAttempt.Kind.RUN,
+                ).update(status="failed", error=DEADLINE_ERROR, finished_at=Now())
             logger.info("run failed run=%s reason=deadline", self.run.pk)
         else:
             if row and self.deferred is not None and row["status"] == WorkflowRun.Status.FAILED:
@@ -795,9 +796,7 @@ class Execution:
             if retry_at is not None and not past_deadline:
                 WorkflowRun.objects.park_claimed(self.run.pk, self.token, retry_at)
         for attempt, error in failed:
-            if error.get("retryable") is not False and not policy.exhausted(
-                counts[attempt.step_name]
-            ):
+            if not any(attempt is a for a, _ in refused + exhausted):
                 continue  # to be retried: logged with the retry
             logger.info(
                 "step failed run=%s step=%s error=%s attempts=%d",

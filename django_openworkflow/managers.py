@@ -323,21 +323,23 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
         send_after_commit(run_canceled, run, using=self.db, by=by)
 
     def _lock_active_descendants(self, root: Any) -> set[Any]:
-        """Lock the active runs below ``root`` (children, their children, ...) in the lock order.
+        """Lock the active runs below ``root`` (children, grandchildren, ...) in the lock order.
 
         The whole family is read first and locked at once; a child started
         meanwhile (its parent was not locked yet) is found by the next round.
         """
         locked: set[Any] = set()
         while True:
-            family, frontier = set(), [root]
-            while frontier:
-                frontier = list(
-                    self.filter(parent_step_attempt__workflow_run_id__in=frontier)
-                    .active()
-                    .values_list("pk", flat=True)
+            family: set[Any] = set()
+            frontier = [root]
+            while frontier:  # through finished runs too: a child that failed may have
+                rows = list(  # active children of its own
+                    self.filter(parent_step_attempt__workflow_run_id__in=frontier).values_list(
+                        "pk", "status"
+                    )
                 )
-                family.update(frontier)
+                frontier = [pk for pk, _ in rows]
+                family.update(pk for pk, status in rows if status in ACTIVE)
             new = family - locked
             if not new:
                 return locked

@@ -50,11 +50,11 @@ def deliver(
         workflow_run__status__in=ACTIVE,
     )
     run_ids = set(waiting.values_list("workflow_run_id", flat=True))
-    if sender is not None:
-        WorkflowRun.objects.db_manager(using).lock([*run_ids, sender])
+    locked = WorkflowRun.objects.db_manager(using).lock(
+        run_ids if sender is None else run_ids | {sender}
+    )
     if not run_ids:
         return []
-    locked = WorkflowRun.objects.db_manager(using).lock(run_ids)
     targets = list(waiting.filter(workflow_run_id__in=locked).values_list("pk", "workflow_run_id"))
     if not targets:
         return []

@@ -252,8 +252,8 @@ class Worker:
         """One execution slot: a thread with its own database connection.
 
         It survives anything a run raises (an engine bug, a ``KeyboardInterrupt``
-        from a step): the run's claim is released so it is replayed at once,
-        and the slot takes the next run.
+        from a step): the run's claim is released so it is replayed after
+        ``CRASH_RELEASE_DELAY``, and the slot takes the next run.
         """
         try:
             while True:

@@ -249,3 +249,18 @@ def test_deleting_a_completed_child_before_its_parent_read_it_keeps_its_output()
     drain()
     run.refresh_from_db()
     assert (run.status, run.output) == ("completed", {"child": {"n": 3}})
+
+
+def test_cancel_reaches_active_runs_below_a_child_that_already_failed():
+    run = parent.start(
+        {"child": "parent", "child_input": {"child": "waiter", "child_input": {"signal": "no"}}}
+    )
+    for _ in range(3):
+        claim_and_execute()  # the parent, its child (a parent too), the grandchild waits
+    child = child_of(run)
+    grandchild = child_of(child)
+    WorkflowRun.objects.filter(pk=child.pk).update(deadline_at=timezone.now())
+    assert WorkflowRun.objects.fail_overdue("default") == 1  # the grandchild keeps running
+    WorkflowRun.objects.cancel(run)
+    statuses = [WorkflowRun.objects.get(pk=r.pk).status for r in (run, child, grandchild)]
+    assert statuses == ["canceled", "failed", "canceled"]

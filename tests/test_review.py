@@ -5,6 +5,7 @@ holes still open are marked ``xfail(strict=True)`` with the hole as reason;
 the others pass: a hole fixed here, or an interleaving that held.
 """
 
+import logging
 import threading
 from contextlib import contextmanager
 from datetime import timedelta
@@ -85,10 +86,12 @@ def test_a_workflow_retry_delay_past_the_year_9999_fails_the_run_with_its_error(
     assert run.attempts == 1
 
 
-def test_a_step_retry_delay_past_the_year_9999_fails_the_step():
+def test_a_step_retry_delay_past_the_year_9999_fails_the_step(caplog):
     # Before: the run failed with "OverflowError: date value out of range" and the
     # step's attempt was never marked failed (it stayed "running").
+    caplog.set_level(logging.INFO, logger="django_openworkflow")
     run = one_pass("review-far-step-retry")
+    assert f"step failed run={run.pk} step=broken error=ValueError attempts=1" in caplog.text
     assert (run.status, run.error["type"], run.error["step"]) == ("failed", "StepFailed", "broken")
     assert run.error["message"] == 'step "broken" failed after 1 attempt: ValueError: broken step'
     assert history(run) == [("broken", "failed", "ValueError")]
