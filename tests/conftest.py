@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -85,6 +86,52 @@ def wait_until_blocked(pid: int, *, by: int, timeout: float = 10.0) -> None:
                 return
             assert time.monotonic() < end, f"backend {pid} is not waiting for {by}: {row}"
             time.sleep(0.01)
+
+
+class Backend(threading.Thread):
+    """A thread with its own connection; ``pid`` is its server process, ``error`` what it raised."""
+
+    def __init__(self, target):
+        super().__init__(daemon=True)
+        self._target_fn = target
+        self.pid = None
+        self.error = None
+        self.connected = threading.Event()
+
+    def run(self):
+        try:
+            connection.ensure_connection()
+            self.pid = connection.connection.info.backend_pid
+            self.connected.set()
+            self._target_fn()
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+        finally:
+            self.connected.set()
+            connection.close()
+
+    def finish(self):
+        self.join(15)
+        assert not self.is_alive()
+        assert self.error is None, repr(self.error)
+
+
+def blocked_on_a_lock(thread: Backend) -> bool:
+    """Wait (bounded) until ``thread`` has ended or waits for a row lock; True for the lock."""
+    assert thread.connected.wait(10)
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        if not thread.is_alive():
+            return False
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [thread.pid]
+            )
+            row = cursor.fetchone()
+        if row and row[0] == "Lock":
+            return True
+        time.sleep(0.01)
+    raise AssertionError("the thread neither ended nor waited for a lock")
 
 
 def claim(workflow_name: str, *, worker_id: str = "worker-a") -> list[WorkflowRun]:

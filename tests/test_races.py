@@ -5,12 +5,9 @@ lets another transaction run into it, and checks the outcome the lock order
 promises. Every thread uses its own database connection.
 """
 
-import threading
-import time
 from datetime import timedelta
 
 import pytest
-from django.db import connection
 from django.utils import timezone
 
 from django_openworkflow import send_signal
@@ -18,56 +15,10 @@ from django_openworkflow.engine import Execution
 from django_openworkflow.models import WorkflowRun
 from django_openworkflow.registry import get_workflow
 from django_openworkflow.testing import drain, pause_at
-from tests.conftest import make_due
+from tests.conftest import Backend, blocked_on_a_lock, make_due
 from tests.testapp.workflows import parent
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres]
-
-
-class Backend(threading.Thread):
-    """A thread with its own connection; ``pid`` is its server process, ``error`` what it raised."""
-
-    def __init__(self, target):
-        super().__init__(daemon=True)
-        self._target_fn = target
-        self.pid = None
-        self.error = None
-        self.connected = threading.Event()
-
-    def run(self):
-        try:
-            connection.ensure_connection()
-            self.pid = connection.connection.info.backend_pid
-            self.connected.set()
-            self._target_fn()
-        except BaseException as exc:  # reported by the test
-            self.error = exc
-        finally:
-            self.connected.set()
-            connection.close()
-
-    def finish(self):
-        self.join(15)
-        assert not self.is_alive()
-        assert self.error is None, repr(self.error)
-
-
-def blocked_on_a_lock(thread):
-    """Wait (bounded) until ``thread`` has ended or waits for a row lock; True for the lock."""
-    assert thread.connected.wait(10)
-    end = time.monotonic() + 10
-    while time.monotonic() < end:
-        if not thread.is_alive():
-            return False
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [thread.pid]
-            )
-            row = cursor.fetchone()
-        if row and row[0] == "Lock":
-            return True
-        time.sleep(0.01)
-    raise AssertionError("the thread neither ended nor waited for a lock")
 
 
 def claim(name, worker_id="race-worker"):

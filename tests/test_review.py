@@ -19,8 +19,8 @@ from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowSignal
 from django_openworkflow.pauses import add_hook, remove_hook
 from django_openworkflow.registry import get_workflow
 from django_openworkflow.testing import pause_at
-from tests.conftest import claim_and_execute, drain, make_due
-from tests.test_races import Backend, blocked_on_a_lock, claim, execute, parked_parent
+from tests.conftest import Backend, blocked_on_a_lock, claim_and_execute, drain, make_due
+from tests.test_races import claim, execute, parked_parent
 from tests.testapp.models import Ledger, SideEffect
 from tests.testapp.review import GATES, UNDECODABLE
 
