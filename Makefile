@@ -2,6 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The Django 6.x lane: the newest Django 6 on Python 3.13 (pyenv's 3.13, or PYTHON_DJANGO6=...).
+PYENV_ROOT ?= $(or $(shell pyenv root 2>/dev/null),$(HOME)/.pyenv)
+PYTHON_DJANGO6 ?= $(or $(lastword $(sort $(wildcard $(PYENV_ROOT)/versions/3.13*/bin/python))),$(shell command -v python3.13))
+VENV_DJANGO6 ?= .venv-django6
 PG_URL ?= postgres://postgres@127.0.0.1:5432/test
 DEMO_ADDR ?= 127.0.0.1:8000
 BENCH_URL ?= postgres://postgres@127.0.0.1:5432/openworkflow_bench
@@ -10,7 +14,7 @@ CHAOS_URL ?= postgres://postgres@127.0.0.1:5432/openworkflow_chaos
 CHAOS_ARGS ?=
 PG_CTL ?= pg_ctlcluster --skip-systemctl-redirect $(shell ls /etc/postgresql 2>/dev/null | tail -n 1) main
 
-.PHONY: install demo test test-sqlite test-postgres lint format pg-up browser bench bench-db bench-compare chaos chaos-short chaos-db clean
+.PHONY: install demo test test-sqlite test-postgres test-django6 lint format pg-up browser bench bench-db bench-compare chaos chaos-short chaos-db clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +22,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+$(VENV_DJANGO6)/.installed: pyproject.toml
+	@test -n "$(PYTHON_DJANGO6)" || { echo "The Django 6.x lane needs Python 3.13 (pyenv install 3.13, or PYTHON_DJANGO6=/path/to/python3.13)" >&2; exit 1; }
+	$(PYTHON_DJANGO6) -m venv $(VENV_DJANGO6)
+	$(VENV_DJANGO6)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(VENV_DJANGO6)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' 'Django>=6,<7'
 	touch $@
 
 # Start the local PostgreSQL cluster when it is down, then wait until it accepts connections.
@@ -50,7 +61,11 @@ test-sqlite: install browser
 test-postgres: install browser pg-up
 	DATABASE_URL=$(PG_URL) OPENWORKFLOW_TEST_PG_CTL="$(PG_CTL)" $(PY) -m pytest
 
-test: lint test-sqlite test-postgres chaos-short
+# The Django 6.x lane, on SQLite, with Django's deprecation warnings as errors.
+test-django6: $(VENV_DJANGO6)/.installed
+	$(VENV_DJANGO6)/bin/python -W error::DeprecationWarning -m pytest -q
+
+test: lint test-sqlite test-postgres test-django6 chaos-short
 
 # The demo: SQLite file, example runs (one fails on a declined card), a worker and the pages.
 demo: install
@@ -86,4 +101,4 @@ chaos-short: chaos-db
 		--runs 300 --pause-ms 10 --duration 20 $(if $(strip $(PG_CTL)),--restart-db-command "$(PG_CTL) restart") $(CHAOS_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache demo_project/db.sqlite3 bench-results test-artifacts
+	rm -rf $(VENV) $(VENV_DJANGO6) .pytest_cache .ruff_cache .mypy_cache demo_project/db.sqlite3 bench-results test-artifacts
