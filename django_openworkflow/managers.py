@@ -303,7 +303,7 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
         run.worker_id = None
         run.claim_token = None
         run.available_at = None
-        run.finished_at = run.updated_at = getattr(run, "db_now", None) or timezone.now()
+        run.finished_at = run.updated_at = run.db_now  # type: ignore[attr-defined]
         run.save(
             update_fields=[
                 "status",
@@ -351,7 +351,7 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
         """Lock these runs' rows in the lock order (oldest first); return their ids."""
         return list(
             self.select_for_update()
-            .filter(pk__in=ids if isinstance(ids, models.QuerySet) else list(ids))
+            .filter(pk__in=ids)
             .order_by(*LOCK_ORDER)
             .values_list("pk", flat=True)
         )
