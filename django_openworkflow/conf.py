@@ -28,6 +28,8 @@ DEFAULTS: dict[str, Any] = {
     "MAX_PAYLOAD_BYTES": 1_048_576,
     # PostgreSQL: prepare the worker's step statements (off behind an old PgBouncer).
     "PREPARED_STATEMENTS": True,
+    # The database alias where the engine's tables live (route the app there too).
+    "DATABASE": "default",
 }
 
 
@@ -70,6 +72,10 @@ class Settings:
     @property
     def PREPARED_STATEMENTS(self) -> bool:
         return bool(self._get("PREPARED_STATEMENTS"))
+
+    @property
+    def DATABASE(self) -> str:
+        return str(self._get("DATABASE"))
 
 
 app_settings = Settings()

@@ -17,31 +17,26 @@ with ``SKIP LOCKED`` never wait and need no order.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.db import models, transaction
 from django.db.models import Q
-from django.db.models.functions import Coalesce, Now
+from django.db.models.functions import Now
 from django.utils import timezone
 
+from . import errors
 from .exceptions import InvalidTransition
 from .pauses import pause_point
-from .signals import run_canceled, run_failed, run_resumed, run_started, send_after_commit
+from .signals import run_canceled, run_resumed, send_after_commit
 
 if TYPE_CHECKING:
     from .models import WorkflowRun
+    from .store import Store
 
 ACTIVE = ("pending", "running")
 UUID_GROUPS = ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32))  # 8-4-4-4-12 hex digits
-NOTIFY_CHANNEL = "django_openworkflow"
-
-DEADLINE_ERROR = {
-    "type": "DeadlineExceeded",
-    "message": "deadline passed: the run did not finish before its deadline_at",
-}
-CANCELED_ERROR = {"type": "WorkflowCanceled", "message": "canceled while the step was running"}
 
 
 def now_plus(seconds: float) -> models.Expression:
@@ -54,17 +49,6 @@ def now_plus(seconds: float) -> models.Expression:
 
 def not_past_deadline() -> Q:
     return Q(deadline_at__isnull=True) | Q(deadline_at__gt=Now())
-
-
-def notify(using: str, namespace: str) -> None:
-    """Wake PostgreSQL workers of ``namespace`` when the current transaction commits."""
-    from django.db import connections
-
-    connection = connections[using]
-    if connection.vendor != "postgresql":
-        return
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_notify(%s, %s)", [NOTIFY_CHANNEL, namespace])
 
 
 LOCK_ORDER = ("created_at", "pk")
@@ -262,7 +246,7 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
             WorkflowRunEvent.objects.using(self.db).create(
                 run=run, action=WorkflowRunEvent.Action.RESUME, by=by, cleared_error=cleared
             )
-            notify(self.db, run.namespace)
+            self.store.notify(run.namespace)
             send_after_commit(run_resumed, run, using=self.db, by=by)
         return run
 
@@ -291,8 +275,8 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
             descendants = self._lock_active_descendants(run.pk)
             for child in self.filter(pk__in=descendants).active().annotate(db_now=Now()):
                 self._mark_canceled(child, by)
-            if run.parent_step_attempt_id is not None and self.wake_waiting_parents([run.pk]):
-                notify(self.db, run.namespace)
+            if run.parent_step_attempt_id is not None and self.store.wake_parents([run.pk]):
+                self.store.notify(run.namespace)
         return run
 
     def _mark_canceled(self, run: WorkflowRun, by: Any) -> None:
@@ -315,7 +299,7 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
             ]
         )
         StepAttempt.objects.using(self.db).filter(workflow_run=run, status="running").update(
-            status="failed", error=CANCELED_ERROR, finished_at=Now()
+            status="failed", error=errors.CANCELED_ERROR, finished_at=Now()
         )
         WorkflowRunEvent.objects.using(self.db).create(
             run=run, action=WorkflowRunEvent.Action.CANCEL, by=by
@@ -380,254 +364,12 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
         )
         return self.lock(parents.values("workflow_run_id"))
 
-    # --- transitions made by workers ----------------------------------------
+    @property
+    def store(self) -> Store:
+        """The store of this manager's database (``OPENWORKFLOW["DATABASE"]`` by default)."""
+        from .store import get_store
 
-    def claim(
-        self,
-        *,
-        worker_id: str,
-        workflow_names: Iterable[str],
-        limit: int,
-        lease_seconds: float,
-        namespace: str,
-    ) -> list[WorkflowRun]:
-        """Take up to ``limit`` due runs of the known workflows for this worker.
-
-        One short transaction: lock due rows (``SKIP LOCKED`` where row locks
-        exist, the IMMEDIATE write lock on SQLite), mark them running with a
-        new claim token and a lease, commit. Each returned run carries
-        ``db_now``, the database clock at the claim.
-        """
-        names = list(workflow_names)
-        if limit < 1 or not names:
-            return []
-        token = uuid.uuid4()
-        if self._connection().vendor == "postgresql":
-            from . import fastpath
-
-            claimed = fastpath.claim(
-                self.db,
-                namespace=namespace,
-                names=names,
-                limit=limit,
-                worker_id=worker_id,
-                token=token,
-                lease_seconds=lease_seconds,
-            )
-        else:
-            claimed = self._claim_with_orm(namespace, names, limit, worker_id, token, lease_seconds)
-        for run in claimed:
-            if getattr(run, "previous_started_at", None) is None:
-                send_after_commit(run_started, run, using=self.db)
-        return claimed
-
-    def _claim_with_orm(
-        self,
-        namespace: str,
-        names: list[str],
-        limit: int,
-        worker_id: str,
-        token: uuid.UUID,
-        lease_seconds: float,
-    ) -> list[WorkflowRun]:
-        with transaction.atomic(using=self.db):
-            candidates = (
-                self.in_namespace(namespace)
-                .due()
-                .filter(workflow_name__in=names)
-                .order_by("available_at")
-            )
-            if self._connection().features.has_select_for_update_skip_locked:
-                candidates = candidates.select_for_update(skip_locked=True)
-            previous = dict(candidates.values_list("pk", "started_at")[:limit])
-            if not previous:
-                return []
-            # Compare-and-set: only rows still due are taken.
-            self.filter(pk__in=list(previous)).due().update(
-                status=self.model.Status.RUNNING,
-                worker_id=worker_id,
-                claim_token=token,
-                available_at=now_plus(lease_seconds),
-                started_at=Coalesce("started_at", Now()),
-                updated_at=Now(),
-            )
-            claimed = list(self.filter(claim_token=token).annotate(db_now=Now()))
-            for run in claimed:
-                run.previous_started_at = previous[run.pk]  # type: ignore[attr-defined]
-            return claimed
-
-    def renew_leases(self, tokens: Sequence[uuid.UUID], lease_seconds: float) -> int:
-        """Extend the lease of the runs claimed with ``tokens``.
-
-        Rows locked by a run's own ``step.atomic`` are skipped rather than
-        waited for: that step renews the lease itself when it commits.
-        """
-        if not tokens:
-            return 0
-        with transaction.atomic(using=self.db):
-            owned = self.filter(claim_token__in=list(tokens), status=self.model.Status.RUNNING)
-            if self._connection().features.has_select_for_update_skip_locked:
-                owned = owned.select_for_update(skip_locked=True)
-            ids = list(owned.values_list("pk", flat=True))
-            if not ids:
-                return 0
-            return self.filter(pk__in=ids).update(available_at=now_plus(lease_seconds))
-
-    def fail_overdue(self, namespace: str) -> int:
-        """Fail the active runs of ``namespace`` whose deadline has passed; wake their parents.
-
-        Their executing step attempts fail with the deadline; waits in flight
-        (a child, a signal, a sleep) stay open, so a resumed run goes on
-        waiting for the same child rather than starting a second one.
-        """
-        from .models import StepAttempt
-
-        candidates = list(self.in_namespace(namespace).overdue().values_list("pk", flat=True))
-        if not candidates:
-            return 0
-        with transaction.atomic(using=self.db):
-            self.lock_parents(candidates)
-            overdue = self.filter(pk__in=candidates).overdue()
-            if self._connection().features.has_select_for_update_skip_locked:
-                overdue = overdue.select_for_update(skip_locked=True)
-            ids = list(overdue.values_list("pk", flat=True))
-            if not ids:
-                return 0
-            StepAttempt.objects.using(self.db).filter(
-                workflow_run_id__in=ids, status="running", kind=StepAttempt.Kind.RUN
-            ).update(status="failed", error=DEADLINE_ERROR, finished_at=Now())
-            failed = (
-                self.filter(pk__in=ids)
-                .overdue()
-                .update(
-                    status=self.model.Status.FAILED,
-                    error=DEADLINE_ERROR,
-                    worker_id=None,
-                    claim_token=None,
-                    available_at=None,
-                    finished_at=Now(),
-                    updated_at=Now(),
-                )
-            )
-            if self.wake_waiting_parents(ids):
-                notify(self.db, namespace)
-            for run in self.filter(pk__in=ids):
-                send_after_commit(run_failed, run, using=self.db)
-            return failed
-
-    def wake_waiting_parents(self, child_ids: Iterable[Any]) -> int:
-        """Make the parked parents of these (now finished) child runs due at once.
-
-        The caller has locked the parents (``lock_parents``) before changing
-        the children, so a parent replaying at this moment either parked
-        before (and is woken here) or reads the finished child after. Only a
-        wait of the parent's current generation is woken.
-        """
-        from .models import StepAttempt
-
-        waits = StepAttempt.objects.using(self.db).filter(
-            workflow_run_id=models.OuterRef("pk"),
-            resume_generation=models.OuterRef("resume_generation"),
-            child_workflow_run_id__in=list(child_ids),
-            status=StepAttempt.Status.RUNNING,
-        )
-        return (
-            self.filter(status=self.model.Status.PENDING)
-            .filter(models.Exists(waits))
-            .update(available_at=Now(), updated_at=Now())
-        )
-
-    def next_due_at(self, namespace: str, workflow_names: Iterable[str]) -> Any:
-        """When the earliest active run of the known workflows becomes due, or None."""
-        names = list(workflow_names)
-        if not names:
-            return None
-        return (
-            self.in_namespace(namespace)
-            .active()
-            .filter(workflow_name__in=names)
-            .aggregate(at=models.Min("available_at"))["at"]
-        )
-
-    def claimed(self, run_id: Any, token: uuid.UUID) -> WorkflowRunQuerySet:
-        """The run, if and only if it is still running under the claim ``token``."""
-        return self.filter(pk=run_id, claim_token=token, status=self.model.Status.RUNNING)
-
-    def fence(self, run_id: Any, token: uuid.UUID, *, lease_seconds: float | None = None) -> bool:
-        """Inside a transaction: lock the claimed run and check the claim still holds.
-
-        False when the claim was lost (lease taken over, canceled, finished)
-        or the deadline passed. With ``lease_seconds`` the lease is renewed.
-        """
-        changes: dict[str, Any] = {"updated_at": Now()}
-        if lease_seconds is not None:
-            changes["available_at"] = now_plus(lease_seconds)
-        return bool(self.claimed(run_id, token).filter(not_past_deadline()).update(**changes))
-
-    def finish_claimed(
-        self,
-        run_id: Any,
-        token: uuid.UUID,
-        status: str,
-        *,
-        output: Any = None,
-        error: dict[str, Any] | None = None,
-        attempts: int | None = None,
-        wake_parent: bool = False,
-    ) -> bool:
-        """Complete or fail a claimed run (fenced); wake its parent in the same transaction."""
-        changes: dict[str, Any] = {
-            "status": status,
-            "output": output,
-            "error": error,
-            "worker_id": None,
-            "claim_token": None,
-            "available_at": None,
-            "finished_at": Now(),
-            "updated_at": Now(),
-        }
-        if attempts is not None:
-            changes["attempts"] = attempts
-        claimed = self.claimed(run_id, token)
-        if status == self.model.Status.COMPLETED:  # unfinished at the deadline means failed
-            claimed = claimed.filter(not_past_deadline())
-        if not wake_parent:
-            return bool(claimed.update(**changes))
-        with transaction.atomic(using=self.db):
-            self.lock_parents([run_id])  # the lock order: the parent before the child
-            pause_point("finish.parent-locked", run_id=run_id)
-            if not claimed.update(**changes):
-                return False
-            self.wake_waiting_parents([run_id])
-            notify(self.db, "")
-        return True
-
-    def park_claimed(
-        self,
-        run_id: Any,
-        token: uuid.UUID,
-        available_at: Any,
-        *,
-        attempts: int | None = None,
-        error: dict[str, Any] | None = None,
-    ) -> bool:
-        """Release a claimed run until ``available_at`` (a sleep, a wait or a retry)."""
-        changes: dict[str, Any] = {
-            "status": self.model.Status.PENDING,
-            "worker_id": None,
-            "claim_token": None,
-            "available_at": available_at,
-            "updated_at": Now(),
-        }
-        if attempts is not None:
-            changes["attempts"] = attempts
-            changes["error"] = error
-        return bool(self.claimed(run_id, token).filter(not_past_deadline()).update(**changes))
-
-    def _connection(self) -> Any:
-        from django.db import connections
-
-        return connections[self.db]
+        return get_store(self.db)
 
 
 class StepAttemptQuerySet(models.QuerySet[Any]):

@@ -287,7 +287,7 @@ def wake_parent_of_deleted_child(
     runs.lock_for_delete([instance.pk])
     if instance.parent_step_attempt_id is None:
         return
-    runs.wake_waiting_parents([instance.pk])
+    runs.store.wake_parents([instance.pk])
     ended = runs.filter(pk=instance.pk).values("status", "output").first()  # under the lock
     if ended is not None and ended["status"] == WorkflowRun.Status.COMPLETED:
         StepAttempt.objects.using(using).filter(

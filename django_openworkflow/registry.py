@@ -6,7 +6,6 @@ import datetime
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from django.db import connections, router, transaction
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -82,9 +81,9 @@ class Workflow:
         workflow started with the same key in the last 24 hours is returned
         instead of a new one.
         """
-        from .managers import notify
         from .models import WorkflowRun
         from .results import started
+        from .store import get_store
 
         ensure_json(input, f'input of workflow "{self.name}"')
         available_at = _aware(available_at, "available_at", self.name)
@@ -106,49 +105,34 @@ class Workflow:
                 f'idempotency_key {idempotency_key!r} of workflow "{self.name}" {problem}'
             )
         namespace = app_settings.NAMESPACE
-        using = router.db_for_write(WorkflowRun)
-        if idempotency_key is None and connections[using].vendor == "postgresql":
-            from . import fastpath
-
-            run = fastpath.start_run(
-                using,
-                namespace=namespace,
-                workflow_name=self.name,
-                version=self.version,
-                input=input,
-                available_at=available_at,
-                deadline_at=deadline_at,
-            )
-            return started(run, using)
-        with transaction.atomic(using=using):
-            if idempotency_key is not None:
-                lock_key(using, "start", namespace, self.name, idempotency_key)
-                existing = (
-                    WorkflowRun.objects.using(using)
-                    .filter(
-                        namespace=namespace,
-                        workflow_name=self.name,
-                        idempotency_key=idempotency_key,
-                        created_at__gte=Now() - IDEMPOTENCY_WINDOW,
-                    )
-                    .order_by("-created_at")
-                    .first()
+        store = get_store()
+        fields = {
+            "namespace": namespace,
+            "workflow_name": self.name,
+            "version": self.version,
+            "input": input,
+            "available_at": available_at,
+            "deadline_at": deadline_at,
+        }
+        if idempotency_key is None:
+            return started(store.insert_run(**fields), store.using)
+        with store.atomic():
+            store.lock_key("start", namespace, self.name, idempotency_key)
+            existing = (
+                WorkflowRun.objects.using(store.using)
+                .filter(
+                    namespace=namespace,
+                    workflow_name=self.name,
+                    idempotency_key=idempotency_key,
+                    created_at__gte=Now() - IDEMPOTENCY_WINDOW,
                 )
-                if existing is not None:
-                    return existing
-            fields: dict[str, Any] = {
-                "namespace": namespace,
-                "workflow_name": self.name,
-                "version": self.version,
-                "input": input,
-                "idempotency_key": idempotency_key,
-                "deadline_at": deadline_at,
-            }
-            if available_at is not None:
-                fields["available_at"] = available_at
-            run = WorkflowRun.objects.using(using).create(**fields)
-            notify(using, namespace)
-        return started(run, using)
+                .order_by("-created_at")
+                .first()
+            )
+            if existing is not None:
+                return existing
+            run = store.insert_run(**fields, idempotency_key=idempotency_key)
+        return started(run, store.using)
 
     def start_many(
         self,
@@ -162,8 +146,8 @@ class Workflow:
         For bulk enqueueing (imports, fan-out from a view, benchmarks); use
         ``start()`` when a run needs an idempotency key.
         """
-        from .managers import notify
         from .models import WorkflowRun
+        from .store import get_store
 
         inputs = list(inputs)
         for index, value in enumerate(inputs):
@@ -171,7 +155,7 @@ class Workflow:
         available_at = _aware(available_at, "available_at", self.name)
         deadline_at = _aware(deadline_at, "deadline_at", self.name)
         namespace = app_settings.NAMESPACE
-        using = router.db_for_write(WorkflowRun)
+        store = get_store()
         extra: dict[str, Any] = {"available_at": available_at} if available_at else {}
         runs = [
             WorkflowRun(
@@ -184,10 +168,10 @@ class Workflow:
             )
             for value in inputs
         ]
-        with transaction.atomic(using=using):
-            created = WorkflowRun.objects.using(using).bulk_create(runs, batch_size=1000)
+        with store.atomic():
+            created = WorkflowRun.objects.using(store.using).bulk_create(runs, batch_size=1000)
             if created:
-                notify(using, namespace)
+                store.notify(namespace)
         return created
 
 
@@ -201,21 +185,6 @@ def _aware(value: Any, what: str, name: str) -> datetime.datetime | None:
     if timezone.is_naive(value):
         return timezone.make_aware(value)
     return value
-
-
-def lock_key(using: str, *parts: str) -> None:
-    """Serialize transactions that use the same idempotency key until they end.
-
-    PostgreSQL: a transaction-level advisory lock on a hash of the parts.
-    SQLite: the IMMEDIATE transaction already holds the database write lock.
-    """
-    connection = connections[using]
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-                ["\x1f".join(("django_openworkflow", *parts))],
-            )
 
 
 def workflow(

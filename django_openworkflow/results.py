@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.db import connections, transaction
 
+from .conf import app_settings
 from .exceptions import WorkflowCanceled, WorkflowFailed
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ def started(run: WorkflowRun, using: str) -> WorkflowRun:
 
 
 def wait_for_result(run: WorkflowRun, timeout: float | None) -> Any:
-    using = run._state.db or "default"
+    using = run._state.db or app_settings.DATABASE
     deadline = None if timeout is None else time.monotonic() + timeout
     delay = 0.005
     while True:

@@ -10,19 +10,15 @@ its own lock. Runs that start waiting later do not get the signal.
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
-from django.db import router, transaction
-from django.db.models import F
 from django.db.models.functions import Now
 
 from .conf import app_settings
-from .managers import ACTIVE, notify
-from .models import StepAttempt, WorkflowRun, WorkflowSignal
-from .pauses import pause_point
-from .registry import IDEMPOTENCY_WINDOW, lock_key
+from .models import WorkflowSignal
+from .registry import IDEMPOTENCY_WINDOW
 from .serialization import check_name_text, ensure_json
+from .store import get_store
 
 
 def check_signal_name(signal: Any, what: str = "signal") -> str:
@@ -30,44 +26,6 @@ def check_signal_name(signal: Any, what: str = "signal") -> str:
         raise TypeError(f"{what} must be a non-empty string, not {signal!r}")
     check_name_text(signal, what)
     return signal
-
-
-def deliver(
-    using: str, namespace: str, signal: str, data: Any, *, sender: Any = None
-) -> list[uuid.UUID]:
-    """Inside a transaction: deliver ``data`` to every step waiting on ``signal`` now.
-
-    Locks the waiting runs (and the ``sender``, a run sending as a step) in
-    the lock order, then re-reads who is still waiting. Only waits of a
-    run's current resume generation take the signal.
-    """
-    waiting = StepAttempt.objects.using(using).filter(
-        kind=StepAttempt.Kind.SIGNAL_WAIT,
-        status=StepAttempt.Status.RUNNING,
-        signal=signal,
-        resume_generation=F("workflow_run__resume_generation"),
-        workflow_run__namespace=namespace,
-        workflow_run__status__in=ACTIVE,
-    )
-    run_ids = set(waiting.values_list("workflow_run_id", flat=True))
-    locked = WorkflowRun.objects.db_manager(using).lock(
-        run_ids if sender is None else run_ids | {sender}
-    )
-    if not run_ids:
-        return []
-    targets = list(waiting.filter(workflow_run_id__in=locked).values_list("pk", "workflow_run_id"))
-    if not targets:
-        return []
-    pause_point("signal.locked", signal=signal, run_ids=locked)
-    StepAttempt.objects.using(using).filter(pk__in=[pk for pk, _ in targets]).update(
-        status=StepAttempt.Status.COMPLETED, output={"data": data}, finished_at=Now()
-    )
-    woken = sorted({run_id for _, run_id in targets})
-    WorkflowRun.objects.using(using).filter(pk__in=woken, status=WorkflowRun.Status.PENDING).update(
-        available_at=Now(), updated_at=Now()
-    )
-    notify(using, namespace)
-    return woken
 
 
 def send_signal(signal: str, data: Any = None, *, idempotency_key: str | None = None) -> list[str]:
@@ -81,10 +39,11 @@ def send_signal(signal: str, data: Any = None, *, idempotency_key: str | None = 
     if idempotency_key is not None:
         check_signal_name(idempotency_key, f'idempotency_key of signal "{signal}"')
     namespace = app_settings.NAMESPACE
-    using = router.db_for_write(WorkflowRun)
-    with transaction.atomic(using=using):
+    store = get_store()
+    using = store.using
+    with store.atomic():
         if idempotency_key is not None:
-            lock_key(using, "signal", namespace, signal, idempotency_key)
+            store.lock_key("signal", namespace, signal, idempotency_key)
             if (
                 WorkflowSignal.objects.using(using)
                 .filter(
@@ -96,7 +55,7 @@ def send_signal(signal: str, data: Any = None, *, idempotency_key: str | None = 
                 .exists()
             ):
                 return []
-        woken = deliver(using, namespace, signal, data)
+        woken = store.deliver_signal(namespace, signal, data)
         if idempotency_key is not None:
             WorkflowSignal.objects.using(using).create(
                 namespace=namespace,

@@ -42,6 +42,7 @@ from .engine import Execution
 from .models import StepAttempt, WorkflowRun
 from .pauses import add_hook, remove_hook
 from .registry import Workflow, get_workflow, workflow_names
+from .store import get_store
 
 TEST_WORKER_ID = "django_openworkflow.testing"
 
@@ -58,9 +59,10 @@ def drain(*, time_travel: bool | Literal["sleeps"] = True, max_passes: int = 10_
         raise ValueError(f'time_travel must be True, False or "sleeps", not {time_travel!r}')
     namespace = app_settings.NAMESPACE
     names = workflow_names()
+    store = get_store()
     passes = 0
     while True:
-        claimed = WorkflowRun.objects.claim(
+        claimed = store.claim(
             worker_id=TEST_WORKER_ID,
             workflow_names=names,
             limit=1,
@@ -68,24 +70,21 @@ def drain(*, time_travel: bool | Literal["sleeps"] = True, max_passes: int = 10_
             namespace=namespace,
         )
         if claimed:
-            run = claimed[0]
-            workflow = get_workflow(run.workflow_name)
+            workflow = get_workflow(claimed[0].run.workflow_name)
             assert workflow is not None  # claims only ask for registered names
-            Execution(
-                run, workflow, lease_seconds=app_settings.LEASE_SECONDS, max_parallel=1
-            ).execute()
+            Execution(claimed[0], workflow, store=store, max_parallel=1).execute()
             passes += 1
             if passes >= max_passes:
                 raise RuntimeError(f"drain() stopped after {max_passes} passes; a run never ends")
             continue
-        WorkflowRun.objects.fail_overdue(namespace)
+        store.fail_overdue(namespace)
         if not time_travel:
             return passes
         if time_travel == "sleeps":
             if not skip_sleeps_and_retries(namespace, names):
                 return passes
             continue
-        next_due = WorkflowRun.objects.next_due_at(namespace, names)
+        next_due = store.next_due_at(namespace, names)
         if next_due is None:
             return passes
         travel(next_due - timezone.now() + timedelta(milliseconds=1))

@@ -21,18 +21,18 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import DatabaseError, connections, router
+from django.db import DatabaseError, connections
 from django.db.models import Count
 from django.utils import timezone
 
 from .checks import SQLITE_LOCKED_HINT
 from .conf import app_settings
 from .engine import Execution
-from .managers import NOTIFY_CHANNEL, now_plus
 from .models import WorkflowRun
 from .pauses import pause_point
 from .registry import get_workflow, workflow_names
 from .serialization import check_name_text
+from .store import Claim, Store, get_store
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +60,17 @@ class Worker:
         self.namespace = namespace or app_settings.NAMESPACE
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         check_name_text(self.worker_id, "worker id")  # it fits WorkflowRun.worker_id
-        self.using = router.db_for_write(WorkflowRun)
+        self.store = get_store()
+        self.using = self.store.using
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._finished = threading.Event()
         self._lock = threading.Lock()
         # Keyed by claim token: a run parked and claimed again while its last
         # slot is still finishing is two entries, each dropped by its own slot.
-        self._in_flight: dict[uuid.UUID, WorkflowRun] = {}
+        self._in_flight: dict[uuid.UUID, Claim] = {}
         self._unknown_names: set[str] = set()  # names of due runs already reported
-        self._queue: queue.SimpleQueue[WorkflowRun | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Claim | None] = queue.SimpleQueue()
         self._timers: list[datetime] = []  # wake-ups of runs parked by this worker
         self.claim_batch = max(1, self.concurrency // 5)
         self._signals = 0
@@ -127,15 +128,12 @@ class Worker:
         for thread in slots:
             thread.start()
         helpers = [threading.Thread(target=self._heartbeat_loop, name="openworkflow-heartbeat")]
-        if (
-            app_settings.NOTIFY
-            and not self.burst  # a burst worker exits when idle: nothing to wait for
-            and connections[self.using].vendor == "postgresql"
-        ):
+        # A burst worker exits when idle: nothing to wait for.
+        if app_settings.NOTIFY and not self.burst and self.store.notifies:
             helpers.append(
                 threading.Thread(
-                    target=listen,
-                    args=(self.using, self.namespace, self._wakeup, self._stopping, self.worker_id),
+                    target=self.store.listen,
+                    args=(self.namespace, self._wakeup, self._stopping, self.worker_id),
                     name="openworkflow-listen",
                 )
             )
@@ -177,7 +175,7 @@ class Worker:
                     and (not busy or free >= self.claim_batch)
                     and not self._stopping.is_set()
                 ):
-                    claimed = WorkflowRun.objects.claim(
+                    claimed = self.store.claim(
                         worker_id=self.worker_id,
                         workflow_names=names,
                         limit=free,
@@ -185,9 +183,11 @@ class Worker:
                         namespace=self.namespace,
                     )
                     busy = len(claimed) == free
-                    for run in claimed:
-                        pause_point("claim.after-commit", run_id=run.pk, worker_id=self.worker_id)
-                        self._submit(run)
+                    for claim in claimed:
+                        pause_point(
+                            "claim.after-commit", run_id=claim.run_id, worker_id=self.worker_id
+                        )
+                        self._submit(claim)
                     idle = not claimed and not self._in_flight
                     if self.burst and idle:
                         logger.info("no runs due, burst worker exits worker=%s", self.worker_id)
@@ -217,11 +217,11 @@ class Worker:
         that query reads every due run, so not while there is a backlog.
         """
         if not busy:
-            report_unknown_names(self.namespace, names, self._unknown_names)
-        overdue = WorkflowRun.objects.fail_overdue(self.namespace)
+            report_unknown_names(self.store, self.namespace, names, self._unknown_names)
+        overdue = self.store.fail_overdue(self.namespace)
         if overdue:
             logger.info("runs failed reason=deadline count=%d", overdue)
-        self._add_timer(WorkflowRun.objects.next_due_at(self.namespace, names))
+        self._add_timer(self.store.next_due_at(self.namespace, names))
 
     def _add_timer(self, when: datetime | None) -> None:
         if when is not None:
@@ -239,14 +239,16 @@ class Worker:
             seconds = (self._timers[0] - now).total_seconds()
         return max(0.0, min(self.poll_interval, seconds + 0.001))
 
-    def _submit(self, run: WorkflowRun) -> None:
-        assert run.claim_token is not None  # a claimed run
+    def _submit(self, claim: Claim) -> None:
         with self._lock:
-            self._in_flight[run.claim_token] = run
+            self._in_flight[claim.token] = claim
         logger.info(
-            "run claimed run=%s workflow=%s worker=%s", run.pk, run.workflow_name, self.worker_id
+            "run claimed run=%s workflow=%s worker=%s",
+            claim.run_id,
+            claim.run.workflow_name,
+            self.worker_id,
         )
-        self._queue.put(run)
+        self._queue.put(claim)
 
     def _slot_loop(self) -> None:
         """One execution slot: a thread with its own database connection.
@@ -257,43 +259,43 @@ class Worker:
         """
         try:
             while True:
-                run = self._queue.get()
-                if run is None:
+                claim = self._queue.get()
+                if claim is None:
                     return
                 try:
-                    self._execute(run)
+                    self._execute(claim)
                 except BaseException:
-                    logger.exception("run crashed the engine run=%s; releasing the run", run.pk)
-                    release(self.using, run, delay=CRASH_RELEASE_DELAY)
+                    logger.exception(
+                        "run crashed the engine run=%s; releasing the run", claim.run_id
+                    )
+                    release(self.store, claim, delay=CRASH_RELEASE_DELAY)
                 finally:
-                    self._done(run)
+                    self._done(claim)
         finally:
             connections.close_all()
 
-    def _execute(self, run: WorkflowRun) -> None:
+    def _execute(self, claim: Claim) -> None:
+        run = claim.run
         try:
             workflow = get_workflow(run.workflow_name)
             if workflow is None:  # claims only ask for known names; registry changed?
                 logger.error("unknown workflow run=%s workflow=%s", run.pk, run.workflow_name)
-                if run.claim_token is not None:
-                    WorkflowRun.objects.park_claimed(
-                        run.pk, run.claim_token, timezone.now() + timedelta(seconds=5)
-                    )
+                self.store.park(claim, timezone.now() + timedelta(seconds=5))
                 return
-            execution = Execution(run, workflow, lease_seconds=self.lease_seconds)
+            execution = Execution(claim, workflow, store=self.store)
             execution.execute()
             self._add_timer(execution.parked_until)
         except DatabaseError as exc:
             logger.warning(
                 "database error run=%s error=%s%s; releasing the run", run.pk, exc, _hint(exc)
             )
-            release(self.using, run)
+            release(self.store, claim)
 
-    def _done(self, run: WorkflowRun) -> None:
+    def _done(self, claim: Claim) -> None:
         """The slot is free again: drop this claim (only this one) from flight."""
-        pause_point("worker.after-execute", run_id=run.pk, token=run.claim_token)
+        pause_point("worker.after-execute", run_id=claim.run_id, token=claim.token)
         with self._lock:
-            self._in_flight.pop(run.claim_token, None)  # type: ignore[arg-type]
+            self._in_flight.pop(claim.token, None)
             self.runs_executed += 1
         self._wakeup.set()
         try:
@@ -312,7 +314,7 @@ class Worker:
                     continue
                 pause_point("heartbeat.before-renew", tokens=tokens)
                 try:
-                    renewed = WorkflowRun.objects.renew_leases(tokens, self.lease_seconds)
+                    renewed = self.store.renew_leases(tokens, self.lease_seconds)
                     logger.debug("leases renewed worker=%s runs=%d", self.worker_id, renewed)
                 except DatabaseError as exc:
                     logger.warning(
@@ -328,7 +330,9 @@ def _hint(exc: DatabaseError) -> str:
     return f" hint={SQLITE_LOCKED_HINT}" if "database is locked" in str(exc) else ""
 
 
-def report_unknown_names(namespace: str, names: list[str], reported: set[str]) -> None:
+def report_unknown_names(
+    store: Store, namespace: str, names: list[str], reported: set[str]
+) -> None:
     """Warn once per name about due runs of workflows this worker does not know.
 
     (A typo in ``run_workflow("send-reciept")``, or a worker started without
@@ -336,7 +340,8 @@ def report_unknown_names(namespace: str, names: list[str], reported: set[str]) -
     already reported; they are left out of the query.
     """
     unknown = (
-        WorkflowRun.objects.in_namespace(namespace)
+        WorkflowRun.objects.using(store.using)
+        .in_namespace(namespace)
         .due()
         .exclude(workflow_name__in=[*names, *reported])
         .values_list("workflow_name")
@@ -358,19 +363,17 @@ def report_unknown_names(namespace: str, names: list[str], reported: set[str]) -
 CRASH_RELEASE_DELAY = 1.0
 
 
-def release(using: str, run: WorkflowRun, *, delay: float = 0.0) -> None:
+def release(store: Store, claim: Claim, *, delay: float = 0.0) -> None:
     """After a database error or a crash: end our lease now, so the run is replayed soon.
 
     Best effort on a fresh connection; if the database is still away, the
     lease simply runs out.
     """
-    connections[using].close()
-    if run.claim_token is None:
-        return
+    store.connection.close()
     try:
-        WorkflowRun.objects.claimed(run.pk, run.claim_token).update(available_at=now_plus(delay))
+        store.release(claim, delay=delay)
     except DatabaseError:
-        connections[using].close()
+        store.connection.close()
 
 
 def check_connection(using: str) -> None:
@@ -389,34 +392,3 @@ def check_connection(using: str) -> None:
             connection.errors_occurred = False
         else:
             connection.close()
-
-
-def listen(
-    using: str,
-    namespace: str,
-    wakeup: threading.Event,
-    stopping: threading.Event,
-    worker_id: str,
-) -> None:
-    """PostgreSQL: set ``wakeup`` on each NOTIFY for ``namespace`` until ``stopping``."""
-    import psycopg
-
-    delay = 0.5
-    while not stopping.is_set():
-        try:
-            params = connections[using].get_connection_params()
-            params.pop("cursor_factory", None)
-            params.pop("context", None)
-            params.pop("server_side_binding", None)
-            with psycopg.connect(**params, autocommit=True) as conn:
-                conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                delay = 0.5
-                logger.debug("listening channel=%s", NOTIFY_CHANNEL)
-                while not stopping.is_set():
-                    for notice in conn.notifies(timeout=1.0):
-                        if notice.payload in ("", namespace):
-                            wakeup.set()
-        except Exception as exc:  # reconnect with backoff; polling covers the gap
-            logger.warning("listen failed worker=%s error=%s", worker_id, exc)
-            stopping.wait(delay)
-            delay = min(delay * 2, 30.0)

@@ -21,6 +21,7 @@ from django_openworkflow.diagnostics import stuck_runs
 from django_openworkflow.engine import Execution
 from django_openworkflow.models import WorkflowRun
 from django_openworkflow.registry import get_workflow, workflow_names
+from django_openworkflow.store import Claim, get_store
 from django_openworkflow.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +47,7 @@ def pytest_collection_modifyitems(config, items):
 
 def claim_and_execute(*, worker_id: str = "test-worker", lease: float = 30.0) -> WorkflowRun | None:
     """Claim one due run and execute one pass of it, as a worker would; None if nothing is due."""
-    claimed = WorkflowRun.objects.claim(
+    claimed = get_store().claim(
         worker_id=worker_id,
         workflow_names=workflow_names(),
         limit=1,
@@ -55,8 +56,9 @@ def claim_and_execute(*, worker_id: str = "test-worker", lease: float = 30.0) ->
     )
     if not claimed:
         return None
-    run = claimed[0]
-    Execution(run, get_workflow(run.workflow_name), lease_seconds=lease).execute()
+    [claimed_run] = claimed
+    run = claimed_run.run
+    Execution(claimed_run, get_workflow(run.workflow_name)).execute()
     run.refresh_from_db()
     return run
 
@@ -134,9 +136,9 @@ def blocked_on_a_lock(thread: Backend) -> bool:
     raise AssertionError("the thread neither ended nor waited for a lock")
 
 
-def claim(workflow_name: str, *, worker_id: str = "worker-a") -> list[WorkflowRun]:
+def claim(workflow_name: str, *, worker_id: str = "worker-a") -> list[Claim]:
     """Claim the due run of one workflow as ``worker_id``, without executing it; [] if none."""
-    return WorkflowRun.objects.claim(
+    return get_store().claim(
         worker_id=worker_id,
         workflow_names=[workflow_name],
         limit=1,

@@ -5,6 +5,7 @@ from django.utils import timezone
 
 from django_openworkflow import InvalidTransition
 from django_openworkflow.models import StepAttempt, WorkflowRun
+from django_openworkflow.store import get_store
 from django_openworkflow.testing import drain
 from tests.conftest import claim_and_execute
 from tests.testapp.models import SideEffect
@@ -170,7 +171,7 @@ def test_a_child_past_its_deadline_wakes_its_parent():
     drain()
     child = child_of(run)
     WorkflowRun.objects.filter(pk=child.pk).update(deadline_at=timezone.now())
-    assert WorkflowRun.objects.fail_overdue("default") == 1
+    assert get_store().fail_overdue("default") == 1
     run.refresh_from_db()
     assert WorkflowRun.objects.due().filter(pk=run.pk).exists()
     drain()
@@ -260,7 +261,7 @@ def test_cancel_reaches_active_runs_below_a_child_that_already_failed():
     child = child_of(run)
     grandchild = child_of(child)
     WorkflowRun.objects.filter(pk=child.pk).update(deadline_at=timezone.now())
-    assert WorkflowRun.objects.fail_overdue("default") == 1  # the grandchild keeps running
+    assert get_store().fail_overdue("default") == 1  # the grandchild keeps running
     WorkflowRun.objects.cancel(run)
     statuses = [WorkflowRun.objects.get(pk=r.pk).status for r in (run, child, grandchild)]
     assert statuses == ["canceled", "failed", "canceled"]

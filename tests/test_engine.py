@@ -13,6 +13,7 @@ from django_openworkflow import InvalidTransition
 from django_openworkflow.engine import MAX_STEP_ATTEMPTS, Execution
 from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowRunEvent
 from django_openworkflow.registry import Workflow, get_workflow
+from django_openworkflow.store import get_store
 from django_openworkflow.worker import Worker
 from tests.conftest import claim, claim_and_execute, drain, expire_lease, make_due
 from tests.testapp.models import Ledger, SideEffect
@@ -239,10 +240,10 @@ def test_atomic_step_commits_its_row_with_the_completed_attempt():
     assert (attempt.status, attempt.output) == ("completed", 1)
 
 
-def _execute_in_thread(run):
+def _execute_in_thread(claimed):
     def target():
         try:
-            Execution(run, get_workflow(run.workflow_name), lease_seconds=30).execute()
+            Execution(claimed, get_workflow(claimed.run.workflow_name)).execute()
         finally:
             connection.close()
 
@@ -260,12 +261,12 @@ def _wait_for_attempt(run, step, status="running", timeout=10.0):
         time.sleep(0.02)
 
 
-def _take_over(run, worker_id="worker-b"):
+def _take_over(claimed, worker_id="worker-b"):
     """Another worker claims the run after its lease expired."""
-    expire_lease(run)
-    claimed = claim(run.workflow_name, worker_id=worker_id)
-    assert [r.pk for r in claimed] == [run.pk]
-    return claimed[0]
+    expire_lease(claimed.run)
+    again = claim(claimed.run.workflow_name, worker_id=worker_id)
+    assert [c.run_id for c in again] == [claimed.run_id]
+    return again[0]
 
 
 @pytest.mark.parametrize(
@@ -280,10 +281,11 @@ def _take_over(run, worker_id="worker-b"):
 def test_a_worker_whose_lease_was_taken_over_cannot_complete_its_step(tmp_path, atomic):
     flag = tmp_path / "go"
     start("waits-for-file", {"path": str(flag), "atomic": atomic})
-    [run_a] = claim("waits-for-file", worker_id="worker-a")
-    thread = _execute_in_thread(run_a)
+    [claim_a] = claim("waits-for-file", worker_id="worker-a")
+    run_a = claim_a.run
+    thread = _execute_in_thread(claim_a)
     _wait_for_attempt(run_a, "block")
-    run_b = _take_over(run_a)
+    run_b = _take_over(claim_a)
     flag.touch()
     thread.join(10)
     assert not thread.is_alive()
@@ -295,11 +297,11 @@ def test_a_worker_whose_lease_was_taken_over_cannot_complete_its_step(tmp_path, 
     assert (current.status, current.worker_id, current.claim_token) == (
         "running",
         "worker-b",
-        run_b.claim_token,
+        run_b.token,
     )
 
     # B replays: A's attempt is lost, the step runs again, finished steps do not.
-    Execution(run_b, get_workflow("waits-for-file"), lease_seconds=30).execute()
+    Execution(run_b, get_workflow("waits-for-file")).execute()
     current.refresh_from_db()
     assert current.status == WorkflowRun.Status.COMPLETED
     block.refresh_from_db()
@@ -314,28 +316,30 @@ def test_the_same_worker_claiming_again_fences_out_its_older_claim():
     run = start("echo", {"x": 1})
     [old] = claim("echo", worker_id="worker-a")
     new = _take_over(old, worker_id="worker-a")
-    assert new.claim_token != old.claim_token
-    Execution(old, get_workflow("echo"), lease_seconds=30).execute()
+    assert new.token != old.token
+    Execution(old, get_workflow("echo")).execute()
     assert StepAttempt.objects.filter(workflow_run=run).count() == 0
     run.refresh_from_db()
-    assert (run.status, run.claim_token) == ("running", new.claim_token)
+    assert (run.status, run.claim_token) == ("running", new.token)
 
 
 def test_fenced_transitions_refuse_a_stale_token():
     run = start("echo", {"x": 1})
     [old] = claim("echo", worker_id="worker-a")
     new = _take_over(old)
-    stale = old.claim_token
-    assert not WorkflowRun.objects.finish_claimed(run.pk, stale, "completed", output=1)
-    assert not WorkflowRun.objects.finish_claimed(run.pk, stale, "failed", error={"type": "X"})
-    assert not WorkflowRun.objects.park_claimed(run.pk, stale, timezone.now())
-    assert not WorkflowRun.objects.fence(run.pk, stale)
+    store = get_store()
+    assert not store.finish(old, "completed", output=1)
+    assert not store.finish(old, "failed", error={"type": "X"})
+    assert not store.park(old, timezone.now())
+    with store.atomic():
+        assert not store.fence(old)
+    assert not store.release(old)
     run.refresh_from_db()
     assert (run.status, run.output, run.error, run.claim_token) == (
         "running",
         None,
         None,
-        new.claim_token,
+        new.token,
     )
 
 
@@ -370,7 +374,7 @@ def test_a_run_fails_after_1000_step_attempts():
 def test_a_run_past_its_deadline_is_not_claimed_and_fails():
     run = start("echo", {"x": 1}, deadline_at=timezone.now() - timedelta(seconds=1))
     assert claim_and_execute() is None
-    assert WorkflowRun.objects.fail_overdue("default") == 1
+    assert get_store().fail_overdue("default") == 1
     run.refresh_from_db()
     assert run.status == WorkflowRun.Status.FAILED
     assert run.error["type"] == "DeadlineExceeded"
@@ -381,7 +385,7 @@ def test_a_running_run_past_its_deadline_fails_at_the_next_step():
     run = start("three-steps", {"i": 1}, deadline_at=timezone.now() + timedelta(hours=1))
     [claimed] = claim("three-steps", worker_id="w")
     WorkflowRun.objects.filter(pk=run.pk).update(deadline_at=Now() - timedelta(seconds=1))
-    Execution(claimed, get_workflow("three-steps"), lease_seconds=30).execute()
+    Execution(claimed, get_workflow("three-steps")).execute()
     run.refresh_from_db()
     assert run.status == WorkflowRun.Status.FAILED
     assert run.error["type"] == "DeadlineExceeded"
@@ -397,7 +401,7 @@ def test_a_running_run_past_its_deadline_is_failed_by_the_sweep_and_its_worker_f
     thread = _execute_in_thread(claimed)
     _wait_for_attempt(run, "block")
     WorkflowRun.objects.filter(pk=run.pk).update(deadline_at=Now() - timedelta(seconds=1))
-    assert WorkflowRun.objects.fail_overdue("default") == 1
+    assert get_store().fail_overdue("default") == 1
     flag.touch()
     thread.join(10)
     assert not thread.is_alive()

@@ -17,9 +17,10 @@ from django.utils import timezone
 
 from django_openworkflow import send_signal
 from django_openworkflow.engine import Execution
-from django_openworkflow.managers import DEADLINE_ERROR
+from django_openworkflow.errors import DEADLINE_ERROR
 from django_openworkflow.models import StepAttempt, WorkflowRun
 from django_openworkflow.registry import get_workflow
+from django_openworkflow.store import Claim, get_store
 from django_openworkflow.testing import drain, pause_at
 from tests.conftest import (
     backend_pid,
@@ -47,7 +48,7 @@ def gates():
 class EngineThread(threading.Thread):
     """One pass of a claimed run on its own thread (and connection), named ``name``."""
 
-    def __init__(self, claimed: WorkflowRun, name: str) -> None:
+    def __init__(self, claimed: Claim, name: str) -> None:
         super().__init__(name=name)
         self.claimed = claimed
         self.error: BaseException | None = None
@@ -55,8 +56,8 @@ class EngineThread(threading.Thread):
 
     def run(self) -> None:
         try:
-            workflow = get_workflow(self.claimed.workflow_name)
-            Execution(self.claimed, workflow, lease_seconds=30).execute()
+            workflow = get_workflow(self.claimed.run.workflow_name)
+            Execution(self.claimed, workflow).execute()
         except BaseException as exc:  # reported by finish()
             self.error = exc
         finally:
@@ -111,7 +112,7 @@ def start_a_then_b(gates, *, b_enters_its_step):
 def test_a_worker_that_lost_its_claim_in_the_last_step_cannot_finish_the_run(
     gates, b_enters_its_step
 ):
-    """A wakes after B took over and tries to finish (fastpath.FINISH, or finish_claimed).
+    """A wakes after B took over and tries to finish (the store's finish).
 
     The run is still ``running`` (B's): only the claim token tells A's claim
     from B's. A's result must not be stored either, even while its attempt
@@ -123,7 +124,7 @@ def test_a_worker_that_lost_its_claim_in_the_last_step_cannot_finish_the_run(
 
     gate_a.opened.set()  # A's "who" returns "worker-a"; its finish must be refused
     thread_a.finish()
-    assert state(run) == ("running", None, "worker-b", claim_b.claim_token)
+    assert state(run) == ("running", None, "worker-b", claim_b.token)
     if not b_enters_its_step:
         assert attempts(run, "who") == [("running", None, None)]
         thread_b = EngineThread(claim_b, "worker-b")
@@ -147,7 +148,7 @@ def test_a_worker_that_lost_its_claim_and_finds_the_deadline_passed_leaves_the_r
 
     gate_a.opened.set()
     thread_a.finish()
-    assert state(run) == ("running", None, "worker-b", claim_b.claim_token)
+    assert state(run) == ("running", None, "worker-b", claim_b.token)
 
 
 def test_a_last_step_that_ends_after_the_deadline_fails_the_run(gates):
@@ -180,14 +181,14 @@ def test_renewing_leases_renews_only_the_runs_of_the_given_claims():
     theirs = get_workflow("echo").start({"n": 2})
     [claim_mine] = claim("echo", worker_id="me")
     [claim_theirs] = claim("echo", worker_id="them")
-    assert {claim_mine.pk, claim_theirs.pk} == {mine.pk, theirs.pk}
+    assert {claim_mine.run_id, claim_theirs.run_id} == {mine.pk, theirs.pk}
     expire_lease(mine)
     expire_lease(theirs)
 
-    assert WorkflowRun.objects.renew_leases([claim_mine.claim_token], lease_seconds=60) == 1
+    assert get_store().renew_leases([claim_mine.token], lease_seconds=60) == 1
 
     due = set(WorkflowRun.objects.due().values_list("pk", flat=True))
-    assert due == {claim_theirs.pk}  # its worker is silent: its lease stays expired
+    assert due == {claim_theirs.run_id}  # its worker is silent: its lease stays expired
 
 
 @pytest.mark.postgres
@@ -200,7 +201,7 @@ def test_renewing_leases_skips_a_run_whose_row_is_locked():
     def hold_lock():  # what a step.atomic's fence does
         try:
             with transaction.atomic():
-                assert WorkflowRun.objects.fence(claimed.pk, claimed.claim_token)
+                assert get_store().fence(claimed)
                 locked.set()
                 release.wait(10)
         finally:
@@ -210,7 +211,7 @@ def test_renewing_leases_skips_a_run_whose_row_is_locked():
     holder.start()
     try:
         assert locked.wait(10)
-        assert WorkflowRun.objects.renew_leases([claimed.claim_token], lease_seconds=60) == 0
+        assert get_store().renew_leases([claimed.token], lease_seconds=60) == 0
         assert holder.is_alive()  # renewing did not wait for the lock to go
     finally:
         release.set()
@@ -325,17 +326,18 @@ def test_a_signal_delivered_while_the_run_replays_keeps_its_delivery_time():
 def test_fenced_transitions_refuse_a_run_past_its_deadline_except_failing_it():
     run = get_workflow("echo").start({"n": 1}, deadline_at=timezone.now() + timedelta(hours=1))
     [claimed] = claim("echo", worker_id="worker-a")
-    token = claimed.claim_token
+    token = claimed.token
     WorkflowRun.objects.filter(pk=run.pk).update(deadline_at=Now() - timedelta(seconds=1))
     later = timezone.now() + timedelta(minutes=1)
+    store = get_store()
 
     with transaction.atomic():
-        assert not WorkflowRun.objects.fence(run.pk, token)
-    assert not WorkflowRun.objects.park_claimed(run.pk, token, later)
-    assert not WorkflowRun.objects.finish_claimed(run.pk, token, "completed", output=1)
+        assert not store.fence(claimed)
+    assert not store.park(claimed, later)
+    assert not store.finish(claimed, "completed", output=1)
     assert state(run) == ("running", None, "worker-a", token)
 
-    assert WorkflowRun.objects.finish_claimed(run.pk, token, "failed", error=DEADLINE_ERROR)
+    assert store.finish(claimed, "failed", error=DEADLINE_ERROR)
     assert state(run) == ("failed", None, None, None)
 
 
@@ -354,7 +356,7 @@ def test_stopping_a_run_fails_its_running_step_and_keeps_its_completed_ones(gate
         WorkflowRun.objects.cancel(run)
     else:
         WorkflowRun.objects.filter(pk=run.pk).update(deadline_at=Now() - timedelta(seconds=1))
-        assert WorkflowRun.objects.fail_overdue("default") == 1
+        assert get_store().fail_overdue("default") == 1
     gate.opened.set()
     thread.finish()
 
@@ -371,14 +373,14 @@ def test_a_claim_takes_only_runs_of_its_namespace():
         run = get_workflow("echo").start({"n": 1})
 
     assert claim("echo", worker_id="worker-a") == []  # the "default" namespace
-    [claimed] = WorkflowRun.objects.claim(
+    [claimed] = get_store().claim(
         worker_id="worker-a",
         workflow_names=["echo"],
         limit=1,
         lease_seconds=30,
         namespace="other",
     )
-    assert claimed.pk == run.pk
+    assert claimed.run_id == run.pk
 
 
 def test_a_signal_wakes_only_runs_of_its_namespace():

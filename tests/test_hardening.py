@@ -10,6 +10,7 @@ from django_openworkflow import send_signal
 from django_openworkflow.engine import replay_positions
 from django_openworkflow.models import StepAttempt, WorkflowRun
 from django_openworkflow.registry import get_workflow
+from django_openworkflow.store import get_store
 from django_openworkflow.testing import drain as drain_here
 from tests.conftest import claim_and_execute, drain
 from tests.testapp.models import Ledger, SideEffect
@@ -188,7 +189,7 @@ def test_a_parent_resumed_after_its_deadline_waits_for_the_same_child():
     [wait] = StepAttempt.objects.filter(workflow_run=run, kind="workflow")
     child = wait.child_workflow_run
     WorkflowRun.objects.filter(pk=run.pk).update(deadline_at=timezone.now() - timedelta(1))
-    assert WorkflowRun.objects.fail_overdue("default") == 1
+    assert get_store().fail_overdue("default") == 1
     run.refresh_from_db()
     wait.refresh_from_db()
     assert (run.status, run.error["type"]) == ("failed", "DeadlineExceeded")

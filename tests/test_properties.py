@@ -22,6 +22,7 @@ from fractions import Fraction
 import pytest
 from django.db import transaction
 from django.test import override_settings
+from django.utils import timezone
 from hypothesis import assume, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -39,6 +40,7 @@ from django_openworkflow.registry import (
 )
 from django_openworkflow.serialization import ensure_json, json_problem
 from django_openworkflow.signaling import check_signal_name
+from django_openworkflow.store import Claim
 from django_openworkflow.testing import drain
 from tests.testapp.workflows import echo
 
@@ -306,22 +308,23 @@ def expected_names(names: list[str]) -> list[str]:
 def fresh_execution(history: list[str] | None = None) -> Execution:
     """An execution pass of an unsaved run; ``history`` is the step order of a past pass."""
     run = WorkflowRun(workflow_name="names", claim_token=uuid.uuid4())
-    execution = Execution(run, Workflow(lambda ctx: None, name="names"), lease_seconds=30)
-    execution.history_positions = dict(enumerate(history or []))
+    claim = Claim(run, run.claim_token, timezone.now(), first_start=False, lease_seconds=30)
+    execution = Execution(claim, Workflow(lambda ctx: None, name="names"))
+    execution.history.bound = dict(enumerate(history or []))
     return execution
 
 
 @given(names=st.lists(step_names, max_size=30))
 def test_step_names_are_unique_follow_the_rule_and_replay_the_same(names):
     first = fresh_execution()
-    stored = [first._step_name(name) for name in names]
+    stored = [first.step_name(name) for name in names]
 
     assert len(set(stored)) == len(stored)
     assert stored == expected_names(names)
     for name, given_as in zip(stored, names, strict=True):
         assert name == given_as or re.fullmatch(re.escape(given_as) + r":[1-9][0-9]*", name)
     replay = fresh_execution(history=stored)
-    assert [replay._step_name(name) for name in names] == stored
+    assert [replay.step_name(name) for name in names] == stored
 
 
 @given(data=st.data(), names=st.lists(step_names, min_size=2, max_size=12))
@@ -334,9 +337,9 @@ def test_a_replay_in_another_order_fails_naming_both_steps(data, names):
     replay = fresh_execution(history=stored)
 
     for name in reordered[:position]:
-        replay._step_name(name)
+        replay.step_name(name)
     with pytest.raises(NonDeterminism) as info:
-        replay._step_name(reordered[position])
+        replay.step_name(reordered[position])
 
     message = str(info.value)
     assert f'called step "{replayed[position]}" as step call #{position + 1}' in message
@@ -354,29 +357,29 @@ def test_a_replay_in_another_order_fails_naming_both_steps(data, names):
 )
 def test_a_step_name_that_is_not_a_non_empty_string_is_a_type_error(name):
     with pytest.raises(TypeError) as info:
-        fresh_execution()._step_name(name)
+        fresh_execution().step_name(name)
     assert str(info.value) == f"step name must be a non-empty string, not {name!r}"
 
 
 @given(name=st.text(min_size=256, max_size=600))
 def test_a_step_name_longer_than_its_column_is_a_value_error(name):
     with pytest.raises(ValueError, match=r"is \d+ characters; at most 255"):
-        fresh_execution()._step_name(name)
+        fresh_execution().step_name(name)
 
 
 @given(name=st.text(min_size=254, max_size=255).filter(lambda name: "\x00" not in name))
 def test_numbering_that_would_make_a_name_too_long_is_a_value_error(name):
     execution = fresh_execution()
-    execution._step_name(name)
+    execution.step_name(name)
 
     with pytest.raises(ValueError, match=r"is \d+ characters with its number; at most 255"):
-        execution._step_name(name)
+        execution.step_name(name)
 
 
 @given(before=st.text(max_size=5), after=st.text(max_size=5))
 def test_a_step_name_with_nul_is_a_value_error(before, after):
     with pytest.raises(ValueError, match=r"U\+0000"):
-        fresh_execution()._step_name(f"{before}\x00{after}")
+        fresh_execution().step_name(f"{before}\x00{after}")
 
 
 @given(before=st.text(max_size=5), after=st.text(max_size=5))

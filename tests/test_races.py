@@ -14,6 +14,7 @@ from django_openworkflow import send_signal
 from django_openworkflow.engine import Execution
 from django_openworkflow.models import WorkflowRun
 from django_openworkflow.registry import get_workflow
+from django_openworkflow.store import get_store
 from django_openworkflow.testing import drain, pause_at
 from tests.conftest import Backend, blocked_on_a_lock, make_due
 from tests.testapp.workflows import parent
@@ -22,14 +23,14 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres]
 
 
 def claim(name, worker_id="race-worker"):
-    [run] = WorkflowRun.objects.claim(
+    [run] = get_store().claim(
         worker_id=worker_id, workflow_names=[name], limit=1, lease_seconds=30, namespace="default"
     )
     return run
 
 
 def execute(run):
-    return lambda: Execution(run, get_workflow(run.workflow_name), lease_seconds=30).execute()
+    return lambda: Execution(run, get_workflow(run.run.workflow_name)).execute()
 
 
 def parked_parent(child="echo", child_input=7):
@@ -88,7 +89,7 @@ def test_the_deadline_sweep_and_a_cancel_of_the_parent_do_not_deadlock():
     with pause_at("cancel.before-children", when=lambda c: c["run_id"] == run.pk) as pause:
         cancel.start()
         pause.wait()
-        sweep = Backend(lambda: WorkflowRun.objects.fail_overdue("default"))
+        sweep = Backend(lambda: get_store().fail_overdue("default"))
         sweep.start()
         assert blocked_on_a_lock(sweep)  # it locks the parent before the overdue child
     cancel.finish()
@@ -118,7 +119,7 @@ def test_a_resumed_child_finishing_during_its_parents_replay_wakes_the_parent():
 def test_deleting_a_failed_parent_while_its_child_finishes_does_not_deadlock():
     run, child = parked_parent(child="waiter", child_input={"signal": "never"})
     WorkflowRun.objects.filter(pk=run.pk).update(deadline_at=timezone.now() - timedelta(1))
-    assert WorkflowRun.objects.fail_overdue("default") == 1  # the child keeps running
+    assert get_store().fail_overdue("default") == 1  # the child keeps running
     execute(claim("waiter"))()  # the child waits for its signal
     send_signal("never", 1)
     finishing_claim = claim("waiter")

@@ -18,6 +18,7 @@ from django_openworkflow import send_signal, workflow
 from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowSignal
 from django_openworkflow.pauses import add_hook, remove_hook
 from django_openworkflow.registry import get_workflow
+from django_openworkflow.store import get_store
 from django_openworkflow.testing import pause_at
 from tests.conftest import Backend, blocked_on_a_lock, claim_and_execute, drain, make_due
 from tests.test_races import claim, execute, parked_parent
@@ -298,7 +299,7 @@ def test_a_finished_step_whose_result_waits_for_the_next_write_is_not_run_again_
 
     def deadline_passes():  # between "a" returning and "b" starting: the sweep runs
         WorkflowRun.objects.filter(pk=run.pk).update(deadline_at=timezone.now())
-        assert WorkflowRun.objects.fail_overdue("default") == 1
+        assert get_store().fail_overdue("default") == 1
 
     with on_point("step.before-fence", deadline_passes, step="b") as done:
         claim_and_execute()
@@ -385,7 +386,7 @@ def test_held_a_run_failed_at_its_deadline_and_resumed_during_a_step_atomic_comm
     old.start()
     assert entered.wait(10)  # the old worker's fn wrote its Ledger row, uncommitted
     WorkflowRun.objects.filter(pk=run.pk).update(deadline_at=timezone.now())
-    assert WorkflowRun.objects.fail_overdue("default") == 1
+    assert get_store().fail_overdue("default") == 1
     WorkflowRun.objects.resume(run, deadline_at=timezone.now() + timedelta(hours=1))
     new = Backend(execute(claim("review-atomic-gated", worker_id="new")))
     new.start()
@@ -444,7 +445,7 @@ def test_held_a_child_past_its_deadline_while_its_parent_replays_wakes_the_paren
     WorkflowRun.objects.filter(pk=child.pk).update(deadline_at=timezone.now())
     make_due(run)
     replay = Backend(execute(claim("parent")))
-    sweep = Backend(lambda: WorkflowRun.objects.fail_overdue("default"))
+    sweep = Backend(lambda: get_store().fail_overdue("default"))
     with pause_at("wait.before-park", when=lambda c: c["run_id"] == run.pk) as pause:
         replay.start()
         pause.wait()

@@ -27,6 +27,7 @@ from django_openworkflow import send_signal
 from django_openworkflow.diagnostics import stuck_runs
 from django_openworkflow.engine import Execution
 from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowRunEvent
+from django_openworkflow.store import get_store
 from django_openworkflow.testing import travel
 from tests.testapp.models import Ledger, SideEffect
 from tests.testapp.workflows import (
@@ -50,7 +51,7 @@ def clean():
 
 
 def claim(worker_id):
-    return WorkflowRun.objects.claim(
+    return get_store().claim(
         worker_id=worker_id,
         workflow_names=[stateful.name],
         limit=1,
@@ -68,7 +69,7 @@ def flip(switch):
 
 
 def execute(run):
-    Execution(run, stateful, lease_seconds=LEASE, max_parallel=1).execute()
+    Execution(run, stateful, max_parallel=1).execute()
 
 
 class Engine(RuleBasedStateMachine):
@@ -110,8 +111,8 @@ class Engine(RuleBasedStateMachine):
     @rule(data=st.data())
     def expire_lease(self, data):
         """A held claim's lease ends (its worker stalls): the next claim may take the run."""
-        run = data.draw(st.sampled_from(self.held), label="expired claim")
-        WorkflowRun.objects.filter(pk=run.pk, claim_token=run.claim_token).update(
+        held = data.draw(st.sampled_from(self.held), label="expired claim")
+        WorkflowRun.objects.filter(pk=held.run_id, claim_token=held.token).update(
             available_at=Now() - timedelta(seconds=1)
         )
 
@@ -125,7 +126,7 @@ class Engine(RuleBasedStateMachine):
     def drain(self):
         """Workers fail the runs past their deadline, then execute every due run, as often
         as needed (never travelling in time)."""
-        WorkflowRun.objects.fail_overdue("default")
+        get_store().fail_overdue("default")
         for _ in range(20):
             claimed = claim(self.new_worker())
             if not claimed:
@@ -262,11 +263,11 @@ def test_a_resumed_parent_does_not_start_a_second_child():
     execute(claimed)  # the parent starts its child and parks
     child = WorkflowRun.objects.get(parent_step_attempt__workflow_run=parent)
     travel(timedelta(hours=2))
-    assert WorkflowRun.objects.fail_overdue("default") == 1  # the parent; the child goes on
+    assert get_store().fail_overdue("default") == 1  # the parent; the child goes on
     WorkflowRun.objects.resume(parent, deadline_at=timezone.now() + timedelta(minutes=10))
     WorkflowRun.objects.filter(pk=parent.pk).update(available_at=Now() - timedelta(days=1))
     [claimed] = claim("worker")
-    assert claimed.pk == parent.pk
+    assert claimed.run_id == parent.pk
     execute(claimed)
 
     # The first child is still pending: the resumed parent must wait for it, not start another.

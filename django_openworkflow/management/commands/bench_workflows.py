@@ -34,8 +34,8 @@ from django.utils import timezone
 
 from ... import __version__
 from ...bench import HOLD_NAMESPACE, NAMESPACE, one_step, three_steps
-from ...managers import notify
 from ...models import WorkflowRun
+from ...store import get_store
 from ..workers import spawn_runworker, stop_process
 
 SYSTEM = "django-openworkflow"
@@ -141,7 +141,7 @@ class Command(BaseCommand):
             enqueue_s = (timezone.now() - t0).total_seconds()
             if variant == "enqueue_first":  # the "start" of the worker: release the runs
                 WorkflowRun.objects.filter(namespace=HOLD_NAMESPACE).update(namespace=NAMESPACE)
-                notify(connection.alias, NAMESPACE)
+                get_store(connection.alias).notify(NAMESPACE)
             end = self.wait_for(runs, worker)
             cpu1, wcpu1 = _machine_cpu(), _process_cpu_s(worker.pid)
         finally:

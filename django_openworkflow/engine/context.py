@@ -1,0 +1,90 @@
+"""What a workflow function sees: ``ctx`` and its ``ctx.step`` operations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from ..durations import Duration, RetryPolicy
+
+if TYPE_CHECKING:
+    from ..registry import Workflow
+    from .execution import Execution
+
+
+class WorkflowContext:
+    """What a workflow function sees.
+
+    ``ctx.input``, ``ctx.run_id``, ``ctx.version`` and ``ctx.step``.
+    """
+
+    def __init__(self, execution: Execution) -> None:
+        run = execution.run
+        self.input = run.input
+        self.run_id = run.pk
+        self.version = run.version
+        self.step = StepApi(execution)
+
+    def __repr__(self) -> str:
+        return f"<WorkflowContext run={self.run_id}>"
+
+
+class StepApi:
+    """``ctx.step``: the durable operations a workflow is made of."""
+
+    def __init__(self, execution: Execution) -> None:
+        self._execution = execution
+
+    def run(
+        self, name: str, fn: Callable[[], Any], *, retry_policy: RetryPolicy | None = None
+    ) -> Any:
+        """Run ``fn`` once and store its JSON result; on replay return the stored result."""
+        return self._execution.steps.run(name, fn, retry_policy, atomic=False)
+
+    def atomic(
+        self, name: str, fn: Callable[[], Any], *, retry_policy: RetryPolicy | None = None
+    ) -> Any:
+        """Like ``run``, but ``fn``'s database writes commit together with the step's result."""
+        return self._execution.steps.run(name, fn, retry_policy, atomic=True)
+
+    def parallel(
+        self,
+        steps: Iterable[tuple[str, Callable[[], Any]]],
+        *,
+        retry_policy: RetryPolicy | None = None,
+    ) -> list[Any]:
+        """Run independent ``(name, fn)`` steps at once, each stored as its own attempt.
+
+        Returns their results in the given order. Each ``fn`` runs on its own
+        thread (and database connection); replay returns stored results.
+        """
+        return self._execution.steps.parallel(steps, retry_policy)
+
+    def sleep(self, name: str, duration: Duration) -> None:
+        """Park the run for ``duration`` without holding a worker slot."""
+        return self._execution.waits.sleep(name, duration)
+
+    def run_workflow(
+        self,
+        workflow: Workflow | str,
+        input: Any = None,
+        *,
+        name: str | None = None,
+        timeout: Duration | None = None,
+    ) -> Any:
+        """Start a child run and park until it ends; return its output.
+
+        A failed or canceled child, or a ``timeout`` that passes first, fails
+        the step (``StepFailed``); on timeout the child keeps running.
+        """
+        return self._execution.waits.run_workflow(workflow, input, name=name, timeout=timeout)
+
+    def send_signal(self, signal: str, data: Any = None, *, name: str | None = None) -> list[str]:
+        """Deliver ``data`` to the runs waiting on ``signal`` now (exactly once, as a step)."""
+        return self._execution.waits.send_signal(signal, data, name=name)
+
+    def wait_for_signal(
+        self, signal: str, *, name: str | None = None, timeout: Duration | None = None
+    ) -> dict[str, Any] | None:
+        """Park until ``signal`` arrives: ``{"data": payload}``, or ``None`` on timeout."""
+        return self._execution.waits.wait_for_signal(signal, name=name, timeout=timeout)

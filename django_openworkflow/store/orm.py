@@ -1,0 +1,358 @@
+"""``OrmStore``: the store written with Django's ORM, for any supported database.
+
+Correct wherever ``select_for_update(skip_locked=True)`` exists (PostgreSQL,
+MariaDB, MySQL, Oracle) and on SQLite, whose IMMEDIATE transactions take the
+database's write lock when they begin. The contract is in ``base.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from django.db import models
+from django.db.models import F
+from django.db.models.functions import Coalesce, Now
+
+from ..errors import DEADLINE_ERROR
+from ..managers import ACTIVE, not_past_deadline, now_plus
+from ..models import StepAttempt, WorkflowRun
+from ..pauses import pause_point
+from ..signals import run_failed, run_started, send_after_commit
+from .base import Claim, Deferred, Store
+
+RUNNING = WorkflowRun.Status.RUNNING
+
+
+class OrmStore(Store):
+    vendor = "orm"
+
+    @property
+    def runs(self) -> Any:
+        return WorkflowRun.objects.db_manager(self.using)
+
+    @property
+    def attempts(self) -> Any:
+        return StepAttempt.objects.db_manager(self.using)
+
+    def claimed(self, claim: Claim) -> Any:
+        return self.runs.filter(pk=claim.run_id, claim_token=claim.token, status=RUNNING)
+
+    def skip_locked(self, queryset: Any) -> Any:
+        """Lock the rows of ``queryset`` skipping those locked (where row locks exist)."""
+        if self.connection.features.has_select_for_update_skip_locked:
+            return queryset.select_for_update(skip_locked=True)
+        return queryset  # SQLite: the IMMEDIATE transaction holds the whole database
+
+    # --- runs ------------------------------------------------------------------
+
+    def insert_run(self, **fields: Any) -> WorkflowRun:
+        if fields.get("available_at") is None:
+            fields.pop("available_at", None)  # the column's default: the database clock
+        run = self.runs.create(**fields)
+        self.notify(run.namespace)
+        return run  # type: ignore[no-any-return]
+
+    def lock_key(self, *parts: str) -> None:
+        """SQLite: the IMMEDIATE transaction already holds the database's write lock."""
+
+    def claim(
+        self,
+        *,
+        namespace: str,
+        workflow_names: Sequence[str],
+        limit: int,
+        worker_id: str,
+        lease_seconds: float,
+    ) -> list[Claim]:
+        names = list(workflow_names)
+        if limit < 1 or not names:
+            return []
+        token = uuid.uuid4()
+        with self.atomic():
+            candidates = self.runs.in_namespace(namespace).due().filter(workflow_name__in=names)
+            candidates = self.skip_locked(candidates.order_by("available_at"))
+            previous = dict(candidates.values_list("pk", "started_at")[:limit])
+            if not previous:
+                return []
+            # Compare-and-set: only rows still due are taken.
+            self.runs.filter(pk__in=list(previous)).due().update(
+                status=RUNNING,
+                worker_id=worker_id,
+                claim_token=token,
+                available_at=now_plus(lease_seconds),
+                started_at=Coalesce("started_at", Now()),
+                updated_at=Now(),
+            )
+            claims = [
+                Claim(run, token, run.db_now, previous[run.pk] is None, lease_seconds)
+                for run in self.runs.filter(claim_token=token).annotate(db_now=Now())
+            ]
+            self.announce(claims)
+        return claims
+
+    def announce(self, claims: list[Claim]) -> None:
+        """Send ``run_started`` (after the commit) for the runs started for the first time."""
+        for claim in claims:
+            if claim.first_start:
+                send_after_commit(run_started, claim.run, using=self.using)
+
+    def fence(self, claim: Claim, *, renew: bool = False, deferred: Deferred | None = None) -> bool:
+        changes: dict[str, Any] = {"updated_at": Now()}
+        if renew:
+            changes["available_at"] = now_plus(claim.lease_seconds)
+        if not self.claimed(claim).filter(not_past_deadline()).update(**changes):
+            return False
+        self.store_deferred(deferred)
+        return True
+
+    def store_deferred(self, deferred: Deferred | None) -> None:
+        if deferred is not None:
+            attempt_id, text, finished_at = deferred
+            self.attempts.filter(pk=attempt_id, status="running").update(
+                status="completed", output=json.loads(text), finished_at=finished_at
+            )
+
+    def start_step(
+        self,
+        claim: Claim,
+        *,
+        name: str,
+        generation: int,
+        position: int | None,
+        started_at: datetime,
+        atomic: bool,
+        deferred: Deferred | None,
+    ) -> int | None:
+        with self.atomic():
+            if not self.fence(claim, deferred=deferred):
+                return None
+            attempt = self.insert_attempt(
+                claim,
+                step_name=name,
+                kind=StepAttempt.Kind.RUN,
+                resume_generation=generation,
+                position=position,
+                started_at=started_at,
+                atomic=atomic,
+            )
+        return attempt.pk  # type: ignore[no-any-return]
+
+    def insert_attempt(self, claim: Claim, **fields: Any) -> Any:
+        return self.attempts.create(workflow_run_id=claim.run_id, **fields)
+
+    def complete_step(self, claim: Claim, attempt_id: int, output: Any) -> bool:
+        if not self.fence(claim, renew=True):
+            return False
+        self.attempts.filter(pk=attempt_id).update(
+            status="completed", output=output, finished_at=Now()
+        )
+        return True
+
+    def complete_wait(self, attempt_id: int, output: Any) -> None:
+        self.attempts.filter(pk=attempt_id, status="running").update(
+            status="completed", output=output, finished_at=Now()
+        )
+
+    def fail_steps(self, failures: Iterable[tuple[int, dict[str, Any]]]) -> None:
+        for attempt_id, error in failures:
+            self.attempts.filter(pk=attempt_id, status="running").update(
+                status="failed", error=error, finished_at=Now()
+            )
+
+    def park(
+        self,
+        claim: Claim,
+        available_at: datetime | None,
+        *,
+        attempts: int | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> bool:
+        changes: dict[str, Any] = {
+            "status": WorkflowRun.Status.PENDING,
+            "worker_id": None,
+            "claim_token": None,
+            "available_at": available_at,
+            "updated_at": Now(),
+        }
+        if attempts is not None:
+            changes["attempts"] = attempts
+            changes["error"] = error
+        return bool(self.claimed(claim).filter(not_past_deadline()).update(**changes))
+
+    def finish(
+        self,
+        claim: Claim,
+        status: str,
+        *,
+        output: Any = None,
+        error: dict[str, Any] | None = None,
+        attempts: int | None = None,
+        deferred: Deferred | None = None,
+    ) -> bool:
+        changes: dict[str, Any] = {
+            "status": status,
+            "output": output,
+            "error": error,
+            "worker_id": None,
+            "claim_token": None,
+            "available_at": None,
+            "finished_at": Now(),
+            "updated_at": Now(),
+        }
+        if attempts is not None:
+            changes["attempts"] = attempts
+        claimed = self.claimed(claim)
+        if status == WorkflowRun.Status.COMPLETED:  # unfinished at the deadline means failed
+            claimed = claimed.filter(not_past_deadline())
+        child = claim.run.parent_step_attempt_id is not None
+        with self.atomic():
+            if child:
+                self.runs.lock_parents([claim.run_id])  # the lock order: parent, then child
+                pause_point("finish.parent-locked", run_id=claim.run_id)
+            if not claimed.update(**changes):
+                return False
+            self.store_deferred(deferred)
+            if child:
+                self.wake_parents([claim.run_id])
+                self.notify("")
+            pause_point("finish.before-commit", run_id=claim.run_id, status=status)
+        return True
+
+    def fail_at_deadline(
+        self,
+        claim: Claim,
+        generation: int,
+        error: dict[str, Any],
+        deferred: Deferred | None = None,
+    ) -> bool:
+        with self.atomic():
+            if not self.finish(claim, WorkflowRun.Status.FAILED, error=error, deferred=deferred):
+                return False
+            self.attempts.filter(
+                workflow_run_id=claim.run_id,
+                resume_generation=generation,
+                status=StepAttempt.Status.RUNNING,
+                kind=StepAttempt.Kind.RUN,
+            ).update(status="failed", error=error, finished_at=Now())
+        return True
+
+    def store_late_result(self, run_id: Any, generation: int, deferred: Deferred) -> None:
+        attempt_id, text, finished_at = deferred
+        with self.atomic():
+            still_failed = self.runs.select_for_update().filter(
+                pk=run_id, status=WorkflowRun.Status.FAILED, resume_generation=generation
+            )
+            if still_failed.exists():
+                self.attempts.filter(
+                    pk=attempt_id, status=StepAttempt.Status.FAILED, error=DEADLINE_ERROR
+                ).update(
+                    status=StepAttempt.Status.COMPLETED,
+                    output=json.loads(text),
+                    error=None,
+                    finished_at=finished_at,
+                )
+
+    def release(self, claim: Claim, *, delay: float = 0.0) -> bool:
+        return bool(self.claimed(claim).update(available_at=now_plus(delay)))
+
+    # --- wake-ups -----------------------------------------------------------------
+
+    def renew_leases(self, tokens: Sequence[uuid.UUID], lease_seconds: float) -> int:
+        if not tokens:
+            return 0
+        with self.atomic():
+            owned = self.runs.filter(claim_token__in=list(tokens), status=RUNNING)
+            ids = list(self.skip_locked(owned).values_list("pk", flat=True))
+            if not ids:
+                return 0
+            return self.runs.filter(pk__in=ids).update(  # type: ignore[no-any-return]
+                available_at=now_plus(lease_seconds)
+            )
+
+    def fail_overdue(self, namespace: str) -> int:
+        overdue = self.runs.in_namespace(namespace).overdue()
+        candidates = list(overdue.values_list("pk", flat=True))
+        if not candidates:
+            return 0
+        with self.atomic():
+            self.runs.lock_parents(candidates)
+            ids = list(
+                self.skip_locked(overdue.filter(pk__in=candidates)).values_list("pk", flat=True)
+            )
+            if not ids:
+                return 0
+            self.attempts.filter(
+                workflow_run_id__in=ids, status="running", kind=StepAttempt.Kind.RUN
+            ).update(status="failed", error=DEADLINE_ERROR, finished_at=Now())
+            failed: int = (
+                self.runs.filter(pk__in=ids)
+                .overdue()
+                .update(
+                    status=WorkflowRun.Status.FAILED,
+                    error=DEADLINE_ERROR,
+                    worker_id=None,
+                    claim_token=None,
+                    available_at=None,
+                    finished_at=Now(),
+                    updated_at=Now(),
+                )
+            )
+            if self.wake_parents(ids):
+                self.notify(namespace)
+            for run in self.runs.filter(pk__in=ids):
+                send_after_commit(run_failed, run, using=self.using)
+        return failed
+
+    def wake_parents(self, child_ids: Iterable[Any]) -> int:
+        waits = self.attempts.filter(
+            workflow_run_id=models.OuterRef("pk"),
+            resume_generation=models.OuterRef("resume_generation"),
+            child_workflow_run_id__in=list(child_ids),
+            status=StepAttempt.Status.RUNNING,
+        )
+        pending = self.runs.filter(status=WorkflowRun.Status.PENDING)
+        return pending.filter(models.Exists(waits)).update(  # type: ignore[no-any-return]
+            available_at=Now(), updated_at=Now()
+        )
+
+    def deliver_signal(
+        self, namespace: str, signal: str, data: Any, *, sender: Any = None
+    ) -> list[uuid.UUID]:
+        waiting = self.attempts.filter(
+            kind=StepAttempt.Kind.SIGNAL_WAIT,
+            status=StepAttempt.Status.RUNNING,
+            signal=signal,
+            resume_generation=F("workflow_run__resume_generation"),
+            workflow_run__namespace=namespace,
+            workflow_run__status__in=ACTIVE,
+        )
+        run_ids = set(waiting.values_list("workflow_run_id", flat=True))
+        locked = self.runs.lock(run_ids if sender is None else run_ids | {sender})
+        if not run_ids:
+            return []
+        targets = list(
+            waiting.filter(workflow_run_id__in=locked).values_list("pk", "workflow_run_id")
+        )
+        if not targets:
+            return []
+        pause_point("signal.locked", signal=signal, run_ids=locked)
+        self.attempts.filter(pk__in=[pk for pk, _ in targets]).update(
+            status=StepAttempt.Status.COMPLETED, output={"data": data}, finished_at=Now()
+        )
+        woken = sorted({run_id for _, run_id in targets})
+        self.runs.filter(pk__in=woken, status=WorkflowRun.Status.PENDING).update(
+            available_at=Now(), updated_at=Now()
+        )
+        self.notify(namespace)
+        return woken
+
+    def next_due_at(self, namespace: str, workflow_names: Iterable[str]) -> datetime | None:
+        names = list(workflow_names)
+        if not names:
+            return None
+        active = self.runs.in_namespace(namespace).active().filter(workflow_name__in=names)
+        return active.aggregate(at=models.Min("available_at"))["at"]  # type: ignore[no-any-return]

@@ -1,0 +1,321 @@
+"""``PostgresStore``: the hot statements in one round trip and one commit each.
+
+The ORM store's transactions take several statements; on PostgreSQL these
+do the same work in one, with data-modifying CTEs, prepared once per
+connection. The SQL of each method stands beside it. Everything not
+overridden here is the ORM store's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from ..models import StepAttempt, WorkflowRun
+from .base import Claim, Deferred
+from .orm import OrmStore
+
+if TYPE_CHECKING:
+    import threading
+
+logger = logging.getLogger(__name__)
+
+RUN = WorkflowRun._meta.db_table
+STEP = StepAttempt._meta.db_table
+NOTIFY_CHANNEL = "django_openworkflow"
+
+# Locks the run row (no new row version: steps do not rewrite the run) while
+# checking that the claim still holds; the heartbeat renews the lease.
+FENCE = f"""
+    SELECT id FROM {RUN}
+    WHERE id = %s AND claim_token = %s AND status = 'running'
+      AND (deadline_at IS NULL OR deadline_at > statement_timestamp())
+    FOR NO KEY UPDATE
+"""
+
+STORE_DEFERRED = f"""
+    UPDATE {STEP} SET status = 'completed', output = %s::jsonb, finished_at = %s
+    WHERE id = %s AND status = 'running' AND EXISTS (SELECT 1 FROM fence)
+"""
+
+_JSON_COLUMNS = {"input", "output", "error"}
+_RUN_FIELDS = WorkflowRun._meta.concrete_fields
+_RUN_COLUMNS = [str(field.column) for field in _RUN_FIELDS]
+_RUN_ATTNAMES = [field.attname for field in _RUN_FIELDS]
+
+
+class PostgresStore(OrmStore):
+    vendor = "postgresql"
+    notifies = True
+
+    START_RUN = f"""
+    WITH run AS (
+        INSERT INTO {RUN} (id, namespace, workflow_name, version, status, input, attempts,
+                           available_at, deadline_at, idempotency_key, resume_generation)
+        VALUES (%s, %s, %s, %s, 'pending', %s::jsonb, 0,
+                COALESCE(%s, statement_timestamp()), %s, %s, 0)
+        RETURNING *
+    )
+    SELECT run.*, pg_notify(%s, run.namespace) AS notified FROM run
+    """
+    FAST_START_FIELDS = frozenset(
+        {
+            "namespace",
+            "workflow_name",
+            "version",
+            "input",
+            "available_at",
+            "deadline_at",
+            "idempotency_key",
+        }
+    )
+
+    def insert_run(self, **fields: Any) -> WorkflowRun:
+        if not fields.keys() <= self.FAST_START_FIELDS:
+            return super().insert_run(**fields)  # a child run: the ORM
+        params = [
+            uuid.uuid4(),
+            fields["namespace"],
+            fields["workflow_name"],
+            fields.get("version"),
+            _json(fields.get("input")),
+            fields.get("available_at"),
+            fields.get("deadline_at"),
+            fields.get("idempotency_key"),
+            NOTIFY_CHANNEL,
+        ]
+        [(run, _)] = self._runs(self.START_RUN, params)
+        return run
+
+    def lock_key(self, *parts: str) -> None:
+        """A transaction-level advisory lock on a hash of the parts."""
+        with self.connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                ["\x1f".join(("django_openworkflow", *parts))],
+            )
+
+    CLAIM = f"""
+    WITH due AS (
+        SELECT id, started_at AS previous_started_at
+        FROM {RUN}
+        WHERE namespace = %s AND status IN ('pending', 'running')
+          AND available_at <= statement_timestamp() AND workflow_name = ANY(%s)
+          AND (deadline_at IS NULL OR deadline_at > statement_timestamp())
+        ORDER BY available_at
+        LIMIT %s
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE {RUN} AS run SET
+        status = 'running', worker_id = %s, claim_token = %s,
+        available_at = statement_timestamp() + make_interval(secs => %s),
+        started_at = COALESCE(run.started_at, statement_timestamp()),
+        updated_at = statement_timestamp()
+    FROM due WHERE run.id = due.id
+    RETURNING run.*, due.previous_started_at IS NULL AS first_start,
+              statement_timestamp() AS db_now
+    """
+
+    def claim(
+        self,
+        *,
+        namespace: str,
+        workflow_names: Sequence[str],
+        limit: int,
+        worker_id: str,
+        lease_seconds: float,
+    ) -> list[Claim]:
+        names = list(workflow_names)
+        if limit < 1 or not names:
+            return []
+        token = uuid.uuid4()
+        params = [namespace, names, limit, worker_id, token, lease_seconds]
+        claims = [
+            Claim(run, token, extra["db_now"], extra["first_start"], lease_seconds)
+            for run, extra in self._runs(self.CLAIM, params)
+        ]
+        self.announce(claims)
+        return claims
+
+    FENCE_AND_STORE = f"""
+    WITH fence AS ({FENCE}), deferred AS ({STORE_DEFERRED})
+    SELECT id FROM fence
+    """
+
+    def fence(self, claim: Claim, *, renew: bool = False, deferred: Deferred | None = None) -> bool:
+        if renew:  # an UPDATE, for the new lease
+            return super().fence(claim, renew=renew, deferred=deferred)
+        params = [claim.run_id, claim.token, *_deferred_params(deferred)]
+        return self._one(self.FENCE_AND_STORE, params) is not None
+
+    START_STEP = f"""
+    WITH fence AS ({FENCE}), deferred AS ({STORE_DEFERRED})
+    INSERT INTO {STEP} (workflow_run_id, step_name, kind, status, resume_generation, started_at,
+                        position, atomic)
+    SELECT id, %s, 'run', 'running', %s, %s, %s, %s FROM fence
+    RETURNING id
+    """
+
+    def start_step(
+        self,
+        claim: Claim,
+        *,
+        name: str,
+        generation: int,
+        position: int | None,
+        started_at: datetime,
+        atomic: bool,
+        deferred: Deferred | None,
+    ) -> int | None:
+        params = [
+            claim.run_id,
+            claim.token,
+            *_deferred_params(deferred),
+            name,
+            generation,
+            started_at,
+            position,
+            atomic,
+        ]
+        row = self._one(self.START_STEP, params)
+        return None if row is None else int(row[0])
+
+    FINISH = f"""
+    WITH fence AS (
+        UPDATE {RUN} SET status = %s, output = %s::jsonb, error = %s::jsonb,
+                         attempts = COALESCE(%s, attempts),
+                         worker_id = NULL, claim_token = NULL, available_at = NULL,
+                         finished_at = statement_timestamp(), updated_at = statement_timestamp()
+        WHERE id = %s AND claim_token = %s AND status = 'running'
+          AND (%s OR deadline_at IS NULL OR deadline_at > statement_timestamp())
+        RETURNING id
+    ), deferred AS ({STORE_DEFERRED})
+    SELECT id FROM fence
+    """
+
+    def finish(
+        self,
+        claim: Claim,
+        status: str,
+        *,
+        output: Any = None,
+        error: dict[str, Any] | None = None,
+        attempts: int | None = None,
+        deferred: Deferred | None = None,
+    ) -> bool:
+        if claim.run.parent_step_attempt_id is not None:  # the parent is locked first
+            return super().finish(
+                claim, status, output=output, error=error, attempts=attempts, deferred=deferred
+            )
+        params = [
+            status,
+            _json(output),
+            _json(error),
+            attempts,
+            claim.run_id,
+            claim.token,
+            status != WorkflowRun.Status.COMPLETED,
+            *_deferred_params(deferred),
+        ]
+        return self._one(self.FINISH, params) is not None
+
+    def notify(self, namespace: str) -> None:
+        with self.connection.cursor() as cursor:
+            cursor.execute("SELECT pg_notify(%s, %s)", [NOTIFY_CHANNEL, namespace])
+
+    def listen(
+        self,
+        namespace: str,
+        wakeup: threading.Event,
+        stopping: threading.Event,
+        worker_id: str,
+    ) -> bool:
+        """LISTEN on a connection of its own; reconnect with backoff (polling covers gaps)."""
+        from django.db import connections
+
+        delay = 0.5
+        while not stopping.is_set():
+            try:
+                params = self.connection.get_connection_params()
+                for option in ("cursor_factory", "context", "server_side_binding"):
+                    params.pop(option, None)
+                with psycopg.connect(**params, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    delay = 0.5
+                    logger.debug("listening channel=%s", NOTIFY_CHANNEL)
+                    while not stopping.is_set():
+                        for notice in conn.notifies(timeout=1.0):
+                            if notice.payload in ("", namespace):
+                                wakeup.set()
+            except Exception as exc:
+                logger.warning("listen failed worker=%s error=%s", worker_id, exc)
+                stopping.wait(delay)
+                delay = min(delay * 2, 30.0)
+            finally:
+                connections.close_all()
+        return True
+
+    # --- running the statements ---------------------------------------------------
+
+    def _fetch(self, sql: str, params: list[Any]) -> tuple[list[tuple[Any, ...]], list[str]]:
+        """Run one statement, prepared, with server-side parameter binding.
+
+        Django's own cursors bind parameters on the client and never prepare;
+        the worker runs these few statements thousands of times, so PostgreSQL
+        parses and plans each once per connection instead
+        (``OPENWORKFLOW["PREPARED_STATEMENTS"]`` turns that off, e.g. behind a
+        PgBouncer older than 1.21 in transaction mode). Errors still arrive as
+        ``django.db`` exceptions.
+        """
+        from ..conf import app_settings
+
+        connection = self.connection
+        connection.ensure_connection()
+        raw = connection.connection
+        prepare = app_settings.PREPARED_STATEMENTS
+        if prepare and raw.prepare_threshold is None:
+            # Django turns preparing off with None; a threshold never reached keeps
+            # every other query unprepared while these are prepared on request.
+            raw.prepare_threshold = 2**31 - 1
+        with connection.wrap_database_errors, psycopg.Cursor(raw) as cursor:
+            cursor.execute(sql, params, prepare=prepare)
+            columns = [column.name for column in cursor.description or ()]
+            return cursor.fetchall(), columns
+
+    def _one(self, sql: str, params: list[Any]) -> tuple[Any, ...] | None:
+        rows, _ = self._fetch(sql, params)
+        return rows[0] if rows else None
+
+    def _runs(self, sql: str, params: list[Any]) -> list[tuple[WorkflowRun, dict[str, Any]]]:
+        """Model instances from ``RETURNING run.*, extra...`` rows, with the extras."""
+        rows, columns = self._fetch(sql, params)
+        runs = []
+        for row in rows:
+            values = dict(zip(columns, row, strict=True))
+            for column in _JSON_COLUMNS:
+                if isinstance(values.get(column), str):  # Django loads jsonb as text
+                    values[column] = json.loads(values[column])
+            # in the model's field order, whatever the table's column order
+            run = WorkflowRun.from_db(
+                self.using, _RUN_ATTNAMES, [values[column] for column in _RUN_COLUMNS]
+            )
+            extra = {column: values[column] for column in columns if column not in _RUN_COLUMNS}
+            runs.append((run, extra))
+        return runs
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def _deferred_params(deferred: Deferred | None) -> list[Any]:
+    if deferred is None:
+        return [None, None, None]
+    attempt_id, text, finished_at = deferred
+    return [text, finished_at, attempt_id]
