@@ -50,6 +50,7 @@ lint: install
 	$(VENV)/bin/mypy django_openworkflow
 	DJANGO_SETTINGS_MODULE=tests.settings $(PY) -m django makemigrations --check --dry-run
 	DJANGO_SETTINGS_MODULE=demo_project.settings $(PY) manage.py makemigrations --check --dry-run
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir site
 
 format: install
 	$(VENV)/bin/ruff check --fix .

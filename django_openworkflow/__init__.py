@@ -28,7 +28,7 @@ __all__ = [
     "workflow",
 ]
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.2.0.dev0"
 
 
 def __getattr__(name: str) -> Any:

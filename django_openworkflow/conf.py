@@ -1,6 +1,6 @@
 """Settings: one dict, ``OPENWORKFLOW = {...}``, read lazily.
 
-Every key has a documented default (see the README's settings table). Values
+Every key has a documented default (see docs/settings.md). Values
 are read on each access, so ``override_settings(OPENWORKFLOW=...)`` works in
 tests; bad values are reported by the system checks in ``checks.py``.
 """

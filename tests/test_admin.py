@@ -288,7 +288,7 @@ def test_change_page_shows_the_buttons_that_apply(admin_client, status, resume, 
 @override_settings(ROOT_URLCONF="tests.urls_admin_only")
 @pytest.mark.parametrize("status", ["failed", "running"])
 def test_change_page_works_without_the_run_pages(admin_client, status):
-    # The README presents include("django_openworkflow.urls") as optional.
+    # docs/pages.md presents include("django_openworkflow.urls") as optional.
     run = make_run(status)
 
     response = admin_client.get(change_url(run))

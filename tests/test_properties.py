@@ -296,7 +296,7 @@ step_names = st.one_of(
 
 
 def expected_names(names: list[str]) -> list[str]:
-    """The README's rule, stated without the engine: a name is used as given unless an
+    """The rule of docs/api.md (Steps), stated without the engine: a name is used as given unless an
     earlier call took it; then it is ``name:k`` for the smallest k not taken."""
     taken: list[str] = []
     for name in names:

@@ -114,7 +114,7 @@ def parallel_refused(ctx):
 
 @workflow(name="compensates")
 def compensates(ctx):
-    """The README's pattern: catch StepFailed, compensate, re-raise."""
+    """The pattern of docs/api.md (Resuming failed runs): catch StepFailed, compensate, re-raise."""
     ctx.step.run("reserve", lambda: effect(ctx, "reserve") or "reserved")
 
     def charge():
