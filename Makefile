@@ -2,10 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The Django 6.x lane: the newest Django 6 on Python 3.13 (pyenv's 3.13, or PYTHON_DJANGO6=...).
+# The Django 6.x lane (noxfile.py): the newest Django 6 on Python 3.13 (pyenv's 3.13, or
+# PYTHON_DJANGO6=...), which nox is given whether or not it is on PATH.
 PYENV_ROOT ?= $(or $(shell pyenv root 2>/dev/null),$(HOME)/.pyenv)
 PYTHON_DJANGO6 ?= $(or $(lastword $(sort $(wildcard $(PYENV_ROOT)/versions/3.13*/bin/python))),$(shell command -v python3.13))
-VENV_DJANGO6 ?= .venv-django6
+NOX_DJANGO6 = PYTHON_DJANGO6="$(PYTHON_DJANGO6)" $(VENV)/bin/nox --error-on-missing-interpreters -s "tests(django6)"
 PG_URL ?= postgres://postgres@127.0.0.1:5432/test
 DEMO_ADDR ?= 127.0.0.1:8000
 BENCH_URL ?= postgres://postgres@127.0.0.1:5432/openworkflow_bench
@@ -24,11 +25,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-$(VENV_DJANGO6)/.installed: pyproject.toml
+# nox's virtualenv of the Django 6.x lane, (re)installed when pyproject.toml or noxfile.py change.
+.nox/.django6-installed: $(VENV)/.installed noxfile.py
 	@test -n "$(PYTHON_DJANGO6)" || { echo "The Django 6.x lane needs Python 3.13 (pyenv install 3.13, or PYTHON_DJANGO6=/path/to/python3.13)" >&2; exit 1; }
-	$(PYTHON_DJANGO6) -m venv $(VENV_DJANGO6)
-	$(VENV_DJANGO6)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(VENV_DJANGO6)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' 'Django>=6,<7'
+	$(NOX_DJANGO6) --install-only
 	touch $@
 
 # Start the local PostgreSQL cluster when it is down, then wait until it accepts connections.
@@ -62,9 +62,10 @@ test-sqlite: install browser
 test-postgres: install browser pg-up
 	DATABASE_URL=$(PG_URL) OPENWORKFLOW_TEST_PG_CTL="$(PG_CTL)" $(PY) -m pytest
 
-# The Django 6.x lane, on SQLite, with Django's deprecation warnings as errors.
-test-django6: $(VENV_DJANGO6)/.installed
-	$(VENV_DJANGO6)/bin/python -W error::DeprecationWarning -m pytest -q
+# The Django 6.x lane through nox (its virtualenv reused: -R), on SQLite, with Django's
+# deprecation warnings as errors.
+test-django6: .nox/.django6-installed
+	env -u DATABASE_URL $(NOX_DJANGO6) -R -- -q
 
 test: lint test-sqlite test-postgres test-django6 chaos-short
 
@@ -102,4 +103,4 @@ chaos-short: chaos-db
 		--runs 300 --pause-ms 10 --duration 20 $(if $(strip $(PG_CTL)),--restart-db-command "$(PG_CTL) restart") $(CHAOS_ARGS)
 
 clean:
-	rm -rf $(VENV) $(VENV_DJANGO6) .pytest_cache .ruff_cache .mypy_cache demo_project/db.sqlite3 bench-results test-artifacts
+	rm -rf $(VENV) .nox .pytest_cache .ruff_cache .mypy_cache demo_project/db.sqlite3 bench-results test-artifacts

@@ -12,7 +12,7 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 from django.test.utils import override_settings
 
-from django_openworkflow.chaos import (
+from django_openworkflow.loadtest.chaos import (
     LEDGER,
     NAMESPACE,
     audit,

@@ -33,7 +33,8 @@ from django.test.utils import override_settings
 from django.utils import timezone
 
 from ... import __version__
-from ...bench import HOLD_NAMESPACE, NAMESPACE, one_step, three_steps
+from ...loadtest import bench
+from ...loadtest.bench import HOLD_NAMESPACE, NAMESPACE, one_step, three_steps
 from ...models import WorkflowRun
 from ...store import get_store
 from ..workers import spawn_runworker, stop_process
@@ -283,7 +284,7 @@ class Command(BaseCommand):
             "--namespace",
             NAMESPACE,
             "--workflows-module",
-            "django_openworkflow.bench",
+            bench.__name__,
             "--verbosity",
             "0",
         )

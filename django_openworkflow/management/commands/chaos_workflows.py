@@ -32,7 +32,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connection
 from django.test.utils import override_settings
 
-from ...chaos import NAMESPACE, Audit, audit, create_ledger, drop_ledger, ledger_steps
+from ...loadtest import chaos
+from ...loadtest.chaos import NAMESPACE, Audit, audit, create_ledger, drop_ledger, ledger_steps
 from ...models import WorkflowRun
 from ..workers import positive_int as _positive_int
 from ..workers import seconds, spawn_runworker, stop_process
@@ -56,7 +57,7 @@ class Worker:
                 "--namespace",
                 NAMESPACE,
                 "--workflows-module",
-                "django_openworkflow.chaos",
+                chaos.__name__,
                 "--verbosity",
                 "1",
                 stderr=log,

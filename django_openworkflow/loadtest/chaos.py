@@ -29,10 +29,10 @@ from typing import Any
 from django.db import connection
 from django.db.models import Count
 
-from .diagnostics import StuckRun, stuck_runs
-from .durations import RetryPolicy
-from .models import StepAttempt, WorkflowRun
-from .registry import workflow
+from ..diagnostics import StuckRun, stuck_runs
+from ..durations import RetryPolicy
+from ..models import StepAttempt, WorkflowRun
+from ..registry import workflow
 
 NAMESPACE = "openworkflow-chaos"
 LEDGER = "openworkflow_chaos_ledger"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .registry import workflow
+from ..registry import workflow
 
 NAMESPACE = "openworkflow-bench"
 HOLD_NAMESPACE = "openworkflow-bench-hold"
