@@ -34,10 +34,9 @@ from .durations import (
 from .exceptions import StepFailed
 from .managers import DEADLINE_ERROR, notify
 from .models import StepAttempt, WorkflowRun
+from .names import MAX_NAME_LENGTH, check_name
 from .pauses import pause_point
 from .serialization import (
-    MAX_NAME_LENGTH,
-    check_name_text,
     describe_exception,
     ensure_json,
     json_problem,
@@ -458,8 +457,7 @@ class Execution:
                 "block of the workflow function: steps commit on their own (use "
                 "ctx.step.atomic for database writes that must commit with a step)"
             )
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"step name must be a non-empty string, not {name!r}")
+        check_name(name, "step name")
         candidate, index = name, 0
         while candidate in self.used_names:
             index += 1
@@ -469,7 +467,6 @@ class Execution:
                 f"step name {candidate[:40]!r}… is {len(candidate)} characters"
                 f"{' with its number' if index else ''}; at most {MAX_NAME_LENGTH}"
             )
-        check_name_text(name, "step name")
         self.used_names.add(candidate)
         position = len(self.positions)
         before = self.history_positions.get(position)
@@ -873,8 +870,8 @@ class Execution:
         else:
             raise TypeError(f"run_workflow() needs a workflow or its name, not {workflow!r}")
         of_step = "" if name is None else f' of step "{name}"'
-        check_name_text(child_name, f"child workflow name{of_step}")
-        step = name or child_name
+        check_name(child_name, f"child workflow name{of_step}")
+        step = child_name if name is None else name
         delta = _timeout(timeout, step)
         ensure_json(input, f'input of child workflow step "{step}"')
         step = self._step_name(step)
@@ -950,10 +947,10 @@ class Execution:
         raise _WaitFailed(error)
 
     def send_signal(self, signal: str, data: Any, *, name: str | None) -> list[str]:
-        from .signaling import check_signal_name, deliver
+        from .signaling import deliver
 
-        check_signal_name(signal)
-        step = self._step_name(name or signal)
+        check_name(signal, "signal")
+        step = self._step_name(signal if name is None else name)
         done = self.completed.get(step)
         if done is not None:
             return done.output  # type: ignore[return-value]
@@ -978,10 +975,8 @@ class Execution:
     def wait_for_signal(
         self, signal: str, *, name: str | None, timeout: Duration | None
     ) -> dict[str, Any] | None:
-        from .signaling import check_signal_name
-
-        check_signal_name(signal)
-        step = name or signal
+        check_name(signal, "signal")
+        step = signal if name is None else name
         delta = _timeout(timeout, step)
         step = self._step_name(step)
         done = self.completed.get(step)

@@ -20,16 +20,10 @@ from django.db.models.functions import Now
 from .conf import app_settings
 from .managers import ACTIVE, notify
 from .models import StepAttempt, WorkflowRun, WorkflowSignal
+from .names import check_name
 from .pauses import pause_point
 from .registry import IDEMPOTENCY_WINDOW, lock_key
-from .serialization import check_name_text, ensure_json
-
-
-def check_signal_name(signal: Any, what: str = "signal") -> str:
-    if not isinstance(signal, str) or not signal:
-        raise TypeError(f"{what} must be a non-empty string, not {signal!r}")
-    check_name_text(signal, what)
-    return signal
+from .serialization import ensure_json
 
 
 def deliver(
@@ -76,10 +70,10 @@ def send_signal(signal: str, data: Any = None, *, idempotency_key: str | None = 
     A repeat with the same ``idempotency_key`` for the same signal within 24
     hours delivers nothing and returns ``[]``.
     """
-    check_signal_name(signal)
+    check_name(signal, "signal")
     ensure_json(data, f'data of signal "{signal}"')
     if idempotency_key is not None:
-        check_signal_name(idempotency_key, f'idempotency_key of signal "{signal}"')
+        check_name(idempotency_key, f'idempotency_key of signal "{signal}"')
     namespace = app_settings.NAMESPACE
     using = router.db_for_write(WorkflowRun)
     with transaction.atomic(using=using):
