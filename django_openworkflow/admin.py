@@ -39,7 +39,7 @@ class StepAttemptColumns:
     @admin.display(description=gettext_lazy("status"), ordering="status")
     def status_shown(self, attempt: StepAttempt) -> str:
         # (only a running attempt reads its run: no query per row for the others)
-        return attempt_status(attempt, attempt.workflow_run)[1]
+        return attempt_status(attempt)[1]
 
 
 class ReadOnlyInline(admin.TabularInline):

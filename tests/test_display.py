@@ -111,3 +111,18 @@ def test_a_run_method_refusal_reads_the_same_as_the_managers():
         workflow_name="echo", status="failed", deadline_at=timezone.now() - timedelta(minutes=1)
     )
     assert refusal_text(late.resume_refusal(), late.status) == "its deadline has passed"
+
+
+def test_only_a_running_attempt_reads_its_run(django_assert_num_queries):
+    run = WorkflowRun.objects.create(workflow_name="echo", status="failed")
+    StepAttempt.objects.create(workflow_run=run, step_name="done", status="completed")
+    StepAttempt.objects.create(workflow_run=run, step_name="open", status="running")
+    done, open_ = StepAttempt.objects.order_by("id")  # their runs not loaded
+
+    column = StepAttemptInline(WorkflowRun, admin.site).status_shown
+
+    with django_assert_num_queries(0):
+        assert attempt_status(done) == ("completed", "completed")
+        assert column(done) == "completed"
+    with django_assert_num_queries(1):
+        assert attempt_status(open_) == ("interrupted", "interrupted")
