@@ -22,20 +22,11 @@ from django.utils.html import format_html
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy, ngettext
 
+from .display import attempt_status, error_summary, refusal_text
 from .exceptions import InvalidTransition
 from .managers import WorkflowRunQuerySet
 from .models import StepAttempt, WorkflowRun, WorkflowRunEvent
 from .views import can_view_runs, run_page_url
-
-
-def _error_summary(error: Any) -> str:
-    if not error:
-        return ""
-    if isinstance(error, dict):
-        kind = str(error.get("type") or "")
-        message = str(error.get("message") or "")
-        return f"{kind}: {message}" if kind and message else kind or message
-    return str(error)
 
 
 class StepAttemptColumns:
@@ -47,12 +38,8 @@ class StepAttemptColumns:
 
     @admin.display(description=gettext_lazy("status"), ordering="status")
     def status_shown(self, attempt: StepAttempt) -> str:
-        # (only a running attempt needs its run: no query per row for the others)
-        if attempt.status == StepAttempt.Status.RUNNING and attempt.is_interrupted(
-            attempt.workflow_run
-        ):
-            return _("interrupted")
-        return attempt.get_status_display()
+        # (only a running attempt reads its run: no query per row for the others)
+        return attempt_status(attempt)[1]
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -95,7 +82,7 @@ class StepAttemptInline(StepAttemptColumns, ReadOnlyInline):
 
     @admin.display(description=gettext_lazy("error"))
     def error_summary(self, attempt: StepAttempt) -> str:
-        return _error_summary(attempt.error)
+        return error_summary(attempt.error)
 
     @admin.display(description=gettext_lazy("child run"))
     def child_run(self, attempt: StepAttempt) -> str:
@@ -117,7 +104,7 @@ class WorkflowRunEventInline(ReadOnlyInline):
 
     @admin.display(description=gettext_lazy("cleared error"))
     def cleared_error_summary(self, event: WorkflowRunEvent) -> str:
-        return _error_summary(event.cleared_error)
+        return error_summary(event.cleared_error)
 
 
 class FailedStepFilter(admin.SimpleListFilter):
@@ -223,7 +210,7 @@ class WorkflowRunAdmin(NulSafeChangelist):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         """An active run cannot be deleted here (its worker or its waiting parent needs it)."""
-        if obj is not None and obj.status in WorkflowRun.ACTIVE_STATUSES:
+        if obj is not None and not obj.is_finished:
             return False
         return super().has_delete_permission(request, obj)
 
@@ -270,8 +257,8 @@ class WorkflowRunAdmin(NulSafeChangelist):
         # changelist actions are the way to resume or cancel.
         context["run_page_url"] = run_page_url(obj.pk) if obj is not None else None
         if obj is not None and context["run_page_url"] and self.has_change_permission(request, obj):
-            context["can_resume"] = obj.status == WorkflowRun.Status.FAILED
-            context["can_cancel"] = not obj.is_finished
+            context["can_resume"] = obj.can_resume()
+            context["can_cancel"] = obj.can_cancel()
         return super().render_change_form(request, context, add, change, form_url, obj)
 
     # --- columns and fields --------------------------------------------------
@@ -307,7 +294,6 @@ class WorkflowRunAdmin(NulSafeChangelist):
             WorkflowRun.objects.resume,
             log_message="Resumed",
             done=lambda n: ngettext("%(count)d run resumed.", "%(count)d runs resumed.", n),
-            still_allowed=WorkflowRun.Status.FAILED,
         )
 
     @admin.action(permissions=["change"], description=gettext_lazy("Cancel selected runs"))
@@ -318,7 +304,6 @@ class WorkflowRunAdmin(NulSafeChangelist):
             WorkflowRun.objects.cancel,
             log_message="Canceled",
             done=lambda n: ngettext("%(count)d run canceled.", "%(count)d runs canceled.", n),
-            still_allowed=None,
         )
 
     @admin.action(
@@ -328,7 +313,7 @@ class WorkflowRunAdmin(NulSafeChangelist):
         self, request: HttpRequest, queryset: QuerySet[WorkflowRun]
     ) -> HttpResponse | None:
         """Django's delete action for finished runs; active runs are skipped and counted."""
-        active = queryset.filter(status__in=WorkflowRun.ACTIVE_STATUSES)
+        active = cast(WorkflowRunQuerySet, queryset).active()
         self._report_skipped(
             request,
             Counter(
@@ -337,7 +322,7 @@ class WorkflowRunAdmin(NulSafeChangelist):
                 for status in active.values_list("status", flat=True)
             ),
         )
-        finished = queryset.exclude(status__in=WorkflowRun.ACTIVE_STATUSES)
+        finished = cast(WorkflowRunQuerySet, queryset).finished()
         if not finished.exists():
             return None
         return django_delete_selected(self, request, finished)  # type: ignore[no-any-return]
@@ -350,7 +335,6 @@ class WorkflowRunAdmin(NulSafeChangelist):
         *,
         log_message: str,
         done: Callable[[int], str],
-        still_allowed: str | None,
     ) -> None:
         """Apply ``transition`` to each run; count the changed and the skipped, by reason."""
         changed = 0
@@ -358,8 +342,8 @@ class WorkflowRunAdmin(NulSafeChangelist):
         for run in queryset:
             try:
                 run = transition(run, by=request.user)
-            except InvalidTransition as exc:
-                skipped[self._skip_reason(exc.status, still_allowed)] += 1
+            except InvalidTransition as exc:  # why, from the manager's own decision
+                skipped[refusal_text(exc.reason, exc.status)] += 1
             except WorkflowRun.DoesNotExist:
                 skipped[_("it no longer exists")] += 1
             else:
@@ -384,19 +368,6 @@ class WorkflowRunAdmin(NulSafeChangelist):
                 % {"count": count, "reason": reason},
                 messages.WARNING,
             )
-
-    @staticmethod
-    def _skip_reason(status: str | None, still_allowed: str | None) -> str:
-        """Why the manager refused a run, from the status it read under the row lock.
-
-        A run whose status still allows the transition was refused for its
-        deadline (the only other reason ``resume()`` has).
-        """
-        if status is None:
-            return _("it no longer exists")
-        if status == still_allowed:
-            return _("its deadline has passed")
-        return _("it is %(status)s") % {"status": WorkflowRun.Status(status).label}
 
 
 @admin.register(StepAttempt)

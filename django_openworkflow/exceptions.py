@@ -6,6 +6,7 @@ catch the whole family with one ``except`` clause.
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 
@@ -13,16 +14,43 @@ class WorkflowError(Exception):
     """Base class of every error this package raises on purpose."""
 
 
+class Refusal(str, enum.Enum):
+    """Why a run cannot be resumed or canceled: ``InvalidTransition.reason``.
+
+    Decided in one place, ``WorkflowRun.resume_refusal()`` /
+    ``cancel_refusal()``, which the managers, the admin and the pages all call.
+    """
+
+    STATUS = "status"
+    """Its status does not allow it (``InvalidTransition.status`` says which)."""
+    DEADLINE = "deadline"
+    """Resume: its ``deadline_at`` has passed; resuming needs a future ``deadline_at=``."""
+    NEW_DEADLINE = "new-deadline"
+    """Resume: the ``deadline_at=`` given is not in the future."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class InvalidTransition(WorkflowError):
     """A run was asked to move to a status it cannot reach from its current one.
 
-    ``run_id`` and ``status`` (read under the row lock) say which run and why.
+    ``run_id``, ``status`` (read under the row lock) and ``reason`` (a
+    :class:`Refusal`) say which run and why, so callers never parse the message.
     """
 
-    def __init__(self, message: str, *, run_id: Any = None, status: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        run_id: Any = None,
+        status: str | None = None,
+        reason: Refusal | None = None,
+    ) -> None:
         super().__init__(message)
         self.run_id = run_id
         self.status = status
+        self.reason = reason
 
 
 class StepFailed(WorkflowError):

@@ -27,7 +27,7 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from . import errors
-from .exceptions import InvalidTransition
+from .exceptions import InvalidTransition, Refusal
 from .pauses import pause_point
 from .signals import run_canceled, run_resumed, send_after_commit
 
@@ -78,9 +78,29 @@ def _aware_deadline(value: Any) -> datetime | None:
     return value
 
 
+def _resume_refused(run: WorkflowRun, refusal: Refusal, deadline_at: datetime | None) -> str:
+    """The message of the ``InvalidTransition`` that ``resume()`` raises for ``refusal``."""
+    if refusal is Refusal.STATUS:
+        return f"cannot resume run {run.pk}: it is {run.status}; only failed runs can be resumed"
+    if refusal is Refusal.NEW_DEADLINE:
+        assert deadline_at is not None
+        return (
+            f"cannot resume run {run.pk}: the new deadline_at "
+            f"{deadline_at.isoformat()} is not in the future"
+        )
+    assert run.deadline_at is not None
+    return (
+        f"cannot resume run {run.pk}: its deadline_at {run.deadline_at.isoformat()} "
+        "has passed; pass a future deadline_at= to resume it"
+    )
+
+
 class WorkflowRunQuerySet(models.QuerySet["WorkflowRun"]):
     def active(self) -> WorkflowRunQuerySet:
-        """Runs that have not finished: pending (queued or parked) or running."""
+        """Runs that have not finished: pending (queued or parked) or running.
+
+        The runs ``cancel()`` would cancel: ``WorkflowRun.can_cancel()`` in SQL.
+        """
         return self.filter(status__in=ACTIVE)
 
     def finished(self) -> WorkflowRunQuerySet:
@@ -90,7 +110,11 @@ class WorkflowRunQuerySet(models.QuerySet["WorkflowRun"]):
         return self.filter(status="failed")
 
     def resumable(self) -> WorkflowRunQuerySet:
-        return self.failed()
+        """Runs ``resume()`` would resume: ``WorkflowRun.can_resume()`` in SQL.
+
+        Failed, with no deadline or one still ahead (by the database clock).
+        """
+        return self.failed().filter(not_past_deadline())
 
     def in_namespace(self, namespace: str) -> WorkflowRunQuerySet:
         return self.filter(namespace=namespace)
@@ -188,30 +212,17 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
         deadline_at = _aware_deadline(deadline_at)
         with transaction.atomic(using=self.db):
             run = self.select_for_update().annotate(db_now=Now()).get(pk=pk)
-            if run.status != self.model.Status.FAILED:
-                raise InvalidTransition(
-                    f"cannot resume run {run.pk}: it is {run.status}; "
-                    "only failed runs can be resumed",
-                    run_id=run.pk,
-                    status=run.status,
-                )
             db_now = run.db_now
-            if deadline_at is not None:
-                if deadline_at <= db_now:
-                    raise InvalidTransition(
-                        f"cannot resume run {run.pk}: the new deadline_at "
-                        f"{deadline_at.isoformat()} is not in the future",
-                        run_id=run.pk,
-                        status=run.status,
-                    )
-                run.deadline_at = deadline_at
-            elif run.deadline_at is not None and run.deadline_at <= db_now:
+            refusal = run.resume_refusal(db_now, deadline_at=deadline_at)
+            if refusal is not None:
                 raise InvalidTransition(
-                    f"cannot resume run {run.pk}: its deadline_at {run.deadline_at.isoformat()} "
-                    "has passed; pass a future deadline_at= to resume it",
+                    _resume_refused(run, refusal, deadline_at),
                     run_id=run.pk,
                     status=run.status,
+                    reason=refusal,
                 )
+            if deadline_at is not None:
+                run.deadline_at = deadline_at
             cleared = run.error
             run.status = self.model.Status.PENDING
             run.error = None
@@ -263,12 +274,14 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
         with transaction.atomic(using=self.db):
             self.lock_parents([pk])
             run = self.select_for_update().annotate(db_now=Now()).get(pk=pk)
-            if run.status not in ACTIVE:
+            refusal = run.cancel_refusal()
+            if refusal is not None:
                 raise InvalidTransition(
                     f"cannot cancel run {run.pk}: it is {run.status}; "
                     "only pending or running runs can be canceled",
                     run_id=run.pk,
                     status=run.status,
+                    reason=refusal,
                 )
             self._mark_canceled(run, by)
             pause_point("cancel.before-children", run_id=run.pk)

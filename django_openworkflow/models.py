@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
@@ -11,8 +12,10 @@ from django.db.models.functions import Now
 from django.db.models.signals import pre_delete
 from django.dispatch import receiver
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from .exceptions import Refusal
 from .managers import StepAttemptQuerySet, WorkflowRunManager
 
 if TYPE_CHECKING:
@@ -122,6 +125,44 @@ class WorkflowRun(models.Model):
     @property
     def is_finished(self) -> bool:
         return self.status in self.FINISHED_STATUSES
+
+    # --- the rules of resume and cancel: the managers, the admin and the pages ask here
+
+    def resume_refusal(
+        self, now: datetime | None = None, *, deadline_at: datetime | None = None
+    ) -> Refusal | None:
+        """Why ``WorkflowRun.objects.resume(run, deadline_at=...)`` would refuse it, or None.
+
+        Only a failed run can be resumed, and only before its deadline: a run
+        whose ``deadline_at`` has passed needs a new, future ``deadline_at``.
+        ``now`` is the clock to judge deadlines by (the manager passes the
+        database's, read under the row lock); ``QuerySet.resumable()`` is the
+        same rule in SQL.
+        """
+        if self.status != self.Status.FAILED:
+            return Refusal.STATUS
+        now = timezone.now() if now is None else now
+        if deadline_at is not None:
+            return None if deadline_at > now else Refusal.NEW_DEADLINE
+        if self.deadline_at is not None and self.deadline_at <= now:
+            return Refusal.DEADLINE
+        return None
+
+    def can_resume(self, now: datetime | None = None) -> bool:
+        """Whether ``WorkflowRun.objects.resume(run)`` would resume it (see ``resume_refusal``)."""
+        return self.resume_refusal(now) is None
+
+    def cancel_refusal(self) -> Refusal | None:
+        """Why ``WorkflowRun.objects.cancel(run)`` would refuse it, or None.
+
+        Only an active run (pending or running) can be canceled;
+        ``QuerySet.active()`` is the same rule in SQL.
+        """
+        return None if self.status in self.ACTIVE_STATUSES else Refusal.STATUS
+
+    def can_cancel(self) -> bool:
+        """Whether ``WorkflowRun.objects.cancel(run)`` would cancel it."""
+        return self.cancel_refusal() is None
 
     def result(self, timeout: float | None = None) -> object:
         """Wait for the run to finish and return its output.

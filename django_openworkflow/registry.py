@@ -11,7 +11,8 @@ from django.utils import timezone
 
 from .conf import app_settings
 from .durations import RetryPolicy
-from .serialization import check_name_text, ensure_json, text_problem
+from .names import check_name, text_problem
+from .serialization import ensure_json
 
 if TYPE_CHECKING:
     from .engine import WorkflowContext
@@ -37,9 +38,7 @@ class Workflow:
     ) -> None:
         if not callable(fn):
             raise TypeError(f"workflow {name!r} must wrap a callable, not {fn!r}")
-        if not isinstance(name, str) or not name.strip():
-            raise TypeError(f"workflow name must be a non-empty string, not {name!r}")
-        check_name_text(name, "workflow name")
+        check_name(name, "workflow name", blank=False)
         if version is not None and not isinstance(version, str):
             raise TypeError(f"version of workflow {name!r} must be a string, not {version!r}")
         if version is not None and len(version) > MAX_VERSION_LENGTH:
@@ -88,22 +87,8 @@ class Workflow:
         ensure_json(input, f'input of workflow "{self.name}"')
         available_at = _aware(available_at, "available_at", self.name)
         deadline_at = _aware(deadline_at, "deadline_at", self.name)
-        if idempotency_key is not None and (
-            not isinstance(idempotency_key, str) or not idempotency_key
-        ):
-            raise TypeError(
-                f'idempotency_key of workflow "{self.name}" must be a non-empty string, '
-                f"not {idempotency_key!r}"
-            )
-        if idempotency_key is not None and len(idempotency_key) > 255:
-            raise ValueError(
-                f'idempotency_key of workflow "{self.name}" is {len(idempotency_key)} '
-                "characters long; at most 255 are allowed"
-            )
-        if idempotency_key is not None and (problem := text_problem(idempotency_key)):
-            raise ValueError(
-                f'idempotency_key {idempotency_key!r} of workflow "{self.name}" {problem}'
-            )
+        if idempotency_key is not None:
+            check_name(idempotency_key, "idempotency_key", of=f' of workflow "{self.name}"')
         namespace = app_settings.NAMESPACE
         store = get_store()
         fields = {
@@ -199,8 +184,8 @@ def workflow(
     """
     if callable(name):
         return workflow()(name)
-    if name is not None and (not isinstance(name, str) or not name.strip()):
-        raise TypeError(f"workflow name must be a non-empty string, not {name!r}")
+    if name is not None:
+        check_name(name, "workflow name", blank=False)
 
     def decorator(fn: Callable[..., Any]) -> Workflow:
         if not callable(fn):

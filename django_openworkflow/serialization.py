@@ -7,23 +7,11 @@ import math
 import traceback
 from typing import Any
 
-# PostgreSQL cannot store U+0000 in text or jsonb: refused everywhere (values,
-# names, keys), so that what SQLite accepts PostgreSQL accepts too.
-NUL_PROBLEM = "contains the character U+0000 (NUL), which PostgreSQL cannot store"
+from .names import MAX_NAME_LENGTH, text_problem
+
 # PostgreSQL's jsonb keeps numbers as numeric and writes 1e+16 back as 10000000000000000,
 # an int: floats this large are refused everywhere, so none comes back converted.
 LARGEST_FLOAT = 1e16
-MAX_NAME_LENGTH = 255  # workflow, step and signal names: their columns hold 255 characters
-
-
-def check_name_text(name: str, what: str) -> None:
-    """Raise ``ValueError`` unless ``name`` fits its column: at most 255 characters of text."""
-    if len(name) > MAX_NAME_LENGTH:
-        raise ValueError(
-            f"{what} {name[:40]!r}… is {len(name)} characters; at most {MAX_NAME_LENGTH}"
-        )
-    if problem := text_problem(name):
-        raise ValueError(f"{what} {name!r} {problem}")
 
 
 def json_problem(value: Any, path: str = "$") -> str | None:
@@ -39,18 +27,6 @@ def json_problem(value: Any, path: str = "$") -> str | None:
         return _json_problem(value, path)
     except RecursionError:
         return f"{path} is nested too deeply for JSON (or contains itself)"
-
-
-def text_problem(text: str) -> str | None:
-    """What makes ``text`` unstorable, as "contains ...", or None."""
-    if "\x00" in text:
-        return NUL_PROBLEM
-    if not text.isascii():
-        try:
-            text.encode()
-        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a bad decode
-            return f"contains {text[exc.start]!r}, which is not valid Unicode text"
-    return None
 
 
 def _json_problem(value: Any, path: str) -> str | None:

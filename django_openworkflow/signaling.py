@@ -16,16 +16,10 @@ from django.db.models.functions import Now
 
 from .conf import app_settings
 from .models import WorkflowSignal
+from .names import check_name
 from .registry import IDEMPOTENCY_WINDOW
-from .serialization import check_name_text, ensure_json
+from .serialization import ensure_json
 from .store import get_store
-
-
-def check_signal_name(signal: Any, what: str = "signal") -> str:
-    if not isinstance(signal, str) or not signal:
-        raise TypeError(f"{what} must be a non-empty string, not {signal!r}")
-    check_name_text(signal, what)
-    return signal
 
 
 def send_signal(signal: str, data: Any = None, *, idempotency_key: str | None = None) -> list[str]:
@@ -34,10 +28,10 @@ def send_signal(signal: str, data: Any = None, *, idempotency_key: str | None = 
     A repeat with the same ``idempotency_key`` for the same signal within 24
     hours delivers nothing and returns ``[]``.
     """
-    check_signal_name(signal)
+    check_name(signal, "signal")
     ensure_json(data, f'data of signal "{signal}"')
     if idempotency_key is not None:
-        check_signal_name(idempotency_key, f'idempotency_key of signal "{signal}"')
+        check_name(idempotency_key, f'idempotency_key of signal "{signal}"')
     namespace = app_settings.NAMESPACE
     store = get_store()
     using = store.using

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta
 from functools import wraps
 from typing import Any, cast
 
@@ -30,7 +29,8 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST, require_safe
 
-from .exceptions import InvalidTransition
+from .display import duration_of, error_parts, refusal_text, timeline
+from .exceptions import InvalidTransition, Refusal
 from .managers import WorkflowRunQuerySet
 from .models import StepAttempt, WorkflowRun
 from .registry import get_workflow
@@ -179,9 +179,7 @@ def run_list(request: HttpRequest) -> HttpResponse:
         "status_tabs": status_tabs,
         "workflow_names": workflow_names,
         "selected_workflow": form.cleaned_data.get("workflow", ""),
-        "refresh_seconds": REFRESH_SECONDS
-        if any(run.status in WorkflowRun.ACTIVE_STATUSES for run in page)
-        else None,
+        "refresh_seconds": REFRESH_SECONDS if any(not run.is_finished for run in page) else None,
     }
     return render(request, "django_openworkflow/run_list.html", context)
 
@@ -192,9 +190,10 @@ def run_detail(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
     run = get_object_or_404(WorkflowRun.objects.select_related("parent_step_attempt"), pk=run_id)
     attempts = list(run.step_attempts.order_by("id"))
     events = list(run.events.select_related("by").order_by("at", "id"))
-    active = run.status in WorkflowRun.ACTIVE_STATUSES
+    active = not run.is_finished
     can_change = can_change_runs(request.user)
     now = timezone.now()
+    resume_refusal = run.resume_refusal(now)
     context = {
         "run": run,
         "duration": duration_of(run, now=now),
@@ -206,85 +205,16 @@ def run_detail(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
         "unknown_workflow": active and get_workflow(run.workflow_name) is None,
         "events": events,
         "error": error_parts(run.error),
-        "can_resume": can_change and run.status == WorkflowRun.Status.FAILED,
-        "can_cancel": can_change and active,
+        # The buttons follow the rules the managers apply (WorkflowRun.can_resume/can_cancel).
+        "can_resume": can_change and resume_refusal is None,
+        "can_cancel": can_change and run.can_cancel(),
+        # A failed run the button cannot resume: say why rather than hide it silently.
+        "resume_refused": refusal_text(resume_refusal, run.status)
+        if can_change and resume_refusal is Refusal.DEADLINE
+        else None,
         "refresh_seconds": REFRESH_SECONDS if active else None,
     }
     return render(request, "django_openworkflow/run_detail.html", context)
-
-
-def error_parts(error: Any) -> dict[str, Any] | None:
-    """Split a stored error into type, message and traceback for display."""
-    if error is None:
-        return None
-    if not isinstance(error, dict):
-        return {"type": "", "message": str(error), "traceback": ""}
-    traceback = error.get("traceback") or ""
-    if isinstance(traceback, list):
-        traceback = "".join(str(line) for line in traceback)
-    return {
-        "type": str(error.get("type") or ""),
-        "message": str(error.get("message") or ""),
-        "traceback": str(traceback),
-    }
-
-
-def timeline(
-    run: WorkflowRun, attempts: list[StepAttempt], *, now: datetime
-) -> list[dict[str, Any]]:
-    """Lay the step attempts out on the run's span, grouped by resume generation.
-
-    Each attempt gets ``bar_left`` and ``bar_width``: percentages of the span
-    from the run's creation to its end (now, while it is active); ``number``
-    counts the attempts at the same step within a generation.
-    """
-    active = run.status in WorkflowRun.ACTIVE_STATUSES
-
-    def end_of(attempt: StepAttempt) -> datetime:
-        if attempt.finished_at is not None:
-            return attempt.finished_at
-        return now if active else max(run.finished_at or now, attempt.started_at)
-
-    start = min([run.created_at, *(a.started_at for a in attempts)])
-    ends = [end_of(a) for a in attempts]
-    if active:
-        ends.append(now)
-    elif run.finished_at is not None:
-        ends.append(run.finished_at)
-    end = max([start, *ends])
-    span = max((end - start).total_seconds(), 0.001)
-
-    generations: dict[int, dict[str, Any]] = {}
-    numbers: dict[tuple[int, str], int] = {}
-    for attempt in attempts:
-        key = (attempt.resume_generation, attempt.step_name)
-        numbers[key] = numbers.get(key, 0) + 1
-        attempt.number = numbers[key]  # type: ignore[attr-defined]
-        attempt_end = end_of(attempt)
-        left = (attempt.started_at - start).total_seconds() / span * 100
-        width = (attempt_end - attempt.started_at).total_seconds() / span * 100
-        left = min(max(left, 0.0), 99.5)
-        width = min(max(width, 0.5), 100.0 - left)
-        attempt.bar_left = left  # type: ignore[attr-defined]
-        attempt.bar_width = width  # type: ignore[attr-defined]
-        attempt.elapsed = attempt_end - attempt.started_at  # type: ignore[attr-defined]
-        attempt.error_parts = error_parts(attempt.error)  # type: ignore[attr-defined]
-        attempt.interrupted = attempt.is_interrupted(run)  # type: ignore[attr-defined]
-        group = generations.setdefault(
-            attempt.resume_generation,
-            {"number": attempt.resume_generation, "attempts": []},
-        )
-        group["attempts"].append(attempt)
-    for group in generations.values():
-        group["current"] = group["number"] == run.resume_generation
-    return [generations[number] for number in sorted(generations)]
-
-
-def duration_of(run: WorkflowRun, *, now: datetime) -> timedelta | None:
-    """How long the run's last execution took, or has taken so far."""
-    if run.started_at is None:
-        return None
-    return (run.finished_at or now) - run.started_at
 
 
 # --- transitions ---------------------------------------------------------------

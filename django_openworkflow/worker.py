@@ -29,9 +29,9 @@ from .checks import SQLITE_LOCKED_HINT
 from .conf import app_settings
 from .engine import Execution
 from .models import WorkflowRun
+from .names import check_name
 from .pauses import pause_point
 from .registry import get_workflow, workflow_names
-from .serialization import check_name_text
 from .store import Claim, Store, get_store
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class Worker:
         self.burst = burst
         self.namespace = namespace or app_settings.NAMESPACE
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        check_name_text(self.worker_id, "worker id")  # it fits WorkflowRun.worker_id
+        check_name(self.worker_id, "worker id")  # it fits WorkflowRun.worker_id
         self.store = get_store()
         self.using = self.store.using
         self._wakeup = threading.Event()

@@ -285,6 +285,16 @@ def test_change_page_shows_the_buttons_that_apply(admin_client, status, resume, 
     assert 'name="_continue"' not in html
 
 
+def test_change_page_offers_no_resume_for_a_run_past_its_deadline(admin_client):
+    # The same rule as resume() and the action (WorkflowRun.can_resume): the button
+    # would only lead to "its deadline_at ... has passed".
+    late = make_run("failed", deadline_at=timezone.now() - timedelta(minutes=5))
+
+    html = admin_client.get(change_url(late)).content.decode()
+
+    assert reverse("django_openworkflow:run-resume", args=[late.pk]) not in html
+
+
 @override_settings(ROOT_URLCONF="tests.urls_admin_only")
 @pytest.mark.parametrize("status", ["failed", "running"])
 def test_change_page_works_without_the_run_pages(admin_client, status):

@@ -1,10 +1,13 @@
 import uuid
+from datetime import timedelta
 
 import pytest
 from django.db import transaction
 from django.db.transaction import TransactionManagementError
+from django.utils import timezone
 
-from django_openworkflow import WorkflowCanceled, WorkflowError, WorkflowFailed
+from django_openworkflow import InvalidTransition, WorkflowCanceled, WorkflowError, WorkflowFailed
+from django_openworkflow.exceptions import Refusal
 from django_openworkflow.models import StepAttempt, WorkflowRun
 from tests.conftest import claim_and_execute
 from tests.testapp.workflows import echo
@@ -87,3 +90,71 @@ def test_database_refuses_an_unknown_status():
 
     with pytest.raises(IntegrityError):
         WorkflowRun.objects.create(workflow_name="echo", status="sleeping")
+
+
+# --- can_resume / can_cancel: one rule for the managers, the querysets and the pages ---
+
+DEADLINES = {
+    "no deadline": None,
+    "deadline ahead": timedelta(hours=1),
+    "deadline passed": -timedelta(minutes=5),
+}
+
+
+@pytest.mark.parametrize("deadline", DEADLINES, ids=list(DEADLINES))
+@pytest.mark.parametrize("status", WorkflowRun.Status.values)
+def test_can_resume_and_can_cancel_agree_with_the_querysets_and_the_managers(status, deadline):
+    delta = DEADLINES[deadline]
+    run = WorkflowRun.objects.create(
+        workflow_name="echo",
+        status=status,
+        deadline_at=None if delta is None else timezone.now() + delta,
+    )
+    resumable = WorkflowRun.objects.resumable().filter(pk=run.pk).exists()
+    active = WorkflowRun.objects.active().filter(pk=run.pk).exists()
+    expected_refusal = (
+        Refusal.STATUS
+        if status != "failed"
+        else Refusal.DEADLINE
+        if deadline == "deadline passed"
+        else None
+    )
+
+    assert run.resume_refusal() is expected_refusal
+    assert run.can_resume() is (expected_refusal is None) is resumable
+    assert run.can_cancel() is (status in ("pending", "running")) is active
+    assert run.cancel_refusal() is (None if active else Refusal.STATUS)
+
+    # The managers decide by the same methods: they refuse exactly these, with that reason.
+    for transition, allowed, refusal in [
+        (WorkflowRun.objects.resume, run.can_resume(), run.resume_refusal()),
+        (WorkflowRun.objects.cancel, run.can_cancel(), run.cancel_refusal()),
+    ]:
+        with transaction.atomic():
+            try:
+                transition(run.pk)
+            except InvalidTransition as exc:
+                assert (allowed, exc.reason, exc.status, exc.run_id) == (
+                    False,
+                    refusal,
+                    status,
+                    run.pk,
+                )
+            else:
+                assert allowed
+            transaction.set_rollback(True)  # the next transition sees the run unchanged
+
+
+def test_a_new_deadline_is_judged_by_the_same_method():
+    run = WorkflowRun.objects.create(
+        workflow_name="echo", status="failed", deadline_at=timezone.now() - timedelta(minutes=5)
+    )
+    earlier = timezone.now() - timedelta(seconds=1)
+    later = timezone.now() + timedelta(hours=1)
+
+    assert run.resume_refusal(deadline_at=earlier) is Refusal.NEW_DEADLINE
+    assert run.resume_refusal(deadline_at=later) is None
+    with pytest.raises(InvalidTransition) as info:
+        WorkflowRun.objects.resume(run, deadline_at=earlier)
+    assert (info.value.reason, str(info.value.reason)) == (Refusal.NEW_DEADLINE, "new-deadline")
+    assert WorkflowRun.objects.resume(run, deadline_at=later).status == "pending"

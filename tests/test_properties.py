@@ -31,6 +31,7 @@ from django_openworkflow import RetryPolicy, workflow
 from django_openworkflow.durations import parse_duration
 from django_openworkflow.engine import Execution, NonDeterminism
 from django_openworkflow.models import StepAttempt, WorkflowRun
+from django_openworkflow.names import check_name
 from django_openworkflow.registry import (
     Workflow,
     _duplicates,
@@ -39,7 +40,6 @@ from django_openworkflow.registry import (
     workflow_names,
 )
 from django_openworkflow.serialization import ensure_json, json_problem
-from django_openworkflow.signaling import check_signal_name
 from django_openworkflow.store import Claim
 from django_openworkflow.testing import drain
 from tests.testapp.workflows import echo
@@ -387,7 +387,7 @@ def test_signal_names_and_idempotency_keys_with_nul_are_value_errors(before, aft
     text = f"{before}\x00{after}"
 
     with pytest.raises(ValueError, match=r"U\+0000"):
-        check_signal_name(text)
+        check_name(text, "signal")
     with pytest.raises(ValueError, match=r"U\+0000"):
         echo.start(None, idempotency_key=text)
 

@@ -12,10 +12,9 @@ from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
+from django_openworkflow.display import pretty_json, short_duration, timeline
 from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowRunEvent
-from django_openworkflow.templatetags.openworkflow import pretty_json, short_duration
 from django_openworkflow.testing import run_to_completion
-from django_openworkflow.views import timeline
 from tests.testapp.workflows import atomic_writer, echo, flaky, parent, sleeper, waiter
 from tests.users import CSRF_SECRET, ROLES, create_user, login_as, role_client
 
@@ -387,6 +386,25 @@ def test_run_detail_buttons_are_csrf_post_forms_with_a_confirm(staff_client):
     )
     assert 'name="csrfmiddlewaretoken"' in html
     assert "django_openworkflow/openworkflow.js" in html
+
+
+def test_run_detail_offers_resume_only_when_resume_would_succeed(staff_client):
+    # The button follows WorkflowRun.can_resume(), the rule resume() applies: a failed
+    # run past its deadline is refused there, so the page says why instead of offering it.
+    late = make_run("failed", deadline_at=timezone.now() - timedelta(minutes=5))
+    ahead = make_run("failed", deadline_at=timezone.now() + timedelta(hours=1))
+
+    late_html = staff_client.get(detail_url(late)).content.decode()
+    ahead_html = staff_client.get(detail_url(ahead)).content.decode()
+
+    assert f'action="{resume_url(late)}"' not in late_html
+    assert (
+        '<p class="owf-message owf-message-warning owf-resume-refused">This run cannot be '
+        "resumed here: its deadline has passed. WorkflowRun.objects.resume(run, "
+        "deadline_at=...) with a future deadline resumes it.</p>"
+    ) in late_html
+    assert f'action="{resume_url(ahead)}"' in ahead_html
+    assert "owf-resume-refused" not in ahead_html
 
 
 @pytest.mark.parametrize("status", STATUSES)

@@ -15,7 +15,7 @@ from ..durations import RetryPolicy
 from ..errors import refused_again
 from ..exceptions import StepFailed
 from ..models import StepAttempt
-from ..serialization import MAX_NAME_LENGTH, check_name_text
+from ..names import MAX_NAME_LENGTH, check_name
 from .control import NonDeterminism
 
 
@@ -51,8 +51,7 @@ class History:
 
     def name(self, name: str) -> str:
         """The stored name of this step call; ``NonDeterminism`` if the order changed."""
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"step name must be a non-empty string, not {name!r}")
+        check_name(name, "step name")
         candidate, index = name, 0
         while candidate in self.used_names:
             index += 1
@@ -62,7 +61,6 @@ class History:
                 f"step name {candidate[:40]!r}… is {len(candidate)} characters"
                 f"{' with its number' if index else ''}; at most {MAX_NAME_LENGTH}"
             )
-        check_name_text(name, "step name")
         self.used_names.add(candidate)
         position = len(self.positions)
         before = self.bound.get(position)

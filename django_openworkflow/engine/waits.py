@@ -18,8 +18,9 @@ from ..durations import Duration, parse_duration
 from ..errors import child_failed, child_missing, child_timeout
 from ..exceptions import StepFailed
 from ..models import StepAttempt, WorkflowRun
+from ..names import check_name
 from ..pauses import pause_point
-from ..serialization import check_name_text, ensure_json
+from ..serialization import ensure_json
 from .control import Suspend, WaitFailed
 
 if TYPE_CHECKING:
@@ -77,8 +78,8 @@ class Waits:
         else:
             raise TypeError(f"run_workflow() needs a workflow or its name, not {workflow!r}")
         of_step = "" if name is None else f' of step "{name}"'
-        check_name_text(child_name, f"child workflow name{of_step}")
-        step = name or child_name
+        check_name(child_name, f"child workflow name{of_step}")
+        step = child_name if name is None else name
         delta = timeout_delta(timeout, step)
         ensure_json(input, f'input of child workflow step "{step}"')
         step = self.x.step_name(step)
@@ -135,10 +136,8 @@ class Waits:
         return False, None
 
     def send_signal(self, signal: str, data: Any, *, name: str | None) -> list[str]:
-        from ..signaling import check_signal_name
-
-        check_signal_name(signal)
-        step = self.x.step_name(name or signal)
+        check_name(signal, "signal")
+        step = self.x.step_name(signal if name is None else name)
         done = self.history.completed.get(step)
         if done is not None:
             return done.output  # type: ignore[return-value]
@@ -164,10 +163,8 @@ class Waits:
     def wait_for_signal(
         self, signal: str, *, name: str | None, timeout: Duration | None
     ) -> dict[str, Any] | None:
-        from ..signaling import check_signal_name
-
-        check_signal_name(signal)
-        step = name or signal
+        check_name(signal, "signal")
+        step = signal if name is None else name
         delta = timeout_delta(timeout, step)
         step = self.x.step_name(step)
         done = self.history.completed.get(step)

@@ -14,7 +14,7 @@ from django.db.migrations.executor import MigrationExecutor
 
 from ...conf import app_settings
 from ...models import WorkflowRun
-from ...serialization import check_name_text
+from ...names import check_name
 from ...worker import Worker
 from ..workers import positive_int as _positive_int
 
@@ -97,8 +97,8 @@ class Command(BaseCommand):
             raise CommandError("--namespace must not be empty")
         if options["worker_id"] is not None:
             try:
-                check_name_text(options["worker_id"], "--worker-id")
-            except ValueError as exc:
+                check_name(options["worker_id"], "--worker-id")
+            except (TypeError, ValueError) as exc:
                 raise CommandError(str(exc)) from None
         self._check_migrations(router.db_for_write(WorkflowRun))
         worker = Worker(
