@@ -27,8 +27,8 @@ from .base import Claim, Deferred, Store
 RUNNING = WorkflowRun.Status.RUNNING
 
 
-class OrmStore(Store):
-    vendor = "orm"
+class OrmQueries(Store):
+    """The querysets the ORM store's writes are made of."""
 
     @property
     def runs(self) -> Any:
@@ -47,7 +47,118 @@ class OrmStore(Store):
             return queryset.select_for_update(skip_locked=True)
         return queryset  # SQLite: the IMMEDIATE transaction holds the whole database
 
-    # --- runs ------------------------------------------------------------------
+    def store_deferred(self, deferred: Deferred | None) -> None:
+        if deferred is not None:
+            attempt_id, text, finished_at = deferred
+            self.attempts.filter(pk=attempt_id, status="running").update(
+                status="completed", output=json.loads(text), finished_at=finished_at
+            )
+
+
+class OrmWakeUps(OrmQueries):
+    """Writes that wake runs up or end them from outside a claim."""
+
+    def renew_leases(self, tokens: Sequence[uuid.UUID], lease_seconds: float) -> int:
+        if not tokens:
+            return 0
+        with self.atomic():
+            owned = self.runs.filter(claim_token__in=list(tokens), status=RUNNING)
+            ids = list(self.skip_locked(owned).values_list("pk", flat=True))
+            if not ids:
+                return 0
+            return self.runs.filter(pk__in=ids).update(  # type: ignore[no-any-return]
+                available_at=now_plus(lease_seconds)
+            )
+
+    def fail_overdue(self, namespace: str) -> int:
+        overdue = self.runs.in_namespace(namespace).overdue()
+        candidates = list(overdue.values_list("pk", flat=True))
+        if not candidates:
+            return 0
+        with self.atomic():
+            self.runs.lock_parents(candidates)
+            ids = list(
+                self.skip_locked(overdue.filter(pk__in=candidates)).values_list("pk", flat=True)
+            )
+            if not ids:
+                return 0
+            self.attempts.filter(
+                workflow_run_id__in=ids, status="running", kind=StepAttempt.Kind.RUN
+            ).update(status="failed", error=DEADLINE_ERROR, finished_at=Now())
+            failed: int = (
+                self.runs.filter(pk__in=ids)
+                .overdue()
+                .update(
+                    status=WorkflowRun.Status.FAILED,
+                    error=DEADLINE_ERROR,
+                    worker_id=None,
+                    claim_token=None,
+                    available_at=None,
+                    finished_at=Now(),
+                    updated_at=Now(),
+                )
+            )
+            if self.wake_parents(ids):
+                self.notify(namespace)
+            for run in self.runs.filter(pk__in=ids):
+                send_after_commit(run_failed, run, using=self.using)
+        return failed
+
+    def wake_parents(self, child_ids: Iterable[Any]) -> int:
+        waits = self.attempts.filter(
+            workflow_run_id=models.OuterRef("pk"),
+            resume_generation=models.OuterRef("resume_generation"),
+            child_workflow_run_id__in=list(child_ids),
+            status=StepAttempt.Status.RUNNING,
+        )
+        pending = self.runs.filter(status=WorkflowRun.Status.PENDING)
+        return pending.filter(models.Exists(waits)).update(  # type: ignore[no-any-return]
+            available_at=Now(), updated_at=Now()
+        )
+
+    def deliver_signal(
+        self, namespace: str, signal: str, data: Any, *, sender: Any = None
+    ) -> list[uuid.UUID]:
+        waiting = self.attempts.filter(
+            kind=StepAttempt.Kind.SIGNAL_WAIT,
+            status=StepAttempt.Status.RUNNING,
+            signal=signal,
+            resume_generation=F("workflow_run__resume_generation"),
+            workflow_run__namespace=namespace,
+            workflow_run__status__in=ACTIVE,
+        )
+        run_ids = set(waiting.values_list("workflow_run_id", flat=True))
+        locked = self.runs.lock(run_ids if sender is None else run_ids | {sender})
+        if not run_ids:
+            return []
+        targets = list(
+            waiting.filter(workflow_run_id__in=locked).values_list("pk", "workflow_run_id")
+        )
+        if not targets:
+            return []
+        pause_point("signal.locked", signal=signal, run_ids=locked)
+        self.attempts.filter(pk__in=[pk for pk, _ in targets]).update(
+            status=StepAttempt.Status.COMPLETED, output={"data": data}, finished_at=Now()
+        )
+        woken = sorted({run_id for _, run_id in targets})
+        self.runs.filter(pk__in=woken, status=WorkflowRun.Status.PENDING).update(
+            available_at=Now(), updated_at=Now()
+        )
+        self.notify(namespace)
+        return woken
+
+    def next_due_at(self, namespace: str, workflow_names: Iterable[str]) -> datetime | None:
+        names = list(workflow_names)
+        if not names:
+            return None
+        active = self.runs.in_namespace(namespace).active().filter(workflow_name__in=names)
+        return active.aggregate(at=models.Min("available_at"))["at"]  # type: ignore[no-any-return]
+
+
+class OrmStore(OrmWakeUps):
+    """The store on any database Django supports (the contract is in ``base.py``)."""
+
+    vendor = "orm"
 
     def insert_run(self, **fields: Any) -> WorkflowRun:
         if fields.get("available_at") is None:
@@ -108,13 +219,6 @@ class OrmStore(Store):
             return False
         self.store_deferred(deferred)
         return True
-
-    def store_deferred(self, deferred: Deferred | None) -> None:
-        if deferred is not None:
-            attempt_id, text, finished_at = deferred
-            self.attempts.filter(pk=attempt_id, status="running").update(
-                status="completed", output=json.loads(text), finished_at=finished_at
-            )
 
     def start_step(
         self,
@@ -258,101 +362,3 @@ class OrmStore(Store):
 
     def release(self, claim: Claim, *, delay: float = 0.0) -> bool:
         return bool(self.claimed(claim).update(available_at=now_plus(delay)))
-
-    # --- wake-ups -----------------------------------------------------------------
-
-    def renew_leases(self, tokens: Sequence[uuid.UUID], lease_seconds: float) -> int:
-        if not tokens:
-            return 0
-        with self.atomic():
-            owned = self.runs.filter(claim_token__in=list(tokens), status=RUNNING)
-            ids = list(self.skip_locked(owned).values_list("pk", flat=True))
-            if not ids:
-                return 0
-            return self.runs.filter(pk__in=ids).update(  # type: ignore[no-any-return]
-                available_at=now_plus(lease_seconds)
-            )
-
-    def fail_overdue(self, namespace: str) -> int:
-        overdue = self.runs.in_namespace(namespace).overdue()
-        candidates = list(overdue.values_list("pk", flat=True))
-        if not candidates:
-            return 0
-        with self.atomic():
-            self.runs.lock_parents(candidates)
-            ids = list(
-                self.skip_locked(overdue.filter(pk__in=candidates)).values_list("pk", flat=True)
-            )
-            if not ids:
-                return 0
-            self.attempts.filter(
-                workflow_run_id__in=ids, status="running", kind=StepAttempt.Kind.RUN
-            ).update(status="failed", error=DEADLINE_ERROR, finished_at=Now())
-            failed: int = (
-                self.runs.filter(pk__in=ids)
-                .overdue()
-                .update(
-                    status=WorkflowRun.Status.FAILED,
-                    error=DEADLINE_ERROR,
-                    worker_id=None,
-                    claim_token=None,
-                    available_at=None,
-                    finished_at=Now(),
-                    updated_at=Now(),
-                )
-            )
-            if self.wake_parents(ids):
-                self.notify(namespace)
-            for run in self.runs.filter(pk__in=ids):
-                send_after_commit(run_failed, run, using=self.using)
-        return failed
-
-    def wake_parents(self, child_ids: Iterable[Any]) -> int:
-        waits = self.attempts.filter(
-            workflow_run_id=models.OuterRef("pk"),
-            resume_generation=models.OuterRef("resume_generation"),
-            child_workflow_run_id__in=list(child_ids),
-            status=StepAttempt.Status.RUNNING,
-        )
-        pending = self.runs.filter(status=WorkflowRun.Status.PENDING)
-        return pending.filter(models.Exists(waits)).update(  # type: ignore[no-any-return]
-            available_at=Now(), updated_at=Now()
-        )
-
-    def deliver_signal(
-        self, namespace: str, signal: str, data: Any, *, sender: Any = None
-    ) -> list[uuid.UUID]:
-        waiting = self.attempts.filter(
-            kind=StepAttempt.Kind.SIGNAL_WAIT,
-            status=StepAttempt.Status.RUNNING,
-            signal=signal,
-            resume_generation=F("workflow_run__resume_generation"),
-            workflow_run__namespace=namespace,
-            workflow_run__status__in=ACTIVE,
-        )
-        run_ids = set(waiting.values_list("workflow_run_id", flat=True))
-        locked = self.runs.lock(run_ids if sender is None else run_ids | {sender})
-        if not run_ids:
-            return []
-        targets = list(
-            waiting.filter(workflow_run_id__in=locked).values_list("pk", "workflow_run_id")
-        )
-        if not targets:
-            return []
-        pause_point("signal.locked", signal=signal, run_ids=locked)
-        self.attempts.filter(pk__in=[pk for pk, _ in targets]).update(
-            status=StepAttempt.Status.COMPLETED, output={"data": data}, finished_at=Now()
-        )
-        woken = sorted({run_id for _, run_id in targets})
-        self.runs.filter(pk__in=woken, status=WorkflowRun.Status.PENDING).update(
-            available_at=Now(), updated_at=Now()
-        )
-        self.notify(namespace)
-        return woken
-
-    def next_due_at(self, namespace: str, workflow_names: Iterable[str]) -> datetime | None:
-        names = list(workflow_names)
-        if not names:
-            return None
-        active = self.runs.in_namespace(namespace).active().filter(workflow_name__in=names)
-        return active.aggregate(at=models.Min("available_at"))["at"]  # type: ignore[no-any-return]
