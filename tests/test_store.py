@@ -1,0 +1,425 @@
+"""The store's contract, run against every store the test database can use.
+
+On PostgreSQL both the ORM store and the PostgreSQL store; elsewhere the ORM
+store. Each rule of ``store/base.py`` is checked here for each: fencing by
+claim token, the deadline, a deferred result riding on the next write, lease
+takeover, finish and the parent's wake-up, park and wake, signal delivery,
+and the engine run end to end (resume and cancel included) on that store.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.db.models.functions import Now
+from django.utils import timezone
+
+from django_openworkflow.engine import Execution
+from django_openworkflow.errors import DEADLINE_ERROR
+from django_openworkflow.models import StepAttempt, WorkflowRun
+from django_openworkflow.registry import get_workflow
+from django_openworkflow.signals import run_started
+from django_openworkflow.store import Claim, Store, get_store
+from django_openworkflow.store.orm import OrmStore
+from tests.testapp.models import SideEffect
+
+pytestmark = pytest.mark.django_db
+
+
+def stores() -> list[type[Store]]:
+    from django.conf import settings
+
+    engine = settings.DATABASES["default"]["ENGINE"]
+    if engine.endswith("postgresql"):
+        from django_openworkflow.store.postgres import PostgresStore
+
+        return [OrmStore, PostgresStore]
+    return [OrmStore]
+
+
+@pytest.fixture(params=stores(), ids=lambda cls: cls.__name__)
+def store(request) -> Store:
+    return request.param("default")
+
+
+def new_run(name="echo", input=None, **fields) -> WorkflowRun:
+    return WorkflowRun.objects.create(
+        namespace="default", workflow_name=name, input=input, **fields
+    )
+
+
+def take(store: Store, *names: str, worker="w1", limit=1, lease=30.0) -> list[Claim]:
+    return store.claim(
+        namespace="default",
+        workflow_names=list(names or ["echo"]),
+        limit=limit,
+        worker_id=worker,
+        lease_seconds=lease,
+    )
+
+
+def expire(claim: Claim) -> None:
+    WorkflowRun.objects.filter(pk=claim.run_id).update(available_at=Now() - timedelta(seconds=1))
+
+
+def execute(store: Store, claim: Claim) -> WorkflowRun:
+    Execution(claim, get_workflow(claim.run.workflow_name), store=store, max_parallel=1).execute()
+    return WorkflowRun.objects.get(pk=claim.run_id)
+
+
+def drain(store: Store, *names: str) -> int:
+    passes = 0
+    while claims := take(store, *names):
+        execute(store, claims[0])
+        passes += 1
+        assert passes < 50
+    return passes
+
+
+def started_step(store: Store, claim: Claim, name="s", deferred=None) -> int:
+    with store.atomic():
+        attempt_id = store.start_step(
+            claim,
+            name=name,
+            generation=claim.run.resume_generation,
+            position=0,
+            started_at=timezone.now(),
+            atomic=False,
+            deferred=deferred,
+        )
+    assert attempt_id is not None
+    return attempt_id
+
+
+def test_get_store_is_the_only_switch_and_caches_per_alias():
+    store = get_store()
+    assert store is get_store("default")
+    assert store.using == "default"
+    expected = "postgresql" if connection.vendor == "postgresql" else "orm"
+    assert store.vendor == expected
+
+
+# --- runs ---------------------------------------------------------------------------
+
+
+def test_insert_run_makes_a_pending_run_due_now_or_later(store):
+    now = store.insert_run(namespace="default", workflow_name="echo", input={"a": 1})
+    later_at = timezone.now() + timedelta(hours=1)
+    later = store.insert_run(
+        namespace="default", workflow_name="echo", input=[1], available_at=later_at
+    )
+    now.refresh_from_db()
+    later.refresh_from_db()
+    assert (now.status, now.input, now.attempts, now.resume_generation) == (
+        "pending",
+        {"a": 1},
+        0,
+        0,
+    )
+    assert now.available_at <= timezone.now()
+    assert later.available_at == later_at
+    assert [c.run_id for c in take(store, limit=5)] == [now.pk]
+
+
+def test_claim_takes_due_runs_oldest_due_first_up_to_the_limit(store):
+    old = new_run(available_at=timezone.now() - timedelta(minutes=2))
+    new = new_run(available_at=timezone.now() - timedelta(minutes=1))
+    new_run(available_at=timezone.now() + timedelta(hours=1))  # not due
+    new_run(deadline_at=timezone.now() - timedelta(seconds=1))  # past its deadline
+    new_run(name="other")  # another workflow
+    WorkflowRun.objects.create(namespace="elsewhere", workflow_name="echo")
+    [first] = take(store)
+    [second] = take(store, limit=5)
+    assert [first.run_id, second.run_id] == [old.pk, new.pk]
+    assert take(store, limit=5) == []
+    assert first.token != second.token
+    row = WorkflowRun.objects.get(pk=old.pk)
+    assert (row.status, row.worker_id, row.claim_token) == ("running", "w1", first.token)
+    assert row.started_at is not None
+    assert row.available_at > timezone.now() + timedelta(seconds=20)  # the lease
+    assert first.lease_seconds == 30.0
+    assert abs((first.db_now - timezone.now()).total_seconds()) < 60
+
+
+def test_claim_marks_the_first_start_and_sends_run_started_only_then(
+    store, django_capture_on_commit_callbacks
+):
+    started = []
+
+    def receiver(sender, run, **kwargs):
+        started.append(run.pk)
+
+    run = new_run()
+    run_started.connect(receiver)
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            [first] = take(store)
+        expire(first)
+        with django_capture_on_commit_callbacks(execute=True):
+            [again] = take(store, worker="w2")
+    finally:
+        run_started.disconnect(receiver)
+    assert (first.first_start, again.first_start) == (True, False)
+    assert again.run_id == run.pk
+    assert started == [run.pk]
+
+
+def test_a_claim_with_no_names_or_no_room_takes_nothing(store):
+    new_run()
+    assert (
+        store.claim(
+            namespace="default", workflow_names=[], limit=5, worker_id="w", lease_seconds=30
+        )
+        == []
+    )
+    assert take(store, limit=0) == []
+    assert WorkflowRun.objects.get().status == "pending"
+
+
+# --- fencing ----------------------------------------------------------------------------
+
+
+def test_the_fence_holds_for_the_claim_and_stores_the_deferred_result(store):
+    new_run()
+    [claim] = take(store)
+    attempt_id = started_step(store, claim)
+    with store.atomic():
+        assert store.fence(claim, deferred=(attempt_id, json.dumps({"x": [1]}), timezone.now()))
+    attempt = StepAttempt.objects.get(pk=attempt_id)
+    assert (attempt.status, attempt.output) == ("completed", {"x": [1]})
+
+
+def test_a_lease_taken_over_fences_out_every_write_of_the_old_claim(store):
+    new_run()
+    [old] = take(store)
+    attempt_id = started_step(store, old)
+    expire(old)
+    [new] = take(store, worker="w2")
+    later = timezone.now() + timedelta(minutes=1)
+    deferred = (attempt_id, "1", timezone.now())
+    with store.atomic():
+        assert not store.fence(old, deferred=deferred)
+        assert not store.fence(old, renew=True)
+        assert not store.complete_step(old, attempt_id, 2)
+    assert (
+        store.start_step(
+            old,
+            name="t",
+            generation=0,
+            position=1,
+            started_at=later,
+            atomic=False,
+            deferred=deferred,
+        )
+        is None
+    )
+    assert not store.park(old, later)
+    assert not store.finish(old, "completed", output=1, deferred=deferred)
+    assert not store.release(old)
+    assert StepAttempt.objects.get(pk=attempt_id).status == "running"  # no deferred stored
+    assert StepAttempt.objects.count() == 1
+    run = WorkflowRun.objects.get()
+    assert (run.status, run.worker_id, run.claim_token) == ("running", "w2", new.token)
+    with store.atomic():
+        assert store.fence(new, renew=True)
+
+
+def test_past_the_deadline_a_claim_may_only_fail_the_run(store):
+    new_run(deadline_at=timezone.now() + timedelta(hours=1))
+    [claim] = take(store)
+    attempt_id = started_step(store, claim)
+    WorkflowRun.objects.update(deadline_at=Now() - timedelta(seconds=1))
+    with store.atomic():
+        assert not store.fence(claim)
+    assert not store.park(claim, timezone.now() + timedelta(minutes=1))
+    assert not store.finish(claim, "completed", output=1)
+    assert store.fail_at_deadline(
+        claim, 0, dict(DEADLINE_ERROR), (attempt_id, '"late"', timezone.now())
+    )
+    run = WorkflowRun.objects.get()
+    assert (run.status, run.error, run.claim_token) == ("failed", DEADLINE_ERROR, None)
+    attempt = StepAttempt.objects.get(pk=attempt_id)
+    assert (attempt.status, attempt.output) == ("completed", "late")
+
+
+def test_renew_leases_renews_only_the_given_claims(store):
+    mine, theirs = new_run(), new_run()
+    claims = take(store) + take(store, worker="w2")  # two claims, two tokens
+    for claim in claims:
+        expire(claim)
+    [claim_mine] = [c for c in claims if c.run_id == mine.pk]
+    assert store.renew_leases([claim_mine.token], 60) == 1
+    assert store.renew_leases([], 60) == 0
+    assert [c.run_id for c in take(store, worker="w3", limit=5)] == [theirs.pk]
+
+
+def test_release_ends_the_lease_now_or_after_a_delay(store):
+    new_run()
+    [claim] = take(store)
+    assert store.release(claim, delay=3600)
+    assert take(store, worker="w2") == []
+    assert store.release(claim)
+    [again] = take(store, worker="w2")
+    assert again.run_id == claim.run_id
+
+
+# --- steps -------------------------------------------------------------------------------
+
+
+def test_start_step_stores_the_previous_result_and_a_running_attempt(store):
+    new_run()
+    [claim] = take(store)
+    first = started_step(store, claim, "a")
+    second = started_step(store, claim, "b", deferred=(first, "[1, 2]", timezone.now()))
+    a, b = StepAttempt.objects.order_by("id")
+    assert (a.pk, a.status, a.output) == (first, "completed", [1, 2])
+    assert (b.pk, b.step_name, b.status, b.kind, b.position) == (second, "b", "running", "run", 0)
+
+
+def test_fail_steps_fails_only_running_attempts(store):
+    new_run()
+    [claim] = take(store)
+    done = started_step(store, claim, "a")
+    running = started_step(store, claim, "b", deferred=(done, "1", timezone.now()))
+    error = {"type": "ValueError", "message": "no"}
+    with store.atomic():
+        assert store.fence(claim)
+        store.fail_steps([(done, error), (running, error)])
+    statuses = dict(StepAttempt.objects.values_list("step_name", "status"))
+    assert statuses == {"a": "completed", "b": "failed"}
+
+
+# --- finish, park, wake --------------------------------------------------------------------
+
+
+def test_finish_completes_the_run_with_the_last_result(store):
+    new_run()
+    [claim] = take(store)
+    attempt_id = started_step(store, claim)
+    assert store.finish(
+        claim, "completed", output={"ok": True}, deferred=(attempt_id, "3", timezone.now())
+    )
+    run = WorkflowRun.objects.get()
+    assert (run.status, run.output, run.claim_token, run.available_at) == (
+        "completed",
+        {"ok": True},
+        None,
+        None,
+    )
+    assert run.finished_at is not None
+    assert StepAttempt.objects.get().output == 3
+    assert not store.finish(claim, "failed", error={"type": "X"})  # finished once
+
+
+def test_a_finishing_child_wakes_its_parked_parent(store):
+    parent = new_run("parent", {"child": "echo", "child_input": 5})
+    [claim] = take(store, "parent")
+    execute(store, claim)  # starts the child and parks
+    wait = StepAttempt.objects.get(workflow_run=parent, kind="workflow")
+    WorkflowRun.objects.filter(pk=parent.pk).update(available_at=None)
+    [child_claim] = take(store, "echo")
+    assert child_claim.run_id == wait.child_workflow_run_id
+    assert store.finish(child_claim, "completed", output=5)
+    parent.refresh_from_db()
+    assert parent.status == "pending"
+    assert parent.available_at <= timezone.now()
+    assert drain(store, "parent", "echo") == 1
+    parent.refresh_from_db()
+    assert (parent.status, parent.output) == ("completed", {"child": 5})
+
+
+def test_park_releases_the_claim_until_a_time_or_until_woken(store):
+    run = new_run()
+    [claim] = take(store)
+    later = timezone.now() + timedelta(hours=1)
+    assert store.park(claim, later, attempts=2, error={"type": "E"})
+    run.refresh_from_db()
+    assert (run.status, run.available_at, run.attempts, run.error, run.claim_token) == (
+        "pending",
+        later,
+        2,
+        {"type": "E"},
+        None,
+    )
+    assert store.next_due_at("default", ["echo"]) == later
+    assert take(store) == []
+
+
+def test_fail_overdue_fails_active_runs_past_their_deadline_and_wakes_parents(store):
+    parent = new_run("parent", {"child": "sleeper", "child_input": {"sleep": "1h"}})
+    execute(store, take(store, "parent")[0])
+    child = WorkflowRun.objects.get(workflow_name="sleeper")
+    WorkflowRun.objects.filter(pk=parent.pk).update(available_at=None)
+    WorkflowRun.objects.filter(pk=child.pk).update(deadline_at=Now() - timedelta(seconds=1))
+    assert store.fail_overdue("default") == 1
+    child.refresh_from_db()
+    parent.refresh_from_db()
+    assert (child.status, child.error) == ("failed", DEADLINE_ERROR)
+    assert parent.available_at <= timezone.now()  # woken to see its child's end
+    assert store.fail_overdue("default") == 0
+
+
+# --- signals ---------------------------------------------------------------------------------
+
+
+def test_deliver_signal_completes_current_waits_and_wakes_their_runs(store):
+    run = new_run("waiter", {"signal": "bell"})
+    execute(store, take(store, "waiter")[0])  # waits for "bell"
+    other = new_run("waiter", {"signal": "other"})
+    execute(store, take(store, "waiter")[0])
+    with store.atomic():
+        assert store.deliver_signal("default", "bell", {"n": 1}) == [run.pk]
+        assert store.deliver_signal("default", "bell", {"n": 2}) == []  # delivered once
+    wait = StepAttempt.objects.get(workflow_run=run, kind="signal_wait")
+    assert (wait.status, wait.output) == ("completed", {"data": {"n": 1}})
+    run.refresh_from_db()
+    assert run.available_at <= timezone.now()
+    assert drain(store, "waiter") == 1
+    run.refresh_from_db()
+    other.refresh_from_db()
+    assert (run.status, run.output) == ("completed", {"data": {"n": 1}})
+    assert other.status == "pending"
+
+
+# --- the engine on this store ----------------------------------------------------------------
+
+
+def test_the_engine_runs_steps_retries_and_sleeps_on_this_store(store):
+    three = new_run("three-steps", {"i": 1})
+    flaky = new_run("flaky", {"failures": 2, "initial": "1ms"})
+    sleeper = new_run("sleeper", {"sleep": "1ms"})
+    for _ in range(20):
+        drain(store, "three-steps", "flaky", "sleeper")
+        if not WorkflowRun.objects.active().exists():
+            break
+        WorkflowRun.objects.active().update(available_at=Now())
+        StepAttempt.objects.filter(status="running", kind="sleep").update(wake_at=Now())
+    for run in (three, flaky, sleeper):
+        run.refresh_from_db()
+    assert (three.status, three.output) == ("completed", {"total": 3})
+    assert (flaky.status, flaky.output) == ("completed", 3)
+    assert sleeper.status == "completed"
+    assert SideEffect.objects.filter(run_id=three.pk).count() == 3
+
+
+def test_resume_and_cancel_work_on_runs_this_store_wrote(store):
+    failed = new_run("reserve-then-charge", {"failures": 1})
+    drain(store, "reserve-then-charge")
+    failed.refresh_from_db()
+    assert failed.status == "failed"
+    WorkflowRun.objects.resume(failed)
+    drain(store, "reserve-then-charge")
+    failed.refresh_from_db()
+    assert (failed.status, failed.output) == ("completed", "charged")
+    assert SideEffect.objects.filter(run_id=failed.pk, step="reserve").count() == 1
+
+    waiting = new_run("waiter", {"signal": "never"})
+    [claim] = take(store, "waiter")
+    execute(store, claim)
+    WorkflowRun.objects.cancel(waiting)
+    assert not store.finish(claim, "completed", output=1)
+    waiting.refresh_from_db()
+    assert waiting.status == "canceled"
