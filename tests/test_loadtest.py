@@ -70,7 +70,6 @@ def test_the_core_never_imports_the_load_tests():
     assert {
         "django_openworkflow.admin",
         "django_openworkflow.engine",
-        "django_openworkflow.fastpath",
         "django_openworkflow.worker",
         "django_openworkflow.testing",
         "django_openworkflow.views",

@@ -7,12 +7,14 @@ import uuid
 
 import pytest
 from django.db import connection
+from django.utils import timezone
 
 from django_openworkflow import send_signal, workflow
 from django_openworkflow.engine import Execution, StepApi
 from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowSignal
 from django_openworkflow.names import MAX_NAME_LENGTH, check_name
 from django_openworkflow.registry import Workflow, _registry
+from django_openworkflow.store import Claim
 from tests.testapp.workflows import echo
 
 pytestmark = pytest.mark.django_db
@@ -21,7 +23,8 @@ pytestmark = pytest.mark.django_db
 def step() -> StepApi:
     """``ctx.step`` of an execution pass of an unsaved run (the checks come before any write)."""
     run = WorkflowRun(workflow_name="names", claim_token=uuid.uuid4())
-    execution = Execution(run, Workflow(lambda ctx: None, name="names"), lease_seconds=30)
+    claim = Claim(run, run.claim_token, timezone.now(), first_start=True, lease_seconds=30)
+    execution = Execution(claim, Workflow(lambda ctx: None, name="names"))
     execution.atomic_depth = len(connection.atomic_blocks)  # the test's transaction
     return StepApi(execution)
 
