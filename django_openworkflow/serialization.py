@@ -14,6 +14,9 @@ NUL_PROBLEM = "contains the character U+0000 (NUL), which PostgreSQL cannot stor
 # an int: floats this large are refused everywhere, so none comes back converted.
 LARGEST_FLOAT = 1e16
 MAX_NAME_LENGTH = 255  # workflow, step and signal names: their columns hold 255 characters
+# MariaDB's JSON columns hold documents nested at most 31 deep (MySQL 8's: 100). Values are
+# refused past 30 on MySQL and MariaDB, one level left for the engine's {"data": payload}.
+MYSQL_JSON_DEPTH = 30
 
 
 def check_name_text(name: str, what: str) -> None:
@@ -36,9 +39,40 @@ def json_problem(value: Any, path: str = "$") -> str | None:
     too deeply (or containing themselves) and integers too long to write out.
     """
     try:
-        return _json_problem(value, path)
+        problem = _json_problem(value, path)
     except RecursionError:
         return f"{path} is nested too deeply for JSON (or contains itself)"
+    if problem is None and isinstance(value, (list, dict)) and _on_mysql():
+        depth = json_depth(value)
+        if depth > MYSQL_JSON_DEPTH:
+            return (
+                f"{path} is nested {depth} deep; MySQL and MariaDB store JSON nested at most "
+                f"{MYSQL_JSON_DEPTH} deep"
+            )
+    return problem
+
+
+def json_depth(value: Any) -> int:
+    """How deep lists and dicts nest in ``value``: 0 for a scalar, 1 for ``[]`` or ``[1]``."""
+    if not isinstance(value, (list, dict)):
+        return 0
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (list, dict)))
+    return deepest
+
+
+def _on_mysql() -> bool:
+    """Whether the engine's tables live on MySQL or MariaDB (no query: the backend's vendor)."""
+    from django.db import connections, router
+
+    from .models import WorkflowRun
+
+    return connections[router.db_for_write(WorkflowRun)].vendor == "mysql"
 
 
 def text_problem(text: str) -> str | None:

@@ -257,6 +257,13 @@ def test_a_deeply_nested_step_result_is_stored_as_returned():
     run = get_workflow("review-deep-result").start()
     drain()
     run.refresh_from_db()
+    if connection.vendor == "mysql":  # JSON nests at most 30 deep there: refused at once
+        assert (run.status, run.error["type"]) == ("failed", "TypeError")
+        assert run.error["message"] == (
+            f'step "deep" of run {run.pk} returned a value that is not JSON: $ is nested 600 '
+            "deep; MySQL and MariaDB store JSON nested at most 30 deep"
+        )
+        return
     assert (run.status, run.output) == ("completed", 600)
 
 

@@ -289,7 +289,7 @@ def changes_order(ctx):
     flipped = SideEffect.objects.filter(run_id=ctx.run_id, step="flip").exists()
     order = ["b", "a"] if flipped else ["a", "b"]
     ctx.step.run(order[0], lambda: effect(ctx, order[0]) or 1)
-    ctx.step.sleep("pause", "10ms")
+    ctx.step.sleep("pause", "1h")  # tests make it due (10ms raced a slow pass)
     return ctx.step.run(order[1], lambda: effect(ctx, order[1]) or 2)
 
 
@@ -452,3 +452,10 @@ def stateful(ctx):
 
 
 from . import hardening, review  # noqa: E402, F401  (their @workflow definitions)
+
+
+@workflow(name="exact-step-names")
+def exact_step_names(ctx):
+    """One step per name in the input, returning its name: names that differ only in case,
+    accents, a trailing space or which emoji they hold are different steps."""
+    return [ctx.step.run(name, lambda name=name: name) for name in ctx.input]
