@@ -392,3 +392,24 @@ class WorkflowSignal(models.Model):
 
     def __str__(self) -> str:
         return f"{self.signal} ({self.idempotency_key})"
+
+
+class WorkflowKeyLock(models.Model):
+    """A row that MySQL and MariaDB lock for an idempotency key (``registry.lock_key``).
+
+    PostgreSQL takes a transaction-level advisory lock and SQLite's IMMEDIATE
+    transactions hold the write lock; MySQL has neither. There a key hashes to
+    one of ``KEY_LOCK_SLOTS`` slots, and ``INSERT ... ON DUPLICATE KEY UPDATE``
+    locks the slot's row until the outermost transaction commits or rolls back.
+    The table never holds more rows than slots; two keys that share a slot
+    only wait for each other.
+    """
+
+    slot = models.PositiveIntegerField(_("slot"), primary_key=True)
+
+    class Meta:
+        verbose_name = _("idempotency key lock")
+        verbose_name_plural = _("idempotency key locks")
+
+    def __str__(self) -> str:
+        return f"key lock {self.slot}"

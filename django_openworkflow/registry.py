@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from .models import WorkflowRun
 
 IDEMPOTENCY_WINDOW = datetime.timedelta(hours=24)
+KEY_LOCK_SLOTS = 65_536  # MySQL/MariaDB: rows of WorkflowKeyLock that keys hash to
 MAX_VERSION_LENGTH = 100  # WorkflowRun.version
 
 _registry: dict[str, Workflow] = {}
@@ -208,13 +210,27 @@ def lock_key(using: str, *parts: str) -> None:
 
     PostgreSQL: a transaction-level advisory lock on a hash of the parts.
     SQLite: the IMMEDIATE transaction already holds the database write lock.
+    MySQL/MariaDB: an InnoDB row lock on the key's ``WorkflowKeyLock`` slot, taken
+    by ``INSERT ... ON DUPLICATE KEY UPDATE`` (an exclusive lock on the new or the
+    existing row, also for waiters, so they never deadlock upgrading a shared one).
+    Like the advisory lock it ends with the outermost transaction, commit or
+    rollback. (``GET_LOCK`` would not: it belongs to the session and outlives a
+    rollback, for which Django has no hook.)
     """
     connection = connections[using]
+    text = "\x1f".join(("django_openworkflow", *parts))
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [text])
+    elif connection.vendor == "mysql":
+        from .models import WorkflowKeyLock
+
+        digest = hashlib.sha256(text.encode()).digest()
+        table = connection.ops.quote_name(WorkflowKeyLock._meta.db_table)
+        with connection.cursor() as cursor:
             cursor.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-                ["\x1f".join(("django_openworkflow", *parts))],
+                f"INSERT INTO {table} (slot) VALUES (%s) ON DUPLICATE KEY UPDATE slot = slot",
+                [int.from_bytes(digest[:8], "big") % KEY_LOCK_SLOTS],
             )
 
 
