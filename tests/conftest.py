@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,7 +84,7 @@ def lock_holders(pid: int) -> list[int] | None:
     """The backends whose locks backend ``pid`` waits for; None when it waits for no lock.
 
     Asked on this thread's connection (autocommit: a fresh snapshot each time):
-    ``pg_stat_activity`` on PostgreSQL, InnoDB's lock waits on MariaDB.
+    ``pg_stat_activity`` on PostgreSQL, InnoDB's engine status on MariaDB/MySQL.
     """
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
@@ -94,15 +95,15 @@ def lock_holders(pid: int) -> list[int] | None:
             )
             row = cursor.fetchone()
             return list(row[1]) if row is not None and row[0] == "Lock" else None
-        cursor.execute(
-            "SELECT b.trx_mysql_thread_id FROM information_schema.INNODB_TRX r"
-            " LEFT JOIN information_schema.INNODB_LOCK_WAITS w ON w.requesting_trx_id = r.trx_id"
-            " LEFT JOIN information_schema.INNODB_TRX b ON b.trx_id = w.blocking_trx_id"
-            " WHERE r.trx_mysql_thread_id = %s AND r.trx_state = 'LOCK WAIT'",
-            [pid],
-        )
-        rows = cursor.fetchall()
-        return [holder for (holder,) in rows if holder is not None] if rows else None
+        # MariaDB: information_schema.INNODB_TRX misses transactions whose first statement
+        # waits in a locking read; the engine status lists every one ("LOCK WAIT"), without
+        # naming who holds the lock (so [] for "waits, holder not known").
+        cursor.execute("SHOW ENGINE INNODB STATUS")
+        status = cursor.fetchone()[2]
+    for block in status.split("\n---TRANSACTION ")[1:]:
+        if re.search(rf"\b(MariaDB|MySQL) thread id {pid},", block) and "\nLOCK WAIT " in block:
+            return []
+    return None
 
 
 def wait_until_blocked(pid: int, *, by: int, timeout: float = 10.0) -> None:
@@ -111,7 +112,7 @@ def wait_until_blocked(pid: int, *, by: int, timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
     while True:
         holders = lock_holders(pid)
-        if holders is not None and by in holders:
+        if holders is not None and (by in holders or holders == []):  # []: MariaDB
             return
         assert time.monotonic() < end, f"backend {pid} is not waiting for {by}: {holders}"
         time.sleep(0.01)
