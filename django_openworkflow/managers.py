@@ -348,13 +348,17 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
     # --- the lock order ---------------------------------------------------------
 
     def lock(self, ids: Iterable[Any]) -> list[Any]:
-        """Lock these runs' rows in the lock order (oldest first); return their ids."""
-        return list(
-            self.select_for_update()
-            .filter(pk__in=ids)
-            .order_by(*LOCK_ORDER)
-            .values_list("pk", flat=True)
-        )
+        """Lock these runs' rows in the lock order (oldest first); return their ids.
+
+        MySQL/MariaDB lock rows as they read them, before ORDER BY sorts them (two
+        lockers deadlocked): there each row is locked by a statement of its own, in
+        the lock order read first.
+        """
+        ordered = self.filter(pk__in=ids).order_by(*LOCK_ORDER).values_list("pk", flat=True)
+        if self._connection().vendor != "mysql":
+            return list(ordered.select_for_update())
+        one_row = self.select_for_update().values_list("pk", flat=True)
+        return [pk for pk in list(ordered) if list(one_row.filter(pk=pk))]
 
     def lock_for_delete(self, ids: Iterable[Any]) -> None:
         """Before deleting runs: lock their parents, them and their children, oldest first."""
