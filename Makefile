@@ -8,6 +8,7 @@ PYENV_ROOT ?= $(or $(shell pyenv root 2>/dev/null),$(HOME)/.pyenv)
 PYTHON_DJANGO6 ?= $(or $(lastword $(sort $(wildcard $(PYENV_ROOT)/versions/3.13*/bin/python))),$(shell command -v python3.13))
 NOX_DJANGO6 = PYTHON_DJANGO6="$(PYTHON_DJANGO6)" $(VENV)/bin/nox --error-on-missing-interpreters -s "tests(django6)"
 PG_URL ?= postgres://postgres@127.0.0.1:5432/test
+MYSQL_URL ?= mysql://root@127.0.0.1:3306/test
 DEMO_ADDR ?= 127.0.0.1:8000
 BENCH_URL ?= postgres://postgres@127.0.0.1:5432/openworkflow_bench
 BENCH_ARGS ?=
@@ -15,7 +16,7 @@ CHAOS_URL ?= postgres://postgres@127.0.0.1:5432/openworkflow_chaos
 CHAOS_ARGS ?=
 PG_CTL ?= pg_ctlcluster --skip-systemctl-redirect $(shell ls /etc/postgresql 2>/dev/null | tail -n 1) main
 
-.PHONY: install demo test test-sqlite test-postgres test-django6 lint format pg-up browser bench bench-db bench-compare chaos chaos-short chaos-db clean
+.PHONY: install demo test test-sqlite test-postgres test-mariadb test-django6 lint format pg-up mariadb-up mysql-driver browser bench bench-db bench-compare chaos chaos-short chaos-db clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +37,24 @@ pg-up:
 	@pg_isready -q -h 127.0.0.1 -p 5432 || pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | tail -n 1) main start
 	@for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && exit 0; sleep 1; done; \
 		echo "PostgreSQL did not come up on 127.0.0.1:5432" >&2; exit 1
+
+# Start the local MariaDB when it is down (only then), then wait until it answers.
+mariadb-up:
+	@mysqladmin --protocol=tcp -h 127.0.0.1 -P 3306 -u root --connect-timeout=2 ping >/dev/null 2>&1 \
+		|| service mariadb start >/dev/null 2>&1 || (mysqld_safe >/dev/null 2>&1 &)
+	@for i in $$(seq 1 30); do \
+		mysqladmin --protocol=tcp -h 127.0.0.1 -P 3306 -u root --connect-timeout=2 ping >/dev/null 2>&1 && exit 0; \
+		sleep 1; done; echo "MariaDB did not come up on 127.0.0.1:3306" >&2; exit 1
+
+# mysqlclient (Django's MySQL driver, the extra [mysql]) compiles against the client
+# headers: Debian's default-libmysqlclient-dev and pkg-config, installed when missing.
+mysql-driver: install
+	@$(PY) -c "import MySQLdb" 2>/dev/null || { \
+		pkg-config --exists mysqlclient 2>/dev/null || { \
+			echo "Installing Debian's default-libmysqlclient-dev and pkg-config for mysqlclient"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+				default-libmysqlclient-dev pkg-config >/dev/null; }; \
+		$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,mysql]'; }
 
 # The browser tests drive Debian's Chromium (never a browser download of its own).
 browser:
@@ -66,8 +85,11 @@ test-postgres: install browser pg-up
 # deprecation warnings as errors.
 test-django6: .nox/.django6-installed
 	env -u DATABASE_URL $(NOX_DJANGO6) -R -- -q
+test-mariadb: install browser mysql-driver mariadb-up
+	DATABASE_URL=$(MYSQL_URL) $(PY) -m pytest
 
-test: lint test-sqlite test-postgres test-django6 chaos-short
+
+test: lint test-sqlite test-postgres test-mariadb test-django6 chaos-short
 
 # The demo: SQLite file, example runs (one fails on a declined card), a worker and the pages.
 demo: install

@@ -159,6 +159,39 @@ def check_postgresql_isolation_level(app_configs: Any = None, **kwargs: Any) -> 
 
 
 @register()
+def check_mysql_isolation_level(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    """E011 for MySQL and MariaDB, for the same reason: under REPEATABLE READ (the server's
+    default, which Django replaces with READ COMMITTED unless OPTIONS say otherwise) a
+    start() that waited for an idempotency key's lock reads a snapshot taken before it."""
+    from django.db import router
+
+    from .models import WorkflowRun
+
+    alias = router.db_for_write(WorkflowRun)
+    connection = connections[alias]
+    options = connection.settings_dict.get("OPTIONS") or {}
+    if connection.vendor != "mysql" or "isolation_level" not in options:
+        return []  # Django's default for MySQL is READ COMMITTED
+    level = options["isolation_level"]
+    if isinstance(level, str) and level.lower() == "read committed":
+        return []
+    name = level.upper() if isinstance(level, str) else "of the server (None)"
+    return [
+        Error(
+            f"MySQL/MariaDB database {alias!r} uses the isolation level {name}; "
+            "django-openworkflow needs READ COMMITTED.",
+            hint=(
+                "Remove OPTIONS['isolation_level'] (Django's default for MySQL is 'read "
+                "committed') or set it to 'read committed', or give the engine a database "
+                "alias of its own. Under a stricter level, two start()s with one idempotency "
+                "key can both insert a run."
+            ),
+            id="django_openworkflow.E011",
+        )
+    ]
+
+
+@register()
 def check_workflows(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     from .registry import duplicate_registrations, qualified_name, registered_workflows
 

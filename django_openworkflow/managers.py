@@ -346,12 +346,7 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
 
     def lock(self, ids: Iterable[Any]) -> list[Any]:
         """Lock these runs' rows in the lock order (oldest first); return their ids."""
-        return list(
-            self.select_for_update()
-            .filter(pk__in=ids)
-            .order_by(*LOCK_ORDER)
-            .values_list("pk", flat=True)
-        )
+        return self.store.lock_runs(ids)
 
     def lock_for_delete(self, ids: Iterable[Any]) -> None:
         """Before deleting runs: lock their parents, them and their children, oldest first."""

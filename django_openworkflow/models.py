@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db import models
+from django.db.models import lookups
 from django.db.models.functions import Now
 from django.db.models.signals import pre_delete
 from django.dispatch import receiver
@@ -20,6 +21,40 @@ from .managers import StepAttemptQuerySet, WorkflowRunManager
 
 if TYPE_CHECKING:
     from .waiting import WaitingFor
+
+
+class ExactCharField(models.CharField):  # type: ignore[type-arg]
+    """A ``CharField`` for names and keys: equal only when equal as Python strings.
+
+    PostgreSQL and SQLite compare text exactly. MySQL's and MariaDB's usual
+    collations (``utf8mb4_general_ci``, ``utf8mb4_unicode_ci``) ignore case,
+    accents and trailing spaces and hold all emoji equal, so the idempotency
+    key "A" would return the run of "a", and a signal "order" would wake a
+    waiter of "Order". On MySQL the column gets a binary NO PAD collation
+    (MariaDB's ``utf8mb4_nopad_bin``, MySQL 8's ``utf8mb4_0900_bin``);
+    elsewhere nothing changes. The case-insensitive lookups (the search)
+    lower both sides there, as PostgreSQL's do.
+    """
+
+    def db_parameters(self, connection: Any) -> dict[str, Any]:
+        params = super().db_parameters(connection)
+        if connection.vendor == "mysql" and self.db_collation is None:
+            mariadb = connection.mysql_is_mariadb
+            params["collation"] = "utf8mb4_nopad_bin" if mariadb else "utf8mb4_0900_bin"
+        return params
+
+
+class _LowerBothSides:
+    """``LOWER(column) LIKE LOWER(pattern)`` on MySQL, where the column's collation is binary."""
+
+    def as_mysql(self, compiler: Any, connection: Any) -> tuple[str, list[Any]]:
+        lhs_sql, lhs_params = self.process_lhs(compiler, connection)  # type: ignore[attr-defined]
+        rhs_sql, rhs_params = self.process_rhs(compiler, connection)  # type: ignore[attr-defined]
+        return f"LOWER({lhs_sql}) LIKE LOWER({rhs_sql})", [*lhs_params, *rhs_params]
+
+
+for _lookup in (lookups.IExact, lookups.IContains, lookups.IStartsWith, lookups.IEndsWith):
+    ExactCharField.register_lookup(type(_lookup.__name__, (_LowerBothSides, _lookup), {}))
 
 
 class WorkflowRun(models.Model):
@@ -36,13 +71,13 @@ class WorkflowRun(models.Model):
     FINISHED_STATUSES = (Status.COMPLETED, Status.FAILED, Status.CANCELED)
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    namespace = models.CharField(_("namespace"), max_length=100, default="default")
-    workflow_name = models.CharField(_("workflow"), max_length=255)
+    namespace = ExactCharField(_("namespace"), max_length=100, default="default")
+    workflow_name = ExactCharField(_("workflow"), max_length=255)
     version = models.CharField(_("version"), max_length=100, null=True, blank=True)  # noqa: DJ001
     status = models.CharField(
         _("status"), max_length=16, choices=Status.choices, default=Status.PENDING
     )
-    idempotency_key = models.CharField(_("idempotency key"), max_length=255, null=True, blank=True)  # noqa: DJ001
+    idempotency_key = ExactCharField(_("idempotency key"), max_length=255, null=True, blank=True)
     input = models.JSONField(_("input"), null=True, blank=True)
     output = models.JSONField(_("output"), null=True, blank=True)
     error = models.JSONField(_("error"), null=True, blank=True)
@@ -51,7 +86,7 @@ class WorkflowRun(models.Model):
         default=0,
         help_text=_("Workflow-level failures since creation or the last resume."),
     )
-    worker_id = models.CharField(_("worker"), max_length=255, null=True, blank=True)  # noqa: DJ001
+    worker_id = ExactCharField(_("worker"), max_length=255, null=True, blank=True)
     claim_token = models.UUIDField(_("claim token"), null=True, blank=True, editable=False)
     available_at = models.DateTimeField(
         _("available at"),
@@ -208,7 +243,7 @@ class StepAttempt(models.Model):
         related_name="step_attempts",
         db_index=False,  # covered by owf_step_run_idx
     )
-    step_name = models.CharField(_("step"), max_length=255)
+    step_name = ExactCharField(_("step"), max_length=255)
     kind = models.CharField(_("kind"), max_length=16, choices=Kind.choices, default=Kind.RUN)
     atomic = models.BooleanField(
         _("atomic"),
@@ -237,7 +272,7 @@ class StepAttempt(models.Model):
         blank=True,
         help_text=_("The step's place among the step calls of the workflow function (from 0)."),
     )
-    signal = models.CharField(  # noqa: DJ001  (NULL: not a signal step)
+    signal = ExactCharField(  # NULL: not a signal step
         _("signal"),
         max_length=255,
         null=True,
@@ -378,9 +413,9 @@ class WorkflowSignal(models.Model):
     """A signal sent with an idempotency key: a repeat within 24 hours delivers nothing."""
 
     id = models.BigAutoField(primary_key=True)
-    namespace = models.CharField(_("namespace"), max_length=100, default="default")
-    signal = models.CharField(_("signal"), max_length=255)
-    idempotency_key = models.CharField(_("idempotency key"), max_length=255)
+    namespace = ExactCharField(_("namespace"), max_length=100, default="default")
+    signal = ExactCharField(_("signal"), max_length=255)
+    idempotency_key = ExactCharField(_("idempotency key"), max_length=255)
     data = models.JSONField(_("data"), null=True, blank=True)
     delivered_to = models.JSONField(_("delivered to"), default=list, blank=True)
     sent_at = models.DateTimeField(_("sent at"), db_default=Now())
@@ -398,3 +433,24 @@ class WorkflowSignal(models.Model):
 
     def __str__(self) -> str:
         return f"{self.signal} ({self.idempotency_key})"
+
+
+class WorkflowKeyLock(models.Model):
+    """A row that MySQL and MariaDB lock for an idempotency key (``registry.lock_key``).
+
+    PostgreSQL takes a transaction-level advisory lock and SQLite's IMMEDIATE
+    transactions hold the write lock; MySQL has neither. There a key hashes to
+    one of ``KEY_LOCK_SLOTS`` slots, and ``INSERT ... ON DUPLICATE KEY UPDATE``
+    locks the slot's row until the outermost transaction commits or rolls back.
+    The table never holds more rows than slots; two keys that share a slot
+    only wait for each other.
+    """
+
+    slot = models.PositiveIntegerField(_("slot"), primary_key=True)
+
+    class Meta:
+        verbose_name = _("idempotency key lock")
+        verbose_name_plural = _("idempotency key locks")
+
+    def __str__(self) -> str:
+        return f"key lock {self.slot}"

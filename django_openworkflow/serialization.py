@@ -24,9 +24,39 @@ def json_problem(value: Any, path: str = "$") -> str | None:
     too deeply (or containing themselves) and integers too long to write out.
     """
     try:
-        return _json_problem(value, path)
+        problem = _json_problem(value, path)
     except RecursionError:
         return f"{path} is nested too deeply for JSON (or contains itself)"
+    if problem is None and isinstance(value, (list, dict)):
+        limit = _max_json_depth()
+        depth = json_depth(value) if limit else 0
+        if limit and depth > limit:
+            return (
+                f"{path} is nested {depth} deep; MySQL and MariaDB store JSON nested at most "
+                f"{limit} deep"
+            )
+    return problem
+
+
+def json_depth(value: Any) -> int:
+    """How deep lists and dicts nest in ``value``: 0 for a scalar, 1 for ``[]`` or ``[1]``."""
+    if not isinstance(value, (list, dict)):
+        return 0
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (list, dict)))
+    return deepest
+
+
+def _max_json_depth() -> int | None:
+    """How deep the engine's database stores JSON, where it has a limit (its store says)."""
+    from .store import get_store
+
+    return get_store().max_json_depth
 
 
 def _json_problem(value: Any, path: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +27,8 @@ from django_openworkflow.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 ON_POSTGRES = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
+# Row locks, SKIP LOCKED and real concurrency between connections: PostgreSQL or MariaDB/MySQL.
+ROW_LOCKS = ON_POSTGRES or settings.DATABASES["default"]["ENGINE"].endswith("mysql")
 
 # Property-based tests (hypothesis). "ci", the default, is stable: the same
 # examples on every run (derandomize, no example database), no deadline, as
@@ -40,9 +43,14 @@ hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs PostgreSQL (run with DATABASE_URL=postgres://...)")
+    skip_row_locks = pytest.mark.skip(
+        reason="needs row locks: PostgreSQL or MariaDB (DATABASE_URL=postgres://... or mysql://...)"
+    )
     for item in items:
         if "postgres" in item.keywords and not ON_POSTGRES:
             item.add_marker(skip)
+        elif "row_locks" in item.keywords and not ROW_LOCKS:
+            item.add_marker(skip_row_locks)
 
 
 def claim_and_execute(*, worker_id: str = "test-worker", lease: float = 30.0) -> WorkflowRun | None:
@@ -63,31 +71,53 @@ def claim_and_execute(*, worker_id: str = "test-worker", lease: float = 30.0) ->
     return run
 
 
-def backend_pid() -> int:
-    """The PostgreSQL backend pid of this thread's connection (opened if need be)."""
+def backend_pid() -> int | None:
+    """The server process (PostgreSQL) or connection id (MariaDB) of this thread's
+    connection, opened if need be; None on SQLite."""
     connection.ensure_connection()
-    return int(connection.connection.info.backend_pid)
+    if connection.vendor == "postgresql":
+        return int(connection.connection.info.backend_pid)
+    if connection.vendor == "mysql":
+        return int(connection.connection.thread_id())
+    return None
 
 
-def wait_until_blocked(pid: int, *, by: int, timeout: float = 10.0) -> None:
-    """Wait until backend ``pid`` waits for a lock that backend ``by`` holds (PostgreSQL).
+def lock_holders(pid: int) -> list[int] | None:
+    """The backends whose locks backend ``pid`` waits for; None when it waits for no lock.
 
-    Polls ``pg_stat_activity``/``pg_blocking_pids`` on this thread's connection
-    (autocommit: a fresh snapshot each time); fails after ``timeout`` seconds.
+    Asked on this thread's connection (autocommit: a fresh snapshot each time):
+    ``pg_stat_activity`` on PostgreSQL, InnoDB's engine status on MariaDB/MySQL.
     """
-    end = time.monotonic() + timeout
     with connection.cursor() as cursor:
-        while True:
+        if connection.vendor == "postgresql":
             cursor.execute(
                 "SELECT wait_event_type, pg_blocking_pids(pid) FROM pg_stat_activity"
                 " WHERE pid = %s",
                 [pid],
             )
             row = cursor.fetchone()
-            if row is not None and row[0] == "Lock" and by in row[1]:
-                return
-            assert time.monotonic() < end, f"backend {pid} is not waiting for {by}: {row}"
-            time.sleep(0.01)
+            return list(row[1]) if row is not None and row[0] == "Lock" else None
+        # MariaDB: information_schema.INNODB_TRX misses transactions whose first statement
+        # waits in a locking read; the engine status lists every one ("LOCK WAIT"), without
+        # naming who holds the lock (so [] for "waits, holder not known").
+        cursor.execute("SHOW ENGINE INNODB STATUS")
+        status = cursor.fetchone()[2]
+    for block in status.split("\n---TRANSACTION ")[1:]:
+        if re.search(rf"\b(MariaDB|MySQL) thread id {pid},", block) and "\nLOCK WAIT " in block:
+            return []
+    return None
+
+
+def wait_until_blocked(pid: int, *, by: int, timeout: float = 10.0) -> None:
+    """Wait until backend ``pid`` waits for a lock that backend ``by`` holds; fails after
+    ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        holders = lock_holders(pid)
+        if holders is not None and (by in holders or holders == []):  # []: MariaDB
+            return
+        assert time.monotonic() < end, f"backend {pid} is not waiting for {by}: {holders}"
+        time.sleep(0.01)
 
 
 class Backend(threading.Thread):
@@ -102,8 +132,7 @@ class Backend(threading.Thread):
 
     def run(self):
         try:
-            connection.ensure_connection()
-            self.pid = connection.connection.info.backend_pid
+            self.pid = backend_pid()
             self.connected.set()
             self._target_fn()
         except BaseException as exc:  # reported by the test
@@ -125,12 +154,7 @@ def blocked_on_a_lock(thread: Backend) -> bool:
     while time.monotonic() < end:
         if not thread.is_alive():
             return False
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [thread.pid]
-            )
-            row = cursor.fetchone()
-        if row and row[0] == "Lock":
+        if lock_holders(thread.pid) is not None:
             return True
         time.sleep(0.01)
     raise AssertionError("the thread neither ended nor waited for a lock")

@@ -1,10 +1,11 @@
 """Settings for the test suite.
 
 ``DATABASE_URL`` picks the database: unset, a SQLite file; ``make test`` runs
-the suite once on SQLite and once on PostgreSQL
-(``postgres://postgres@127.0.0.1:5432/test``). Worker subprocesses started by
-tests use the same settings with ``OPENWORKFLOW_TEST_DB`` naming the test
-database the test runner created.
+the suite once on SQLite, once on PostgreSQL
+(``postgres://postgres@127.0.0.1:5432/test``) and once on MariaDB
+(``mysql://root@127.0.0.1:3306/test``). Worker subprocesses started by tests
+use the same settings with ``OPENWORKFLOW_TEST_DB`` naming the test database
+the test runner created.
 """
 
 from __future__ import annotations
@@ -70,6 +71,19 @@ _db = DATABASES["default"]
 if _db["ENGINE"] == "django.db.backends.sqlite3":
     _db["OPTIONS"] = {"transaction_mode": "IMMEDIATE", "timeout": 30}
     _db["TEST"] = {"NAME": _sqlite_file.replace(".sqlite3", "-test.sqlite3")}
+elif _db["ENGINE"] == "django.db.backends.mysql":
+    _db["OPTIONS"] = {
+        "charset": "utf8mb4",  # 4-byte characters (emoji) in names and JSON
+        "isolation_level": "read committed",  # Django's default for MySQL, stated: check E011
+        # Now() is the session's CURRENT_TIMESTAMP; Django writes datetimes in UTC.
+        "init_command": "SET time_zone = '+00:00'",
+    }
+    # A case- and accent-insensitive collation, as most MySQL databases have: names and
+    # keys must still compare exactly (their columns carry a binary collation).
+    _db["TEST"] = {"CHARSET": "utf8mb4", "COLLATION": "utf8mb4_unicode_ci"}
+    if os.environ.get("OPENWORKFLOW_MYSQL_TEST_NAME"):
+        # Several checkouts testing at once on one server: a test database each.
+        _db["TEST"]["NAME"] = os.environ["OPENWORKFLOW_MYSQL_TEST_NAME"]
 elif os.environ.get("OPENWORKFLOW_PG_TEST_NAME"):
     # Several checkouts testing at once on one PostgreSQL server: a test database each.
     _db["TEST"] = {"NAME": os.environ["OPENWORKFLOW_PG_TEST_NAME"]}

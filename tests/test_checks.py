@@ -233,3 +233,41 @@ def test_a_postgresql_isolation_level_other_than_read_committed_is_an_error(leve
                 "django-openworkflow needs READ COMMITTED.",
             )
         ]
+
+
+@pytest.mark.skipif(connections["default"].vendor != "mysql", reason="a MySQL/MariaDB setting")
+@pytest.mark.parametrize(
+    ("level", "shown"),
+    [
+        ("repeatable read", "REPEATABLE READ"),
+        ("serializable", "SERIALIZABLE"),
+        ("read uncommitted", "READ UNCOMMITTED"),
+        (None, "of the server (None)"),
+        ("read committed", None),
+        ("READ COMMITTED", None),
+        ("absent", None),
+    ],
+)
+def test_a_mysql_isolation_level_other_than_read_committed_is_an_error(level, shown):
+    from django_openworkflow.checks import check_mysql_isolation_level
+
+    options = connections["default"].settings_dict.setdefault("OPTIONS", {})
+    saved = dict(options)
+    options.pop("isolation_level", None)
+    if level != "absent":
+        options["isolation_level"] = level
+    try:
+        found = ids(check_mysql_isolation_level())
+    finally:
+        options.clear()
+        options.update(saved)
+    if shown is None:
+        assert found == []
+    else:
+        assert found == [
+            (
+                "django_openworkflow.E011",
+                f"MySQL/MariaDB database 'default' uses the isolation level {shown}; "
+                "django-openworkflow needs READ COMMITTED.",
+            )
+        ]

@@ -274,7 +274,7 @@ def _take_over(claimed, worker_id="worker-b"):
     [
         False,
         # On SQLite a step.atomic holds the database write lock, so nobody can take over.
-        pytest.param(True, marks=pytest.mark.postgres),
+        pytest.param(True, marks=pytest.mark.row_locks),
     ],
     ids=["run", "atomic"],
 )

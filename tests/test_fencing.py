@@ -191,7 +191,7 @@ def test_renewing_leases_renews_only_the_runs_of_the_given_claims():
     assert due == {claim_theirs.run_id}  # its worker is silent: its lease stays expired
 
 
-@pytest.mark.postgres
+@pytest.mark.row_locks
 def test_renewing_leases_skips_a_run_whose_row_is_locked():
     """A step.atomic holds its run's row lock: the heartbeat skips that run, never waits."""
     get_workflow("echo").start({"n": 1})
@@ -253,7 +253,7 @@ def test_a_signal_does_not_reset_the_lease_of_the_running_run_it_wakes():
 # --- signal delivery: lock the waiting runs, then re-read who still waits ---------
 
 
-@pytest.mark.postgres
+@pytest.mark.row_locks
 def test_a_delivery_waits_for_another_and_then_delivers_nothing():
     """Sender 1 holds the waiting run's lock; sender 2 waits for it, then finds no one waiting."""
     run = waiter.start({"signal": "bell"})

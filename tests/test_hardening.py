@@ -241,7 +241,7 @@ def test_an_id_that_is_not_a_uuid_names_no_run(transition, bad_id):
     assert str(missing.value) == f"no workflow run has the id {bad_id!r}"
 
 
-@pytest.mark.postgres
+@pytest.mark.row_locks
 def test_a_step_atomic_whose_connection_dies_after_the_commit_is_not_repeated(caplog):
     run = finished("atomic-reply-lost")
     assert (run.status, run.output) == ("completed", "written")

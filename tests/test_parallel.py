@@ -86,7 +86,7 @@ def test_parallel_refuses_anything_but_pairs():
         _registry.pop("fan-out-bad", None)
 
 
-@pytest.mark.postgres
+@pytest.mark.row_locks
 def test_after_a_kill_only_the_unfinished_parallel_step_runs_again(worker_process, tmp_path):
     flag = tmp_path / "go"
     run = fan_out.start({"concurrent": False, "block": "c", "path": str(flag)})

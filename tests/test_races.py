@@ -19,7 +19,7 @@ from django_openworkflow.testing import drain, pause_at
 from tests.conftest import Backend, blocked_on_a_lock, make_due
 from tests.testapp.workflows import parent
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.row_locks]
 
 
 def claim(name, worker_id="race-worker"):

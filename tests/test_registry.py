@@ -1,5 +1,6 @@
 import datetime
 import threading
+import time
 
 import pytest
 from django.db import connection, transaction
@@ -8,6 +9,7 @@ from django.utils import timezone
 from django_openworkflow import RetryPolicy, workflow
 from django_openworkflow.models import WorkflowRun
 from django_openworkflow.registry import Workflow, _registry, get_workflow
+from tests.conftest import ROW_LOCKS, Backend, blocked_on_a_lock, lock_holders
 from tests.testapp.workflows import echo, three_steps
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -100,7 +102,7 @@ def test_idempotency_key_expires_after_24_hours():
     assert second.pk != first.pk
 
 
-@pytest.mark.postgres
+@pytest.mark.row_locks
 def test_concurrent_starts_with_the_same_key_make_one_run():
     barrier = threading.Barrier(8)
     ids, errors = [], []
@@ -124,6 +126,67 @@ def test_concurrent_starts_with_the_same_key_make_one_run():
     assert len(ids) == 8
     assert len(set(ids)) == 1
     assert WorkflowRun.objects.count() == 1
+
+
+def test_starts_with_one_key_in_open_outer_transactions_make_one_run():
+    """Six starters, each in its own outer transaction held open until every one has
+    called start(): the key's lock lasts until the outer transaction ends, so the
+    others wait for the first to commit, then find its run (PostgreSQL: advisory lock;
+    MariaDB: the key's row lock; SQLite: the IMMEDIATE write lock serializes them)."""
+    ready, release = threading.Barrier(6), threading.Event()
+    started: list = []
+
+    def starter():
+        ready.wait(10)
+        with transaction.atomic():
+            started.append(echo.start({"x": 1}, idempotency_key="outer").pk)
+            assert release.wait(10)  # commits only when the test says so
+
+    threads = [Backend(starter) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    end = time.monotonic() + 10
+    # Until one start() returned and (with row locks) the five others wait for its lock.
+    while not started or (ROW_LOCKS and len(started) + waiting(threads) < 6):
+        assert time.monotonic() < end, f"{len(started)} returned, {waiting(threads)} wait"
+        time.sleep(0.01)
+    assert len(started) == 1  # the others wait for the first one's transaction
+    release.set()
+    for thread in threads:
+        thread.finish()
+    assert len(started) == 6
+    assert set(started) == {started[0]}
+    assert WorkflowRun.objects.count() == 1
+
+
+@pytest.mark.row_locks
+def test_a_rolled_back_start_lets_the_waiting_one_make_the_run():
+    """The key's lock ends with a rollback too (a session lock such as GET_LOCK would not)."""
+    holding, release = threading.Event(), threading.Event()
+    runs: list = []
+
+    def rolls_back():
+        with pytest.raises(RuntimeError), transaction.atomic():
+            echo.start({"x": 1}, idempotency_key="undone")
+            holding.set()
+            assert release.wait(10)
+            raise RuntimeError("the caller's transaction fails")
+
+    first = Backend(rolls_back)
+    second = Backend(lambda: runs.append(echo.start({"x": 2}, idempotency_key="undone")))
+    first.start()
+    assert holding.wait(10)
+    second.start()
+    assert blocked_on_a_lock(second)
+    release.set()
+    first.finish()
+    second.finish()
+    assert list(WorkflowRun.objects.values_list("pk", "input")) == [(runs[0].pk, {"x": 2})]
+
+
+def waiting(threads) -> int:
+    """How many of ``threads`` wait for a lock now."""
+    return sum(1 for t in threads if t.pid is not None and lock_holders(t.pid) is not None)
 
 
 def test_workflow_decorator_name_defaults_to_dotted_path():

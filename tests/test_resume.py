@@ -213,7 +213,7 @@ def test_bulk_cancel_returns_the_canceled_runs_and_skips_the_rest():
 # --- PostgreSQL: row locks -------------------------------------------------------------
 
 
-@pytest.mark.postgres
+@pytest.mark.row_locks
 def test_four_concurrent_resumes_resume_exactly_once():
     run = WorkflowRun.objects.create(workflow_name="echo", status="failed")
     barrier = threading.Barrier(4)
@@ -242,7 +242,7 @@ def test_four_concurrent_resumes_resume_exactly_once():
     assert run.events.count() == 1
 
 
-@pytest.mark.postgres
+@pytest.mark.row_locks
 @pytest.mark.parametrize("committed_status", ["failed", "completed"])
 def test_resume_waits_for_a_row_lock_and_decides_on_the_committed_status(committed_status):
     run = WorkflowRun.objects.create(workflow_name="echo", status="failed")

@@ -122,7 +122,7 @@ def test_bad_signals_are_refused(args, error, message):
     assert str(info.value).startswith(message)
 
 
-@pytest.mark.postgres
+@pytest.mark.row_locks
 def test_concurrent_sends_deliver_to_a_waiting_step_once():
     run = waiting("race")
     barrier = threading.Barrier(4)

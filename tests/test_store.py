@@ -37,6 +37,10 @@ def stores() -> list[type[Store]]:
         from django_openworkflow.store.postgres import PostgresStore
 
         return [OrmStore, PostgresStore]
+    if engine.endswith("mysql"):
+        from django_openworkflow.store.mysql import MysqlStore
+
+        return [MysqlStore]  # the ORM store with the lock order and key lock MySQL needs
     return [OrmStore]
 
 
@@ -98,7 +102,7 @@ def test_get_store_is_the_only_switch_and_caches_per_alias():
     store = get_store()
     assert store is get_store("default")
     assert store.using == "default"
-    expected = "postgresql" if connection.vendor == "postgresql" else "orm"
+    expected = {"postgresql": "postgresql", "mysql": "mysql"}.get(connection.vendor, "orm")
     assert store.vendor == expected
 
 

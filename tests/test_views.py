@@ -281,7 +281,7 @@ def test_pages_answer_head(staff_client):
     assert staff_client.head(detail_url(run)).status_code == 200
 
 
-FIRST = uuid.UUID("12345678-9abc-def0-1234-56789abcdef0")
+FIRST = uuid.UUID("12345678-9abc-4ef0-9234-56789abcdef0")  # RFC 4122: MariaDB's uuid type
 SECOND = uuid.UUID("12345678-0000-4000-8000-000000000000")
 
 

@@ -44,7 +44,7 @@ def running_attempt(run, step):
     return StepAttempt.objects.filter(workflow_run=run, step_name=step, status="running").exists()
 
 
-@pytest.mark.postgres
+@pytest.mark.row_locks
 def test_two_worker_processes_drain_300_runs_each_step_exactly_once(worker_process):
     runs = [three_steps.start({"i": i}) for i in range(300)]
     began = time.monotonic()
@@ -73,7 +73,7 @@ def test_two_worker_processes_drain_300_runs_each_step_exactly_once(worker_proce
         assert proc.wait() == 0
 
 
-@pytest.mark.postgres
+@pytest.mark.row_locks
 def test_a_worker_killed_mid_step_is_replaced_and_finished_steps_are_not_repeated(
     worker_process, tmp_path
 ):

@@ -23,6 +23,10 @@ def get_store(using: str | None = None) -> Store:
             from .postgres import PostgresStore
 
             store = PostgresStore(alias)
+        elif vendor == "mysql":
+            from .mysql import MysqlStore
+
+            store = MysqlStore(alias)
         else:
             from .orm import OrmStore
 

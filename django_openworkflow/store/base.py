@@ -79,6 +79,7 @@ class Store:
 
     vendor = ""
     notifies = False  # whether ``listen`` can wake workers (else they poll)
+    max_json_depth: int | None = None  # how deep the JSON columns nest, where limited
 
     def __init__(self, using: str) -> None:
         self.using = using
@@ -222,6 +223,10 @@ class Store:
 
     def release(self, claim: Claim, *, delay: float = 0.0) -> bool:
         """End the claim's lease ``delay`` seconds from now, so the run is replayed soon."""
+        raise NotImplementedError
+
+    def lock_runs(self, ids: Iterable[Any]) -> list[Any]:
+        """Inside a transaction: lock these runs' rows in the lock order; return their ids."""
         raise NotImplementedError
 
     # --- wake-ups -----------------------------------------------------------------

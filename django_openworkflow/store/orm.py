@@ -47,6 +47,11 @@ class OrmQueries(Store):
             return queryset.select_for_update(skip_locked=True)
         return queryset  # SQLite: the IMMEDIATE transaction holds the whole database
 
+    def lock_runs(self, ids: Iterable[Any]) -> list[Any]:
+        """Lock these runs' rows in the lock order (oldest first); return their ids."""
+        ordered = self.runs.filter(pk__in=ids).order_by(*LOCK_ORDER).values_list("pk", flat=True)
+        return list(ordered.select_for_update())
+
     def store_deferred(self, deferred: Deferred | None) -> None:
         if deferred is not None:
             attempt_id, text, finished_at = deferred

@@ -452,3 +452,10 @@ def stateful(ctx):
 
 
 from . import hardening, review  # noqa: E402, F401  (their @workflow definitions)
+
+
+@workflow(name="exact-step-names")
+def exact_step_names(ctx):
+    """One step per name in the input, returning its name: names that differ only in case,
+    accents, a trailing space or which emoji they hold are different steps."""
+    return [ctx.step.run(name, lambda name=name: name) for name in ctx.input]
