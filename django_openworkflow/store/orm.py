@@ -18,7 +18,7 @@ from django.db.models import F
 from django.db.models.functions import Coalesce, Now
 
 from ..errors import DEADLINE_ERROR
-from ..managers import ACTIVE, not_past_deadline, now_plus
+from ..managers import ACTIVE, LOCK_ORDER, not_past_deadline, now_plus
 from ..models import StepAttempt, WorkflowRun
 from ..pauses import pause_point
 from ..signals import run_failed, run_started, send_after_commit
