@@ -69,7 +69,7 @@ def test_workflow_names_compare_exactly_when_claiming(first, second):
     WorkflowRun.objects.create(workflow_name=first)
 
     assert claim(second) == []
-    assert [run.workflow_name for run in claim(first)] == [first]
+    assert [c.run.workflow_name for c in claim(first)] == [first]
 
 
 def test_the_search_still_ignores_case():
