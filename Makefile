@@ -16,7 +16,7 @@ CHAOS_URL ?= postgres://postgres@127.0.0.1:5432/openworkflow_chaos
 CHAOS_ARGS ?=
 PG_CTL ?= pg_ctlcluster --skip-systemctl-redirect $(shell ls /etc/postgresql 2>/dev/null | tail -n 1) main
 
-.PHONY: install demo test test-sqlite test-postgres test-mariadb test-django6 lint format pg-up mariadb-up mysql-driver browser bench bench-db bench-compare chaos chaos-short chaos-db clean
+.PHONY: install demo test test-sqlite test-postgres test-mariadb test-django6 lint format pg-up mariadb-up mysql-driver browser bench bench-db bench-compare bench-ab chaos chaos-short chaos-db clean
 
 install: $(VENV)/.installed
 
@@ -113,6 +113,11 @@ bench: bench-db
 
 bench-compare: bench-db
 	DEBUG=false BENCH_URL=$(BENCH_URL) $(PY) scripts/bench_compare.py
+
+# A/B of this working tree against BASE (a git ref), interleaved in one sitting.
+BASE ?= HEAD
+bench-ab: install pg-up
+	$(PY) scripts/bench_ab.py $(BASE) $(BENCH_AB_ARGS)
 
 # Chaos (PostgreSQL): kill workers every ~0.5 s and restart PostgreSQL once, then count
 # lost runs and doubled step.atomic writes (both must be 0). `make test` runs a short one.
