@@ -371,6 +371,22 @@ def wake_parent_of_deleted_child(
         ).update(status=StepAttempt.Status.COMPLETED, output=ended["output"], finished_at=Now())
 
 
+def forget_deleted_user(collector: Any, field: Any, sub_objs: Any, using: str) -> None:
+    """``on_delete`` of ``WorkflowRunEvent.by``: ``SET_NULL`` on the engine's database.
+
+    The events live on ``OPENWORKFLOW["DATABASE"]``, the users perhaps elsewhere
+    (so the column has no database constraint). Django looks for a deleted
+    user's events on the user's database; this clears them on the events' own,
+    when the deletion runs (the admin's confirmation page only collects).
+    """
+    from .conf import app_settings
+
+    collector.add_field_update(field, None, sub_objs.using(app_settings.DATABASE))
+
+
+forget_deleted_user.lazy_sub_objs = True  # type: ignore[attr-defined]  # never read on `using`
+
+
 class WorkflowRunEvent(models.Model):
     """A resume or cancel of a run: who did it, when, and the error it cleared."""
 
@@ -388,8 +404,10 @@ class WorkflowRunEvent(models.Model):
         verbose_name=_("by"),
         null=True,
         blank=True,
-        on_delete=models.SET_NULL,
+        on_delete=forget_deleted_user,
         related_name="+",
+        # An audit pointer: the users may live on another database than the engine's tables.
+        db_constraint=False,
     )
     at = models.DateTimeField(_("at"), db_default=Now())
     cleared_error = models.JSONField(_("cleared error"), null=True, blank=True)
