@@ -124,16 +124,19 @@ def check_sqlite_transaction_mode(
     return warnings
 
 
+def engine_alias() -> str:
+    """``OPENWORKFLOW["DATABASE"]``, or "default" while it names no database (E001, E012)."""
+    user = getattr(settings, "OPENWORKFLOW", None)
+    alias = user.get("DATABASE", "default") if isinstance(user, dict) else "default"
+    return alias if isinstance(alias, str) and alias in settings.DATABASES else "default"
+
+
 @register()
 def check_postgresql_isolation_level(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     """E011. The engine re-reads after each lock it takes (a child's status, waiting signal
     steps, an idempotency key's earlier run): that needs READ COMMITTED, where each
     statement sees what committed before it; REPEATABLE READ reads an older snapshot."""
-    from django.db import router
-
-    from .models import WorkflowRun
-
-    alias = router.db_for_write(WorkflowRun)
+    alias = engine_alias()
     connection = connections[alias]
     if connection.vendor != "postgresql":
         return []
@@ -158,16 +161,66 @@ def check_postgresql_isolation_level(app_configs: Any = None, **kwargs: Any) -> 
     ]
 
 
+ROUTER = "django_openworkflow.routers.WorkflowRouter"
+
+
+@register()
+def check_database(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    """E012. ``OPENWORKFLOW["DATABASE"]`` names an alias of ``DATABASES``."""
+    user = getattr(settings, "OPENWORKFLOW", None)
+    if not isinstance(user, dict) or "DATABASE" not in user:
+        return []
+    alias = user["DATABASE"]
+    if isinstance(alias, str) and alias in settings.DATABASES:
+        return []
+    return [
+        Error(
+            f"OPENWORKFLOW['DATABASE'] must name a database of DATABASES, not {alias!r}.",
+            hint=(
+                f"The alias where the engine's tables live; the aliases of DATABASES: "
+                f"{', '.join(sorted(map(repr, settings.DATABASES)))}. The default is 'default'."
+            ),
+            id="django_openworkflow.E012",
+        )
+    ]
+
+
+@register()
+def check_database_routing(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    """E013. The engine uses ``OPENWORKFLOW["DATABASE"]``; the admin, the pages and the
+    managers use the database routers: they must send the app's models to the same alias."""
+    from django.db import router
+
+    from .models import WorkflowRun
+
+    if not isinstance(getattr(settings, "OPENWORKFLOW", None) or {}, dict) or check_database():
+        return []  # E001 or E012 said it
+    alias = engine_alias()
+    routed = {"reads": router.db_for_read(WorkflowRun), "writes": router.db_for_write(WorkflowRun)}
+    wrong = {what: db for what, db in routed.items() if db != alias}
+    if not wrong:
+        return []
+    elsewhere = " and ".join(f"{what} to {db!r}" for what, db in wrong.items())
+    return [
+        Error(
+            f"The database routers send the django_openworkflow models' {elsewhere}, but "
+            f"OPENWORKFLOW['DATABASE'] is {alias!r}.",
+            hint=(
+                f"Add {ROUTER!r} to DATABASE_ROUTERS (before routers that would claim the app's "
+                f"models): it routes them to OPENWORKFLOW['DATABASE']. The engine always uses "
+                f"that alias; the admin, the run pages and WorkflowRun.objects use the routers."
+            ),
+            id="django_openworkflow.E013",
+        )
+    ]
+
+
 @register()
 def check_mysql_isolation_level(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     """E011 for MySQL and MariaDB, for the same reason: under REPEATABLE READ (the server's
     default, which Django replaces with READ COMMITTED unless OPTIONS say otherwise) a
     start() that waited for an idempotency key's lock reads a snapshot taken before it."""
-    from django.db import router
-
-    from .models import WorkflowRun
-
-    alias = router.db_for_write(WorkflowRun)
+    alias = engine_alias()
     connection = connections[alias]
     options = connection.settings_dict.get("OPTIONS") or {}
     if connection.vendor != "mysql" or "isolation_level" not in options:

@@ -271,3 +271,105 @@ def test_a_mysql_isolation_level_other_than_read_committed_is_an_error(level, sh
                 "django-openworkflow needs READ COMMITTED.",
             )
         ]
+
+
+@pytest.mark.parametrize("value", ["", "nowhere", None, 1])
+def test_a_database_that_is_not_an_alias_is_reported(value):
+    from django_openworkflow.checks import check_database, check_database_routing
+
+    with override_settings(OPENWORKFLOW={"DATABASE": value}):
+        [error] = check_database()
+        assert check_database_routing() == []  # E012 says it
+    assert (error.id, error.msg) == (
+        "django_openworkflow.E012",
+        f"OPENWORKFLOW['DATABASE'] must name a database of DATABASES, not {value!r}.",
+    )
+    assert error.hint == (
+        "The alias where the engine's tables live; the aliases of DATABASES: 'default', "
+        "'workflows'. The default is 'default'."
+    )
+
+
+def test_an_existing_database_alias_passes():
+    from django_openworkflow.checks import check_database
+
+    assert check_database() == []
+    with override_settings(OPENWORKFLOW={"DATABASE": "workflows"}):
+        assert check_database() == []
+
+
+ROUTER = "django_openworkflow.routers.WorkflowRouter"
+
+
+@pytest.mark.parametrize(
+    ("database", "routers", "elsewhere"),
+    [
+        ("workflows", [], "reads to 'default' and writes to 'default'"),
+        ("default", [ROUTER], None),
+        ("workflows", [ROUTER], None),
+        ("default", ["tests.test_checks.ReadsElsewhere"], "reads to 'workflows'"),
+    ],
+)
+def test_routers_that_disagree_with_the_database_setting_are_reported(database, routers, elsewhere):
+    from django_openworkflow.checks import check_database_routing
+
+    with override_settings(OPENWORKFLOW={"DATABASE": database}, DATABASE_ROUTERS=routers):
+        found = check_database_routing()
+        assert [m.id for m in checks.run_checks()].count("django_openworkflow.E013") == len(found)
+    if elsewhere is None:
+        assert found == []
+        return
+    [error] = found
+    assert (error.id, error.msg) == (
+        "django_openworkflow.E013",
+        f"The database routers send the django_openworkflow models' {elsewhere}, but "
+        f"OPENWORKFLOW['DATABASE'] is {database!r}.",
+    )
+    assert error.hint == (
+        "Add 'django_openworkflow.routers.WorkflowRouter' to DATABASE_ROUTERS (before routers "
+        "that would claim the app's models): it routes them to OPENWORKFLOW['DATABASE']. The "
+        "engine always uses that alias; the admin, the run pages and WorkflowRun.objects use "
+        "the routers."
+    )
+
+
+class ReadsElsewhere:
+    """A project's router that reads everything from a replica."""
+
+    def db_for_read(self, model, **hints):
+        return "workflows"
+
+
+def test_the_isolation_level_check_looks_at_the_engine_database():
+    from django_openworkflow.checks import engine_alias
+
+    assert engine_alias() == "default"
+    with override_settings(OPENWORKFLOW={"DATABASE": "workflows"}):
+        assert engine_alias() == "workflows"
+    with override_settings(OPENWORKFLOW={"DATABASE": "nowhere"}):
+        assert engine_alias() == "default"  # E012 reports it; E011 does not crash
+
+
+@pytest.mark.postgres
+def test_the_isolation_level_of_the_engine_database_is_checked():
+    import psycopg
+
+    from django_openworkflow.checks import check_postgresql_isolation_level
+
+    options = connections["workflows"].settings_dict.setdefault("OPTIONS", {})
+    saved = dict(options)
+    options["isolation_level"] = psycopg.IsolationLevel.REPEATABLE_READ
+    try:
+        assert check_postgresql_isolation_level() == []  # "default" is fine
+        with override_settings(OPENWORKFLOW={"DATABASE": "workflows"}):
+            found = ids(check_postgresql_isolation_level())
+    finally:
+        options.clear()
+        options.update(saved)
+    assert found == [
+        (
+            "django_openworkflow.E011",
+            "PostgreSQL database 'workflows' uses the isolation level REPEATABLE_READ; "
+            "django-openworkflow needs READ COMMITTED.",
+        )
+    ]
