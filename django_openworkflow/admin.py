@@ -100,7 +100,8 @@ class WorkflowRunEventInline(ReadOnlyInline):
     verbose_name_plural = gettext_lazy("history")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[WorkflowRunEvent]:
-        return super().get_queryset(request).select_related("by")
+        # prefetch, not a join: the users may live on another database than the events
+        return super().get_queryset(request).prefetch_related("by")
 
     @admin.display(description=gettext_lazy("cleared error"))
     def cleared_error_summary(self, event: WorkflowRunEvent) -> str:

@@ -99,7 +99,7 @@ def stuck_runs(namespace: str | None = None, grace: float | None = None) -> list
     before it counts as stuck.
     """
     grace = app_settings.LEASE_SECONDS if grace is None else grace
-    runs = WorkflowRun.objects.all()
+    runs = WorkflowRun.objects.using(app_settings.DATABASE)
     if namespace is not None:
         runs = runs.in_namespace(namespace)
     found: dict[str, StuckRun] = {}
@@ -155,7 +155,8 @@ def _parked_without_wake(runs: Any) -> list[StuckRun]:
 
 def _child_finished(runs: Any, grace: float) -> list[StuckRun]:
     waits = (
-        StepAttempt.objects.running()
+        StepAttempt.objects.using(runs.db)
+        .running()
         .filter(kind=StepAttempt.Kind.WORKFLOW)
         .filter(resume_generation=F("workflow_run__resume_generation"))
         .filter(
@@ -257,7 +258,8 @@ def _expired_or_unknown(runs: Any, grace: float) -> list[StuckRun]:
 
 def _step_running_on_finished_run(runs: Any) -> list[StuckRun]:
     attempts = (
-        StepAttempt.objects.running()
+        StepAttempt.objects.using(runs.db)
+        .running()
         .filter(workflow_run__in=runs.finished())
         # a wait in flight when the run failed is kept for a resume to carry on
         .exclude(kind__in=WAIT_KINDS, workflow_run__status=WorkflowRun.Status.FAILED)

@@ -94,10 +94,11 @@ def travel(delta: timedelta) -> None:
     """Move every timer of the active runs ``delta`` closer (time passes by ``delta``)."""
     if delta <= timedelta(0):
         return
-    active = WorkflowRun.objects.in_namespace(app_settings.NAMESPACE).active()
+    using = app_settings.DATABASE
+    active = WorkflowRun.objects.using(using).in_namespace(app_settings.NAMESPACE).active()
     active.filter(available_at__isnull=False).update(available_at=F("available_at") - delta)
     active.filter(deadline_at__isnull=False).update(deadline_at=F("deadline_at") - delta)
-    StepAttempt.objects.filter(
+    StepAttempt.objects.using(using).filter(
         workflow_run__in=active, status=StepAttempt.Status.RUNNING, wake_at__isnull=False
     ).update(wake_at=F("wake_at") - delta)
 
@@ -106,21 +107,28 @@ def skip_sleeps_and_retries(namespace: str, workflow_names: list[str]) -> int:
     """Make the runs that sleep or wait for a retry due now; return how many."""
     now = timezone.now()
     skipped = 0
-    parked = WorkflowRun.objects.in_namespace(namespace).filter(
-        status=WorkflowRun.Status.PENDING, workflow_name__in=workflow_names, available_at__gt=now
+    using = app_settings.DATABASE
+    parked = (
+        WorkflowRun.objects.using(using)
+        .in_namespace(namespace)
+        .filter(
+            status=WorkflowRun.Status.PENDING,
+            workflow_name__in=workflow_names,
+            available_at__gt=now,
+        )
     )
     for run in parked:
         wait = run.waiting_for()
         if wait is None or wait.kind not in ("sleep", "retry"):
             continue
         if wait.kind == "sleep":
-            StepAttempt.objects.filter(
+            StepAttempt.objects.using(using).filter(
                 workflow_run=run,
                 step_name=wait.step,
                 status=StepAttempt.Status.RUNNING,
                 resume_generation=run.resume_generation,
             ).update(wake_at=now)
-        WorkflowRun.objects.filter(pk=run.pk).update(available_at=now)
+        WorkflowRun.objects.using(using).filter(pk=run.pk).update(available_at=now)
         skipped += 1
     return skipped
 

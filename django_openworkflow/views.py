@@ -189,7 +189,8 @@ def run_list(request: HttpRequest) -> HttpResponse:
 def run_detail(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
     run = get_object_or_404(WorkflowRun.objects.select_related("parent_step_attempt"), pk=run_id)
     attempts = list(run.step_attempts.order_by("id"))
-    events = list(run.events.select_related("by").order_by("at", "id"))
+    # prefetch, not a join: the users may live on another database than the events
+    events = list(run.events.prefetch_related("by").order_by("at", "id"))
     active = not run.is_finished
     can_change = can_change_runs(request.user)
     now = timezone.now()

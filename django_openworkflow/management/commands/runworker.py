@@ -9,11 +9,10 @@ import sys
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DatabaseError, connections, router
+from django.db import DatabaseError, connections
 from django.db.migrations.executor import MigrationExecutor
 
 from ...conf import app_settings
-from ...models import WorkflowRun
 from ...names import check_name
 from ...worker import Worker
 from ..workers import positive_int as _positive_int
@@ -100,7 +99,7 @@ class Command(BaseCommand):
                 check_name(options["worker_id"], "--worker-id")
             except (TypeError, ValueError) as exc:
                 raise CommandError(str(exc)) from None
-        self._check_migrations(router.db_for_write(WorkflowRun))
+        self._check_migrations(app_settings.DATABASE)
         worker = Worker(
             namespace=options["namespace"],
             concurrency=options["concurrency"],
@@ -124,10 +123,11 @@ class Command(BaseCommand):
             return
         missing = [m.name for m, _ in plan if m.app_label == "django_openworkflow"]
         if missing:
+            migrate = "manage.py migrate" + ("" if using == "default" else f" --database {using}")
             raise CommandError(
                 f"the database {using!r} lacks {len(missing)} "
                 f"migration{'s' if len(missing) > 1 else ''} of django_openworkflow "
-                f"({', '.join(missing)}): run 'manage.py migrate' first"
+                f"({', '.join(missing)}): run '{migrate}' first"
             )
 
     def _configure_logging(self, verbosity: int) -> None:
