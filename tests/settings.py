@@ -10,6 +10,7 @@ the test runner created.
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -87,6 +88,24 @@ elif _db["ENGINE"] == "django.db.backends.mysql":
 elif os.environ.get("OPENWORKFLOW_PG_TEST_NAME"):
     # Several checkouts testing at once on one PostgreSQL server: a test database each.
     _db["TEST"] = {"NAME": os.environ["OPENWORKFLOW_PG_TEST_NAME"]}
+
+
+def _second_database(db: dict) -> dict:
+    """The default database's settings for another database on the same server (or file)."""
+    second = copy.deepcopy(db)
+    if db["ENGINE"] == "django.db.backends.sqlite3":
+        second["NAME"] = db["NAME"].replace(".sqlite3", "-workflows.sqlite3")
+        second["TEST"] = {"NAME": db["TEST"]["NAME"].replace(".sqlite3", "-workflows.sqlite3")}
+    else:
+        test_name = (db.get("TEST") or {}).get("NAME") or f"test_{db['NAME']}"
+        second["NAME"] = f"{db['NAME']}_workflows"
+        second["TEST"] = {**(db.get("TEST") or {}), "NAME": f"{test_name}_workflows"}
+    return second
+
+
+# OPENWORKFLOW["DATABASE"] = "workflows" (tests/test_database_alias.py). pytest-django creates
+# only the databases the collected tests ask for: the others never touch this one.
+DATABASES["workflows"] = _second_database(_db)
 if os.environ.get("OPENWORKFLOW_TEST_DB"):
     # A worker subprocess: talk to the database the test runner created.
     _db["NAME"] = os.environ["OPENWORKFLOW_TEST_DB"]
