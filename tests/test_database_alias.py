@@ -11,6 +11,7 @@ both databases, so it fails if anything ignores the setting.
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 
 import pytest
 from django.conf import settings
@@ -20,10 +21,11 @@ from django.urls import reverse
 
 from django_openworkflow import send_signal
 from django_openworkflow.conf import app_settings
+from django_openworkflow.diagnostics import stuck_runs
 from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowRunEvent
-from django_openworkflow.testing import drain
+from django_openworkflow.testing import drain, travel
 from tests.testapp.models import Ledger
-from tests.testapp.workflows import atomic_writer, fails_at_once, three_steps, waiter
+from tests.testapp.workflows import atomic_writer, fails_at_once, sleeper, three_steps, waiter
 
 pytestmark = pytest.mark.django_db(databases=["default", "workflows"])
 DATABASES = ("default", "workflows")
@@ -131,3 +133,31 @@ def test_deleting_a_user_clears_their_events_on_the_engine_database():
     user.delete()
     event = WorkflowRunEvent.objects.get(run_id=run.pk)
     assert (event.action, event.by_id) == ("resume", None)
+
+
+@pytest.fixture
+def without_routers():
+    """The engine alone: it uses OPENWORKFLOW["DATABASE"] whatever the routers say (E013)."""
+    with override_settings(DATABASE_ROUTERS=[]):
+        yield WorkflowRun.objects.using("workflows")
+
+
+def test_drain_skips_sleeps_there(without_routers):
+    run = sleeper.start({"sleep": "1h"})
+    drain(time_travel="sleeps")
+    assert without_routers.get(pk=run.pk).output == 2
+
+
+def test_time_travel_moves_the_timers_there(without_routers):
+    run = sleeper.start({"sleep": "1h"})
+    drain(time_travel=False)
+    before = without_routers.get(pk=run.pk).available_at
+    travel(timedelta(minutes=10))
+    assert without_routers.get(pk=run.pk).available_at == before - timedelta(minutes=10)
+
+
+def test_stuck_runs_are_found_there(without_routers):
+    run = waiter.start({"signal": "go"})
+    drain()
+    without_routers.filter(pk=run.pk).update(resume_generation=1)
+    assert [(f.run_id, f.reason) for f in stuck_runs()] == [(str(run.pk), "parked-without-wake")]
