@@ -8,10 +8,12 @@ way; the test checks the store-based engine keeps that behaviour.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from datetime import timedelta
 
 import pytest
+from django.utils import timezone
 
-from django_openworkflow.models import StepAttempt
+from django_openworkflow.models import StepAttempt, WorkflowRun
 from django_openworkflow.pauses import add_hook, remove_hook
 from django_openworkflow.registry import get_workflow
 from tests.test_store import execute, expire, stores, take
@@ -71,6 +73,44 @@ def test_an_orm_store_renews_the_lease_when_a_step_starts(store_class):
     with on_point("step.before-fence", another_worker_claims, step="b") as taken:
         execute(store, claim)  # step "a" started, ran; then "b" is about to start
     assert taken == [[]]  # "a" started under a renewed lease: nobody could take the run
+    run.refresh_from_db()
+    assert (run.status, run.output) == ("completed", 3)
+    assert SideEffect.objects.filter(run_id=run.pk, step="a").count() == 1
+
+
+# --- the deadline: a result that lost the race to the sweep is kept for a resume ------------
+
+
+def test_a_deferred_result_is_kept_when_the_sweep_fails_the_run_before_the_worker_does(
+    store, monkeypatch
+):
+    # The run passes its deadline after "a" returned (its result deferred): "b"'s start
+    # is refused, the worker finds the run running, its own and past the deadline, and
+    # goes to fail it; the deadline sweep fails it first. 4e07a54's _finish then fell
+    # back to _claim_lost, which stored the late result over the sweep's failure.
+    run = get_workflow("review-two-steps").start()
+    [claim] = take(store, "review-two-steps")
+    fail_at_deadline = store.fail_at_deadline
+
+    def sweep_first(*args, **kwargs):
+        assert store.fail_overdue("default") == 1
+        return fail_at_deadline(*args, **kwargs)
+
+    monkeypatch.setattr(store, "fail_at_deadline", sweep_first)
+
+    def deadline_passes():
+        WorkflowRun.objects.filter(pk=run.pk).update(deadline_at=timezone.now())
+
+    with on_point("step.before-fence", deadline_passes, step="b") as done:
+        execute(store, claim)
+    assert done
+    run.refresh_from_db()
+    assert (run.status, run.error["type"]) == ("failed", "DeadlineExceeded")
+    assert history(run) == [("a", "completed", None)]  # "a" returned 1: kept
+    monkeypatch.undo()
+    WorkflowRun.objects.resume(run, deadline_at=timezone.now() + timedelta(hours=1))
+    while claims := take(store, "review-two-steps"):
+        execute(store, claims[0])
     run.refresh_from_db()
     assert (run.status, run.output) == ("completed", 3)
     assert SideEffect.objects.filter(run_id=run.pk, step="a").count() == 1
