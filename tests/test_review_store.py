@@ -11,11 +11,14 @@ from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
+from django.db import transaction
 from django.utils import timezone
 
 from django_openworkflow.models import StepAttempt, WorkflowRun
 from django_openworkflow.pauses import add_hook, remove_hook
 from django_openworkflow.registry import get_workflow
+from django_openworkflow.signals import step_failed
+from django_openworkflow.store import get_store
 from tests.test_store import execute, expire, stores, take
 from tests.testapp.models import SideEffect
 
@@ -114,3 +117,36 @@ def test_a_deferred_result_is_kept_when_the_sweep_fails_the_run_before_the_worke
     run.refresh_from_db()
     assert (run.status, run.output) == ("completed", 3)
     assert SideEffect.objects.filter(run_id=run.pk, step="a").count() == 1
+
+
+# --- signals: after the commit of the engine's database --------------------------------------
+
+
+def test_step_failed_is_sent_after_the_commit_of_the_engines_database(monkeypatch):
+    # run_started/run_completed/run_failed name the store's database; step_failed must too,
+    # or with OPENWORKFLOW["DATABASE"] = "workflows" it is sent at once (the default
+    # database has no transaction open), before the failure it reports has committed.
+    using = get_store().using
+    aliases = []
+    real_on_commit = transaction.on_commit
+
+    def on_commit(func, using=None, robust=False):
+        aliases.append(using)
+        return real_on_commit(func, using=using, robust=robust)
+
+    failures = []
+
+    def receiver(sender, run, step_name, **kwargs):
+        failures.append(step_name)
+
+    monkeypatch.setattr(transaction, "on_commit", on_commit)
+    step_failed.connect(receiver)
+    try:
+        run = get_workflow("flaky").start({"failures": 1})
+        [claim] = take(get_store(), "flaky")
+        execute(get_store(), claim)
+    finally:
+        step_failed.disconnect(receiver)
+    assert history(run) == [("flaky", "failed", "ValueError")]
+    assert failures == ["flaky"]  # sent once
+    assert aliases and set(aliases) == {using}

@@ -295,5 +295,10 @@ class Execution:
             attempt.error = error
             self.history.failed(attempt)
             send_after_commit(
-                step_failed, self.run, step_name=attempt.step_name, error=error, attempt=attempt
+                step_failed,
+                self.run,
+                using=self.using,
+                step_name=attempt.step_name,
+                error=error,
+                attempt=attempt,
             )
