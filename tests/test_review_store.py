@@ -19,6 +19,7 @@ from django_openworkflow.pauses import add_hook, remove_hook
 from django_openworkflow.registry import get_workflow
 from django_openworkflow.signals import step_failed
 from django_openworkflow.store import get_store
+from django_openworkflow.testing import pause_at
 from tests.test_store import execute, expire, stores, take
 from tests.testapp.models import SideEffect
 
@@ -150,3 +151,109 @@ def test_step_failed_is_sent_after_the_commit_of_the_engines_database(monkeypatc
     assert history(run) == [("flaky", "failed", "ValueError")]
     assert failures == ["flaky"]  # sent once
     assert aliases and set(aliases) == {using}
+
+
+# --- claims: first start, resume and cancel ----------------------------------------------------
+
+
+def test_a_resumed_run_starts_again_and_replays_its_history(store):
+    # Claim.first_start: true for a new run and for a resumed one (started_at cleared), so
+    # run_started is sent again; the history is skipped only for generation 0.
+    run = get_workflow("review-two-steps").start(deadline_at=timezone.now() + timedelta(hours=1))
+    [first] = take(store, "review-two-steps")
+    assert first.first_start
+
+    def deadline_passes():
+        WorkflowRun.objects.filter(pk=run.pk).update(deadline_at=timezone.now())
+
+    with on_point("step.before-fence", deadline_passes, step="b"):
+        execute(store, first)
+    WorkflowRun.objects.resume(run, deadline_at=timezone.now() + timedelta(hours=1))
+    [resumed] = take(store, "review-two-steps")
+    assert (resumed.first_start, resumed.run.resume_generation) == (True, 1)
+    execute(store, resumed)
+    run.refresh_from_db()
+    assert (run.status, run.output) == ("completed", 3)
+    assert SideEffect.objects.filter(run_id=run.pk, step="a").count() == 1  # replayed
+
+
+def test_a_cancel_between_a_step_and_the_next_drops_the_result_and_writes_nothing(store):
+    run = get_workflow("review-two-steps").start()
+    [claim] = take(store, "review-two-steps")
+    with on_point("step.before-fence", lambda: WorkflowRun.objects.cancel(run), step="b"):
+        execute(store, claim)
+    run.refresh_from_db()
+    assert (run.status, run.output) == ("canceled", None)
+    assert history(run) == [("a", "failed", "WorkflowCanceled")]
+
+
+# --- PostgreSQL: the fence is a row lock without a write --------------------------------------
+
+
+@pytest.mark.row_locks
+def test_held_a_cancel_waits_for_a_replay_that_holds_the_fence_then_cancels_the_wait():
+    from tests.conftest import Backend, blocked_on_a_lock, make_due
+    from tests.test_races import claim as claim_one
+    from tests.test_races import execute as execute_claim
+
+    run = get_workflow("waiter").start({"signal": "review11-never"})
+    execute_claim(claim_one("waiter"))()  # "before", then the wait parks the run
+    make_due(run)  # woken early: it replays while nothing was sent
+    replay = Backend(execute_claim(claim_one("waiter")))
+    cancel = Backend(lambda: WorkflowRun.objects.cancel(run))
+    with pause_at("wait.before-park", when=lambda c: c["run_id"] == run.pk) as pause:
+        replay.start()
+        pause.wait()  # the replay fenced (PostgreSQL: FOR NO KEY UPDATE, no write)
+        cancel.start()
+        assert blocked_on_a_lock(cancel)
+    replay.finish()
+    cancel.finish()
+    run.refresh_from_db()
+    assert (run.status, run.claim_token, run.available_at) == ("canceled", None, None)
+    assert history(run) == [
+        ("before", "completed", None),
+        ("review11-never", "failed", "WorkflowCanceled"),
+    ]
+
+
+# --- PostgreSQL: a run started in a transaction wakes the workers at its commit -------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("key", [None, "review11-key"], ids=["no-key", "idempotency-key"])
+@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+def test_a_start_inside_a_transaction_notifies_at_its_commit_only(key, outcome):
+    import psycopg
+    from django.db import connection
+
+    from django_openworkflow.store.postgres import NOTIFY_CHANNEL
+
+    params = connection.get_connection_params()
+    for option in ("cursor_factory", "context", "server_side_binding"):
+        params.pop(option, None)
+    with psycopg.connect(**params, autocommit=True) as listener:
+        listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+
+        def heard_until_sentinel():
+            # A NOTIFY of the listener's own, after the others: what came before it was sent.
+            listener.execute("SELECT pg_notify(%s, 'sentinel')", [NOTIFY_CHANNEL])
+            heard = []
+            for notice in listener.notifies(timeout=10):
+                if notice.payload == "sentinel":
+                    return heard
+                heard.append(notice.payload)
+            raise AssertionError("the sentinel never came")
+
+        class Rollback(Exception):
+            pass
+
+        try:
+            with transaction.atomic():
+                get_workflow("echo").start(1, idempotency_key=key)
+                assert heard_until_sentinel() == []  # not yet: uncommitted
+                if outcome == "rollback":
+                    raise Rollback
+        except Rollback:
+            pass
+        assert heard_until_sentinel() == (["default"] if outcome == "commit" else [])
+    assert WorkflowRun.objects.count() == (1 if outcome == "commit" else 0)
