@@ -257,3 +257,18 @@ def test_a_start_inside_a_transaction_notifies_at_its_commit_only(key, outcome):
             pass
         assert heard_until_sentinel() == (["default"] if outcome == "commit" else [])
     assert WorkflowRun.objects.count() == (1 if outcome == "commit" else 0)
+
+
+# --- names: an empty step name is refused everywhere now -----------------------------------
+
+
+def test_an_empty_child_step_name_is_refused_rather_than_replaced_by_the_childs_name():
+    # Changed on purpose (names.py, d2cbec8): 4e07a54 took name="" for the child's name
+    # (``name or child_name``); every empty name is refused now, as step.run("") was.
+    run = get_workflow("bad-child-name").start({"length": 3, "step": ""})
+    [claim] = take(get_store(), "bad-child-name")
+    execute(get_store(), claim)
+    run.refresh_from_db()
+    assert run.error["type"] == "TypeError"
+    assert "must be a non-empty string" in run.error["message"]
+    assert not WorkflowRun.objects.filter(workflow_name="xxx").exists()
