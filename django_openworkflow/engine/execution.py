@@ -101,13 +101,7 @@ class Execution:
 
     def claim_lost(self) -> None:
         """The fence failed: find out why, finish what is ours to finish, and unwind."""
-        row = (
-            WorkflowRun.objects.using(self.using)
-            .filter(pk=self.run.pk)
-            .annotate(db_now=Now())
-            .values("status", "claim_token", "deadline_at", "db_now")
-            .first()
-        )
+        row = self.current_row()
         if (
             row
             and row["claim_token"] == self.claim.token
@@ -119,14 +113,24 @@ class Execution:
             if self.store.fail_at_deadline(self.claim, self.generation, error, self.deferred):
                 self.deferred = None
                 self.finished(WorkflowRun.Status.FAILED, {"error": error})
-            logger.info("run failed run=%s reason=deadline", self.run.pk)
-            return
+                logger.info("run failed run=%s reason=deadline", self.run.pk)
+                return
+            row = self.current_row()  # the deadline sweep (or a cancel) came first
         if row and self.deferred is not None and row["status"] == WorkflowRun.Status.FAILED:
             # The deadline sweep failed the run after a step's function returned,
             # before its result was written: keep it, so a resume does not run it again.
             deferred, self.deferred = self.deferred, None
             self.store.store_late_result(self.run.pk, self.generation, deferred)
         logger.info("claim lost run=%s status=%s", self.run.pk, row["status"] if row else "deleted")
+
+    def current_row(self) -> dict[str, Any] | None:
+        return (  # type: ignore[no-any-return]
+            WorkflowRun.objects.using(self.using)
+            .filter(pk=self.run.pk)
+            .annotate(db_now=Now())
+            .values("status", "claim_token", "deadline_at", "db_now")
+            .first()
+        )
 
     # --- the pass ------------------------------------------------------------
 
@@ -291,5 +295,10 @@ class Execution:
             attempt.error = error
             self.history.failed(attempt)
             send_after_commit(
-                step_failed, self.run, step_name=attempt.step_name, error=error, attempt=attempt
+                step_failed,
+                self.run,
+                using=self.using,
+                step_name=attempt.step_name,
+                error=error,
+                attempt=attempt,
             )

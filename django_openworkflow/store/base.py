@@ -149,7 +149,11 @@ class Store:
         atomic: bool,
         deferred: Deferred | None,
     ) -> int | None:
-        """Fence, store ``deferred``, insert a running ``run`` attempt; its id, or None."""
+        """Fence, store ``deferred``, insert a running ``run`` attempt; its id, or None.
+
+        The ORM stores renew the lease with it (their fence is an UPDATE anyway);
+        PostgreSQL's one-statement start leaves that to the heartbeat.
+        """
         raise NotImplementedError
 
     def insert_attempt(self, claim: Claim, **fields: Any) -> Any:

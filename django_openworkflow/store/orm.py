@@ -237,7 +237,9 @@ class OrmStore(OrmWakeUps):
         deferred: Deferred | None,
     ) -> int | None:
         with self.atomic():
-            if not self.fence(claim, deferred=deferred):
+            # The fence is an UPDATE here anyway: it renews the lease too, so a run that
+            # makes progress keeps it while heartbeats fail (SQLite: "database is locked").
+            if not self.fence(claim, renew=True, deferred=deferred):
                 return None
             attempt = self.insert_attempt(
                 claim,
