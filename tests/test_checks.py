@@ -93,6 +93,11 @@ def without_immediate_transactions():
         options.update(saved)
 
 
+# A plain run_checks() (no databases named) lets Django 6's model checks ask every
+# database what it supports (JSONField): these tests may touch all of them.
+ALL_DATABASES = pytest.mark.django_db(databases="__all__")
+
+
 on_sqlite = pytest.mark.skipif(connections["default"].vendor != "sqlite", reason="a SQLite setting")
 
 
@@ -114,6 +119,7 @@ def test_sqlite_without_immediate_transactions_is_warned_about():
 
 
 @on_sqlite
+@ALL_DATABASES
 def test_a_plain_check_reports_sqlite_without_immediate_transactions():
     # manage.py check and runserver run the checks without naming databases.
     assert "django_openworkflow.W001" not in [m.id for m in checks.run_checks()]
@@ -122,7 +128,7 @@ def test_a_plain_check_reports_sqlite_without_immediate_transactions():
 
 
 @on_sqlite
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db(transaction=True, databases="__all__")
 def test_runworker_prints_the_sqlite_warning_at_start():
     err = StringIO()
     with without_immediate_transactions():
@@ -310,6 +316,7 @@ ROUTER = "django_openworkflow.routers.WorkflowRouter"
         ("default", ["tests.test_checks.ReadsElsewhere"], "reads to 'workflows'"),
     ],
 )
+@ALL_DATABASES
 def test_routers_that_disagree_with_the_database_setting_are_reported(database, routers, elsewhere):
     from django_openworkflow.checks import check_database_routing
 
