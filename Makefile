@@ -16,6 +16,8 @@ CHAOS_URL ?= postgres://postgres@127.0.0.1:5432/openworkflow_chaos
 CHAOS_ARGS ?=
 PG_CTL ?= pg_ctlcluster --skip-systemctl-redirect $(shell ls /etc/postgresql 2>/dev/null | tail -n 1) main
 
+
+.PHONY: test-setup test-lane-postgres test-lane-others
 .PHONY: install demo test test-sqlite test-postgres test-mariadb test-django6 lint format pg-up mariadb-up mysql-driver browser bench bench-db bench-compare bench-ab chaos chaos-short chaos-db clean
 
 install: $(VENV)/.installed
@@ -88,8 +90,24 @@ test-django6: .nox/.django6-installed
 test-mariadb: install browser mysql-driver mariadb-up
 	DATABASE_URL=$(MYSQL_URL) $(PY) -m pytest
 
+# Everything: lint, the suite on SQLite, PostgreSQL and MariaDB (Django 5.2), on SQLite with
+# the newest Django 6, and the short chaos run. Set up first, then two lanes side by side
+# (the machine has 2 cores): PostgreSQL's lane restarts the server (the outage test, the
+# chaos run), so everything on PostgreSQL runs in one lane, one step after another.
+test: test-setup
+	@$(MAKE) --no-print-directory -j2 --output-sync=line test-lane-postgres test-lane-others
 
-test: lint test-sqlite test-postgres test-mariadb test-django6 chaos-short
+test-setup: install browser pg-up mariadb-up mysql-driver chaos-db .nox/.django6-installed
+
+test-lane-postgres:
+	@$(MAKE) --no-print-directory test-postgres
+	@$(MAKE) --no-print-directory chaos-short
+	@$(MAKE) --no-print-directory test-django6
+
+test-lane-others:
+	@$(MAKE) --no-print-directory lint
+	@$(MAKE) --no-print-directory test-sqlite
+	@$(MAKE) --no-print-directory test-mariadb
 
 # The demo: SQLite file, example runs (one fails on a declined card), a worker and the pages.
 demo: install
