@@ -17,7 +17,7 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from .exceptions import Refusal
-from .managers import StepAttemptQuerySet, WorkflowRunManager
+from .managers import ACTIVE, StepAttemptQuerySet, WorkflowRunManager
 
 if TYPE_CHECKING:
     from .waiting import WaitingFor
@@ -67,7 +67,6 @@ class WorkflowRun(models.Model):
         FAILED = "failed", _("failed")
         CANCELED = "canceled", _("canceled")
 
-    ACTIVE_STATUSES = (Status.PENDING, Status.RUNNING)
     FINISHED_STATUSES = (Status.COMPLETED, Status.FAILED, Status.CANCELED)
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -193,7 +192,7 @@ class WorkflowRun(models.Model):
         Only an active run (pending or running) can be canceled;
         ``QuerySet.active()`` is the same rule in SQL.
         """
-        return None if self.status in self.ACTIVE_STATUSES else Refusal.STATUS
+        return None if self.status in ACTIVE else Refusal.STATUS
 
     def can_cancel(self) -> bool:
         """Whether ``WorkflowRun.objects.cancel(run)`` would cancel it."""
@@ -454,7 +453,7 @@ class WorkflowSignal(models.Model):
 
 
 class WorkflowKeyLock(models.Model):
-    """A row that MySQL and MariaDB lock for an idempotency key (``registry.lock_key``).
+    """A row that MySQL and MariaDB lock for an idempotency key (``MysqlStore.lock_key``).
 
     PostgreSQL takes a transaction-level advisory lock and SQLite's IMMEDIATE
     transactions hold the write lock; MySQL has neither. There a key hashes to
