@@ -142,6 +142,9 @@ RUN_FIELDS = (
 )
 RUN_DATA_FIELDS = ("input", "output", "error", "traceback")
 RUN_SCHEDULING_FIELDS = (
+    "queue",
+    "priority",
+    "concurrency_key",
     "attempts",
     "resume_generation",
     "worker_id",

@@ -10,6 +10,7 @@ from django.core.checks import Error, Tags, Warning, register
 from django.db import connections
 
 from .conf import DEFAULTS
+from .queues import queue_problems
 
 
 @register()
@@ -87,6 +88,16 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                 id="django_openworkflow.E006",
             )
         )
+    if "QUEUES" in user:
+        for problem in queue_problems(user["QUEUES"]):
+            errors.append(
+                Error(
+                    f"OPENWORKFLOW['QUEUES']: {problem}.",
+                    hint='For example {"default": {}, "emails": {"concurrency": 5, '
+                    '"rate_limit": "100/m"}, "billing": {"key_concurrency": 1}}.',
+                    id="django_openworkflow.E010",
+                )
+            )
     return errors
 
 

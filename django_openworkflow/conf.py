@@ -30,6 +30,8 @@ DEFAULTS: dict[str, Any] = {
     "PREPARED_STATEMENTS": True,
     # The database alias where the engine's tables live (route the app there too).
     "DATABASE": "default",
+    # Queues and their limits (concurrency, key_concurrency, rate_limit); see docs/queues.md.
+    "QUEUES": {"default": {}},
 }
 
 
@@ -76,6 +78,10 @@ class Settings:
     @property
     def DATABASE(self) -> str:
         return str(self._get("DATABASE"))
+
+    @property
+    def QUEUES(self) -> Any:
+        return self._get("QUEUES")
 
 
 app_settings = Settings()

@@ -109,6 +109,17 @@ class WorkflowRun(models.Model):
         db_index=False,  # covered by owf_run_parent_idx
     )
     resume_generation = models.PositiveIntegerField(_("resume generation"), default=0)
+    queue = ExactCharField(_("queue"), max_length=100, default="default")
+    priority = models.SmallIntegerField(
+        _("priority"), default=0, help_text=_("From -100 to 100; higher runs first.")
+    )
+    concurrency_key = ExactCharField(
+        _("concurrency key"),
+        max_length=255,
+        null=True,
+        blank=True,
+        help_text=_("Runs with one key share the queue's key_concurrency limit."),
+    )
 
     objects = WorkflowRunManager()
 
@@ -117,11 +128,19 @@ class WorkflowRun(models.Model):
         verbose_name_plural = _("workflow runs")
         ordering = ["-created_at"]
         indexes = [
-            # The claim query: due runs of one namespace, oldest first.
+            # The claim query: due runs of one namespace, highest priority first,
+            # then oldest due first.
             models.Index(
-                fields=["namespace", "available_at"],
+                fields=["namespace", "-priority", "available_at"],
                 condition=models.Q(status__in=["pending", "running"]),
-                name="owf_run_due_idx",
+                name="owf_run_claim_idx",
+            ),
+            # The limits: runs in progress (claimed at least once, not finished) per
+            # queue and per concurrency key.
+            models.Index(
+                fields=["namespace", "queue", "concurrency_key"],
+                condition=models.Q(status__in=["pending", "running"], started_at__isnull=False),
+                name="owf_run_slot_idx",
             ),
             models.Index(
                 fields=["deadline_at"],
@@ -147,6 +166,10 @@ class WorkflowRun(models.Model):
                     status__in=["pending", "running", "completed", "failed", "canceled"]
                 ),
                 name="owf_run_status_valid",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(priority__gte=-100, priority__lte=100),
+                name="owf_run_priority_range",
             ),
         ]
 
@@ -471,3 +494,27 @@ class WorkflowKeyLock(models.Model):
 
     def __str__(self) -> str:
         return f"key lock {self.slot}"
+
+
+class QueueStart(models.Model):
+    """A first execution of a run in a rate-limited queue, kept for the rate window.
+
+    The claim counts these rows to keep ``rate_limit`` ("at most N first
+    executions in any window") and deletes them once they are older than the
+    window. A run that is resumed and starts again adds a row again.
+    """
+
+    namespace = ExactCharField(_("namespace"), max_length=100)
+    queue = ExactCharField(_("queue"), max_length=100)
+    run_id = models.UUIDField(_("run id"))
+    started_at = models.DateTimeField(_("started at"))
+
+    class Meta:
+        verbose_name = _("queue start")
+        verbose_name_plural = _("queue starts")
+        indexes = [
+            models.Index(fields=["namespace", "queue", "started_at"], name="owf_queue_start_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.queue} {self.run_id} at {self.started_at}"

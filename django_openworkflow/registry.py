@@ -12,6 +12,13 @@ from django.utils import timezone
 from .conf import app_settings
 from .durations import RetryPolicy
 from .names import check_name, text_problem
+from .queues import (
+    DEFAULT_QUEUE,
+    MAX_QUEUE_LENGTH,
+    check_concurrency_key,
+    check_priority,
+    check_queue,
+)
 from .serialization import ensure_json
 
 if TYPE_CHECKING:
@@ -35,6 +42,8 @@ class Workflow:
         name: str,
         version: str | None = None,
         retry_policy: RetryPolicy | None = None,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = 0,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"workflow {name!r} must wrap a callable, not {fn!r}")
@@ -56,6 +65,9 @@ class Workflow:
         self.name = name
         self.version = version
         self.retry_policy = retry_policy
+        of = f' of workflow "{name}"'
+        self.queue = check_name(queue, "queue", of=of, blank=False, max_length=MAX_QUEUE_LENGTH)
+        self.priority = check_priority(priority, of)
         self.__doc__ = getattr(fn, "__doc__", None)
         self.__wrapped__ = fn
 
@@ -72,13 +84,18 @@ class Workflow:
         idempotency_key: str | None = None,
         available_at: datetime.datetime | None = None,
         deadline_at: datetime.datetime | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        concurrency_key: str | None = None,
     ) -> WorkflowRun:
         """Queue a run of this workflow and return its ``WorkflowRun``.
 
         Inside the caller's ``transaction.atomic()`` the run exists only if
         that transaction commits. With ``idempotency_key``, a run of this
         workflow started with the same key in the last 24 hours is returned
-        instead of a new one.
+        instead of a new one. ``queue`` and ``priority`` override the
+        workflow's; ``concurrency_key`` shares the queue's ``key_concurrency``
+        limit with the other runs of that key.
         """
         from .models import WorkflowRun
         from .results import started
@@ -98,6 +115,7 @@ class Workflow:
             "input": input,
             "available_at": available_at,
             "deadline_at": deadline_at,
+            **self.placement(queue, priority, concurrency_key),
         }
         if idempotency_key is None:
             return started(store.insert_run(**fields), store.using)
@@ -125,11 +143,15 @@ class Workflow:
         *,
         available_at: datetime.datetime | None = None,
         deadline_at: datetime.datetime | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        concurrency_key: str | None = None,
     ) -> list[WorkflowRun]:
         """Queue one run per input in one statement and one transaction; return the runs.
 
         For bulk enqueueing (imports, fan-out from a view, benchmarks); use
-        ``start()`` when a run needs an idempotency key.
+        ``start()`` when a run needs an idempotency key. ``queue``,
+        ``priority`` and ``concurrency_key`` apply to every run.
         """
         from .models import WorkflowRun
         from .store import get_store
@@ -141,7 +163,9 @@ class Workflow:
         deadline_at = _aware(deadline_at, "deadline_at", self.name)
         namespace = app_settings.NAMESPACE
         store = get_store()
-        extra: dict[str, Any] = {"available_at": available_at} if available_at else {}
+        extra: dict[str, Any] = self.placement(queue, priority, concurrency_key)
+        if available_at:
+            extra["available_at"] = available_at
         runs = [
             WorkflowRun(
                 namespace=namespace,
@@ -158,6 +182,17 @@ class Workflow:
             if created:
                 store.notify(namespace)
         return created
+
+    def placement(
+        self, queue: str | None, priority: int | None, concurrency_key: str | None
+    ) -> dict[str, Any]:
+        """The queue, priority and concurrency key of a new run: checked, defaults filled in."""
+        of = f' of workflow "{self.name}"'
+        return {
+            "queue": check_queue(self.queue if queue is None else queue, of),
+            "priority": self.priority if priority is None else check_priority(priority, of),
+            "concurrency_key": check_concurrency_key(concurrency_key, of),
+        }
 
 
 def _aware(value: Any, what: str, name: str) -> datetime.datetime | None:
@@ -177,10 +212,13 @@ def workflow(
     *,
     version: str | None = None,
     retry_policy: RetryPolicy | None = None,
+    queue: str = DEFAULT_QUEUE,
+    priority: int = 0,
 ) -> Any:
     """Register a workflow function. Use as ``@workflow(name="charge-order")`` or ``@workflow``.
 
-    ``name`` defaults to the function's dotted path.
+    ``name`` defaults to the function's dotted path. ``queue`` and
+    ``priority`` are the defaults of its runs (``start()`` may override them).
     """
     if callable(name):
         return workflow()(name)
@@ -191,7 +229,14 @@ def workflow(
         if not callable(fn):
             raise TypeError(f"@workflow must decorate a function, not {fn!r}")
         wf_name = name or f"{fn.__module__}.{fn.__qualname__}"
-        wf = Workflow(fn, name=wf_name, version=version, retry_policy=retry_policy)
+        wf = Workflow(
+            fn,
+            name=wf_name,
+            version=version,
+            retry_policy=retry_policy,
+            queue=queue,
+            priority=priority,
+        )
         register(wf)
         return wf
 

@@ -31,6 +31,7 @@ from .engine import Execution
 from .models import WorkflowRun
 from .names import check_name
 from .pauses import pause_point
+from .queues import served_queues
 from .registry import get_workflow, workflow_names
 from .store import Claim, Store, get_store
 
@@ -49,6 +50,7 @@ class Worker:
         burst: bool = False,
         namespace: str | None = None,
         worker_id: str | None = None,
+        queues: list[str] | None = None,
     ) -> None:
         self.concurrency = concurrency or app_settings.CONCURRENCY
         self.lease_seconds = lease_seconds or app_settings.LEASE_SECONDS
@@ -60,6 +62,7 @@ class Worker:
         self.namespace = namespace or app_settings.NAMESPACE
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         check_name(self.worker_id, "worker id")  # it fits WorkflowRun.worker_id
+        self.queues = served_queues(queues)  # None: every queue
         self.store = get_store()
         self.using = self.store.using
         self._wakeup = threading.Event()
@@ -114,9 +117,11 @@ class Worker:
     def run(self) -> None:
         names = workflow_names()
         logger.info(
-            "worker started worker=%s namespace=%s concurrency=%d lease=%ss workflows=%d",
+            "worker started worker=%s namespace=%s queues=%s concurrency=%d lease=%ss "
+            "workflows=%d",
             self.worker_id,
             self.namespace,
+            ",".join(self.queues) if self.queues else "*",
             self.concurrency,
             self.lease_seconds,
             len(names),
@@ -181,7 +186,9 @@ class Worker:
                         limit=free,
                         lease_seconds=self.lease_seconds,
                         namespace=self.namespace,
+                        queues=self.queues,
                     )
+                    self._add_timer(claimed.retry_at)  # a rate limit's next free start
                     busy = len(claimed) == free
                     for claim in claimed:
                         pause_point(

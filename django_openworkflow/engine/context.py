@@ -71,13 +71,23 @@ class StepApi:
         *,
         name: str | None = None,
         timeout: Duration | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        concurrency_key: str | None = None,
     ) -> Any:
         """Start a child run and park until it ends; return its output.
 
         A failed or canceled child, or a ``timeout`` that passes first, fails
-        the step (``StepFailed``); on timeout the child keeps running.
+        the step (``StepFailed``); on timeout the child keeps running. The
+        child takes its workflow's queue and priority unless given here.
         """
-        return self._execution.waits.run_workflow(workflow, input, name=name, timeout=timeout)
+        return self._execution.waits.run_workflow(
+            workflow,
+            input,
+            name=name,
+            timeout=timeout,
+            placement=(queue, priority, concurrency_key),
+        )
 
     def send_signal(self, signal: str, data: Any = None, *, name: str | None = None) -> list[str]:
         """Deliver ``data`` to the runs waiting on ``signal`` now (exactly once, as a step)."""

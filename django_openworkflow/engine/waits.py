@@ -66,19 +66,29 @@ class Waits:
         raise Suspend("sleep")
 
     def run_workflow(
-        self, workflow: Any, input: Any, *, name: str | None, timeout: Duration | None
+        self,
+        workflow: Any,
+        input: Any,
+        *,
+        name: str | None,
+        timeout: Duration | None,
+        placement: tuple[str | None, int | None, str | None] = (None, None, None),
     ) -> Any:
         from ..registry import Workflow, get_workflow
 
+        known: Workflow | None
         if isinstance(workflow, Workflow):
-            child_name, version = workflow.name, workflow.version
+            child_name, known = workflow.name, workflow
         elif isinstance(workflow, str) and workflow:
-            known = get_workflow(workflow)
-            child_name, version = workflow, known.version if known else None
+            child_name, known = workflow, get_workflow(workflow)
         else:
             raise TypeError(f"run_workflow() needs a workflow or its name, not {workflow!r}")
         of_step = "" if name is None else f' of step "{name}"'
         check_name(child_name, f"child workflow name{of_step}")
+        version = known.version if known else None
+        # an unknown name (its worker registers it) gets the default queue and priority
+        child_workflow = known or Workflow(lambda ctx: None, name=child_name)
+        child_placement = child_workflow.placement(*placement)
         step = child_name if name is None else name
         delta = timeout_delta(timeout, step)
         ensure_json(input, f'input of child workflow step "{step}"')
@@ -101,6 +111,7 @@ class Waits:
                 version=version,
                 input=input,
                 parent_step_attempt=attempt,
+                **child_placement,
             )
             StepAttempt.objects.using(self.store.using).filter(pk=attempt.pk).update(
                 child_workflow_run=child

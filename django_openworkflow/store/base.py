@@ -74,6 +74,13 @@ class Claim:
         return self.run.pk  # type: ignore[no-any-return]
 
 
+class Claims(list[Claim]):
+    """What ``claim()`` took; ``retry_at`` is when a rate limit that held runs back
+    lets the next one start (the worker sets a timer for it)."""
+
+    retry_at: datetime | None = None
+
+
 class Store:
     """The contract; see the module docstring for the rules."""
 
@@ -120,13 +127,20 @@ class Store:
         limit: int,
         worker_id: str,
         lease_seconds: float,
-    ) -> list[Claim]:
-        """Take up to ``limit`` due runs of these workflows, oldest due first.
+        queues: Sequence[str] | None = None,
+    ) -> Claims:
+        """Take up to ``limit`` due runs of these workflows in ``queues`` (None: every queue),
+        highest priority first, then oldest due first.
 
         Due: pending or running (an expired lease), ``available_at`` reached,
         deadline not passed. One short transaction marks them running with a
         new token, the worker's id and a lease of ``lease_seconds``, and sets
         ``started_at`` on a first start.
+
+        The queues' limits (``queues.py``) hold in the same transaction: a run
+        that would start beyond one stays pending, and the runs behind it are
+        still found. A run in progress (it has ``started_at``) already has its
+        slot and is never held back.
         """
         raise NotImplementedError
 

@@ -19,10 +19,12 @@ from django.db.models.functions import Coalesce, Now
 
 from ..errors import DEADLINE_ERROR
 from ..managers import ACTIVE, LOCK_ORDER, not_past_deadline, now_plus
-from ..models import StepAttempt, WorkflowRun
+from ..models import QueueStart, StepAttempt, WorkflowRun
 from ..pauses import pause_point
+from ..queues import configured_queues
 from ..signals import run_failed, run_started, send_after_commit
-from .base import Claim, Deferred, Store
+from .base import Claim, Claims, Deferred, Store
+from .limits import ClaimPlan, limited_candidates, open_candidates
 
 RUNNING = WorkflowRun.Status.RUNNING
 
@@ -37,6 +39,10 @@ class OrmQueries(Store):
     @property
     def attempts(self) -> Any:
         return StepAttempt.objects.db_manager(self.using)
+
+    @property
+    def queue_starts(self) -> Any:
+        return QueueStart.objects.db_manager(self.using)
 
     def claimed(self, claim: Claim) -> Any:
         return self.runs.filter(pk=claim.run_id, claim_token=claim.token, status=RUNNING)
@@ -183,19 +189,28 @@ class OrmStore(OrmWakeUps):
         limit: int,
         worker_id: str,
         lease_seconds: float,
-    ) -> list[Claim]:
+        queues: Sequence[str] | None = None,
+    ) -> Claims:
         names = list(workflow_names)
+        claims = Claims()
         if limit < 1 or not names:
-            return []
+            return claims
+        plan = ClaimPlan.serving(queues)
         token = uuid.uuid4()
         with self.atomic():
-            candidates = self.runs.in_namespace(namespace).due().filter(workflow_name__in=names)
-            candidates = self.skip_locked(candidates.order_by("available_at"))
-            previous = dict(candidates.values_list("pk", "started_at")[:limit])
-            if not previous:
-                return []
+            due = self.runs.in_namespace(namespace).due().filter(workflow_name__in=names)
+            picked = open_candidates(self, due, plan, limit)
+            for queue in plan.limited:
+                taken, retry_at = limited_candidates(self, due, namespace, queue, limit)
+                picked += taken
+                if retry_at is not None:
+                    claims.retry_at = min(filter(None, (claims.retry_at, retry_at)))
+            if plan.limited:  # the best of every queue, in claim order
+                picked = sorted(picked, key=lambda c: c.order)[:limit]
+            if not picked:
+                return claims
             # Compare-and-set: only rows still due are taken.
-            self.runs.filter(pk__in=list(previous)).due().update(
+            self.runs.filter(pk__in=[c.pk for c in picked]).due().update(
                 status=RUNNING,
                 worker_id=worker_id,
                 claim_token=token,
@@ -203,12 +218,31 @@ class OrmStore(OrmWakeUps):
                 started_at=Coalesce("started_at", Now()),
                 updated_at=Now(),
             )
-            claims = [
-                Claim(run, token, run.db_now, previous[run.pk] is None, lease_seconds)
-                for run in self.runs.filter(claim_token=token).annotate(db_now=Now())
+            first = {c.pk for c in picked if c.started_at is None}
+            claimed = self.runs.filter(claim_token=token).annotate(db_now=Now())
+            claims += [
+                Claim(run, token, run.db_now, run.pk in first, lease_seconds) for run in claimed
             ]
+            self.record_starts(namespace, claims, plan.rate_limited)
             self.announce(claims)
         return claims
+
+    def record_starts(self, namespace: str, claims: list[Claim], rate_limited: set[str]) -> None:
+        """Count the first executions of rate-limited queues (``QueueStart``, per window)."""
+        starts = [
+            QueueStart(
+                namespace=namespace, queue=c.run.queue, run_id=c.run_id, started_at=c.db_now
+            )
+            for c in claims
+            if c.first_start and c.run.queue in rate_limited
+        ]
+        if starts:
+            self.queue_starts.bulk_create(starts)
+            for queue in {start.queue for start in starts}:
+                window = configured_queues()[queue].rate[1]  # type: ignore[index]
+                self.queue_starts.filter(
+                    namespace=namespace, queue=queue, started_at__lte=now_plus(-window)
+                ).delete()
 
     def announce(self, claims: list[Claim]) -> None:
         """Send ``run_started`` (after the commit) for the runs started for the first time."""

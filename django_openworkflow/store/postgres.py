@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from ..models import StepAttempt, WorkflowRun
-from .base import Claim, Deferred
+from .base import Claim, Claims, Deferred
+from .limits import ClaimPlan
 from .orm import OrmStore
 
 if TYPE_CHECKING:
@@ -57,9 +58,10 @@ class PostgresStore(OrmStore):
     START_RUN = f"""
     WITH run AS (
         INSERT INTO {RUN} (id, namespace, workflow_name, version, status, input, attempts,
-                           available_at, deadline_at, idempotency_key, resume_generation)
+                           available_at, deadline_at, idempotency_key, resume_generation,
+                           queue, priority, concurrency_key)
         VALUES (%s, %s, %s, %s, 'pending', %s::jsonb, 0,
-                COALESCE(%s, statement_timestamp()), %s, %s, 0)
+                COALESCE(%s, statement_timestamp()), %s, %s, 0, %s, %s, %s)
         RETURNING *
     )
     SELECT run.*, pg_notify(%s, run.namespace) AS notified FROM run
@@ -73,6 +75,9 @@ class PostgresStore(OrmStore):
             "available_at",
             "deadline_at",
             "idempotency_key",
+            "queue",
+            "priority",
+            "concurrency_key",
         }
     )
 
@@ -88,6 +93,9 @@ class PostgresStore(OrmStore):
             fields.get("available_at"),
             fields.get("deadline_at"),
             fields.get("idempotency_key"),
+            fields.get("queue", "default"),
+            fields.get("priority", 0),
+            fields.get("concurrency_key"),
             NOTIFY_CHANNEL,
         ]
         [(run, _)] = self._runs(self.START_RUN, params)
@@ -108,7 +116,8 @@ class PostgresStore(OrmStore):
         WHERE namespace = %s AND status IN ('pending', 'running')
           AND available_at <= statement_timestamp() AND workflow_name = ANY(%s)
           AND (deadline_at IS NULL OR deadline_at > statement_timestamp())
-        ORDER BY available_at
+          {{queues}}
+        ORDER BY priority DESC, available_at
         LIMIT %s
         FOR UPDATE SKIP LOCKED
     )
@@ -121,6 +130,8 @@ class PostgresStore(OrmStore):
     RETURNING run.*, due.previous_started_at IS NULL AS first_start,
               statement_timestamp() AS db_now
     """
+    CLAIM_ANY_QUEUE = CLAIM.format(queues="")
+    CLAIM_QUEUES = CLAIM.format(queues="AND queue = ANY(%s)")
 
     def claim(
         self,
@@ -130,16 +141,33 @@ class PostgresStore(OrmStore):
         limit: int,
         worker_id: str,
         lease_seconds: float,
-    ) -> list[Claim]:
+        queues: Sequence[str] | None = None,
+    ) -> Claims:
+        """One statement, unless a served queue has limits (then the ORM store's claim)."""
         names = list(workflow_names)
         if limit < 1 or not names:
-            return []
+            return Claims()
+        plan = ClaimPlan.serving(queues)
+        if plan.limited:
+            return super().claim(
+                namespace=namespace,
+                workflow_names=names,
+                limit=limit,
+                worker_id=worker_id,
+                lease_seconds=lease_seconds,
+                queues=queues,
+            )
         token = uuid.uuid4()
-        params = [namespace, names, limit, worker_id, token, lease_seconds]
-        claims = [
+        params: list[Any]
+        if queues is None:
+            sql, params = self.CLAIM_ANY_QUEUE, [namespace, names]
+        else:
+            sql, params = self.CLAIM_QUEUES, [namespace, names, list(queues)]
+        params += [limit, worker_id, token, lease_seconds]
+        claims = Claims(
             Claim(run, token, extra["db_now"], extra["first_start"], lease_seconds)
-            for run, extra in self._runs(self.CLAIM, params)
-        ]
+            for run, extra in self._runs(sql, params)
+        )
         self.announce(claims)
         return claims
 

@@ -14,6 +14,7 @@ from django.db.migrations.executor import MigrationExecutor
 
 from ...conf import app_settings
 from ...names import check_name
+from ...queues import served_queues
 from ...worker import Worker
 from ..workers import positive_int as _positive_int
 
@@ -75,6 +76,15 @@ class Command(BaseCommand):
             f"({app_settings.NAMESPACE!r}).",
         )
         parser.add_argument(
+            "--queue",
+            action="append",
+            default=[],
+            metavar="NAME",
+            dest="queues",
+            help="Serve only this queue of OPENWORKFLOW['QUEUES'] (repeatable). "
+            "Default: every queue.",
+        )
+        parser.add_argument(
             "--workflows-module",
             action="append",
             default=[],
@@ -100,6 +110,10 @@ class Command(BaseCommand):
             except (TypeError, ValueError) as exc:
                 raise CommandError(str(exc)) from None
         self._check_migrations(app_settings.DATABASE)
+        try:
+            served_queues(options["queues"])
+        except ValueError as exc:
+            raise CommandError(f"--queue: {exc}") from None
         worker = Worker(
             namespace=options["namespace"],
             concurrency=options["concurrency"],
@@ -107,6 +121,7 @@ class Command(BaseCommand):
             poll_interval=options["poll_interval"],
             burst=options["burst"],
             worker_id=options["worker_id"],
+            queues=options["queues"] or None,
         )
         worker.install_signal_handlers()
         worker.run()
