@@ -135,6 +135,18 @@ class WorkflowRun(models.Model):
                 condition=models.Q(status__in=["pending", "running"]),
                 name="owf_run_claim_idx",
             ),
+            # When the next parked run wakes (the worker's timer): oldest due first.
+            models.Index(
+                fields=["namespace", "available_at"],
+                condition=models.Q(status__in=["pending", "running"]),
+                name="owf_run_due_idx",
+            ),
+            # The claim in a queue with limits: its due runs in claim order.
+            models.Index(
+                fields=["namespace", "queue", "-priority", "available_at"],
+                condition=models.Q(status__in=["pending", "running"]),
+                name="owf_run_queue_claim_idx",
+            ),
             # The limits: runs in progress (claimed at least once, not finished) per
             # queue and per concurrency key.
             models.Index(
