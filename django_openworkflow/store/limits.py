@@ -30,6 +30,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.db.models import Count, Min, Q
+from django.utils import timezone
 
 from ..managers import ACTIVE, now_plus
 from ..queues import Queue, configured_queues
@@ -114,8 +115,6 @@ def limited_candidates(
             namespace=namespace, queue=queue.name, started_at__gt=now_plus(-window)
         ).aggregate(count=Count("pk"), oldest=Min("started_at"))
         free = min(free, runs - recent["count"])
-        if free <= 0 and recent["oldest"] is not None:
-            retry_at = recent["oldest"] + timedelta(seconds=window)
     per_key: Counter[str] = Counter()
     if queue.key_concurrency:
         keyed = in_progress.exclude(concurrency_key=None).values_list("concurrency_key")
@@ -152,6 +151,9 @@ def limited_candidates(
                 break
         if len(page) < page_size:
             break
+    if queue.rate and free <= 0:  # the window is full: when its oldest start leaves it
+        oldest = recent["oldest"] or timezone.now()  # a timer hint; the claim decides
+        retry_at = oldest + timedelta(seconds=queue.rate[1])
     return taken, retry_at
 
 

@@ -58,6 +58,11 @@ class OrmQueries(Store):
         ordered = self.runs.filter(pk__in=ids).order_by(*LOCK_ORDER).values_list("pk", flat=True)
         return list(ordered.select_for_update())
 
+    def limited(self, run: WorkflowRun) -> bool:
+        """Whether ``run``'s queue has limits: its end frees a slot other workers may wait for."""
+        queue = configured_queues().get(run.queue)
+        return queue is not None and queue.limited
+
     def store_deferred(self, deferred: Deferred | None) -> None:
         if deferred is not None:
             attempt_id, text, finished_at = deferred
@@ -364,6 +369,8 @@ class OrmStore(OrmWakeUps):
             if child:
                 self.wake_parents([claim.run_id])
                 self.notify("")
+            elif self.limited(claim.run):  # a slot is free: wake the workers
+                self.notify(claim.run.namespace)
             pause_point("finish.before-commit", run_id=claim.run_id, status=status)
         return True
 

@@ -222,9 +222,9 @@ class PostgresStore(OrmStore):
                          finished_at = statement_timestamp(), updated_at = statement_timestamp()
         WHERE id = %s AND claim_token = %s AND status = 'running'
           AND (%s OR deadline_at IS NULL OR deadline_at > statement_timestamp())
-        RETURNING id
+        RETURNING id, namespace
     ), deferred AS ({STORE_DEFERRED})
-    SELECT id FROM fence
+    SELECT id, CASE WHEN %s THEN pg_notify('{NOTIFY_CHANNEL}', namespace) END FROM fence
     """
 
     def finish(
@@ -250,6 +250,7 @@ class PostgresStore(OrmStore):
             claim.token,
             status != WorkflowRun.Status.COMPLETED,
             *_deferred_params(deferred),
+            self.limited(claim.run),  # a slot is free: wake the workers
         ]
         return self._one(self.FINISH, params) is not None
 
