@@ -98,6 +98,11 @@ LOGIN_URL = "admin:login"
 OPENWORKFLOW = {
     "CONCURRENCY": 4,
     "POLL_INTERVAL": 0.5,
+    "QUEUES": {
+        "default": {},
+        # The charge-card runs: two charges at once across all workers, one per card.
+        "payments": {"concurrency": 2, "key_concurrency": 1},
+    },
 }
 
 LOGGING = {

@@ -3,7 +3,8 @@
 The suite's settings do not install the demo's app, so everything runs in
 subprocesses with ``DJANGO_SETTINGS_MODULE=demo_project.settings`` against
 a throwaway SQLite file: migrate, seed (twice: it is idempotent), work the
-queue (the good orders then wait for the warehouse), check the pages and
+queue (the charges run in the "payments" queue, keyed by card; the good
+orders then wait for the warehouse), check the pages and
 confirm one order packed, fix the declined card, resume its run, confirm the
 rest, work again. A second test runs the demo's own test suite.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -52,6 +54,7 @@ from django.contrib.auth import get_user_model
 from django_openworkflow.models import WorkflowRun
 from demo_project.orders.models import Card, Order, Product
 
+cards = {f"card-{card.pk}": card.last4 for card in Card.objects.all()}
 orders = {}
 for order in Order.objects.all():
     run = WorkflowRun.objects.get(pk=order.run_id)
@@ -69,6 +72,11 @@ print(json.dumps({
     "runs": Counter(
         f"{name} {status}"
         for name, status in WorkflowRun.objects.values_list("workflow_name", "status")
+    ),
+    "charges": Counter(
+        f"{queue} {cards[key]}"
+        for queue, key in WorkflowRun.objects.filter(workflow_name="charge-card")
+        .values_list("queue", "concurrency_key")
     ),
     "users": get_user_model().objects.count(),
     "cards": {c.last4: c.declined for c in Card.objects.all()},
@@ -185,15 +193,20 @@ def test_demo_end_to_end(manage):
     failed = orders["demo-order-3"]
     assert failed["status"] == "payment_failed"
     assert failed["run_status"] == "failed"
-    assert failed["run_error"] == (
-        'step "charge-card" failed after 3 attempts: '
+    # The charge is a child run in the "payments" queue; its failure fails the parent's step.
+    assert re.sub(r"[0-9a-f-]{36}", "<id>", failed["run_error"]) == (
+        'step "charge-card" failed after 1 attempt: ChildWorkflowFailed: '
+        'child run <id> (charge-card) failed: StepFailed: step "charge" failed after 3 attempts: '
         "CardDeclined: card ending 0002 (Charles Babbage) was declined"
     )
     assert after["runs"] == {
         "process-order pending": 2,
         "process-order failed": 1,
+        "charge-card completed": 2,
+        "charge-card failed": 1,
         "fulfil-order pending": 2,
     }
+    assert after["charges"] == {"payments 4242": 2, "payments 0002": 1}  # queue, key's card
     assert after["stock"] == {"Ceramic mug": 24, "Espresso beans, 1 kg": 38, "Pour-over kettle": 4}
 
     pages = json.loads(shell(manage, PAGES))
@@ -267,7 +280,13 @@ def test_demo_end_to_end(manage):
     assert resumed["run_error"] is None
     assert resumed["run_events"] == ["resume"]
     assert resumed["packed_by"] == "shell"
-    assert final["runs"] == {"process-order completed": 4, "fulfil-order completed": 4}
+    # The resume started a new charge-card run; the failed one stays as history.
+    assert final["runs"] == {
+        "process-order completed": 4,
+        "charge-card completed": 4,
+        "charge-card failed": 1,
+        "fulfil-order completed": 4,
+    }
     assert [o["status"] for o in final["orders"].values()] == ["shipped"] * 4
     assert all(o["tracking_number"].startswith("TRK") for o in final["orders"].values())
     # The resume did not reserve the kettle twice; the new order took 2 mugs.
@@ -277,5 +296,5 @@ def test_demo_end_to_end(manage):
 def test_demo_own_test_suite(manage):
     """``manage.py test demo_project.orders``: the demo's tests are examples for users."""
     done = manage("test", "demo_project.orders", "--noinput")
-    assert "Ran 5 tests" in done.stderr
+    assert "Ran 6 tests" in done.stderr
     assert "\nOK\n" in done.stderr

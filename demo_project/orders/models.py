@@ -49,7 +49,7 @@ class OrderManager(models.Manager["Order"]):
         reference = reference or f"order-{uuid.uuid4().hex[:12]}"
         with transaction.atomic(using=self.db):
             order = self.create(reference=reference, product=product, quantity=quantity, card=card)
-            run = process_order.start({"order_id": order.pk}, idempotency_key=reference)
+            run = process_order.start(order.run_input, idempotency_key=reference)
             order.run_id = run.pk
             order.save(update_fields=["run_id"])
         return order
@@ -90,6 +90,11 @@ class Order(models.Model):
 
     def __str__(self) -> str:
         return f"{self.reference}: {self.quantity} x {self.product}"
+
+    @property
+    def run_input(self) -> dict[str, int]:
+        """The input of the order's ``process-order`` run; the card keys its charge."""
+        return {"order_id": self.pk, "card_id": self.card_id}
 
     @property
     def awaits_warehouse(self) -> bool:

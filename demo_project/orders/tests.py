@@ -42,7 +42,7 @@ class ProcessOrderTests(TestCase):
 
     def test_order_waits_for_the_warehouse_then_ships(self):
         order = self.new_order(self.good_card)
-        run = run_to_completion(process_order, {"order_id": order.pk}, time_travel=False)
+        run = run_to_completion(process_order, order.run_input, time_travel=False)
         self.assertEqual(run.status, "pending")  # parked until its fulfil-order child ends
         self.assert_order(order, Order.Status.AWAITING_WAREHOUSE, stock=8)
 
@@ -58,7 +58,7 @@ class ProcessOrderTests(TestCase):
 
     def test_a_second_confirmation_wakes_nothing(self):
         order = self.new_order(self.good_card)
-        run_to_completion(process_order, {"order_id": order.pk}, time_travel=False)
+        run_to_completion(process_order, order.run_input, time_travel=False)
         self.assertEqual(len(send_signal(warehouse_signal(order.pk), {"by": "wendy"})), 1)
         drain()
 
@@ -69,7 +69,7 @@ class ProcessOrderTests(TestCase):
 
     def test_declined_card_fails_and_resumes_without_reserving_twice(self):
         order = self.new_order(self.bad_card)
-        run = run_to_completion(process_order, {"order_id": order.pk})  # skips the retry delays
+        run = run_to_completion(process_order, order.run_input)  # skips the retry delays
         self.assertEqual(run.status, "failed")
         self.assertEqual(run.error["step"], "charge-card")
         self.assert_order(order, Order.Status.PAYMENT_FAILED, stock=8)
@@ -85,9 +85,34 @@ class ProcessOrderTests(TestCase):
         self.assertEqual(run.status, "completed")
         self.assert_order(order, Order.Status.SHIPPED, stock=8)  # reserved once
 
+    def test_one_charge_at_a_time_per_card(self):
+        # charge-card runs in the "payments" queue, keyed by the card (key_concurrency 1):
+        # a declined charge waiting for its retry still holds its card's place, so the
+        # next charge to that card waits, pending, without being started.
+        first = self.new_order(self.bad_card)
+        second = Order.objects.create(
+            reference="order-0002-b", product=self.mug, quantity=1, card=self.bad_card
+        )
+        for order in (first, second):
+            process_order.start(order.run_input)
+        drain(time_travel=False)
+        charges = {
+            run.input["order_id"]: run
+            for run in WorkflowRun.objects.filter(workflow_name="charge-card")
+        }
+        self.assertEqual(charges[first.pk].queue, "payments")
+        self.assertEqual(charges[first.pk].concurrency_key, f"card-{self.bad_card.pk}")
+        self.assertIsNotNone(charges[first.pk].started_at)  # in progress, parked for a retry
+        self.assertIsNone(charges[second.pk].started_at)  # held back: the same card
+
+        Card.objects.filter(pk=self.bad_card.pk).update(declined=False)
+        drain(time_travel="sleeps")  # skips the retry delay, not the warehouse's timeout
+        self.assert_order(first, Order.Status.AWAITING_WAREHOUSE, stock=7)
+        self.assert_order(second, Order.Status.AWAITING_WAREHOUSE, stock=7)
+
     def test_no_confirmation_within_an_hour_fails_the_order(self):
         order = self.new_order(self.good_card)
-        run = run_to_completion(process_order, {"order_id": order.pk})  # travels past 1 h
+        run = run_to_completion(process_order, order.run_input)  # travels past 1 h
         self.assertEqual(run.status, "failed")
         self.assertIn("WarehouseTimeout", run.error["message"])
         self.assert_order(order, Order.Status.FULFILMENT_FAILED, stock=8)

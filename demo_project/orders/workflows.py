@@ -1,7 +1,18 @@
-"""The shop's workflows: ``process-order`` and its child ``fulfil-order``.
+"""The shop's workflows: ``process-order`` and its children ``charge-card`` and ``fulfil-order``.
 
-``process-order`` reserves the stock, charges the card, then runs the child
-workflow ``fulfil-order`` and waits for it. ``fulfil-order`` marks the order
+``process-order`` reserves the stock, charges the card in the child workflow
+``charge-card``, then runs the child workflow ``fulfil-order`` and waits for
+it.
+
+``charge-card`` runs in the ``payments`` queue (``settings.OPENWORKFLOW
+["QUEUES"]``): at most two charges at once across all workers, and one at a
+time per card, whatever else the workers are doing. Its runs are keyed by
+the order's card (``concurrency_key``), so a customer's second order waits
+for the first charge while other customers' charges go on. The parent,
+which waits for the charge, stays in the unlimited ``default`` queue: a
+waiting parent in a limited queue would hold a place its child needs.
+
+``fulfil-order`` marks the order
 "awaiting warehouse" and waits for the warehouse's confirmation, the signal
 ``warehouse-confirmed:<order id>`` (the "Confirm packed" button on the orders
 page sends it), then ships.
@@ -66,7 +77,7 @@ def reserve_stock(order_id: int) -> int:
     return product.stock
 
 
-def charge_card(order_id: int) -> str:
+def call_payment_provider(order_id: int) -> str:
     """Stands in for a payment provider's API: an external call, not a database write.
 
     The card is read from the database on every attempt, so fixing it (the
@@ -95,6 +106,15 @@ def ship(order_id: int, packed_by: str) -> str:
         status=Order.Status.SHIPPED, tracking_number=tracking_number, packed_by=packed_by
     )
     return tracking_number
+
+
+@workflow(name="charge-card", queue="payments")
+def charge_card(ctx):
+    """Charge the order's card: 3 attempts, then this run fails, and so does the parent's step."""
+    order_id = ctx.input["order_id"]
+    return ctx.step.run(
+        "charge", lambda: call_payment_provider(order_id), retry_policy=CHARGE_RETRY
+    )
 
 
 @workflow(name="fulfil-order")
@@ -126,8 +146,10 @@ def process_order(ctx):
     order_id = ctx.input["order_id"]
     try:
         ctx.step.atomic("reserve-stock", lambda: reserve_stock(order_id), retry_policy=NO_RETRY)
-        charge_id = ctx.step.run(
-            "charge-card", lambda: charge_card(order_id), retry_policy=CHARGE_RETRY
+        # A child run in the "payments" queue, one at a time per card: parks this run
+        # until the charge ends; a failed charge raises StepFailed ("charge-card").
+        charge_id = ctx.step.run_workflow(
+            charge_card, {"order_id": order_id}, concurrency_key=f"card-{ctx.input['card_id']}"
         )
         ctx.step.atomic("record-charge", lambda: record_charge(order_id, charge_id))
         # Parks this run until the child ends; a failed child raises StepFailed.
