@@ -179,11 +179,14 @@ class WorkflowRunAdmin(NulSafeChangelist):
         "workflow_name",
         "status",
         "step",
+        "queue",
+        "priority",
+        "concurrency_key",
         "created_at",
         "started_at",
         "finished_at",
     ]
-    list_filter = ["status", "workflow_name", FailedStepFilter]
+    list_filter = ["status", "workflow_name", "queue", FailedStepFilter]
     search_fields = ["idempotency_key"]  # shows the search box; the rule is matching()
     search_help_text = gettext_lazy(
         "A run id or its first characters, or part of the idempotency key or workflow name."

@@ -1,4 +1,4 @@
-"""The run list and run-detail pages, and the Resume and Cancel endpoints.
+"""The run list, run-detail and Queues pages, and the Resume and Cancel endpoints.
 
 The pages need a logged-in staff user with ``view_workflowrun`` or
 ``change_workflowrun``; Resume and Cancel need ``change_workflowrun``.
@@ -29,10 +29,13 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST, require_safe
 
+from .conf import app_settings
 from .display import duration_of, error_parts, refusal_text, timeline
 from .exceptions import InvalidTransition, Refusal
 from .managers import WorkflowRunQuerySet
 from .models import StepAttempt, WorkflowRun
+from .queue_status import queue_overview, slot_wait
+from .queues import configured_queues
 from .registry import get_workflow
 from .waiting import waiting_for
 
@@ -114,6 +117,7 @@ class RunFilterForm(forms.Form):
         required=False,
     )
     workflow = forms.CharField(label=gettext_lazy("workflow"), required=False)
+    queue = forms.CharField(label=gettext_lazy("queue"), required=False)
     q = forms.CharField(
         label=gettext_lazy("search"),
         required=False,
@@ -127,11 +131,13 @@ class RunFilterForm(forms.Form):
     )
 
     def filter(self, queryset: QuerySet[WorkflowRun]) -> QuerySet[WorkflowRun]:
-        """Apply the workflow and search filters (the status filter is applied apart)."""
+        """Apply the workflow, queue and search filters (the status filter is applied apart)."""
         self.is_valid()  # an invalid field is left out of cleaned_data, the others apply
         data = self.cleaned_data
         if workflow := data.get("workflow"):
             queryset = queryset.filter(workflow_name=workflow)
+        if queue := data.get("queue"):
+            queryset = queryset.filter(queue=queue)
         if q := data.get("q"):
             queryset = cast(WorkflowRunQuerySet, queryset).matching(q)
         return queryset
@@ -173,12 +179,16 @@ def run_list(request: HttpRequest) -> HttpResponse:
         .values_list("workflow_name", flat=True)
         .distinct()
     )
+    queue_names = WorkflowRun.objects.order_by().values_list("queue", flat=True).distinct()
     context = {
         "form": form,
         "page": page,
         "status_tabs": status_tabs,
         "workflow_names": workflow_names,
         "selected_workflow": form.cleaned_data.get("workflow", ""),
+        # the queues of the setting, and any other queue a run names
+        "queue_names": sorted({*configured_queues(), *queue_names}),
+        "selected_queue": form.cleaned_data.get("queue", ""),
         "refresh_seconds": REFRESH_SECONDS if any(not run.is_finished for run in page) else None,
     }
     return render(request, "django_openworkflow/run_list.html", context)
@@ -213,9 +223,24 @@ def run_detail(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
         "resume_refused": refusal_text(resume_refusal, run.status)
         if can_change and resume_refusal is Refusal.DEADLINE
         else None,
+        # A run waiting to start while its queue's limit is full: which limit holds it.
+        "slot_wait": slot_wait(run),
         "refresh_seconds": REFRESH_SECONDS if active else None,
     }
     return render(request, "django_openworkflow/run_detail.html", context)
+
+
+@require_safe
+@run_permission_required()
+def queue_list(request: HttpRequest) -> HttpResponse:
+    """The queues of this project's namespace: limits, counts, and what holds runs back."""
+    queues = queue_overview(app_settings.NAMESPACE)
+    context = {
+        "namespace": app_settings.NAMESPACE,
+        "queues": queues,
+        "refresh_seconds": REFRESH_SECONDS if any(q.active for q in queues) else None,
+    }
+    return render(request, "django_openworkflow/queue_list.html", context)
 
 
 # --- transitions ---------------------------------------------------------------

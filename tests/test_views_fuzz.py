@@ -68,7 +68,10 @@ values = st.one_of(
 )
 keys = st.one_of(
     st.sampled_from(
-        ["status", "workflow", "q", "page", "next", "o", "p", "e", "all", "csrfmiddlewaretoken"]
+        [
+            *["status", "workflow", "queue", "q", "page", "next", "o", "p", "e", "all"],
+            "csrfmiddlewaretoken",
+        ]
     ),
     st.text(max_size=10),
 )
@@ -117,7 +120,9 @@ def snapshot() -> tuple:
 
 def make_run(status: str, workflow_name: str = "alpha") -> WorkflowRun:
     error = {"type": "ValueError", "message": "declined"} if status == "failed" else None
-    return WorkflowRun.objects.create(status=status, workflow_name=workflow_name, error=error)
+    return WorkflowRun.objects.create(
+        status=status, workflow_name=workflow_name, queue=workflow_name, error=error
+    )
 
 
 @pytest.fixture
@@ -196,6 +201,9 @@ def test_any_query_string_gives_the_run_list_filtered_and_escaped(superuser_clie
         workflow = last.get("workflow", "").strip()
         if workflow and "\x00" not in workflow:
             assert {run.workflow_name for run in page} <= {workflow}
+        queue = last.get("queue", "").strip()
+        if queue and "\x00" not in queue:
+            assert {run.queue for run in page} <= {queue}
         assert snapshot() == before
 
     check()
