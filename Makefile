@@ -12,13 +12,14 @@ MYSQL_URL ?= mysql://root@127.0.0.1:3306/test
 DEMO_ADDR ?= 127.0.0.1:8000
 BENCH_URL ?= postgres://postgres@127.0.0.1:5432/openworkflow_bench
 BENCH_ARGS ?=
+BENCH_QUEUES_ARGS ?=
 CHAOS_URL ?= postgres://postgres@127.0.0.1:5432/openworkflow_chaos
 CHAOS_ARGS ?=
 PG_CTL ?= pg_ctlcluster --skip-systemctl-redirect $(shell ls /etc/postgresql 2>/dev/null | tail -n 1) main
 
 
 .PHONY: test-setup test-lane-postgres test-lane-others
-.PHONY: install demo test test-sqlite test-postgres test-mariadb test-django6 lint format pg-up mariadb-up mysql-driver browser bench bench-db bench-compare bench-ab chaos chaos-short chaos-db clean
+.PHONY: install demo test test-sqlite test-postgres test-mariadb test-django6 lint format pg-up mariadb-up mysql-driver browser bench bench-db bench-queues bench-compare bench-ab chaos chaos-short chaos-db clean
 
 install: $(VENV)/.installed
 
@@ -128,6 +129,14 @@ bench-db chaos-db: install pg-up
 
 bench: bench-db
 	DEBUG=false DATABASE_URL=$(BENCH_URL) $(PY) manage.py bench_workflows $(BENCH_ARGS)
+
+# Queue limits (SPEC section 9), each against the unlimited enqueue_first of the same
+# invocation, C = 10 and 50: concurrency = C (>= 85 % of it), key_concurrency 1 over 100 keys
+# (>= 70 %), rate_limit 200/s (first starts within 5 % of it). A verdict per line on stderr.
+bench-queues: bench-db
+	DEBUG=false DATABASE_URL=$(BENCH_URL) $(PY) manage.py bench_workflows --skip-latency \
+		--concurrency 10,50 --runs 1000 --variants queue_concurrency,key_concurrency,rate_limit \
+		$(BENCH_QUEUES_ARGS)
 
 bench-compare: bench-db
 	DEBUG=false BENCH_URL=$(BENCH_URL) $(PY) scripts/bench_compare.py

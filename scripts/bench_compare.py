@@ -2,14 +2,16 @@
 
 Usage (``make bench-compare``)::
 
-    python scripts/bench_compare.py [--skip-peers] [--skip-ours] [--reps 3]
+    python scripts/bench_compare.py [--skip-peers] [--skip-ours] [--skip-queues] [--reps 3]
 
 Ours: ``manage.py bench_workflows`` on ``BENCH_URL``; the peers' harness is
 ``PEERS_DIR`` (default ``../shared/bench-peers``). (C = 10 and 50, both
-variants, and latency). Peers: ``../shared/bench-peers/run_all.sh`` with the
-steps that match (OpenWorkflow, DBOS with a 10 ms poll, pgbench). The JSON
-lines land in ``bench-results/`` and the table is printed and written to
-``bench-results/compare.md``. Only figures from the same sitting are compared.
+variants, and latency; then the queue-limit variants against our unlimited
+``enqueue_first``, ours alone). Peers: ``../shared/bench-peers/run_all.sh``
+with the steps that match (OpenWorkflow, DBOS with a 10 ms poll, pgbench).
+The JSON lines land in ``bench-results/`` and the tables are printed and
+written to ``bench-results/compare.md``. Only figures from the same sitting
+are compared.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ OURS = "django-openworkflow"
 OURS_BULK = "django-openworkflow (start_many)"
 OW = "openworkflow"
 DBOS = "dbos_poll10ms"
+PLAIN = "enqueue_first,worker_running"
+LIMITS = "queue_concurrency,key_concurrency,rate_limit"
 
 
-def run_ours(reps: int) -> None:
+def run_ours(reps: int, queues: bool = True) -> None:
     env = {**os.environ, "DATABASE_URL": BENCH_URL}
     python = sys.executable
     subprocess.run(
@@ -45,7 +49,14 @@ def run_ours(reps: int) -> None:
     common = [python, "manage.py", "bench_workflows", "--concurrency", "10,50", "--reps", str(reps)]
     with open(OUT / "ours.jsonl", "w") as out:
         # start() per run from 10 threads, as the peers' drivers enqueue; then the bulk API
-        subprocess.run([*common, "--latency-runs", "50"], cwd=ROOT, env=env, stdout=out, check=True)
+        variants = f"{PLAIN},{LIMITS}" if queues else PLAIN
+        subprocess.run(
+            [*common, "--variants", variants, "--latency-runs", "50"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            check=True,
+        )
         subprocess.run(
             [*common, "--skip-latency", "--enqueue", "bulk", "--system-label", OURS_BULK],
             cwd=ROOT,
@@ -137,18 +148,76 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def queue_table(rows: list[dict]) -> str:
+    """The queue-limit variants (ours, start()): ratio of medians, verdict on it."""
+    limited = [r for r in rows if r.get("system") == OURS and r.get("queue_limits")]
+    if not limited:
+        return ""
+    lines = [
+        "Queue limits (ours, start(), enqueue first; C = the worker's concurrency; "
+        "medians of repeats, against the unlimited enqueue first above):",
+        "",
+        "| variant | C | runs/s | unlimited runs/s | ratio | first starts/s (steady) "
+        "| needs | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for concurrency in (10, 50):
+        unlimited = median(rows, OURS, "enqueue_first", concurrency, "runs_per_s")
+        for variant in ("queue_concurrency", "key_concurrency", "rate_limit"):
+            same = [
+                r for r in limited if (r["variant"], r["concurrency"]) == (variant, concurrency)
+            ]
+            if not same:
+                continue
+            runs_per_s = median(same, OURS, variant, concurrency, "runs_per_s")
+            share = runs_per_s / unlimited if runs_per_s is not None and unlimited else None
+            started = median(same, OURS, variant, concurrency, "started_per_s")
+            if variant == "rate_limit":
+                label = f"rate limit {same[0]['rate_limit']}"
+                limit, tolerance = same[0]["rate_limit_per_s"], same[0]["rate_tolerance_pct"]
+                error = None if started is None else 100 * (started / limit - 1)
+                needs = f"{fmt(limit)}/s within {tolerance:g} %"
+                ok = error is not None and abs(error) <= tolerance
+                verdict = "-" if error is None else f"{error:+.1f} %: " + ("pass" if ok else "fail")
+            else:
+                label = ", ".join(f"{k} {v}" for k, v in same[0]["queue_limits"].items())
+                if "concurrency_keys" in same[0]:
+                    label += f", {same[0]['concurrency_keys']} keys"
+                needs = f">= {same[0]['min_ratio']:.2f}"
+                ok = share is not None and share >= same[0]["min_ratio"]
+                verdict = "pass" if ok else "fail"
+            lines.append(
+                f"| {label} | {concurrency} | {fmt(runs_per_s)} | {fmt(unlimited)} "
+                f"| {fmt(share, 2)} | {fmt(started)} | {needs} | {verdict} |"
+            )
+    lines.append("")
+    lines.append(
+        "The rate of first starts counts WorkflowRun.started_at over whole windows of the "
+        "limit, from one window after the first start to the last whole window before the "
+        "last start (see django_openworkflow/loadtest/limits.py)."
+    )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--skip-ours", action="store_true")
+    parser.add_argument(
+        "--skip-queues", action="store_true", help="Leave out the queue-limit variants."
+    )
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     if not args.skip_peers:
         run_peers(args.reps)
     if not args.skip_ours:
-        run_ours(args.reps)
-    text = table(load("peers.jsonl") + load("ours.jsonl"))
+        run_ours(args.reps, queues=not args.skip_queues)
+    rows = load("peers.jsonl") + load("ours.jsonl")
+    text = table(rows)
+    queues = queue_table(rows)
+    if queues:
+        text += "\n" + queues
     (OUT / "compare.md").write_text(text)
     print(text)
 

@@ -7,7 +7,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
 
-from django_openworkflow.models import WorkflowRun
+from django_openworkflow.models import QueueStart, WorkflowRun
 from tests.testapp.workflows import echo
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -55,6 +55,35 @@ def test_bench_prints_one_json_line_per_measurement(capsys, monkeypatch):
     assert not WorkflowRun.objects.filter(namespace="default").exists()
 
 
+@pytest.mark.postgres
+def test_a_limit_variant_reaches_the_worker_and_is_judged(capsys, monkeypatch):
+    monkeypatch.setenv("OPENWORKFLOW_TEST_DB", str(connection.settings_dict["NAME"]))
+    call_command(
+        "bench_workflows",
+        "--runs=20",
+        "--concurrency=2",
+        "--variants=rate_limit",
+        "--rate-limit=1000/h",
+        "--skip-latency",
+    )
+    out = capsys.readouterr()
+    unlimited, limited = (json.loads(line) for line in out.out.splitlines())
+    assert (unlimited["variant"], limited["variant"]) == ("enqueue_first", "rate_limit")
+    assert "verdict" not in unlimited
+    assert limited["queue_limits"] == {"rate_limit": "1000/h"}
+    assert limited["unlimited_runs_per_s"] == unlimited["runs_per_s"]
+    assert limited["steps_completed"] == 60
+    # 20 runs never span an hour: nothing to measure the rate over
+    assert (limited["started_per_s"], limited["verdict"]) == (None, "fail")
+    assert "nothing to measure (more runs?): fail" in out.err
+    # the worker knew the queue's rate limit: it counted each first start against it
+    assert (
+        QueueStart.objects.filter(namespace="openworkflow-bench", queue="bench-limited").count()
+        == 20
+    )
+    assert set(WorkflowRun.objects.values_list("queue", flat=True)) == {"bench-limited"}
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -62,6 +91,15 @@ def test_bench_prints_one_json_line_per_measurement(capsys, monkeypatch):
         (["--concurrency=ten"], "expected whole numbers separated by commas, not 'ten'"),
         (["--variants=fast"], "unknown variants: fast"),
         (["--runs=0"], "--runs, --reps and --latency-runs must be at least 1"),
+        (
+            ["--rate-limit=fast"],
+            'a rate limit is "N/s", "N/m" or "N/h" with N at least 1, not \'fast\'',
+        ),
+        (["--keys=0"], "--keys must be at least 1"),
+        (
+            ["--variants=rate_limit", "--rate-limit=1/s"],
+            "--runs 1000 at 1/s take 1000 s, more than --timeout 300 s",
+        ),
     ],
 )
 def test_bench_refuses_bad_options(args, message):

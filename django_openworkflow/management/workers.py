@@ -11,9 +11,15 @@ from typing import IO, Any
 from django.conf import settings
 
 
-def spawn_runworker(*args: str, stderr: IO[Any] | int | None = None) -> subprocess.Popen[bytes]:
-    """``manage.py runworker *args`` in a new process with this process's settings."""
-    env = dict(os.environ)
+def spawn_runworker(
+    *args: str, stderr: IO[Any] | int | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """``manage.py runworker *args`` in a new process with this process's settings.
+
+    ``env`` adds to this process's environment variables, or replaces them
+    (``DJANGO_SETTINGS_MODULE`` too).
+    """
+    env = {**os.environ, **(env or {})}
     env.setdefault("DJANGO_SETTINGS_MODULE", settings.SETTINGS_MODULE)
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
     return subprocess.Popen(

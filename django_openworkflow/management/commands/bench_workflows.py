@@ -12,6 +12,10 @@ their own namespace and are deleted before each measurement.
   the client clock just before the first enqueue.
 - Latency: with an idle running worker, runs of a one-step workflow started
   one after another, each awaited; start -> ``finished_at``, p50 and p95.
+- Queue limits (``queue_concurrency``, ``key_concurrency``, ``rate_limit``):
+  like ``enqueue_first``, on a queue with one limit, each judged against the
+  unlimited ``enqueue_first`` runs/s of the same invocation; see
+  ``loadtest/limits.py``. A line of words per measurement goes to stderr.
 """
 
 from __future__ import annotations
@@ -33,9 +37,9 @@ from django.test.utils import override_settings
 from django.utils import timezone
 
 from ... import __version__
-from ...loadtest import bench
+from ...loadtest import bench, limits
 from ...loadtest.bench import HOLD_NAMESPACE, NAMESPACE, one_step, three_steps
-from ...models import WorkflowRun
+from ...models import QueueStart, WorkflowRun
 from ...store import get_store
 from ..workers import spawn_runworker, stop_process
 
@@ -65,6 +69,17 @@ def _process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _cpu_fields(
+    cpu0: tuple[int, int], cpu1: tuple[int, int], wcpu0: float, wcpu1: float
+) -> dict[str, Any]:
+    total = cpu1[1] - cpu0[1]
+    busy = total - (cpu1[0] - cpu0[0])
+    return {
+        "cpu_busy_pct": round(100 * busy / total, 1) if total else None,
+        "worker_cpu_s": round(wcpu1 - wcpu0, 2),
+    }
+
+
 def _nearest_rank(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     index = max(0, min(len(ordered) - 1, int(-(-pct * len(ordered) // 100)) - 1))
@@ -82,7 +97,20 @@ class Command(BaseCommand):
         parser.add_argument(
             "--variants",
             default="enqueue_first,worker_running",
-            help="Throughput variants (enqueue_first,worker_running).",
+            help="Throughput variants (enqueue_first,worker_running); with queue limits: "
+            "queue_concurrency, key_concurrency, rate_limit (enqueue_first is added for them).",
+        )
+        parser.add_argument(
+            "--rate-limit",
+            default=limits.DEFAULT_RATE_LIMIT,
+            help=f"The limit of the rate_limit variant, well below the unlimited runs/s "
+            f"({limits.DEFAULT_RATE_LIMIT}).",
+        )
+        parser.add_argument(
+            "--keys",
+            type=int,
+            default=limits.DEFAULT_KEYS,
+            help=f"Concurrency keys of the key_concurrency variant ({limits.DEFAULT_KEYS}).",
         )
         parser.add_argument("--reps", type=int, default=1, help="Repeats of each measurement (1).")
         parser.add_argument("--latency-runs", type=int, default=50, help="Latency samples (50).")
@@ -112,12 +140,18 @@ class Command(BaseCommand):
         if options["runs"] < 1 or options["reps"] < 1 or options["latency_runs"] < 1:
             raise CommandError("--runs, --reps and --latency-runs must be at least 1")
         concurrencies = _int_list(options["concurrency"])
-        variants = [v for v in options["variants"].split(",") if v]
-        unknown = set(variants) - {"enqueue_first", "worker_running"}
-        if unknown:
-            raise CommandError(f"unknown variants: {', '.join(sorted(unknown))}")
+        try:
+            variants = limits.parse_variants(options["variants"])
+            options["rate_limit"] = limits.check_rate_limit(options["rate_limit"])
+            if "rate_limit" in variants:
+                limits.check_duration(options["runs"], options["rate_limit"], options["timeout"])
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        if options["keys"] < 1:
+            raise CommandError("--keys must be at least 1")
         self.options = options
         self.vendor = connection.vendor
+        self.lines: list[dict[str, Any]] = []
         if not options["skip_throughput"]:
             for concurrency in concurrencies:
                 for variant in variants:
@@ -131,16 +165,18 @@ class Command(BaseCommand):
 
     def throughput(self, variant: str, concurrency: int, runs: int) -> dict[str, Any]:
         self.reset()
-        worker = self.start_worker(concurrency)
+        queues = self.user_settings().get("QUEUES") or {}
+        overrides = limits.overrides(variant, concurrency, self.options["rate_limit"], queues)
+        worker = self.start_worker(concurrency, overrides)
         try:
             if variant == "worker_running":
                 time.sleep(self.options["idle"])
             counters0, cpu0, wcpu0 = self.counters(), _machine_cpu(), _process_cpu_s(worker.pid)
             t0 = timezone.now()
-            namespace = HOLD_NAMESPACE if variant == "enqueue_first" else NAMESPACE
-            self.enqueue(namespace, runs)
+            namespace = NAMESPACE if variant == "worker_running" else HOLD_NAMESPACE
+            self.enqueue(namespace, runs, variant, overrides)
             enqueue_s = (timezone.now() - t0).total_seconds()
-            if variant == "enqueue_first":  # the "start" of the worker: release the runs
+            if namespace == HOLD_NAMESPACE:  # the "start" of the worker: release the runs
                 WorkflowRun.objects.filter(namespace=HOLD_NAMESPACE).update(namespace=NAMESPACE)
                 get_store(connection.alias).notify(NAMESPACE)
             end = self.wait_for(runs, worker)
@@ -150,7 +186,7 @@ class Command(BaseCommand):
         cost = self.cost_fields(counters0, runs)
         seconds = (end - t0).total_seconds()
         steps = WorkflowRun.objects.filter(namespace=NAMESPACE, status="completed").count() * 3
-        return {
+        line = {
             "system": self.options["system_label"],
             "variant": variant,
             "runs": runs,
@@ -162,11 +198,19 @@ class Command(BaseCommand):
             "p95_ms": None,
             "enqueue_s": round(enqueue_s, 3),
             "steps_completed": steps,
-            **self.cpu_fields(cpu0, cpu1, wcpu0, wcpu1),
+            **_cpu_fields(cpu0, cpu1, wcpu0, wcpu1),
             **cost,
             "enqueue": self.options["enqueue"],
             "version": __version__,
         }
+        if variant == "key_concurrency":
+            line["concurrency_keys"] = self.options["keys"]
+        if variant in limits.LIMIT_VARIANTS:  # (the first starts are read for rate_limit only)
+            starts = WorkflowRun.objects.filter(namespace=NAMESPACE).values_list(
+                "started_at", flat=True
+            )
+            line.update(limits.judge(line, self.lines, overrides["QUEUES"][limits.QUEUE], starts))
+        return line
 
     def latency(self, concurrency: int, samples: int) -> dict[str, Any]:
         self.reset()
@@ -211,29 +255,39 @@ class Command(BaseCommand):
     # --- helpers --------------------------------------------------------------------------
 
     def emit(self, line: dict[str, Any]) -> None:
+        self.lines.append(line)
         self.stdout.write(json.dumps(line))
         self.stdout.flush()
+        if "verdict" in line:
+            style = self.style.SUCCESS if line["verdict"] == "pass" else self.style.WARNING
+            self.stderr.write(limits.summary(line), style)
 
     def user_settings(self) -> dict[str, Any]:
         return dict(getattr(settings, "OPENWORKFLOW", None) or {})
 
     def reset(self) -> None:
         WorkflowRun.objects.filter(namespace__in=[NAMESPACE, HOLD_NAMESPACE]).delete()
+        QueueStart.objects.filter(namespace=NAMESPACE).delete()  # a rate window of its own
         if self.vendor == "postgresql":
             with connection.cursor() as cursor, contextlib.suppress(DatabaseError):
                 cursor.execute("CHECKPOINT")  # needs a superuser; else measure without it
 
-    def enqueue(self, namespace: str, runs: int) -> None:
-        settings_ = {**self.user_settings(), "NAMESPACE": namespace}
-        if self.options["enqueue"] == "bulk":
+    def enqueue(self, namespace: str, runs: int, variant: str, overrides: dict[str, Any]) -> None:
+        settings_ = {**self.user_settings(), **overrides, "NAMESPACE": namespace}
+        queue, keys = (limits.QUEUE if overrides else None), self.options["keys"]
+        if self.options["enqueue"] == "bulk":  # one statement per concurrency key
             with override_settings(OPENWORKFLOW=settings_):
-                three_steps.start_many({"i": i} for i in range(runs))
+                for key, indexes in limits.runs_by_key(variant, runs, keys).items():
+                    three_steps.start_many(
+                        ({"i": i} for i in indexes), queue=queue, concurrency_key=key
+                    )
             return
 
         def start(indexes: range) -> None:
             try:
                 for i in indexes:
-                    three_steps.start({"i": i})
+                    key = limits.concurrency_key(variant, i, keys)
+                    three_steps.start({"i": i}, queue=queue, concurrency_key=key)
             finally:
                 connection.close()  # this thread's own connection
 
@@ -266,18 +320,14 @@ class Command(BaseCommand):
             "wal_bytes_per_run": round(wal / runs),
         }
 
-    def cpu_fields(
-        self, cpu0: tuple[int, int], cpu1: tuple[int, int], wcpu0: float, wcpu1: float
-    ) -> dict[str, Any]:
-        total = cpu1[1] - cpu0[1]
-        busy = total - (cpu1[0] - cpu0[0])
-        return {
-            "cpu_busy_pct": round(100 * busy / total, 1) if total else None,
-            "worker_cpu_s": round(wcpu1 - wcpu0, 2),
-        }
-
-    def start_worker(self, concurrency: int) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, concurrency: int, overrides: dict[str, Any] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """A ``runworker`` process; ``overrides`` replace keys of its ``OPENWORKFLOW``."""
         listeners = self.listeners()
+        env = None
+        if overrides:
+            env = limits.worker_env(settings.SETTINGS_MODULE, overrides)
         worker = spawn_runworker(
             "--concurrency",
             str(concurrency),
@@ -287,6 +337,7 @@ class Command(BaseCommand):
             bench.__name__,
             "--verbosity",
             "0",
+            env=env,
         )
         if listeners is None:
             time.sleep(2.0)  # no LISTEN to watch for: give it time to start

@@ -1,0 +1,25 @@
+"""Settings of a ``bench_workflows`` worker: the project's, with ``OPENWORKFLOW`` keys replaced.
+
+``bench_workflows`` starts the worker of a limit variant with
+``DJANGO_SETTINGS_MODULE`` naming this module (``limits.worker_env``):
+``OPENWORKFLOW_BENCH_PROJECT_SETTINGS`` names the project's settings module,
+whose settings are taken as they are, and ``OPENWORKFLOW_BENCH_OVERRIDES``
+is a JSON object of ``OPENWORKFLOW`` keys that replace the project's (the
+variant's ``QUEUES``). The command itself uses ``override_settings`` with
+the same keys, so both sides see one configuration.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+from .limits import OVERRIDES_ENV, PROJECT_SETTINGS_ENV
+
+_project = importlib.import_module(os.environ[PROJECT_SETTINGS_ENV])
+globals().update({name: getattr(_project, name) for name in dir(_project) if name.isupper()})
+OPENWORKFLOW = {
+    **(getattr(_project, "OPENWORKFLOW", None) or {}),
+    **json.loads(os.environ.get(OVERRIDES_ENV, "{}")),
+}
