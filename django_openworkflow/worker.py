@@ -117,8 +117,7 @@ class Worker:
     def run(self) -> None:
         names = workflow_names()
         logger.info(
-            "worker started worker=%s namespace=%s queues=%s concurrency=%d lease=%ss "
-            "workflows=%d",
+            "worker started worker=%s namespace=%s queues=%s concurrency=%d lease=%ss workflows=%d",
             self.worker_id,
             self.namespace,
             ",".join(self.queues) if self.queues else "*",

@@ -230,9 +230,7 @@ class OrmStore(OrmWakeUps):
     def record_starts(self, namespace: str, claims: list[Claim], rate_limited: set[str]) -> None:
         """Count the first executions of rate-limited queues (``QueueStart``, per window)."""
         starts = [
-            QueueStart(
-                namespace=namespace, queue=c.run.queue, run_id=c.run_id, started_at=c.db_now
-            )
+            QueueStart(namespace=namespace, queue=c.run.queue, run_id=c.run_id, started_at=c.db_now)
             for c in claims
             if c.first_start and c.run.queue in rate_limited
         ]
