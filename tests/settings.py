@@ -11,6 +11,7 @@ the test runner created.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -116,6 +117,10 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 OPENWORKFLOW = {
     "POLL_INTERVAL": 0.2,
 }
+if os.environ.get("OPENWORKFLOW_TEST_QUEUES"):
+    # A worker subprocess of tests/test_queue_workers.py: OPENWORKFLOW["QUEUES"] as JSON, the
+    # same queues the test runner set with override_settings.
+    OPENWORKFLOW["QUEUES"] = json.loads(os.environ["OPENWORKFLOW_TEST_QUEUES"])
 
 LOGGING = {
     "version": 1,
