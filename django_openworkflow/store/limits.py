@@ -27,16 +27,12 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
-from django.db.models import Count, Min, Q
+from django.db.models import Q
 from django.utils import timezone
 
-from ..managers import ACTIVE, now_plus
 from ..queues import Queue, configured_queues
-
-if TYPE_CHECKING:
-    from .orm import OrmQueries
 
 CLAIM_ORDER = ("-priority", "available_at", "pk")
 CANDIDATE_FIELDS = ("pk", "started_at", "priority", "available_at", "queue")
@@ -61,6 +57,7 @@ class ClaimPlan:
     open_filter: Q | None  # None: every queue is open to the claim
     limited: list[Queue] = field(default_factory=list)
     rate_limited: set[str] = field(default_factory=set)
+    open_queues: list[str] | None = None  # served without limits (None: all but ``limited``)
 
     @classmethod
     def serving(cls, queues: Sequence[str] | None) -> ClaimPlan:
@@ -73,91 +70,121 @@ class ClaimPlan:
         served = set(queues)
         limited = [q for q in limited if q.name in served]
         open_names = sorted(served - {q.name for q in limited})
-        return cls(Q(queue__in=open_names) if open_names else Q(pk__in=[]), limited, rate_limited)
+        return cls(Q(queue__in=open_names), limited, rate_limited, open_names)
 
     @property
     def open(self) -> bool:
         """Whether the claim reads any queue without limits."""
-        return self.open_filter is None or self.open_filter.children != [("pk__in", [])]
+        return self.open_queues is None or bool(self.open_queues)
 
 
-def open_candidates(store: OrmQueries, due: Any, plan: ClaimPlan, limit: int) -> list[Candidate]:
-    """Due runs of the queues without limits, in claim order, locked (skipping locked ones)."""
-    if not plan.open:
-        return []
-    if plan.open_filter is not None:
-        due = due.filter(plan.open_filter)
-    rows = store.skip_locked(due.order_by(*CLAIM_ORDER)).values_list(*CANDIDATE_FIELDS)
-    return [Candidate(*row) for row in rows[:limit]]
+@dataclass
+class SlotCounts:
+    """What the limits count, read under the queues' locks."""
+
+    in_progress: Counter[str] = field(default_factory=Counter)  # per queue
+    per_key: dict[str, Counter[str]] = field(default_factory=dict)  # queue -> key -> runs
+    recent: dict[str, tuple[int, datetime | None]] = field(default_factory=dict)  # starts, oldest
 
 
-def limited_candidates(
-    store: OrmQueries, due: Any, namespace: str, queue: Queue, limit: int
+class LimitedQueries(Protocol):
+    """What the claim with limits asks of a store (``OrmStore``; ``PostgresStore`` in SQL)."""
+
+    def lock_due_queues(self, namespace: str, names: list[str], queues: list[str]) -> list[str]:
+        """Lock, in name order, those of ``queues`` with a due run of ``names``; return them."""
+
+    def count_slots(self, namespace: str, queues: list[Queue]) -> SlotCounts:
+        """Runs in progress per queue (and per key, where keyed), and recent starts."""
+
+    def due_page(self, page: Page) -> list[tuple[Candidate, str | None]]:
+        """A page of the queue's due runs in claim order, locked (skipping locked ones)."""
+
+
+@dataclass
+class Page:
+    """One read of a limited queue's due runs: what to leave out, where to go on."""
+
+    namespace: str
+    names: list[str]
+    queue: str
+    only_started: bool  # the queue is full: only runs that hold a slot
+    full_keys: list[str]  # keys at their limit: their runs that never started are left out
+    after: Candidate | None  # go on after this row (claim order)
+    size: int
+
+
+def claim_limited(
+    store: LimitedQueries, namespace: str, names: list[str], queues: list[Queue], limit: int
 ) -> tuple[list[Candidate], datetime | None]:
-    """Due runs of one limited queue that its limits let start now, locked, in claim order.
-
-    Also when the rate limit lets the next run start, if it held one back.
-    """
-    due = due.filter(queue=queue.name)
-    if not due.exists():
+    """The due runs of the limited ``queues`` that their limits let start now (inside the claim's
+    transaction), and when a full rate window lets the next one start."""
+    locked = set(store.lock_due_queues(namespace, names, [q.name for q in queues]))
+    if not locked:
         return [], None
-    store.lock_key("queue", namespace, queue.name)
-    in_progress = store.runs.filter(
-        namespace=namespace, queue=queue.name, status__in=ACTIVE, started_at__isnull=False
-    )
-    free = math.inf
-    if queue.concurrency:
-        free = queue.concurrency - in_progress.count()
+    queues = [q for q in queues if q.name in locked]
+    counts = store.count_slots(namespace, queues)
+    picked: list[Candidate] = []
     retry_at = None
+    for queue in queues:
+        picked += _take(store, namespace, names, queue, counts, limit)
+        started, oldest = counts.recent.get(queue.name, (0, None))
+        if queue.rate and started >= queue.rate[0]:
+            # the window is full: the next start is when its oldest start leaves it
+            oldest = oldest or timezone.now()  # a timer hint only
+            at = oldest + timedelta(seconds=queue.rate[1])
+            retry_at = at if retry_at is None else min(retry_at, at)
+    return picked, retry_at
+
+
+def _take(
+    store: LimitedQueries,
+    namespace: str,
+    names: list[str],
+    queue: Queue,
+    counts: SlotCounts,
+    limit: int,
+) -> list[Candidate]:
+    """Read ``queue``'s due runs a page at a time and take those its limits let start."""
+    free: float = math.inf
+    if queue.concurrency:
+        free = queue.concurrency - counts.in_progress[queue.name]
     if queue.rate:
-        runs, window = queue.rate
-        recent = store.queue_starts.filter(
-            namespace=namespace, queue=queue.name, started_at__gt=now_plus(-window)
-        ).aggregate(count=Count("pk"), oldest=Min("started_at"))
-        free = min(free, runs - recent["count"])
-    per_key: Counter[str] = Counter()
-    if queue.key_concurrency:
-        keyed = in_progress.exclude(concurrency_key=None).values_list("concurrency_key")
-        per_key.update(dict(keyed.annotate(n=Count("pk")).order_by()))
+        started, _ = counts.recent.get(queue.name, (0, None))
+        free = min(free, queue.rate[0] - started)
+    per_key = counts.per_key.setdefault(queue.name, Counter())
+    key_limit = queue.key_concurrency
     taken: list[Candidate] = []
-    after: Candidate | None = None
-    page_size = max(2 * limit, 20)
+    page = Page(namespace, names, queue.name, False, [], None, max(2 * limit, 20))
     while len(taken) < limit:
-        page_query = due
-        if free <= 0:  # only runs that already hold a slot
-            page_query = page_query.filter(started_at__isnull=False)
-        elif queue.key_concurrency:
-            full = [key for key, n in per_key.items() if n >= queue.key_concurrency]
-            if full:
-                page_query = page_query.exclude(started_at=None, concurrency_key__in=full)
-        if after is not None:
-            page_query = page_query.filter(_after(after))
-        rows = store.skip_locked(page_query.order_by(*CLAIM_ORDER)).values_list(
-            *CANDIDATE_FIELDS, "concurrency_key"
-        )
-        page = list(rows[:page_size])
-        for *values, key in page:
-            candidate = after = Candidate(*values)
+        page.only_started = free <= 0
+        if key_limit and not page.only_started:
+            page.full_keys = sorted(key for key, n in per_key.items() if n >= key_limit)
+        rows = store.due_page(page)
+        for candidate, key in rows:
+            page.after = candidate
             if candidate.started_at is not None:
                 taken.append(candidate)  # it holds its slot already
-            elif free > 0 and not (
-                queue.key_concurrency and key is not None and per_key[key] >= queue.key_concurrency
-            ):
+            elif free > 0 and not (key_limit and key is not None and per_key[key] >= key_limit):
                 taken.append(candidate)
                 free -= 1
                 if key is not None:
                     per_key[key] += 1
             if len(taken) == limit:
                 break
-        if len(page) < page_size:
+        if len(rows) < page.size:
             break
-    if queue.rate and free <= 0:  # the window is full: when its oldest start leaves it
-        oldest = recent["oldest"] or timezone.now()  # a timer hint; the claim decides
-        retry_at = oldest + timedelta(seconds=queue.rate[1])
-    return taken, retry_at
+    # What this claim started counts at once (the merge may drop some: fewer, never more).
+    counts.in_progress[queue.name] += sum(1 for c in taken if c.started_at is None)
+    if queue.rate:
+        started, oldest = counts.recent.get(queue.name, (0, None))
+        counts.recent[queue.name] = (
+            started + sum(1 for c in taken if c.started_at is None),
+            oldest,
+        )
+    return taken
 
 
-def _after(candidate: Candidate) -> Q:
+def after_in_claim_order(candidate: Candidate) -> Q:
     """Rows after ``candidate`` in claim order (priority down, then due time, then id)."""
     same_priority = Q(priority=candidate.priority)
     return (

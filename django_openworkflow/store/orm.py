@@ -9,22 +9,32 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
 from django.db import models
-from django.db.models import F
+from django.db.models import Count, F, Min
 from django.db.models.functions import Coalesce, Now
 
 from ..errors import DEADLINE_ERROR
 from ..managers import ACTIVE, LOCK_ORDER, not_past_deadline, now_plus
 from ..models import QueueStart, StepAttempt, WorkflowRun
 from ..pauses import pause_point
-from ..queues import configured_queues
+from ..queues import Queue, configured_queues
 from ..signals import run_failed, run_started, send_after_commit
 from .base import Claim, Claims, Deferred, Store
-from .limits import ClaimPlan, limited_candidates, open_candidates
+from .limits import (
+    CANDIDATE_FIELDS,
+    CLAIM_ORDER,
+    Candidate,
+    ClaimPlan,
+    Page,
+    SlotCounts,
+    after_in_claim_order,
+    claim_limited,
+)
 
 RUNNING = WorkflowRun.Status.RUNNING
 
@@ -201,36 +211,100 @@ class OrmStore(OrmWakeUps):
         if limit < 1 or not names:
             return claims
         plan = ClaimPlan.serving(queues)
-        token = uuid.uuid4()
         with self.atomic():
-            due = self.runs.in_namespace(namespace).due().filter(workflow_name__in=names)
-            picked = open_candidates(self, due, plan, limit)
-            for queue in plan.limited:
-                taken, retry_at = limited_candidates(self, due, namespace, queue, limit)
-                picked += taken
-                if retry_at is not None:
-                    claims.retry_at = min(filter(None, (claims.retry_at, retry_at)))
-            if plan.limited:  # the best of every queue, in claim order
-                picked = sorted(picked, key=lambda c: c.order)[:limit]
-            if not picked:
-                return claims
-            # Compare-and-set: only rows still due are taken.
-            self.runs.filter(pk__in=[c.pk for c in picked]).due().update(
-                status=RUNNING,
-                worker_id=worker_id,
-                claim_token=token,
-                available_at=now_plus(lease_seconds),
-                started_at=Coalesce("started_at", Now()),
-                updated_at=Now(),
-            )
-            first = {c.pk for c in picked if c.started_at is None}
-            claimed = self.runs.filter(claim_token=token).annotate(db_now=Now())
-            claims += [
-                Claim(run, token, run.db_now, run.pk in first, lease_seconds) for run in claimed
-            ]
-            self.record_starts(namespace, claims, plan.rate_limited)
-            self.announce(claims)
+            picked = self.open_candidates(namespace, names, plan, limit) if plan.open else []
+            if plan.limited:
+                limited, claims.retry_at = claim_limited(
+                    self, namespace, names, plan.limited, limit
+                )
+                # the best of every queue, in claim order
+                picked = sorted([*picked, *limited], key=lambda c: c.order)[:limit]
+            if picked:
+                claims += self.take(picked, worker_id, lease_seconds)
+                self.record_starts(namespace, claims, plan.rate_limited)
+                self.announce(claims)
         return claims
+
+    # --- the claim's parts (PostgresStore has them in SQL) ------------------------
+
+    def due_runs(self, namespace: str, names: list[str]) -> Any:
+        return self.runs.in_namespace(namespace).due().filter(workflow_name__in=names)
+
+    def open_candidates(
+        self, namespace: str, names: list[str], plan: ClaimPlan, limit: int
+    ) -> list[Candidate]:
+        """Due runs of the queues without limits, in claim order, locked (skipping locked ones)."""
+        due = self.due_runs(namespace, names)
+        if plan.open_filter is not None:
+            due = due.filter(plan.open_filter)
+        rows = self.skip_locked(due.order_by(*CLAIM_ORDER)).values_list(*CANDIDATE_FIELDS)
+        return [Candidate(*row) for row in rows[:limit]]
+
+    def lock_due_queues(self, namespace: str, names: list[str], queues: list[str]) -> list[str]:
+        due = self.due_runs(namespace, names)
+        locked = []
+        for queue in sorted(queues):  # a queue with nothing due takes no lock
+            if due.filter(queue=queue).exists():
+                self.lock_key("queue", namespace, queue)
+                locked.append(queue)
+        return locked
+
+    def count_slots(self, namespace: str, queues: list[Queue]) -> SlotCounts:
+        counts = SlotCounts()
+        in_progress = self.runs.filter(
+            namespace=namespace, status__in=ACTIVE, started_at__isnull=False
+        )
+        limited = [q.name for q in queues if q.concurrency]
+        if limited:
+            per_queue = in_progress.filter(queue__in=limited).values_list("queue")
+            counts.in_progress.update(dict(per_queue.annotate(n=Count("pk")).order_by()))
+        keyed = [q.name for q in queues if q.key_concurrency]
+        if keyed:
+            per_key = (
+                in_progress.filter(queue__in=keyed)
+                .exclude(concurrency_key=None)
+                .values_list("queue", "concurrency_key")
+                .annotate(n=Count("pk"))
+                .order_by()
+            )
+            for queue, key, n in per_key:
+                counts.per_key.setdefault(queue, Counter())[key] = n
+        for queue in queues:
+            if queue.rate:
+                recent = self.queue_starts.filter(
+                    namespace=namespace, queue=queue.name, started_at__gt=now_plus(-queue.rate[1])
+                ).aggregate(n=Count("pk"), oldest=Min("started_at"))
+                counts.recent[queue.name] = (recent["n"], recent["oldest"])
+        return counts
+
+    def due_page(self, page: Page) -> list[tuple[Candidate, str | None]]:
+        due = self.due_runs(page.namespace, page.names).filter(queue=page.queue)
+        if page.only_started:
+            due = due.filter(started_at__isnull=False)
+        elif page.full_keys:
+            due = due.exclude(started_at=None, concurrency_key__in=page.full_keys)
+        if page.after is not None:
+            due = due.filter(after_in_claim_order(page.after))
+        rows = self.skip_locked(due.order_by(*CLAIM_ORDER)).values_list(
+            *CANDIDATE_FIELDS, "concurrency_key"
+        )
+        return [(Candidate(*values), key) for *values, key in rows[: page.size]]
+
+    def take(self, picked: list[Candidate], worker_id: str, lease_seconds: float) -> list[Claim]:
+        """Mark the picked runs (locked, still due) running under a new claim token."""
+        token = uuid.uuid4()
+        # Compare-and-set: only rows still due are taken.
+        self.runs.filter(pk__in=[c.pk for c in picked]).due().update(
+            status=RUNNING,
+            worker_id=worker_id,
+            claim_token=token,
+            available_at=now_plus(lease_seconds),
+            started_at=Coalesce("started_at", Now()),
+            updated_at=Now(),
+        )
+        first = {c.pk for c in picked if c.started_at is None}
+        claimed = self.runs.filter(claim_token=token).annotate(db_now=Now())
+        return [Claim(run, token, run.db_now, run.pk in first, lease_seconds) for run in claimed]
 
     def record_starts(self, namespace: str, claims: list[Claim], rate_limited: set[str]) -> None:
         """Count the first executions of rate-limited queues (``QueueStart``, per window)."""

@@ -11,15 +11,17 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from ..models import StepAttempt, WorkflowRun
+from ..models import QueueStart, StepAttempt, WorkflowRun
+from ..queues import Queue
 from .base import Claim, Claims, Deferred
-from .limits import ClaimPlan
+from .limits import Candidate, ClaimPlan, Page, SlotCounts
 from .orm import OrmStore
 
 if TYPE_CHECKING:
@@ -29,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 RUN = WorkflowRun._meta.db_table
 STEP = StepAttempt._meta.db_table
+QUEUE_START = QueueStart._meta.db_table
 NOTIFY_CHANNEL = "django_openworkflow"
 
 # Locks the run row (no new row version: steps do not rewrite the run) while
@@ -105,8 +108,7 @@ class PostgresStore(OrmStore):
         """A transaction-level advisory lock on a hash of the parts."""
         with self.connection.cursor() as cursor:
             cursor.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-                ["\x1f".join(("django_openworkflow", *parts))],
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [lock_text(*parts)]
             )
 
     CLAIM = f"""
@@ -170,6 +172,136 @@ class PostgresStore(OrmStore):
         )
         self.announce(claims)
         return claims
+
+    # --- the claim with limits: OrmStore.claim's parts, each one prepared statement ----
+
+    DUE = """namespace = %s AND status IN ('pending', 'running')
+          AND available_at <= statement_timestamp() AND workflow_name = ANY(%s)
+          AND (deadline_at IS NULL OR deadline_at > statement_timestamp())"""
+
+    OPEN_PAGE = f"""
+    SELECT id, started_at, priority, available_at, queue FROM {RUN}
+    WHERE {DUE} AND {{queues}}
+    ORDER BY priority DESC, available_at, id
+    LIMIT %s
+    FOR UPDATE SKIP LOCKED
+    """
+    OPEN_PAGE_EXCLUDING = OPEN_PAGE.format(queues="queue <> ALL(%s)")
+    OPEN_PAGE_QUEUES = OPEN_PAGE.format(queues="queue = ANY(%s)")
+
+    def open_candidates(
+        self, namespace: str, names: list[str], plan: ClaimPlan, limit: int
+    ) -> list[Candidate]:
+        if plan.open_queues is None:
+            sql, queues = self.OPEN_PAGE_EXCLUDING, [q.name for q in plan.limited]
+        else:
+            sql, queues = self.OPEN_PAGE_QUEUES, plan.open_queues
+        rows, _ = self._fetch(sql, [namespace, names, queues, limit])
+        return [Candidate(*row) for row in rows]
+
+    # The advisory locks are taken one row at a time, in name order (the subquery's).
+    LOCK_DUE_QUEUES = f"""
+    SELECT q.name, pg_advisory_xact_lock(hashtextextended(q.lock_key, 0)) FROM (
+        SELECT name, lock_key FROM unnest(%s::text[], %s::text[]) AS q(name, lock_key)
+        WHERE EXISTS (SELECT 1 FROM {RUN} WHERE queue = q.name AND {DUE})
+        ORDER BY name OFFSET 0
+    ) AS q
+    """
+
+    def lock_due_queues(self, namespace: str, names: list[str], queues: list[str]) -> list[str]:
+        queues = sorted(queues)
+        keys = [lock_text("queue", namespace, queue) for queue in queues]
+        rows, _ = self._fetch(self.LOCK_DUE_QUEUES, [queues, keys, namespace, names])
+        return [row[0] for row in rows]
+
+    COUNT_SLOTS = f"""
+    SELECT 'queue', queue, NULL, count(*), NULL::timestamptz FROM {RUN}
+    WHERE namespace = %s AND queue = ANY(%s) AND status IN ('pending', 'running')
+      AND started_at IS NOT NULL
+    GROUP BY queue
+    UNION ALL
+    SELECT 'key', queue, concurrency_key, count(*), NULL FROM {RUN}
+    WHERE namespace = %s AND queue = ANY(%s) AND status IN ('pending', 'running')
+      AND started_at IS NOT NULL AND concurrency_key IS NOT NULL
+    GROUP BY queue, concurrency_key
+    UNION ALL
+    SELECT 'rate', w.name, NULL, count(s.id), min(s.started_at)
+    FROM unnest(%s::text[], %s::float8[]) AS w(name, secs)
+    LEFT JOIN {QUEUE_START} AS s ON s.namespace = %s AND s.queue = w.name
+        AND s.started_at > statement_timestamp() - make_interval(secs => w.secs)
+    GROUP BY w.name
+    """
+
+    def count_slots(self, namespace: str, queues: list[Queue]) -> SlotCounts:
+        rated = [q for q in queues if q.rate]
+        params = [
+            namespace,
+            [q.name for q in queues if q.concurrency],
+            namespace,
+            [q.name for q in queues if q.key_concurrency],
+            [q.name for q in rated],
+            [q.rate[1] for q in rated if q.rate],
+            namespace,
+        ]
+        counts = SlotCounts()
+        rows, _ = self._fetch(self.COUNT_SLOTS, params)
+        for kind, queue, key, n, oldest in rows:
+            if kind == "queue":
+                counts.in_progress[queue] = n
+            elif kind == "key":
+                counts.per_key.setdefault(queue, Counter())[key] = n
+            else:
+                counts.recent[queue] = (n, oldest)
+        return counts
+
+    DUE_PAGE = f"""
+    SELECT id, started_at, priority, available_at, queue, concurrency_key FROM {RUN}
+    WHERE queue = %s AND {DUE}
+      AND (started_at IS NOT NULL OR NOT %s)
+      AND (started_at IS NOT NULL OR concurrency_key IS NULL OR concurrency_key <> ALL(%s))
+      AND (%s OR (-priority, available_at, id) > (%s::integer, %s::timestamptz, %s::uuid))
+    ORDER BY priority DESC, available_at, id
+    LIMIT %s
+    FOR UPDATE SKIP LOCKED
+    """
+
+    def due_page(self, page: Page) -> list[tuple[Candidate, str | None]]:
+        after = page.after
+        params = [
+            page.queue,
+            page.namespace,
+            page.names,
+            page.only_started,
+            page.full_keys,
+            after is None,
+            None if after is None else -after.priority,
+            None if after is None else after.available_at,
+            None if after is None else after.pk,
+            page.size,
+        ]
+        rows, _ = self._fetch(self.DUE_PAGE, params)
+        return [(Candidate(*row[:5]), row[5]) for row in rows]
+
+    TAKE = f"""
+    UPDATE {RUN} AS run SET
+        status = 'running', worker_id = %s, claim_token = %s,
+        available_at = statement_timestamp() + make_interval(secs => %s),
+        started_at = COALESCE(run.started_at, statement_timestamp()),
+        updated_at = statement_timestamp()
+    WHERE id = ANY(%s) AND status IN ('pending', 'running')
+      AND available_at <= statement_timestamp()
+      AND (deadline_at IS NULL OR deadline_at > statement_timestamp())
+    RETURNING run.*, statement_timestamp() AS db_now
+    """
+
+    def take(self, picked: list[Candidate], worker_id: str, lease_seconds: float) -> list[Claim]:
+        token = uuid.uuid4()
+        first = {c.pk for c in picked if c.started_at is None}
+        params = [worker_id, token, lease_seconds, [c.pk for c in picked]]
+        return [
+            Claim(run, token, extra["db_now"], run.pk in first, lease_seconds)
+            for run, extra in self._runs(self.TAKE, params)
+        ]
 
     FENCE_AND_STORE = f"""
     WITH fence AS ({FENCE}), deferred AS ({STORE_DEFERRED})
@@ -337,6 +469,11 @@ class PostgresStore(OrmStore):
             extra = {column: values[column] for column in columns if column not in _RUN_COLUMNS}
             runs.append((run, extra))
         return runs
+
+
+def lock_text(*parts: str) -> str:
+    """The text an advisory lock's key is the hash of."""
+    return "\x1f".join(("django_openworkflow", *parts))
 
 
 def _json(value: Any) -> str | None:
