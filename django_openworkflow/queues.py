@@ -13,6 +13,7 @@ what they are, and what holds a run back (for the pages).
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -108,15 +109,26 @@ def configured_queues() -> dict[str, Queue]:
     A bad setting (check E010) counts as no limits rather than crashing a
     worker that was started without the checks.
     """
+    global _parsed
     from .conf import app_settings
 
     setting = app_settings.QUEUES
+    parsed = _parsed  # the claim asks on every call: parse a setting once
+    if parsed is not None and parsed[0] is setting and parsed[1] == setting:
+        return parsed[2]
     queues = {DEFAULT_QUEUE: Queue(DEFAULT_QUEUE)}
-    if not isinstance(setting, dict) or queue_problems(setting):
-        return queues
-    for name, options in setting.items():
-        queues[name] = Queue(name, **{key: options.get(key) for key in QUEUE_OPTIONS})
+    if isinstance(setting, dict) and not queue_problems(setting):
+        for name, options in setting.items():
+            queues[name] = Queue(name, **{key: options.get(key) for key in QUEUE_OPTIONS})
+    try:
+        _parsed = (setting, copy.deepcopy(setting), queues)
+    except Exception:  # a setting that cannot be copied (E010 reports it) is read every time
+        _parsed = None
     return queues
+
+
+# The last setting parsed: the object, a copy (to notice changes made in place), the queues.
+_parsed: tuple[Any, Any, dict[str, Queue]] | None = None
 
 
 def check_queue(queue: Any, of: str) -> str:
