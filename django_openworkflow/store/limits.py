@@ -9,6 +9,12 @@ How a claim keeps ``concurrency``, ``key_concurrency`` and ``rate_limit``
   the database's write lock on SQLite), so two workers never both see the
   last free slot. A queue with no due run is not locked at all; unlimited
   queues never are.
+- **Queue locks first.** A claim takes its queue locks, in name order,
+  before it locks any run row, so while it waits for one it holds nothing
+  but queue locks that come earlier in that order. (On MySQL a queue's lock
+  row may be an idempotency key's too: a ``start()`` holding it may go on to
+  lock runs, a cancel say, and must not find one locked by the claim that
+  waits for it.)
 - **Counting.** In progress: runs of the queue with ``started_at`` that have
   not finished (parked ones included); ``started_at`` is set at the first
   claim and cleared by a resume. Rate: ``QueueStart`` rows in the window.
@@ -32,6 +38,7 @@ from typing import Any, NamedTuple, Protocol
 from django.db.models import Q
 from django.utils import timezone
 
+from ..pauses import pause_point
 from ..queues import Queue, configured_queues
 
 CLAIM_ORDER = ("-priority", "available_at", "pk")
@@ -113,15 +120,27 @@ class Page:
     size: int
 
 
+def lock_queues(
+    store: LimitedQueries, namespace: str, names: list[str], queues: list[Queue]
+) -> list[Queue]:
+    """Lock those of the limited ``queues`` with a due run, in name order; return them.
+
+    The claim calls it before it locks any run (see "Queue locks first" above).
+    """
+    locked = set(store.lock_due_queues(namespace, names, [q.name for q in queues]))
+    for name in sorted(locked):
+        pause_point("claim.queue-locked", namespace=namespace, queue=name)
+    return [q for q in queues if q.name in locked]
+
+
 def claim_limited(
     store: LimitedQueries, namespace: str, names: list[str], queues: list[Queue], limit: int
 ) -> tuple[list[Candidate], datetime | None]:
-    """The due runs of the limited ``queues`` that their limits let start now (inside the claim's
-    transaction), and when a full rate window lets the next one start."""
-    locked = set(store.lock_due_queues(namespace, names, [q.name for q in queues]))
-    if not locked:
+    """The due runs of the limited ``queues``, locked by ``lock_queues``, that their limits let
+    start now (inside the claim's transaction), and when a full rate window lets the next one
+    start."""
+    if not queues:
         return [], None
-    queues = [q for q in queues if q.name in locked]
     counts = store.count_slots(namespace, queues)
     picked: list[Candidate] = []
     retry_at = None

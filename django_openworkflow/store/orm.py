@@ -34,6 +34,7 @@ from .limits import (
     SlotCounts,
     after_in_claim_order,
     claim_limited,
+    lock_queues,
 )
 
 RUNNING = WorkflowRun.Status.RUNNING
@@ -212,11 +213,10 @@ class OrmStore(OrmWakeUps):
             return claims
         plan = ClaimPlan.serving(queues)
         with self.atomic():
+            locked = lock_queues(self, namespace, names, plan.limited) if plan.limited else []
             picked = self.open_candidates(namespace, names, plan, limit) if plan.open else []
             if plan.limited:
-                limited, claims.retry_at = claim_limited(
-                    self, namespace, names, plan.limited, limit
-                )
+                limited, claims.retry_at = claim_limited(self, namespace, names, locked, limit)
                 # the best of every queue, in claim order
                 picked = sorted([*picked, *limited], key=lambda c: c.order)[:limit]
             if picked:
