@@ -203,11 +203,18 @@ def _take(
     return taken
 
 
-def after_in_claim_order(candidate: Candidate) -> Q:
-    """Rows after ``candidate`` in claim order (priority down, then due time, then id)."""
+def after_in_claim_order(candidate: Candidate, due_at: Any) -> Q:
+    """Rows after ``candidate`` in claim order (priority down, then due time, then id).
+
+    ``due_at`` is the due time to compare with: the ORM store passes the one stored
+    in ``candidate``'s row (a subquery; the row is locked by this claim), not the
+    value read back: SQLite stores ``Now()`` with milliseconds and a datetime
+    parameter with microseconds, so one instant written both ways is two unequal
+    texts, and the runs due at the candidate's instant would be lost.
+    """
     same_priority = Q(priority=candidate.priority)
     return (
         Q(priority__lt=candidate.priority)
-        | (same_priority & Q(available_at__gt=candidate.available_at))
-        | (same_priority & Q(available_at=candidate.available_at, pk__gt=candidate.pk))
+        | (same_priority & Q(available_at__gt=due_at))
+        | (same_priority & Q(available_at=due_at, pk__gt=candidate.pk))
     )

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from django.db import models
-from django.db.models import Count, F, Min
+from django.db.models import Count, F, Min, Subquery
 from django.db.models.functions import Coalesce, Now
 
 from ..errors import DEADLINE_ERROR
@@ -223,6 +223,7 @@ class OrmStore(OrmWakeUps):
                 claims += self.take(picked, worker_id, lease_seconds)
                 self.record_starts(namespace, claims, plan.rate_limited)
                 self.announce(claims)
+                pause_point("claim.before-commit", run_ids=[claim.run_id for claim in claims])
         return claims
 
     # --- the claim's parts (PostgresStore has them in SQL) ------------------------
@@ -284,7 +285,8 @@ class OrmStore(OrmWakeUps):
         elif page.full_keys:
             due = due.exclude(started_at=None, concurrency_key__in=page.full_keys)
         if page.after is not None:
-            due = due.filter(after_in_claim_order(page.after))
+            stored = self.runs.filter(pk=page.after.pk).values("available_at")[:1]
+            due = due.filter(after_in_claim_order(page.after, Subquery(stored)))
         rows = self.skip_locked(due.order_by(*CLAIM_ORDER)).values_list(
             *CANDIDATE_FIELDS, "concurrency_key"
         )
