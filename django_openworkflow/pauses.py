@@ -23,6 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 PAUSE_POINTS: dict[str, str] = {
+    "claim.queue-locked": "a claim holds a limited queue's lock and has not counted its runs yet",
+    "claim.before-commit": "a claim marked its runs and recorded their starts; not committed",
     "claim.after-commit": "a worker committed a claim and is about to hand the run to a slot",
     "step.before-fence": "a step is about to open its fenced transaction (start or finish)",
     "step.after-commit": "a step.atomic committed its writes and result; its on_commit hooks ran",

@@ -33,6 +33,7 @@ from django.db.models import Count, Min, Q
 from django.utils import timezone
 
 from ..managers import ACTIVE, now_plus
+from ..pauses import pause_point
 from ..queues import Queue, configured_queues
 
 if TYPE_CHECKING:
@@ -102,6 +103,7 @@ def limited_candidates(
     if not due.exists():
         return [], None
     store.lock_key("queue", namespace, queue.name)
+    pause_point("claim.queue-locked", namespace=namespace, queue=queue.name)
     in_progress = store.runs.filter(
         namespace=namespace, queue=queue.name, status__in=ACTIVE, started_at__isnull=False
     )

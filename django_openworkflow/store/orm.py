@@ -230,6 +230,7 @@ class OrmStore(OrmWakeUps):
             ]
             self.record_starts(namespace, claims, plan.rate_limited)
             self.announce(claims)
+            pause_point("claim.before-commit", run_ids=[claim.run_id for claim in claims])
         return claims
 
     def record_starts(self, namespace: str, claims: list[Claim], rate_limited: set[str]) -> None:
