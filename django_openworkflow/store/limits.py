@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from django.db.models import Count, Min, Q
+from django.db.models import Count, Min, Q, Subquery
 from django.utils import timezone
 
 from ..managers import ACTIVE, now_plus
@@ -133,7 +133,7 @@ def limited_candidates(
             if full:
                 page_query = page_query.exclude(started_at=None, concurrency_key__in=full)
         if after is not None:
-            page_query = page_query.filter(_after(after))
+            page_query = page_query.filter(_after(store, after))
         rows = store.skip_locked(page_query.order_by(*CLAIM_ORDER)).values_list(
             *CANDIDATE_FIELDS, "concurrency_key"
         )
@@ -159,11 +159,18 @@ def limited_candidates(
     return taken, retry_at
 
 
-def _after(candidate: Candidate) -> Q:
-    """Rows after ``candidate`` in claim order (priority down, then due time, then id)."""
+def _after(store: OrmQueries, candidate: Candidate) -> Q:
+    """Rows after ``candidate`` in claim order (priority down, then due time, then id).
+
+    The due time compared is the one stored in ``candidate``'s row (locked by this
+    claim), not the value read back: SQLite stores ``Now()`` with milliseconds and a
+    datetime parameter with microseconds, so one instant written both ways is two
+    unequal texts, and the runs due at the candidate's instant would be lost.
+    """
+    due_at = Subquery(store.runs.filter(pk=candidate.pk).values("available_at")[:1])
     same_priority = Q(priority=candidate.priority)
     return (
         Q(priority__lt=candidate.priority)
-        | (same_priority & Q(available_at__gt=candidate.available_at))
-        | (same_priority & Q(available_at=candidate.available_at, pk__gt=candidate.pk))
+        | (same_priority & Q(available_at__gt=due_at))
+        | (same_priority & Q(available_at=due_at, pk__gt=candidate.pk))
     )
