@@ -7,10 +7,16 @@ have connections of their own, never with sleeps.
 
 from __future__ import annotations
 
+import hashlib
+import threading
+
 import pytest
+from django.db import connection, transaction
 
 from django_openworkflow.models import WorkflowRun
+from django_openworkflow.registry import get_workflow
 from django_openworkflow.store import Claims, get_store
+from tests.conftest import Backend, wait_until_blocked
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -55,3 +61,59 @@ def test_runs_due_at_the_same_instant_as_a_page_end_are_found_on_the_next_page(q
 
     claims = claim(2)  # a page of 20 runs of key "a" held back after the first
     assert {c.run.concurrency_key for c in claims} == {"a", "b"}
+
+
+# --- the queue's lock against the other locks ----------------------------------------------
+
+
+def shared_slot_key(workflow: str, queue: str) -> str:
+    """An idempotency key of ``workflow`` whose MariaDB/MySQL lock row is ``queue``'s."""
+    from django_openworkflow.store.mysql import KEY_LOCK_SLOTS
+
+    def slot(*parts: str) -> int:
+        text = "\x1f".join(("django_openworkflow", *parts))
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") % KEY_LOCK_SLOTS
+
+    target = slot("queue", "default", queue)
+    return next(
+        key
+        for key in (f"key-{i}" for i in range(10**7))
+        if slot("start", "default", workflow, key) == target
+    )
+
+
+@pytest.mark.skipif(connection.vendor != "mysql", reason="the key-slot rows of MariaDB/MySQL")
+def test_a_claim_waiting_for_a_queue_lock_holds_no_row_another_waiter_needs(queues):
+    # The queue's lock row is also an idempotency key's. A transaction holds it (a start()
+    # with that key) and then cancels a run; the claim locked that run (a due run of an
+    # unlimited queue) before it came to wait for the queue's lock: each waited for the
+    # other, and InnoDB killed one of them with a deadlock error.
+    queues(limited={"concurrency": 5})
+    echo = get_workflow("echo")
+    key = shared_slot_key("echo", "limited")
+    open_run = echo.start(1)
+    limited_run = echo.start(2, queue="limited")
+    started, go = threading.Event(), threading.Event()
+    keyed = []
+
+    def start_then_cancel():
+        with transaction.atomic():
+            keyed.append(echo.start(3, idempotency_key=key))  # the slot row, until the commit
+            started.set()
+            assert go.wait(10)
+            WorkflowRun.objects.cancel(open_run)
+
+    claimed = []
+    user = Backend(start_then_cancel)
+    worker = Backend(lambda: claimed.extend(c.run_id for c in claim()))
+    user.start()
+    assert started.wait(10)
+    worker.start()
+    assert worker.connected.wait(10)
+    wait_until_blocked(worker.pid, by=user.pid)  # on the slot row
+    go.set()
+    user.finish()
+    worker.finish()
+    # the claim went on once the transaction committed: the canceled run was no longer due
+    assert sorted(claimed) == sorted([limited_run.pk, keyed[0].pk])
+    assert WorkflowRun.objects.get(pk=open_run.pk).status == "canceled"

@@ -9,6 +9,12 @@ How a claim keeps ``concurrency``, ``key_concurrency`` and ``rate_limit``
   the database's write lock on SQLite), so two workers never both see the
   last free slot. A queue with no due run is not locked at all; unlimited
   queues never are.
+- **Queue locks first.** A claim takes its queue locks, in name order,
+  before it locks any run row, so while it waits for one it holds nothing
+  but queue locks that come earlier in that order. (On MySQL a queue's lock
+  row may be an idempotency key's too: a ``start()`` holding it may go on to
+  lock runs, a cancel say, and must not find one locked by the claim that
+  waits for it.)
 - **Counting.** In progress: runs of the queue with ``started_at`` that have
   not finished (parked ones included); ``started_at`` is set at the first
   claim and cleared by a resume. Rate: ``QueueStart`` rows in the window.
@@ -92,18 +98,29 @@ def open_candidates(store: OrmQueries, due: Any, plan: ClaimPlan, limit: int) ->
     return [Candidate(*row) for row in rows[:limit]]
 
 
+def lock_queues(store: OrmQueries, due: Any, namespace: str, plan: ClaimPlan) -> list[Queue]:
+    """Lock the limited queues of ``plan`` that have a due run, in name order; return them.
+
+    The claim calls it before it locks any run (see "Queue locks first" above).
+    """
+    locked = []
+    for queue in plan.limited:  # sorted by name
+        if due.filter(queue=queue.name).exists():
+            store.lock_key("queue", namespace, queue.name)
+            pause_point("claim.queue-locked", namespace=namespace, queue=queue.name)
+            locked.append(queue)
+    return locked
+
+
 def limited_candidates(
     store: OrmQueries, due: Any, namespace: str, queue: Queue, limit: int
 ) -> tuple[list[Candidate], datetime | None]:
-    """Due runs of one limited queue that its limits let start now, locked, in claim order.
+    """Due runs of one limited queue, locked by ``lock_queues``, that its limits let start
+    now: locked, in claim order.
 
     Also when the rate limit lets the next run start, if it held one back.
     """
     due = due.filter(queue=queue.name)
-    if not due.exists():
-        return [], None
-    store.lock_key("queue", namespace, queue.name)
-    pause_point("claim.queue-locked", namespace=namespace, queue=queue.name)
     in_progress = store.runs.filter(
         namespace=namespace, queue=queue.name, status__in=ACTIVE, started_at__isnull=False
     )

@@ -24,7 +24,7 @@ from ..pauses import pause_point
 from ..queues import configured_queues
 from ..signals import run_failed, run_started, send_after_commit
 from .base import Claim, Claims, Deferred, Store
-from .limits import ClaimPlan, limited_candidates, open_candidates
+from .limits import ClaimPlan, limited_candidates, lock_queues, open_candidates
 
 RUNNING = WorkflowRun.Status.RUNNING
 
@@ -204,8 +204,9 @@ class OrmStore(OrmWakeUps):
         token = uuid.uuid4()
         with self.atomic():
             due = self.runs.in_namespace(namespace).due().filter(workflow_name__in=names)
+            limited = lock_queues(self, due, namespace, plan)  # before any row lock
             picked = open_candidates(self, due, plan, limit)
-            for queue in plan.limited:
+            for queue in limited:
                 taken, retry_at = limited_candidates(self, due, namespace, queue, limit)
                 picked += taken
                 if retry_at is not None:
