@@ -11,12 +11,14 @@ import hashlib
 import threading
 
 import pytest
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 
-from django_openworkflow.models import WorkflowRun
+from django_openworkflow.models import QueueStart, WorkflowRun
+from django_openworkflow.pauses import add_hook, remove_hook
 from django_openworkflow.registry import get_workflow
 from django_openworkflow.store import Claims, get_store
-from tests.conftest import Backend, wait_until_blocked
+from django_openworkflow.testing import pause_at
+from tests.conftest import Backend, blocked_on_a_lock, wait_until_blocked
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -40,6 +42,10 @@ def claim(limit: int = 10, *, worker: str = "w1", queues: list[str] | None = Non
         lease_seconds=30,
         queues=queues,
     )
+
+
+def in_progress(queue: str) -> int:
+    return WorkflowRun.objects.active().filter(queue=queue, started_at__isnull=False).count()
 
 
 # --- keyset pagination: runs due at one instant ----------------------------------------------
@@ -117,3 +123,88 @@ def test_a_claim_waiting_for_a_queue_lock_holds_no_row_another_waiter_needs(queu
     # the claim went on once the transaction committed: the canceled run was no longer due
     assert sorted(claimed) == sorted([limited_run.pk, keyed[0].pk])
     assert WorkflowRun.objects.get(pk=open_run.pk).status == "canceled"
+
+
+@pytest.mark.row_locks
+def test_two_claims_of_a_limited_queue_take_turns_and_unlimited_claims_never_wait(queues):
+    queues(limited={"concurrency": 2})
+    echo = get_workflow("echo")
+    limited = [echo.start(i, queue="limited") for i in range(4)]
+    plain = echo.start(9)
+    first, second, unlimited = [], [], []
+    with pause_at("claim.queue-locked", when=lambda c: c["queue"] == "limited") as pause:
+        holder = Backend(lambda: first.extend(claim(1, worker="w1")))
+        holder.start()
+        pause.wait()  # w1 holds the queue's lock, has counted nothing yet
+        # A claim of the unlimited queue alone takes no queue lock: it does not wait.
+        free = Backend(lambda: unlimited.extend(claim(5, worker="w3", queues=["default"])))
+        free.start()
+        free.finish()
+        waiter = Backend(lambda: second.extend(claim(5, worker="w2")))
+        waiter.start()
+        assert blocked_on_a_lock(waiter)  # on the queue's lock, held by w1
+        wait_until_blocked(waiter.pid, by=holder.pid)
+    holder.finish()
+    waiter.finish()
+    assert [c.run_id for c in unlimited] == [plain.pk]
+    assert [c.run_id for c in first] == [limited[0].pk]
+    # w2 counted after w1 committed: one place left, not two
+    assert [c.run_id for c in second] == [limited[1].pk]
+    assert in_progress("limited") == 2
+
+
+# --- faults inside the claim's transaction --------------------------------------------------
+
+
+def test_a_claim_interrupted_before_its_commit_leaves_no_trace(queues):
+    # KeyboardInterrupt (a BaseException) inside the transaction: the runs, their started_at
+    # and their QueueStart rows are written together or not at all.
+    queues(paced={"rate_limit": "2/h", "concurrency": 2, "key_concurrency": 1})
+    runs = [get_workflow("echo").start(i, queue="paced", concurrency_key=str(i)) for i in range(3)]
+
+    def interrupt(context):
+        raise KeyboardInterrupt
+
+    add_hook("claim.before-commit", interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            claim()
+    finally:
+        remove_hook("claim.before-commit", interrupt)
+    assert QueueStart.objects.count() == 0
+    assert set(WorkflowRun.objects.values_list("status", "started_at", "worker_id")) == {
+        ("pending", None, None)
+    }
+    claims = claim(worker="w2")  # nothing was counted: the full rate and both places
+    assert {c.run_id for c in claims} == {runs[0].pk, runs[1].pk}
+    assert all(c.first_start for c in claims)
+    assert sorted(QueueStart.objects.values_list("run_id", flat=True)) == sorted(
+        [runs[0].pk, runs[1].pk]
+    )
+
+
+def kill_connection(pid: int) -> None:
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+        else:
+            cursor.execute(f"KILL {int(pid)}")
+
+
+@pytest.mark.row_locks
+def test_a_claim_that_loses_its_connection_holding_the_queue_lock_leaves_no_trace(queues):
+    queues(paced={"rate_limit": "1/h", "concurrency": 1})
+    run = get_workflow("echo").start(1, queue="paced")
+    with pause_at("claim.queue-locked") as pause:
+        lost = Backend(claim)
+        lost.start()
+        pause.wait()
+        kill_connection(lost.pid)
+    lost.join(15)
+    assert isinstance(lost.error, DatabaseError)
+    assert QueueStart.objects.count() == 0
+    run.refresh_from_db()
+    assert (run.status, run.started_at) == ("pending", None)
+    # the queue's lock went with the connection: the next claim takes the run
+    assert [c.run_id for c in claim(worker="w2")] == [run.pk]
+    assert QueueStart.objects.get().run_id == run.pk
