@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import uuid
 
 import pytest
 from django.db import DatabaseError, connection, transaction
+from django.utils import timezone
 
 from django_openworkflow.models import QueueStart, WorkflowRun
 from django_openworkflow.pauses import add_hook, remove_hook
 from django_openworkflow.registry import get_workflow
 from django_openworkflow.store import Claims, get_store
 from django_openworkflow.testing import pause_at
+from django_openworkflow.worker import Worker
 from tests.conftest import Backend, blocked_on_a_lock, wait_until_blocked
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -208,3 +211,32 @@ def test_a_claim_that_loses_its_connection_holding_the_queue_lock_leaves_no_trac
     # the queue's lock went with the connection: the next claim takes the run
     assert [c.run_id for c in claim(worker="w2")] == [run.pk]
     assert QueueStart.objects.get().run_id == run.pk
+
+
+# --- the worker's timer for a rate limit ------------------------------------------------------
+
+
+def test_a_worker_held_back_by_a_rate_limit_keeps_one_timer_for_it(queues):
+    # Every claim that the full window holds back says when it frees (Claims.retry_at), the
+    # same moment until a start leaves the window. The worker pushed each onto its heap of
+    # timers: a busy worker (a claim per finished run) grew it by thousands an hour.
+    queues(paced={"rate_limit": "1/h"})
+    QueueStart.objects.create(
+        namespace="default", queue="paced", run_id=uuid.uuid4(), started_at=timezone.now()
+    )
+    get_workflow("echo").start(1, queue="paced")
+    worker = Worker(concurrency=1, poll_interval=0)  # claims on every turn of its loop
+    turns = []
+
+    def count(context):
+        turns.append(len(worker._timers))
+        if len(turns) == 30:
+            worker.stop()
+
+    add_hook("worker.before-poll", count)
+    try:
+        worker.run()
+    finally:
+        remove_hook("worker.before-poll", count)
+    assert len(turns) == 30
+    assert max(turns) <= 1
