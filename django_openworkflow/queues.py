@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .names import check_name
+
+if TYPE_CHECKING:
+    from .models import WorkflowRun
 
 DEFAULT_QUEUE = "default"
 MAX_QUEUE_LENGTH = 100  # WorkflowRun.queue
@@ -117,6 +120,18 @@ def configured_queues() -> dict[str, Queue]:
     for name, options in setting.items():
         queues[name] = Queue(name, **{key: options.get(key) for key in QUEUE_OPTIONS})
     return queues
+
+
+def frees_a_place(run: WorkflowRun) -> bool:
+    """Whether ending ``run`` frees a place that held-back runs may wait for.
+
+    True for a run that has started, in a queue with limits. Whoever ends it
+    (a finish, a cancel, the deadline sweep) wakes the workers (``notify``)
+    in the same transaction, so a held-back run starts at once rather than
+    at the next poll.
+    """
+    queue = configured_queues().get(run.queue)
+    return run.started_at is not None and queue is not None and queue.limited
 
 
 def check_queue(queue: Any, of: str) -> str:

@@ -7,6 +7,7 @@ have connections of their own, never with sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import uuid
@@ -240,3 +241,60 @@ def test_a_worker_held_back_by_a_rate_limit_keeps_one_timer_for_it(queues):
         remove_hook("worker.before-poll", count)
     assert len(turns) == 30
     assert max(turns) <= 1
+
+
+# --- a place freed outside the worker wakes the workers ---------------------------------------
+
+
+@contextlib.contextmanager
+def listening():
+    """A LISTEN connection of its own; ``heard()`` returns the NOTIFY payloads sent since."""
+    import psycopg
+
+    from django_openworkflow.store.postgres import NOTIFY_CHANNEL
+
+    params = connection.get_connection_params()
+    for option in ("cursor_factory", "context", "server_side_binding"):
+        params.pop(option, None)
+    with psycopg.connect(**params, autocommit=True) as listener:
+        listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+
+        def heard() -> list[str]:
+            # a NOTIFY of the listener's own after the others: what came before it was sent
+            listener.execute("SELECT pg_notify(%s, 'sentinel')", [NOTIFY_CHANNEL])
+            payloads = []
+            for notice in listener.notifies(timeout=10):
+                if notice.payload == "sentinel":
+                    return payloads
+                payloads.append(notice.payload)
+            raise AssertionError("the sentinel never came")
+
+        yield heard
+
+
+def parked_in_progress(queue: str) -> WorkflowRun:
+    """A run of ``queue`` claimed once and parked without a timer: it holds a place."""
+    run = get_workflow("echo").start(1, queue=queue)
+    [taken] = claim(1)
+    assert get_store().park(taken, None)
+    run.refresh_from_db()
+    assert (run.status, run.started_at is not None) == ("pending", True)
+    return run
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("end", ["cancel", "deadline"])
+def test_a_place_freed_by_a_cancel_or_a_deadline_wakes_the_workers(queues, end):
+    # A finished run of a limited queue notifies (store.finish), so a held-back run starts
+    # at once rather than at the next poll. A cancel or the deadline sweep frees a place
+    # just the same.
+    queues(narrow={"concurrency": 1})
+    run = parked_in_progress("narrow")
+    with listening() as heard:
+        assert heard() == []
+        if end == "cancel":
+            WorkflowRun.objects.cancel(run)
+        else:
+            WorkflowRun.objects.filter(pk=run.pk).update(deadline_at=timezone.now())
+            assert get_store().fail_overdue("default") == 1
+        assert heard() == ["default"]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from ..models import StepAttempt, WorkflowRun
+from ..queues import frees_a_place
 from .base import Claim, Claims, Deferred
 from .limits import ClaimPlan
 from .orm import OrmStore
@@ -250,7 +251,7 @@ class PostgresStore(OrmStore):
             claim.token,
             status != WorkflowRun.Status.COMPLETED,
             *_deferred_params(deferred),
-            self.limited(claim.run),  # a slot is free: wake the workers
+            frees_a_place(claim.run),
         ]
         return self._one(self.FINISH, params) is not None
 
