@@ -298,3 +298,33 @@ def test_a_place_freed_by_a_cancel_or_a_deadline_wakes_the_workers(queues, end):
             WorkflowRun.objects.filter(pk=run.pk).update(deadline_at=timezone.now())
             assert get_store().fail_overdue("default") == 1
         assert heard() == ["default"]
+
+
+# --- keys and queue names compare exactly --------------------------------------------------------
+
+ODD_KEYS = ["a", "A", "a ", "ä", "\N{GRINNING FACE}", "\N{SMILING FACE WITH OPEN MOUTH}"]
+ODD_KEYS += ["x" * 254 + "a", "x" * 254 + "b"]  # 255 characters, the column's length
+
+
+def test_concurrency_keys_differing_in_case_accents_spaces_or_emoji_are_distinct(queues):
+    # MariaDB's usual collations hold "a", "A", "a " and "ä" equal, and all emoji: the
+    # columns are binary (ExactCharField), and so is the count of a key's runs in progress.
+    queues(billing={"key_concurrency": 1})
+    echo = get_workflow("echo")
+    first = [echo.start(i, queue="billing", concurrency_key=key) for i, key in enumerate(ODD_KEYS)]
+    second = [echo.start(i, queue="billing", concurrency_key=key) for i, key in enumerate(ODD_KEYS)]
+    assert {c.run_id for c in claim(20)} == {run.pk for run in first}
+    assert claim(20) == []  # every key is full, each with its own run
+    WorkflowRun.objects.cancel(first[1])  # "A" frees its place: "A"'s second run, only
+    assert [c.run_id for c in claim(20)] == [second[1].pk]
+
+
+def test_queue_names_differing_in_case_or_spaces_have_their_own_limits(queues):
+    queues(**{name: {"concurrency": 1, "rate_limit": "1/h"} for name in ("mail", "Mail", "mail ")})
+    echo = get_workflow("echo")
+    runs = {
+        name: [echo.start(i, queue=name) for i in range(2)] for name in ("mail", "Mail", "mail ")
+    }
+    assert {c.run_id for c in claim(20)} == {queue_runs[0].pk for queue_runs in runs.values()}
+    assert claim(20) == []
+    assert sorted(QueueStart.objects.values_list("queue", flat=True)) == ["Mail", "mail", "mail "]
