@@ -104,12 +104,31 @@ def queue_problems(value: Any) -> list[str]:
     return problems
 
 
+def setting_problems() -> list[str]:
+    """What is wrong with ``OPENWORKFLOW["QUEUES"]`` (check E010); [] when nothing is."""
+    from .conf import app_settings
+
+    return queue_problems(app_settings.QUEUES)
+
+
+def _invalid_setting() -> str:
+    """Why only "default" is known, for a message that names the known queues; or ""."""
+    problems = setting_problems()
+    if not problems:
+        return ""
+    return (
+        " (OPENWORKFLOW['QUEUES'] is invalid and counts as only 'default', check E010: "
+        f"{'; '.join(problems)})"
+    )
+
+
 def configured_queues() -> dict[str, Queue]:
     """The queues of ``OPENWORKFLOW["QUEUES"]``, ``"default"`` always among them.
 
     Read on every call, so a changed setting takes effect at the next claim.
     A bad setting (check E010) counts as no limits rather than crashing a
-    worker that was started without the checks.
+    worker that was started without the checks; the worker logs an error
+    when it starts, and a refused queue's message says why.
     """
     from .conf import app_settings
 
@@ -142,7 +161,7 @@ def check_queue(queue: Any, of: str) -> str:
     check_name(queue, "queue", of=of, max_length=MAX_QUEUE_LENGTH)
     raise ValueError(
         f"queue {queue!r}{of} is not in OPENWORKFLOW['QUEUES']; "
-        f"known queues: {', '.join(sorted(known))}"
+        f"known queues: {', '.join(sorted(known))}{_invalid_setting()}"
     )
 
 
@@ -173,6 +192,6 @@ def served_queues(names: Any) -> list[str] | None:
     if unknown:
         raise ValueError(
             f"unknown queue {', '.join(map(repr, unknown))}: "
-            f"OPENWORKFLOW['QUEUES'] has {', '.join(sorted(known))}"
+            f"OPENWORKFLOW['QUEUES'] has {', '.join(sorted(known))}{_invalid_setting()}"
         )
     return sorted(set(names))

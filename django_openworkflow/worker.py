@@ -31,7 +31,7 @@ from .engine import Execution
 from .models import WorkflowRun
 from .names import check_name
 from .pauses import pause_point
-from .queues import served_queues
+from .queues import served_queues, setting_problems
 from .registry import get_workflow, workflow_names
 from .store import Claim, Store, get_store
 
@@ -128,6 +128,13 @@ class Worker:
             self.lease_seconds,
             len(names),
         )
+        if problems := setting_problems():
+            logger.error(
+                "OPENWORKFLOW['QUEUES'] is invalid (check E010): every queue is served without "
+                "limits worker=%s problems=%s",
+                self.worker_id,
+                "; ".join(problems),
+            )
         slots = [
             threading.Thread(target=self._slot_loop, name=f"openworkflow-run-{i}", daemon=True)
             for i in range(self.concurrency)

@@ -328,3 +328,34 @@ def test_queue_names_differing_in_case_or_spaces_have_their_own_limits(queues):
     assert {c.run_id for c in claim(20)} == {queue_runs[0].pk for queue_runs in runs.values()}
     assert claim(20) == []
     assert sorted(QueueStart.objects.values_list("queue", flat=True)) == ["Mail", "mail", "mail "]
+
+
+# --- a bad QUEUES setting where the checks did not run -----------------------------------------
+
+BAD_QUEUES = {"emails": {"concurrency": 0}}  # check E010
+E010_PROBLEM = "queue 'emails': concurrency must be a whole number of at least 1, or None, not 0"
+
+
+def test_a_worker_with_a_bad_queues_setting_says_it_serves_without_limits(settings, caplog):
+    # runworker runs the checks (E010 stops it); a worker started without them (the
+    # Worker class, --skip-checks) serves every queue without limits: loudly, not silently.
+    settings.OPENWORKFLOW = {**settings.OPENWORKFLOW, "QUEUES": BAD_QUEUES}
+    caplog.set_level("ERROR", logger="django_openworkflow.worker")
+    Worker(burst=True, worker_id="w-bad").run()
+    assert [record.getMessage() for record in caplog.records] == [
+        "OPENWORKFLOW['QUEUES'] is invalid (check E010): every queue is served without limits "
+        f"worker=w-bad problems={E010_PROBLEM}"
+    ]
+
+
+def test_a_start_refused_by_a_bad_queues_setting_says_why(settings):
+    # The queue is in the setting: "not in QUEUES" alone would send the reader looking there.
+    settings.OPENWORKFLOW = {**settings.OPENWORKFLOW, "QUEUES": BAD_QUEUES}
+    with pytest.raises(ValueError) as info:
+        get_workflow("echo").start(1, queue="emails")
+    assert str(info.value) == (
+        "queue 'emails' of workflow \"echo\" is not in OPENWORKFLOW['QUEUES']; known queues: "
+        f"default (OPENWORKFLOW['QUEUES'] is invalid and counts as only 'default', check E010: "
+        f"{E010_PROBLEM})"
+    )
+    assert not WorkflowRun.objects.exists()
