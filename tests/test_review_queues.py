@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import threading
 import uuid
+from datetime import timedelta
 
 import pytest
 from django.db import DatabaseError, connection, transaction
@@ -359,3 +360,30 @@ def test_a_start_refused_by_a_bad_queues_setting_says_why(settings):
         f"{E010_PROBLEM})"
     )
     assert not WorkflowRun.objects.exists()
+
+
+# --- every way a run ends gives its place up once -----------------------------------------------
+
+
+@pytest.mark.parametrize("end", ["deadline", "delete"])
+def test_a_parked_run_ended_by_its_deadline_or_deleted_gives_its_place_up_once(queues, end):
+    # (Completing, failing and canceling are tested in tests/test_queues.py.)
+    queues(narrow={"concurrency": 1, "rate_limit": "5/h"})
+    parked = parked_in_progress("narrow")
+    waiting = get_workflow("echo").start(2, queue="narrow")
+    assert claim() == []  # the parked run holds the only place
+    if end == "deadline":
+        WorkflowRun.objects.filter(pk=parked.pk).update(deadline_at=timezone.now())
+        assert get_store().fail_overdue("default") == 1
+    else:
+        WorkflowRun.objects.filter(pk=parked.pk).delete()
+    [taken] = claim()
+    assert (taken.run_id, taken.first_start) == (waiting.pk, True)
+    assert in_progress("narrow") == 1
+    if end == "deadline":  # resumed, it waits for a place like a new run, and counts again
+        WorkflowRun.objects.resume(parked, deadline_at=timezone.now() + timedelta(hours=1))
+        assert claim() == []
+        assert get_store().finish(taken, "completed")
+        [again] = claim()
+        assert (again.run_id, again.first_start) == (parked.pk, True)
+    assert QueueStart.objects.count() == (3 if end == "deadline" else 2)
