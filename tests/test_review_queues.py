@@ -17,11 +17,13 @@ import pytest
 from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
+from django_openworkflow import workflow
+from django_openworkflow.engine import Execution
 from django_openworkflow.models import QueueStart, WorkflowRun
 from django_openworkflow.pauses import add_hook, remove_hook
 from django_openworkflow.registry import get_workflow
 from django_openworkflow.store import Claims, get_store
-from django_openworkflow.testing import pause_at
+from django_openworkflow.testing import drain, pause_at
 from django_openworkflow.worker import Worker
 from tests.conftest import Backend, blocked_on_a_lock, wait_until_blocked
 
@@ -387,3 +389,29 @@ def test_a_parked_run_ended_by_its_deadline_or_deleted_gives_its_place_up_once(q
         [again] = claim()
         assert (again.run_id, again.first_start) == (parked.pk, True)
     assert QueueStart.objects.count() == (3 if end == "deadline" else 2)
+
+
+# --- a queue removed from QUEUES while runs are in it ---------------------------------------------
+
+
+@workflow(name="review12-payments-child", queue="payments")
+def payments_child(ctx):
+    return ctx.step.run("charge", lambda: 42)
+
+
+def test_a_parent_replaying_after_its_childs_queue_was_removed_gets_the_childs_result(queues):
+    # "Removing a queue from QUEUES: runs already in it stay in it" (docs/queues.md). The
+    # parent's replay checked its child's queue against the setting again, before it looked
+    # for the child it had started: the ValueError failed the parent, the child's result lost.
+    queues(payments={"concurrency": 2})
+    parent = get_workflow("parent").start({"child": "review12-payments-child"})
+    [taken] = get_store().claim(
+        namespace="default", workflow_names=["parent"], limit=1, worker_id="w1", lease_seconds=30
+    )
+    Execution(taken, get_workflow("parent")).execute()  # started its child, waits for it
+    child = WorkflowRun.objects.get(workflow_name="review12-payments-child")
+    assert child.queue == "payments"
+    queues()  # the deploy that removes the queue
+    drain(time_travel=False)  # the child runs (without limits), the parent replays
+    parent.refresh_from_db()
+    assert (parent.status, parent.output) == ("completed", {"child": 42})
