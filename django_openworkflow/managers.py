@@ -29,6 +29,7 @@ from django.utils import timezone
 from . import errors
 from .exceptions import InvalidTransition, Refusal
 from .pauses import pause_point
+from .queues import frees_a_place
 from .signals import run_canceled, run_resumed, send_after_commit
 
 if TYPE_CHECKING:
@@ -286,9 +287,11 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
             self._mark_canceled(run, by)
             pause_point("cancel.before-children", run_id=run.pk)
             descendants = self._lock_active_descendants(run.pk)
-            for child in self.filter(pk__in=descendants).active().annotate(db_now=Now()):
+            ended = [run, *self.filter(pk__in=descendants).active().annotate(db_now=Now())]
+            for child in ended[1:]:
                 self._mark_canceled(child, by)
-            if run.parent_step_attempt_id is not None and self.store.wake_parents([run.pk]):
+            woken = run.parent_step_attempt_id is not None and self.store.wake_parents([run.pk])
+            if woken or any(frees_a_place(r) for r in ended):
                 self.store.notify(run.namespace)
         return run
 

@@ -16,9 +16,12 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .names import check_name
+
+if TYPE_CHECKING:
+    from .models import WorkflowRun
 
 DEFAULT_QUEUE = "default"
 MAX_QUEUE_LENGTH = 100  # WorkflowRun.queue
@@ -102,12 +105,31 @@ def queue_problems(value: Any) -> list[str]:
     return problems
 
 
+def setting_problems() -> list[str]:
+    """What is wrong with ``OPENWORKFLOW["QUEUES"]`` (check E010); [] when nothing is."""
+    from .conf import app_settings
+
+    return queue_problems(app_settings.QUEUES)
+
+
+def _invalid_setting() -> str:
+    """Why only "default" is known, for a message that names the known queues; or ""."""
+    problems = setting_problems()
+    if not problems:
+        return ""
+    return (
+        " (OPENWORKFLOW['QUEUES'] is invalid and counts as only 'default', check E010: "
+        f"{'; '.join(problems)})"
+    )
+
+
 def configured_queues() -> dict[str, Queue]:
     """The queues of ``OPENWORKFLOW["QUEUES"]``, ``"default"`` always among them.
 
     Read on every call, so a changed setting takes effect at the next claim.
     A bad setting (check E010) counts as no limits rather than crashing a
-    worker that was started without the checks.
+    worker that was started without the checks; the worker logs an error
+    when it starts, and a refused queue's message says why.
     """
     global _parsed
     from .conf import app_settings
@@ -131,6 +153,18 @@ def configured_queues() -> dict[str, Queue]:
 _parsed: tuple[Any, Any, dict[str, Queue]] | None = None
 
 
+def frees_a_place(run: WorkflowRun) -> bool:
+    """Whether ending ``run`` frees a place that held-back runs may wait for.
+
+    True for a run that has started, in a queue with limits. Whoever ends it
+    (a finish, a cancel, the deadline sweep) wakes the workers (``notify``)
+    in the same transaction, so a held-back run starts at once rather than
+    at the next poll.
+    """
+    queue = configured_queues().get(run.queue)
+    return run.started_at is not None and queue is not None and queue.limited
+
+
 def check_queue(queue: Any, of: str) -> str:
     """Return ``queue`` if it is a configured queue's name; else ``ValueError`` naming them."""
     known = configured_queues()
@@ -139,7 +173,7 @@ def check_queue(queue: Any, of: str) -> str:
     check_name(queue, "queue", of=of, max_length=MAX_QUEUE_LENGTH)
     raise ValueError(
         f"queue {queue!r}{of} is not in OPENWORKFLOW['QUEUES']; "
-        f"known queues: {', '.join(sorted(known))}"
+        f"known queues: {', '.join(sorted(known))}{_invalid_setting()}"
     )
 
 
@@ -170,6 +204,6 @@ def served_queues(names: Any) -> list[str] | None:
     if unknown:
         raise ValueError(
             f"unknown queue {', '.join(map(repr, unknown))}: "
-            f"OPENWORKFLOW['QUEUES'] has {', '.join(sorted(known))}"
+            f"OPENWORKFLOW['QUEUES'] has {', '.join(sorted(known))}{_invalid_setting()}"
         )
     return sorted(set(names))

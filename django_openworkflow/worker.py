@@ -31,7 +31,7 @@ from .engine import Execution
 from .models import WorkflowRun
 from .names import check_name
 from .pauses import pause_point
-from .queues import served_queues
+from .queues import served_queues, setting_problems
 from .registry import get_workflow, workflow_names
 from .store import Claim, Store, get_store
 
@@ -74,7 +74,10 @@ class Worker:
         self._in_flight: dict[uuid.UUID, Claim] = {}
         self._unknown_names: set[str] = set()  # names of due runs already reported
         self._queue: queue.SimpleQueue[Claim | None] = queue.SimpleQueue()
-        self._timers: list[datetime] = []  # wake-ups of runs parked by this worker
+        # Wake-ups: of runs parked by this worker, of the next due run, of a rate limit.
+        # Each moment once: the sweep and every held-back claim report theirs again.
+        self._timers: list[datetime] = []
+        self._timer_set: set[datetime] = set()
         self.claim_batch = max(1, self.concurrency // 5)
         self._signals = 0
         self.runs_executed = 0
@@ -125,6 +128,13 @@ class Worker:
             self.lease_seconds,
             len(names),
         )
+        if problems := setting_problems():
+            logger.error(
+                "OPENWORKFLOW['QUEUES'] is invalid (check E010): every queue is served without "
+                "limits worker=%s problems=%s",
+                self.worker_id,
+                "; ".join(problems),
+            )
         slots = [
             threading.Thread(target=self._slot_loop, name=f"openworkflow-run-{i}", daemon=True)
             for i in range(self.concurrency)
@@ -232,14 +242,16 @@ class Worker:
     def _add_timer(self, when: datetime | None) -> None:
         if when is not None:
             with self._lock:
-                heapq.heappush(self._timers, when)
+                if when not in self._timer_set:
+                    self._timer_set.add(when)
+                    heapq.heappush(self._timers, when)
 
     def _timer_timeout(self) -> float:
         """Wait until the earliest known wake-up, but no longer than the poll interval."""
         now = timezone.now()
         with self._lock:
             while self._timers and self._timers[0] <= now:
-                heapq.heappop(self._timers)
+                self._timer_set.discard(heapq.heappop(self._timers))
             if not self._timers:
                 return self.poll_interval
             seconds = (self._timers[0] - now).total_seconds()

@@ -86,9 +86,6 @@ class Waits:
         of_step = "" if name is None else f' of step "{name}"'
         check_name(child_name, f"child workflow name{of_step}")
         version = known.version if known else None
-        # an unknown name (its worker registers it) gets the default queue and priority
-        child_workflow = known or Workflow(lambda ctx: None, name=child_name)
-        child_placement = child_workflow.placement(*placement)
         step = child_name if name is None else name
         delta = timeout_delta(timeout, step)
         ensure_json(input, f'input of child workflow step "{step}"')
@@ -103,6 +100,11 @@ class Waits:
         if waiting is not None:
             return self.settle(waiting, lambda: self.child_outcome(waiting))
         run = self.x.run
+        # Checked when the child is started, not on replay: a queue removed from QUEUES
+        # since then keeps the runs already in it. An unknown name (its worker registers
+        # it) gets the default queue and priority.
+        child_workflow = known or Workflow(lambda ctx: None, name=child_name)
+        child_placement = child_workflow.placement(*placement)
 
         def start_child(attempt: StepAttempt) -> None:
             child = self.store.insert_run(

@@ -22,7 +22,7 @@ from ..errors import DEADLINE_ERROR
 from ..managers import ACTIVE, LOCK_ORDER, not_past_deadline, now_plus
 from ..models import QueueStart, StepAttempt, WorkflowRun
 from ..pauses import pause_point
-from ..queues import Queue, configured_queues
+from ..queues import Queue, configured_queues, frees_a_place
 from ..signals import run_failed, run_started, send_after_commit
 from .base import Claim, Claims, Deferred, Store
 from .limits import (
@@ -68,11 +68,6 @@ class OrmQueries(Store):
         """Lock these runs' rows in the lock order (oldest first); return their ids."""
         ordered = self.runs.filter(pk__in=ids).order_by(*LOCK_ORDER).values_list("pk", flat=True)
         return list(ordered.select_for_update())
-
-    def limited(self, run: WorkflowRun) -> bool:
-        """Whether ``run``'s queue has limits: its end frees a slot other workers may wait for."""
-        queue = configured_queues().get(run.queue)
-        return queue is not None and queue.limited
 
     def store_deferred(self, deferred: Deferred | None) -> None:
         if deferred is not None:
@@ -125,9 +120,10 @@ class OrmWakeUps(OrmQueries):
                     updated_at=Now(),
                 )
             )
-            if self.wake_parents(ids):
+            ended = list(self.runs.filter(pk__in=ids))
+            if self.wake_parents(ids) or any(frees_a_place(run) for run in ended):
                 self.notify(namespace)
-            for run in self.runs.filter(pk__in=ids):
+            for run in ended:
                 send_after_commit(run_failed, run, using=self.using)
         return failed
 
@@ -443,7 +439,7 @@ class OrmStore(OrmWakeUps):
             if child:
                 self.wake_parents([claim.run_id])
                 self.notify("")
-            elif self.limited(claim.run):  # a slot is free: wake the workers
+            elif frees_a_place(claim.run):
                 self.notify(claim.run.namespace)
             pause_point("finish.before-commit", run_id=claim.run_id, status=status)
         return True

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from ..models import QueueStart, StepAttempt, WorkflowRun
-from ..queues import Queue
+from ..queues import Queue, frees_a_place
 from .base import Claim, Claims, Deferred
 from .limits import Candidate, ClaimPlan, Page, SlotCounts
 from .orm import OrmStore
@@ -382,7 +382,7 @@ class PostgresStore(OrmStore):
             claim.token,
             status != WorkflowRun.Status.COMPLETED,
             *_deferred_params(deferred),
-            self.limited(claim.run),  # a slot is free: wake the workers
+            frees_a_place(claim.run),
         ]
         return self._one(self.FINISH, params) is not None
 
