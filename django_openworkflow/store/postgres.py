@@ -111,13 +111,15 @@ class PostgresStore(OrmStore):
                 "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [lock_text(*parts)]
             )
 
+    DUE = """namespace = %s AND status IN ('pending', 'running')
+          AND available_at <= statement_timestamp() AND workflow_name = ANY(%s)
+          AND (deadline_at IS NULL OR deadline_at > statement_timestamp())"""
+
     CLAIM = f"""
     WITH due AS (
         SELECT id, started_at AS previous_started_at
         FROM {RUN}
-        WHERE namespace = %s AND status IN ('pending', 'running')
-          AND available_at <= statement_timestamp() AND workflow_name = ANY(%s)
-          AND (deadline_at IS NULL OR deadline_at > statement_timestamp())
+        WHERE {DUE}
           {{queues}}
         ORDER BY priority DESC, available_at
         LIMIT %s
@@ -134,6 +136,8 @@ class PostgresStore(OrmStore):
     """
     CLAIM_ANY_QUEUE = CLAIM.format(queues="")
     CLAIM_QUEUES = CLAIM.format(queues="AND queue = ANY(%s)")
+    CLAIM_EXCLUDING = CLAIM.format(queues="AND queue <> ALL(%s)")
+    LIMITED_DUE = f"SELECT EXISTS (SELECT 1 FROM {RUN} WHERE queue = ANY(%s) AND {DUE})"
 
     def claim(
         self,
@@ -145,12 +149,14 @@ class PostgresStore(OrmStore):
         lease_seconds: float,
         queues: Sequence[str] | None = None,
     ) -> Claims:
-        """One statement, unless a served queue has limits (then the ORM store's claim)."""
+        """One statement, unless a served queue with limits has a due run (then the ORM
+        store's claim, its parts in SQL below)."""
         names = list(workflow_names)
         if limit < 1 or not names:
             return Claims()
         plan = ClaimPlan.serving(queues)
-        if plan.limited:
+        limited = [q.name for q in plan.limited]
+        if limited and self._one(self.LIMITED_DUE, [limited, namespace, names])[0]:  # type: ignore[index]
             return super().claim(
                 namespace=namespace,
                 workflow_names=names,
@@ -159,12 +165,18 @@ class PostgresStore(OrmStore):
                 lease_seconds=lease_seconds,
                 queues=queues,
             )
+        # No limited queue has a due run: the others in one statement (a limited queue's run
+        # that becomes due meanwhile waits for the next claim).
+        if not plan.open:
+            return Claims()
         token = uuid.uuid4()
         params: list[Any]
-        if queues is None:
-            sql, params = self.CLAIM_ANY_QUEUE, [namespace, names]
+        if plan.open_queues is not None:
+            sql, params = self.CLAIM_QUEUES, [namespace, names, plan.open_queues]
+        elif limited:
+            sql, params = self.CLAIM_EXCLUDING, [namespace, names, limited]
         else:
-            sql, params = self.CLAIM_QUEUES, [namespace, names, list(queues)]
+            sql, params = self.CLAIM_ANY_QUEUE, [namespace, names]
         params += [limit, worker_id, token, lease_seconds]
         claims = Claims(
             Claim(run, token, extra["db_now"], extra["first_start"], lease_seconds)
@@ -174,10 +186,6 @@ class PostgresStore(OrmStore):
         return claims
 
     # --- the claim with limits: OrmStore.claim's parts, each one prepared statement ----
-
-    DUE = """namespace = %s AND status IN ('pending', 'running')
-          AND available_at <= statement_timestamp() AND workflow_name = ANY(%s)
-          AND (deadline_at IS NULL OR deadline_at > statement_timestamp())"""
 
     OPEN_PAGE = f"""
     SELECT id, started_at, priority, available_at, queue FROM {RUN}
