@@ -142,6 +142,8 @@ def claim_limited(
     if not queues:
         return [], None
     counts = store.count_slots(namespace, queues)
+    for queue in queues:
+        pause_point("claim.queue-counted", namespace=namespace, queue=queue.name)
     picked: list[Candidate] = []
     retry_at = None
     for queue in queues:
