@@ -4,7 +4,8 @@ On PostgreSQL both the ORM store and the PostgreSQL store; elsewhere the ORM
 store. Each rule of ``store/base.py`` is checked here for each: fencing by
 claim token, the deadline, a deferred result riding on the next write, lease
 takeover, finish and the parent's wake-up, park and wake, signal delivery,
-and the engine run end to end (resume and cancel included) on that store.
+the queues' claim order and limits (SPEC section 9), and the engine run end
+to end (resume and cancel included) on that store.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from datetime import timedelta
 
 import pytest
 from django.db import connection
+from django.db.models import F
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -22,7 +24,7 @@ from django_openworkflow.errors import DEADLINE_ERROR
 from django_openworkflow.models import StepAttempt, WorkflowRun
 from django_openworkflow.registry import get_workflow
 from django_openworkflow.signals import run_started
-from django_openworkflow.store import Claim, Store, get_store
+from django_openworkflow.store import Claim, Claims, Store, get_store
 from django_openworkflow.store.orm import OrmStore
 from tests.testapp.models import SideEffect
 
@@ -55,13 +57,14 @@ def new_run(name="echo", input=None, **fields) -> WorkflowRun:
     )
 
 
-def take(store: Store, *names: str, worker="w1", limit=1, lease=30.0) -> list[Claim]:
+def take(store: Store, *names: str, worker="w1", limit=1, lease=30.0, queues=None) -> Claims:
     return store.claim(
         namespace="default",
         workflow_names=list(names or ["echo"]),
         limit=limit,
         worker_id=worker,
         lease_seconds=lease,
+        queues=queues,
     )
 
 
@@ -427,3 +430,184 @@ def test_resume_and_cancel_work_on_runs_this_store_wrote(store):
     assert not store.finish(claim, "completed", output=1)
     waiting.refresh_from_db()
     assert waiting.status == "canceled"
+
+
+# --- queues (SPEC section 9) --------------------------------------------------------------
+# With no limited queue served, PostgresStore claims with one SQL statement; with one, it
+# claims as the ORM store does: "unlimited" and "limited" run both.
+
+UNLIMITED_OR_LIMITED = pytest.mark.parametrize(
+    "limits", [{}, {"concurrency": 100}], ids=["unlimited", "limited"]
+)
+
+
+def ago(seconds: float):
+    return timezone.now() - timedelta(seconds=seconds)
+
+
+def claimed_ids(claims: list[Claim]) -> set:
+    return {claim.run_id for claim in claims}
+
+
+def in_queue(queue: str, count: int, **fields) -> list[WorkflowRun]:
+    """``count`` due runs of ``queue``, due one second apart in list order (a minute ago on)."""
+    due = ago(60)
+    return WorkflowRun.objects.bulk_create(
+        WorkflowRun(
+            namespace="default",
+            workflow_name="echo",
+            queue=queue,
+            available_at=due + timedelta(seconds=i),
+            **fields,
+        )
+        for i in range(count)
+    )
+
+
+@UNLIMITED_OR_LIMITED
+def test_claim_takes_the_highest_priority_first_then_the_run_due_first(store, settings, limits):
+    settings.OPENWORKFLOW = {"QUEUES": {"default": limits}}
+    low = new_run(priority=-100, available_at=ago(50))
+    later = new_run(available_at=ago(10))
+    earlier = new_run(available_at=ago(20))
+    high = new_run(priority=100, available_at=ago(1))
+    assert claimed_ids(take(store, limit=2)) == {high.pk, earlier.pk}
+    assert claimed_ids(take(store, limit=1)) == {later.pk}
+    assert claimed_ids(take(store, limit=1)) == {low.pk}
+
+
+@UNLIMITED_OR_LIMITED
+def test_claim_serves_only_the_queues_it_is_asked_for(store, settings, limits):
+    settings.OPENWORKFLOW = {"QUEUES": {"default": {}, "emails": limits, "billing": limits}}
+    plain = new_run(available_at=ago(30))
+    email = new_run(queue="emails", available_at=ago(20))
+    bill = new_run(queue="billing", available_at=ago(10))
+    assert claimed_ids(take(store, limit=5, queues=["emails"])) == {email.pk}
+    assert take(store, limit=5, queues=["emails"]) == []
+    assert claimed_ids(take(store, limit=5, queues=["billing", "default"])) == {plain.pk, bill.pk}
+
+
+def test_a_queue_has_at_most_concurrency_runs_in_progress_and_a_finished_one_frees_its_slot(
+    store, settings
+):
+    settings.OPENWORKFLOW = {"QUEUES": {"emails": {"concurrency": 2}}}
+    emails = in_queue("emails", 5)
+    plain = new_run()  # the default queue has no limit
+    first = take(store, limit=10)
+    assert claimed_ids(first) == {emails[0].pk, emails[1].pk, plain.pk}
+    assert take(store, limit=10, worker="w2") == []
+    by_run = {claim.run_id: claim for claim in first}
+    assert store.finish(by_run[emails[0].pk], "completed")
+    assert claimed_ids(take(store, limit=10, worker="w2")) == {emails[2].pk}
+    assert store.finish(by_run[emails[1].pk], "failed", error={"type": "E"})
+    [third] = take(store, limit=10, worker="w2")
+    assert third.run_id == emails[3].pk
+    WorkflowRun.objects.cancel(emails[2].pk)
+    assert claimed_ids(take(store, limit=10, worker="w3")) == {emails[4].pk}
+    assert WorkflowRun.objects.active().filter(queue="emails").count() == 2
+
+
+def test_the_limits_count_runs_of_this_namespace_only(store, settings):
+    settings.OPENWORKFLOW = {"QUEUES": {"emails": {"concurrency": 1, "key_concurrency": 1}}}
+    WorkflowRun.objects.create(
+        namespace="elsewhere", workflow_name="echo", queue="emails", concurrency_key="k"
+    )
+    store.claim(
+        namespace="elsewhere", workflow_names=["echo"], limit=1, worker_id="w", lease_seconds=30
+    )
+    run = new_run(queue="emails", concurrency_key="k")
+    assert claimed_ids(take(store)) == {run.pk}
+
+
+def test_key_concurrency_limits_each_key_and_not_runs_without_one(store, settings):
+    settings.OPENWORKFLOW = {"QUEUES": {"billing": {"key_concurrency": 1}}}
+    a1 = new_run(queue="billing", concurrency_key="a", available_at=ago(90))
+    a2 = new_run(queue="billing", concurrency_key="a", available_at=ago(80))
+    b1 = new_run(queue="billing", concurrency_key="b", available_at=ago(70))
+    b2 = new_run(queue="billing", concurrency_key="b", available_at=ago(65))
+    keyless = in_queue("billing", 3)  # due a minute ago
+    other_queue = new_run(concurrency_key="a")  # the same key in another queue: not limited
+    [a1_claim] = take(store, limit=1)
+    assert a1_claim.run_id == a1.pk
+    assert claimed_ids(take(store, limit=10)) == {b1.pk, other_queue.pk} | {
+        run.pk for run in keyless
+    }
+    assert take(store, limit=10) == []
+    assert store.finish(a1_claim, "completed")
+    assert claimed_ids(take(store, limit=10)) == {a2.pk}
+    assert WorkflowRun.objects.get(pk=b2.pk).status == "pending"
+
+
+def test_a_full_key_does_not_hold_back_other_keys_behind_its_due_runs(store, settings):
+    settings.OPENWORKFLOW = {"QUEUES": {"billing": {"key_concurrency": 1}}}
+    # more runs of key "a" ahead in claim order than a claim reads in one page
+    keyed_a = in_queue("billing", 45, concurrency_key="a", priority=5)
+    b = new_run(queue="billing", concurrency_key="b", available_at=ago(200))
+    c = new_run(queue="billing", concurrency_key="c", available_at=ago(100))
+    # key "a" fills within the claim: the runs behind it are still found
+    assert claimed_ids(take(store, limit=2)) == {keyed_a[0].pk, b.pk}
+    # key "a" is full before the claim begins
+    assert claimed_ids(take(store, limit=5)) == {c.pk}
+    assert WorkflowRun.objects.filter(status="pending").count() == 44
+
+
+def test_a_full_queue_does_not_hold_back_other_queues_behind_its_due_runs(store, settings):
+    settings.OPENWORKFLOW = {
+        "QUEUES": {"slow": {"concurrency": 1}, "other": {"key_concurrency": 1}}
+    }
+    slow = in_queue("slow", 45, priority=50)
+    other = in_queue("other", 2, concurrency_key="k", priority=10)
+    plain = new_run(priority=-50)
+    assert claimed_ids(take(store, limit=4)) == {slow[0].pk, other[0].pk, plain.pk}
+
+
+def test_a_run_in_progress_is_claimed_again_whatever_the_limits_say(store, settings):
+    queues = {"billing": {"concurrency": 1, "key_concurrency": 1, "rate_limit": "1/h"}}
+    settings.OPENWORKFLOW = {"QUEUES": queues}
+    parked, waiting = in_queue("billing", 2, concurrency_key="k")
+    [claim] = take(store, limit=5)
+    assert claim.run_id == parked.pk
+    assert store.park(claim, None)  # waiting for a signal, say: it keeps its slot
+    assert take(store, limit=5) == []
+    make_due = WorkflowRun.objects.filter(pk=parked.pk)
+    make_due.update(available_at=Now())  # woken
+    [woken] = take(store, limit=5)
+    assert (woken.run_id, woken.first_start) == (parked.pk, False)
+    expire(woken)  # its worker died
+    [taken_over] = take(store, limit=5, worker="w2")
+    assert (taken_over.run_id, taken_over.first_start) == (parked.pk, False)
+    assert WorkflowRun.objects.get(pk=waiting.pk).status == "pending"
+
+    # above the limit (it was lowered): each run in progress is still claimed again
+    settings.OPENWORKFLOW = {"QUEUES": {"billing": {}}}
+    assert claimed_ids(take(store, limit=5, worker="w3")) == {waiting.pk}
+    settings.OPENWORKFLOW = {"QUEUES": queues}
+    WorkflowRun.objects.filter(queue="billing").update(available_at=Now() - timedelta(seconds=1))
+    again = take(store, limit=5, worker="w4")
+    assert claimed_ids(again) == {parked.pk, waiting.pk}
+    assert [claim.first_start for claim in again] == [False, False]
+
+
+def test_a_rate_limit_counts_first_starts_in_its_window_and_says_when_the_next_may_start(
+    store, settings
+):
+    from django_openworkflow.models import QueueStart
+
+    settings.OPENWORKFLOW = {"QUEUES": {"emails": {"rate_limit": "2/m"}}}
+    emails = in_queue("emails", 3)
+    first = take(store, limit=5)
+    assert claimed_ids(first) == {emails[0].pk, emails[1].pk}
+    held = take(store, limit=5)
+    assert held == []
+    assert held.retry_at == first[0].db_now + timedelta(minutes=1)
+    assert QueueStart.objects.count() == 2
+    # a run claimed again does not start again: it is not counted
+    expire(first[0])
+    assert claimed_ids(take(store, limit=5, worker="w2")) == {first[0].run_id}
+    assert QueueStart.objects.count() == 2
+    # a minute later (the window slides past the first starts)
+    QueueStart.objects.update(started_at=F("started_at") - timedelta(seconds=61))
+    last = take(store, limit=5)
+    assert claimed_ids(last) == {emails[2].pk}
+    assert last.retry_at is None
+    assert list(QueueStart.objects.values_list("run_id", flat=True)) == [emails[2].pk]

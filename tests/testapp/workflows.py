@@ -387,6 +387,36 @@ def names_its_finisher(ctx):
     return ctx.step.run("who", who)
 
 
+# --- queues (tests/test_queues.py) ----------------------------------------------------
+
+
+@workflow(name="queued", queue="emails", priority=10)
+def queued(ctx):
+    """A workflow with a queue and a priority of its own (the defaults of its runs)."""
+    return ctx.step.run("echo", lambda: ctx.input)
+
+
+@workflow(name="queued-parent")
+def queued_parent(ctx):
+    """Runs ``queued`` as a child, with the queue, priority and key in ``ctx.input``."""
+    return ctx.step.run_workflow("queued", None, **ctx.input)
+
+
+def queue_load(queue):
+    """Runs of ``queue`` in progress now, in all and per concurrency key."""
+    from django_openworkflow.models import WorkflowRun
+
+    in_progress = WorkflowRun.objects.active().filter(queue=queue, started_at__isnull=False)
+    keys = list(in_progress.values_list("concurrency_key", flat=True))
+    return {"runs": len(keys), "per_key": max((keys.count(k) for k in keys if k), default=0)}
+
+
+@workflow(name="counts-its-queue", queue="narrow")
+def counts_its_queue(ctx):
+    """Records how many runs of its queue are in progress while its step runs."""
+    return ctx.step.run("count", lambda: queue_load("narrow"))
+
+
 # --- the stateful test (tests/test_stateful.py) ------------------------------------
 
 SWITCH_RUN = uuid.UUID(int=1)  # SideEffect rows of this run id are switches:
