@@ -132,7 +132,7 @@ bench: bench-db
 
 # Queue limits (SPEC section 9), each against the unlimited enqueue_first of the same
 # invocation, C = 10 and 50: concurrency = C (>= 85 % of it), key_concurrency 1 over 100 keys
-# (>= 70 %), rate_limit 200/s (first starts within 5 % of it). A verdict per line on stderr.
+# (>= 70 %), rate_limit 100/s (first starts within 5 % of it). A verdict per line on stderr.
 bench-queues: bench-db
 	DEBUG=false DATABASE_URL=$(BENCH_URL) $(PY) manage.py bench_workflows --skip-latency \
 		--concurrency 10,50 --runs 1000 --variants queue_concurrency,key_concurrency,rate_limit \

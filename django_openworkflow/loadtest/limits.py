@@ -10,7 +10,7 @@ one limit, and its worker is started with the same ``OPENWORKFLOW["QUEUES"]``
 - ``key_concurrency``: ``key_concurrency`` = 1, the runs spread round-robin
   over 100 concurrency keys. Passes at 70 % or more.
 - ``rate_limit``: a ``rate_limit`` well below the unlimited throughput
-  (``200/s``). Passes when the rate of first starts over the steady part
+  (``100/s``). Passes when the rate of first starts over the steady part
   (``steady_rate``) is within 5 % of the limit.
 
 "Unlimited" is the median runs/s of the ``enqueue_first`` measurements at the
@@ -36,7 +36,7 @@ LIMIT_VARIANTS = ("queue_concurrency", "key_concurrency", "rate_limit")
 QUEUE = "bench-limited"
 MIN_RATIO = {"queue_concurrency": 0.85, "key_concurrency": 0.70}
 RATE_TOLERANCE = 0.05
-DEFAULT_RATE_LIMIT = "200/s"
+DEFAULT_RATE_LIMIT = "100/s"
 DEFAULT_KEYS = 100
 
 # How bench_workflows hands settings to its workers (read by worker_settings.py).
