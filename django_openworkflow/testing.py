@@ -31,15 +31,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from django.db.models import F
+from django.db.models import F, Min
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from .conf import app_settings
 from .engine import Execution
-from .models import StepAttempt, WorkflowRun
+from .models import QueueStart, StepAttempt, WorkflowRun
 from .pauses import add_hook, remove_hook
 from .registry import Workflow, get_workflow, workflow_names
 from .store import get_store
@@ -84,17 +85,33 @@ def drain(*, time_travel: bool | Literal["sleeps"] = True, max_passes: int = 10_
             if not skip_sleeps_and_retries(namespace, names):
                 return passes
             continue
-        next_due = store.next_due_at(namespace, names)
-        if next_due is None:
+        # The next moment something can happen: a timer ahead, or a full rate window's
+        # oldest start leaving it. Due runs a limit holds back need one of these (or a
+        # run to end, which cannot happen here): without them nothing is left to do.
+        moments = [at for at in (next_timer(namespace, names), claimed.retry_at) if at]
+        if not moments:
             return passes
-        travel(next_due - timezone.now() + timedelta(milliseconds=1))
+        travel(min(moments) - timezone.now() + timedelta(milliseconds=1))
+
+
+def next_timer(namespace: str, workflow_names: list[str]) -> datetime | None:
+    """When the earliest active run of these workflows that is not due yet becomes due."""
+    runs = WorkflowRun.objects.using(app_settings.DATABASE).in_namespace(namespace).active()
+    ahead = runs.filter(workflow_name__in=workflow_names, available_at__gt=Now())
+    return ahead.aggregate(at=Min("available_at"))["at"]  # type: ignore[no-any-return]
 
 
 def travel(delta: timedelta) -> None:
-    """Move every timer of the active runs ``delta`` closer (time passes by ``delta``)."""
+    """Move every timer of the active runs ``delta`` closer (time passes by ``delta``).
+
+    The starts that rate limits count move back too, so their windows slide.
+    """
     if delta <= timedelta(0):
         return
     using = app_settings.DATABASE
+    QueueStart.objects.using(using).filter(namespace=app_settings.NAMESPACE).update(
+        started_at=F("started_at") - delta
+    )
     active = WorkflowRun.objects.using(using).in_namespace(app_settings.NAMESPACE).active()
     active.filter(available_at__isnull=False).update(available_at=F("available_at") - delta)
     active.filter(deadline_at__isnull=False).update(deadline_at=F("deadline_at") - delta)

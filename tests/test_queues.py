@@ -37,7 +37,7 @@ from django_openworkflow.managers import ACTIVE
 from django_openworkflow.models import QueueStart, WorkflowRun
 from django_openworkflow.queues import configured_queues, parse_rate
 from django_openworkflow.store import Claim, Claims, Store, get_store
-from django_openworkflow.testing import pause_at
+from django_openworkflow.testing import drain, pause_at
 from django_openworkflow.worker import Worker
 from tests.conftest import Backend, blocked_on_a_lock, claim_and_execute
 from tests.testapp.workflows import counts_its_queue, echo, queued, queued_parent
@@ -752,3 +752,35 @@ def test_the_limits_hold_with_worker_threads(settings):
     outputs = [WorkflowRun.objects.get(pk=run.pk).output for run in runs]
     assert {output["runs"] for output in outputs} <= {1, 2}
     assert {output["per_key"] for output in outputs} == {1}
+
+
+@workflow(name="sleeps-in-narrow", queue="narrow")
+def parks_in_narrow(ctx):
+    if ctx.input["sleep"]:
+        ctx.step.sleep("nap", ctx.input["sleep"])
+    return "done"
+
+
+@pytest.mark.django_db
+def test_drain_returns_when_a_full_queue_holds_the_only_due_run(settings):
+    """A run parked for an hour keeps the queue's one place; the other waits, drain() returns."""
+    settings.OPENWORKFLOW = {"QUEUES": {"default": {}, "narrow": {"concurrency": 1}}}
+    sleeper = parks_in_narrow.start({"sleep": 3600})
+    held = parks_in_narrow.start({"sleep": 0})
+    drain(time_travel=False)
+    drain()  # travels past the hour: the sleeper ends, then the held run starts and ends
+    sleeper.refresh_from_db()
+    held.refresh_from_db()
+    assert (sleeper.status, held.status) == ("completed", "completed")
+
+
+@pytest.mark.django_db
+def test_drain_slides_a_full_rate_window(settings):
+    settings.OPENWORKFLOW = {"QUEUES": {"default": {}, "narrow": {"rate_limit": "1/h"}}}
+    runs = [parks_in_narrow.start({"sleep": 0}) for _ in range(3)]
+    drain()
+    starts = sorted(
+        WorkflowRun.objects.filter(pk__in=[r.pk for r in runs]).values_list("status", flat=True)
+    )
+    assert starts == ["completed"] * 3
+    assert QueueStart.objects.count() <= 1  # older starts left the window as time passed
