@@ -25,7 +25,8 @@ from typing import Any
 PAUSE_POINTS: dict[str, str] = {
     "claim.queue-locked": "a claim holds a limited queue's lock and has not counted its runs yet",
     "claim.queue-counted": "a claim holds a limited queue's lock and counted its runs in"
-    " progress and its starts; it has taken none yet",
+    " progress and its starts (PostgreSQL's concurrency-only claim: about to, in one"
+    " statement); it has taken none yet",
     "claim.before-commit": "a claim marked its runs and recorded their starts; not committed",
     "claim.after-commit": "a worker committed a claim and is about to hand the run to a slot",
     "step.before-fence": "a step is about to open its fenced transaction (start or finish)",

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from ..models import QueueStart, StepAttempt, WorkflowRun
+from ..pauses import pause_point
 from ..queues import Queue, frees_a_place
 from .base import Claim, Claims, Deferred
-from .limits import Candidate, ClaimPlan, Page, SlotCounts
+from .limits import Candidate, ClaimPlan, Page, SlotCounts, lock_queues
 from .orm import OrmStore
 
 if TYPE_CHECKING:
@@ -157,6 +158,10 @@ class PostgresStore(OrmStore):
         plan = ClaimPlan.serving(queues)
         limited = [q.name for q in plan.limited]
         if limited and self._one(self.LIMITED_DUE, [limited, namespace, names])[0]:  # type: ignore[index]
+            if all(q.concurrency and not (q.key_concurrency or q.rate) for q in plan.limited):
+                return self.claim_concurrency(
+                    namespace, names, plan, limit, worker_id, lease_seconds
+                )
             return super().claim(
                 namespace=namespace,
                 workflow_names=names,
@@ -310,6 +315,114 @@ class PostgresStore(OrmStore):
             Claim(run, token, extra["db_now"], run.pk in first, lease_seconds)
             for run, extra in self._runs(self.TAKE, params)
         ]
+
+    # A worker whose limited queues limit only ``concurrency`` (the commonest limit): after the
+    # queue locks, one statement counts the places, reads and locks the candidates and
+    # takes the best of them, as OrmStore.claim's parts do in five.
+    CLAIM_CONCURRENCY = f"""
+    WITH places AS (
+        SELECT q.name, q.cap - count(r.id) AS free
+        FROM unnest(%s::text[], %s::integer[]) AS q(name, cap)
+        LEFT JOIN {RUN} AS r ON r.queue = q.name AND r.namespace = %s
+            AND r.status IN ('pending', 'running') AND r.started_at IS NOT NULL
+        GROUP BY q.name, q.cap
+    ), limited AS (
+        -- the runs that hold a place already: taken whatever the count
+        SELECT c.id, c.started_at, c.priority, c.available_at FROM places, LATERAL (
+            SELECT id, started_at, priority, available_at FROM {RUN}
+            WHERE queue = places.name AND started_at IS NOT NULL AND {DUE}
+            ORDER BY priority DESC, available_at, id
+            LIMIT %s
+            FOR UPDATE SKIP LOCKED
+        ) AS c
+        UNION ALL
+        -- the first of the others, as many as there are free places
+        SELECT id, started_at, priority, available_at FROM (
+            SELECT c.*, places.free,
+                   row_number() OVER (PARTITION BY places.name
+                                      ORDER BY c.priority DESC, c.available_at, c.id) AS n
+            FROM places, LATERAL (
+                SELECT id, started_at, priority, available_at FROM {RUN}
+                WHERE places.free > 0 AND queue = places.name AND started_at IS NULL AND {DUE}
+                ORDER BY priority DESC, available_at, id
+                LIMIT %s
+                FOR UPDATE SKIP LOCKED
+            ) AS c
+        ) AS ranked
+        WHERE n <= free
+    ), open AS (
+        SELECT id, started_at, priority, available_at FROM {RUN}
+        WHERE %s AND {DUE} AND {{queues}}
+        ORDER BY priority DESC, available_at, id
+        LIMIT %s
+        FOR UPDATE SKIP LOCKED
+    ), picked AS (
+        SELECT id, started_at, priority, available_at FROM (
+            SELECT id, started_at, priority, available_at FROM limited
+            UNION ALL
+            SELECT id, started_at, priority, available_at FROM open
+        ) AS candidates
+        ORDER BY priority DESC, available_at, id
+        LIMIT %s
+    )
+    UPDATE {RUN} AS run SET
+        status = 'running', worker_id = %s, claim_token = %s,
+        available_at = statement_timestamp() + make_interval(secs => %s),
+        started_at = COALESCE(run.started_at, statement_timestamp()),
+        updated_at = statement_timestamp()
+    FROM picked WHERE run.id = picked.id
+    RETURNING run.*, picked.started_at IS NULL AS first_start,
+              statement_timestamp() AS db_now
+    """
+    CLAIM_CONCURRENCY_EXCLUDING = CLAIM_CONCURRENCY.format(queues="queue <> ALL(%s)")
+    CLAIM_CONCURRENCY_QUEUES = CLAIM_CONCURRENCY.format(queues="queue = ANY(%s)")
+
+    def claim_concurrency(
+        self,
+        namespace: str,
+        names: list[str],
+        plan: ClaimPlan,
+        limit: int,
+        worker_id: str,
+        lease_seconds: float,
+    ) -> Claims:
+        """The claim when every limited queue served limits only ``concurrency``."""
+        token = uuid.uuid4()
+        if plan.open_queues is None:
+            sql, open_queues = self.CLAIM_CONCURRENCY_EXCLUDING, [q.name for q in plan.limited]
+        else:
+            sql, open_queues = self.CLAIM_CONCURRENCY_QUEUES, plan.open_queues
+        with self.atomic():
+            locked = lock_queues(self, namespace, names, plan.limited)
+            for queue in locked:  # the statement below counts under these locks
+                pause_point("claim.queue-counted", namespace=namespace, queue=queue.name)
+            params = [
+                [q.name for q in locked],
+                [q.concurrency for q in locked],
+                namespace,
+                namespace,
+                names,
+                limit,
+                namespace,
+                names,
+                limit,
+                plan.open,
+                namespace,
+                names,
+                open_queues,
+                limit,
+                limit,
+                worker_id,
+                token,
+                lease_seconds,
+            ]
+            claims = Claims(
+                Claim(run, token, extra["db_now"], extra["first_start"], lease_seconds)
+                for run, extra in self._runs(sql, params)
+            )
+            self.announce(claims)
+            pause_point("claim.before-commit", run_ids=[claim.run_id for claim in claims])
+        return claims
 
     FENCE_AND_STORE = f"""
     WITH fence AS ({FENCE}), deferred AS ({STORE_DEFERRED})
