@@ -138,7 +138,10 @@ class PostgresStore(OrmStore):
     CLAIM_ANY_QUEUE = CLAIM.format(queues="")
     CLAIM_QUEUES = CLAIM.format(queues="AND queue = ANY(%s)")
     CLAIM_EXCLUDING = CLAIM.format(queues="AND queue <> ALL(%s)")
-    LIMITED_DUE = f"SELECT EXISTS (SELECT 1 FROM {RUN} WHERE queue = ANY(%s) AND {DUE})"
+    LIMITED_DUE = f"""
+    SELECT name FROM unnest(%s::text[]) AS name
+    WHERE EXISTS (SELECT 1 FROM {RUN} WHERE queue = name AND {DUE})
+    """
 
     def claim(
         self,
@@ -157,10 +160,15 @@ class PostgresStore(OrmStore):
             return Claims()
         plan = ClaimPlan.serving(queues)
         limited = [q.name for q in plan.limited]
-        if limited and self._one(self.LIMITED_DUE, [limited, namespace, names])[0]:  # type: ignore[index]
-            if all(q.concurrency and not (q.key_concurrency or q.rate) for q in plan.limited):
+        due = set()
+        if limited:
+            rows, _ = self._fetch(self.LIMITED_DUE, [limited, namespace, names])
+            due = {row[0] for row in rows}
+        if due:
+            due_limited = [q for q in plan.limited if q.name in due]
+            if all(q.concurrency and not (q.key_concurrency or q.rate) for q in due_limited):
                 return self.claim_concurrency(
-                    namespace, names, plan, limit, worker_id, lease_seconds
+                    namespace, names, plan, due_limited, limit, worker_id, lease_seconds
                 )
             return super().claim(
                 namespace=namespace,
@@ -382,18 +390,20 @@ class PostgresStore(OrmStore):
         namespace: str,
         names: list[str],
         plan: ClaimPlan,
+        limited: list[Queue],
         limit: int,
         worker_id: str,
         lease_seconds: float,
     ) -> Claims:
-        """The claim when every limited queue served limits only ``concurrency``."""
+        """The claim when the limited queues with due runs (``limited``) limit only
+        ``concurrency``. The other limited queues wait for the next claim."""
         token = uuid.uuid4()
         if plan.open_queues is None:
             sql, open_queues = self.CLAIM_CONCURRENCY_EXCLUDING, [q.name for q in plan.limited]
         else:
             sql, open_queues = self.CLAIM_CONCURRENCY_QUEUES, plan.open_queues
         with self.atomic():
-            locked = lock_queues(self, namespace, names, plan.limited)
+            locked = lock_queues(self, namespace, names, limited)
             for queue in locked:  # the statement below counts under these locks
                 pause_point("claim.queue-counted", namespace=namespace, queue=queue.name)
             params = [
