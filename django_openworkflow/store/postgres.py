@@ -49,6 +49,13 @@ STORE_DEFERRED = f"""
     WHERE id = %s AND status = 'running' AND EXISTS (SELECT 1 FROM fence)
 """
 
+# What a claim sets on the runs it takes (worker id, claim token, lease seconds).
+MARK_RUNNING = """
+        status = 'running', worker_id = %s, claim_token = %s,
+        available_at = statement_timestamp() + make_interval(secs => %s),
+        started_at = COALESCE(run.started_at, statement_timestamp()),
+        updated_at = statement_timestamp()"""
+
 _JSON_COLUMNS = {"input", "output", "error"}
 _RUN_FIELDS = WorkflowRun._meta.concrete_fields
 _RUN_COLUMNS = [str(field.column) for field in _RUN_FIELDS]
@@ -126,11 +133,7 @@ class PostgresStore(OrmStore):
         LIMIT %s
         FOR UPDATE SKIP LOCKED
     )
-    UPDATE {RUN} AS run SET
-        status = 'running', worker_id = %s, claim_token = %s,
-        available_at = statement_timestamp() + make_interval(secs => %s),
-        started_at = COALESCE(run.started_at, statement_timestamp()),
-        updated_at = statement_timestamp()
+    UPDATE {RUN} AS run SET {MARK_RUNNING}
     FROM due WHERE run.id = due.id
     RETURNING run.*, due.previous_started_at IS NULL AS first_start,
               statement_timestamp() AS db_now
@@ -304,11 +307,7 @@ class PostgresStore(OrmStore):
         return [(Candidate(*row[:5]), row[5]) for row in rows]
 
     TAKE = f"""
-    UPDATE {RUN} AS run SET
-        status = 'running', worker_id = %s, claim_token = %s,
-        available_at = statement_timestamp() + make_interval(secs => %s),
-        started_at = COALESCE(run.started_at, statement_timestamp()),
-        updated_at = statement_timestamp()
+    UPDATE {RUN} AS run SET {MARK_RUNNING}
     WHERE id = ANY(%s) AND status IN ('pending', 'running')
       AND available_at <= statement_timestamp()
       AND (deadline_at IS NULL OR deadline_at > statement_timestamp())
@@ -373,11 +372,7 @@ class PostgresStore(OrmStore):
         ORDER BY priority DESC, available_at, id
         LIMIT %s
     )
-    UPDATE {RUN} AS run SET
-        status = 'running', worker_id = %s, claim_token = %s,
-        available_at = statement_timestamp() + make_interval(secs => %s),
-        started_at = COALESCE(run.started_at, statement_timestamp()),
-        updated_at = statement_timestamp()
+    UPDATE {RUN} AS run SET {MARK_RUNNING}
     FROM picked WHERE run.id = picked.id
     RETURNING run.*, picked.started_at IS NULL AS first_start,
               statement_timestamp() AS db_now
