@@ -62,6 +62,7 @@ def drain(*, time_travel: bool | Literal["sleeps"] = True, max_passes: int = 10_
     names = workflow_names()
     store = get_store()
     passes = 0
+    idle = False
     while True:
         claimed = store.claim(
             worker_id=TEST_WORKER_ID,
@@ -71,6 +72,7 @@ def drain(*, time_travel: bool | Literal["sleeps"] = True, max_passes: int = 10_
             namespace=namespace,
         )
         if claimed:
+            idle = False
             workflow = get_workflow(claimed[0].run.workflow_name)
             assert workflow is not None  # claims only ask for registered names
             Execution(claimed[0], workflow, store=store, max_parallel=1).execute()
@@ -90,7 +92,11 @@ def drain(*, time_travel: bool | Literal["sleeps"] = True, max_passes: int = 10_
         # run to end, which cannot happen here): without them nothing is left to do.
         moments = [at for at in (next_timer(namespace, names), claimed.retry_at) if at]
         if not moments:
-            return passes
+            if idle:  # claimed nothing twice, and no timer ahead between the two
+                return passes
+            idle = True  # a timer may have passed since the claim: claim once more
+            continue
+        idle = False
         travel(min(moments) - timezone.now() + timedelta(milliseconds=1))
 
 

@@ -22,8 +22,10 @@ SCRIPT = textwrap.dedent(
 
     import django_openworkflow
     postgres_only = {"django_openworkflow.store.postgres"}
+    # a settings module of the bench's workers, read only with its environment variables
+    bench_worker = {"django_openworkflow.loadtest.worker_settings"}
     for module in pkgutil.walk_packages(django_openworkflow.__path__, "django_openworkflow."):
-        if module.name not in postgres_only:
+        if module.name not in postgres_only | bench_worker:
             importlib.import_module(module.name)
     call_command("check")
 

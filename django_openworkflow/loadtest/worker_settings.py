@@ -15,8 +15,15 @@ import importlib
 import json
 import os
 
+from django.core.exceptions import ImproperlyConfigured
+
 from .limits import OVERRIDES_ENV, PROJECT_SETTINGS_ENV
 
+if PROJECT_SETTINGS_ENV not in os.environ:
+    raise ImproperlyConfigured(
+        f"{__name__} is the settings of a bench_workflows worker: it needs "
+        f"{PROJECT_SETTINGS_ENV}, the project's settings module (bench_workflows sets it)"
+    )
 _project = importlib.import_module(os.environ[PROJECT_SETTINGS_ENV])
 globals().update({name: getattr(_project, name) for name in dir(_project) if name.isupper()})
 OPENWORKFLOW = {
