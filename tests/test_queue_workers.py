@@ -101,7 +101,7 @@ def overlap(a: Span, b: Span) -> bool:
     return a[0] < b[1] and b[0] < a[1]
 
 
-@pytest.mark.row_locks
+@pytest.mark.postgres
 def test_a_queue_concurrency_of_2_holds_across_two_workers_of_4_slots(queues, worker_process):
     env = queues(limited={"concurrency": 2})
     runs = [hold.start({"seconds": 0.3}, queue="limited") for _ in range(8)]
@@ -116,7 +116,7 @@ def test_a_queue_concurrency_of_2_holds_across_two_workers_of_4_slots(queues, wo
     assert in_progress("limited") == 0
 
 
-@pytest.mark.row_locks
+@pytest.mark.postgres
 def test_key_concurrency_1_keeps_one_run_of_a_key_and_never_blocks_other_keys(
     queues, worker_process
 ):
@@ -139,7 +139,7 @@ def test_key_concurrency_1_keeps_one_run_of_a_key_and_never_blocks_other_keys(
     assert max_overlap(by_key[None]) == 2
 
 
-@pytest.mark.row_locks
+@pytest.mark.postgres
 @pytest.mark.parametrize("queue", ["default", "limited"])
 def test_one_slot_claims_by_priority_then_due_order(queue, queues, worker_process):
     # With no queue limited, PostgreSQL claims in one statement (store/postgres.py); a limited
@@ -162,7 +162,7 @@ def test_one_slot_claims_by_priority_then_due_order(queue, queues, worker_proces
     assert claimed == expected
 
 
-@pytest.mark.row_locks
+@pytest.mark.postgres
 def test_a_rate_limit_of_4_per_second_spreads_12_first_executions(queues, worker_process):
     env = queues(paced={"rate_limit": "4/s"})
     runs = [hold.start({}, queue="paced") for _ in range(12)]
@@ -181,7 +181,7 @@ def test_a_rate_limit_of_4_per_second_spreads_12_first_executions(queues, worker
     assert busiest == 4
 
 
-@pytest.mark.row_locks
+@pytest.mark.postgres
 def test_a_killed_workers_runs_keep_their_slots_and_no_slot_leaks(queues, worker_process, tmp_path):
     env = queues(limited={"concurrency": 2})
     flag = tmp_path / "go"
@@ -243,7 +243,7 @@ def test_a_changed_limit_takes_effect_at_the_next_claim(queues):
     assert len(claim()) == 2
 
 
-@pytest.mark.row_locks
+@pytest.mark.postgres
 @pytest.mark.parametrize("park", ["signal", "sleep"])
 def test_a_parked_run_keeps_its_key_slot(park, queues, worker_process):
     env = queues(billing={"key_concurrency": 1})

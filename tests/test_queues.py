@@ -590,7 +590,7 @@ def test_every_claim_keeps_the_limits_and_passes_over_no_run_they_allow():
     store = get_store()
 
     @given(queues=queue_settings, specs=run_specs, first=first_claim, ops=operations)
-    @hypothesis_settings(max_examples=60)
+    @hypothesis_settings(max_examples=30)
     def check(queues, specs, first, ops):
         with rolled_back(), override_settings(OPENWORKFLOW={"QUEUES": queues}):
             play(store, queues, specs, [first, *ops])
