@@ -11,15 +11,20 @@ Run them with ``manage.py test demo_project.orders``.
 
 from __future__ import annotations
 
+from unittest import mock
+
 from django.contrib.auth import get_user_model
 from django.test import TestCase
 
-from django_openworkflow import send_signal
+from django_openworkflow import RetryPolicy, send_signal
 from django_openworkflow.models import WorkflowRun
 from django_openworkflow.testing import drain, run_to_completion
 
+from . import workflows
 from .models import Card, Order, Product
 from .workflows import process_order, warehouse_signal
+
+SLOW_CHARGE_RETRY = RetryPolicy(maximum_attempts=3, initial_interval="1h")
 
 
 class ProcessOrderTests(TestCase):
@@ -95,7 +100,9 @@ class ProcessOrderTests(TestCase):
         )
         for order in (first, second):
             process_order.start(order.run_input)
-        drain(time_travel=False)
+        # A retry an hour away: the first charge stays parked whatever the machine's speed.
+        with mock.patch.object(workflows, "CHARGE_RETRY", SLOW_CHARGE_RETRY):
+            drain(time_travel=False)
         charges = {
             run.input["order_id"]: run
             for run in WorkflowRun.objects.filter(workflow_name="charge-card")
