@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from django.db import models, transaction
 from django.db.models import Q
-from django.db.models.functions import Now
 from django.utils import timezone
 
 from . import errors
+from .clock import Now
 from .exceptions import InvalidTransition, Refusal
 from .pauses import pause_point
 from .queues import frees_a_place

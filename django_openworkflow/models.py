@@ -16,6 +16,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from . import clock
 from .exceptions import Refusal
 from .managers import ACTIVE, StepAttemptQuerySet, WorkflowRunManager
 
@@ -402,7 +403,9 @@ def wake_parent_of_deleted_child(
     if ended is not None and ended["status"] == WorkflowRun.Status.COMPLETED:
         StepAttempt.objects.using(using).filter(
             child_workflow_run_id=instance.pk, status=StepAttempt.Status.RUNNING
-        ).update(status=StepAttempt.Status.COMPLETED, output=ended["output"], finished_at=Now())
+        ).update(
+            status=StepAttempt.Status.COMPLETED, output=ended["output"], finished_at=clock.Now()
+        )
 
 
 def forget_deleted_user(collector: Any, field: Any, sub_objs: Any, using: str) -> None:

@@ -34,10 +34,10 @@ from django.db.models import (
     Q,
     Subquery,
 )
-from django.db.models.functions import Now
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
+from .clock import Now
 from .conf import app_settings
 from .managers import ACTIVE, now_plus
 from .models import QueueStart, WorkflowRun

@@ -6,9 +6,9 @@ import datetime
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from django.db.models.functions import Now
 from django.utils import timezone
 
+from .clock import Now
 from .conf import app_settings
 from .durations import RetryPolicy
 from .names import check_name, text_problem

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db.models.functions import Now
-
+from .clock import Now
 from .conf import app_settings
 from .models import WorkflowSignal
 from .names import check_name

@@ -35,9 +35,9 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from django.db.models import F, Min
-from django.db.models.functions import Now
 from django.utils import timezone
 
+from .clock import Now
 from .conf import app_settings
 from .engine import Execution
 from .models import QueueStart, StepAttempt, WorkflowRun

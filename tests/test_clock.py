@@ -1,10 +1,15 @@
 """Workers with a wrong clock: leases, sleeps, retries and deadlines follow the database clock."""
 
+import ast
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from django.db.models.functions import Now
 
+import django_openworkflow
+from django_openworkflow import clock
+from django_openworkflow.managers import now_plus
 from django_openworkflow.models import StepAttempt, WorkflowRun
 from tests.testapp.workflows import flaky, sleeper
 
@@ -34,3 +39,26 @@ def test_a_worker_with_a_skewed_clock_sleeps_and_retries_on_database_time(worker
     assert timedelta(milliseconds=250) < gap < timedelta(seconds=5)
     lease_runs = WorkflowRun.objects.filter(pk__in=[napping.pk, failing.pk])
     assert all(abs(run.finished_at - now) < timedelta(minutes=1) for run in lease_runs)
+
+
+def test_the_clock_plus_nothing_is_the_clock_itself():
+    # One statement reads one "now" (SQLite and PostgreSQL alike). On SQLite Django's
+    # Now() has milliseconds and Now() + interval microseconds: compared as text, a run
+    # released "now" was not due until the next millisecond.
+    run = sleeper.start({"sleep": "1s"})
+    same = WorkflowRun.objects.alias(at=now_plus(0)).filter(pk=run.pk, at=clock.Now())
+    assert same.exists()
+
+
+def test_the_package_reads_the_clock_through_its_own_now():
+    package = Path(django_openworkflow.__file__).parent
+    users = []
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            imported = {alias.name for alias in node.names}
+            if (node.module or "").startswith("django.db.models.functions") and "Now" in imported:
+                users.append(path.relative_to(package).as_posix())
+    # models.py: the columns' db_default, as its migrations have it
+    assert sorted(users) == ["clock.py", "models.py"]

@@ -19,9 +19,9 @@ import threading
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from django.db.models.functions import Now
 from django.utils import timezone
 
+from ..clock import Now
 from ..durations import DEFAULT_WORKFLOW_RETRY_POLICY, RetryPolicy
 from ..errors import (
     DEADLINE_ERROR,

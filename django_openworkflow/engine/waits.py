@@ -12,8 +12,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from django.db.models.functions import Now
-
+from ..clock import Now
 from ..durations import Duration, parse_duration
 from ..errors import child_failed, child_missing, child_timeout
 from ..exceptions import StepFailed

@@ -16,8 +16,9 @@ from typing import Any
 
 from django.db import models
 from django.db.models import Count, F, Min, Subquery
-from django.db.models.functions import Coalesce, Now
+from django.db.models.functions import Coalesce
 
+from ..clock import Now
 from ..errors import DEADLINE_ERROR
 from ..managers import ACTIVE, LOCK_ORDER, not_past_deadline, now_plus
 from ..models import QueueStart, StepAttempt, WorkflowRun
