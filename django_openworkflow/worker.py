@@ -69,9 +69,10 @@ class Worker:
         self._stopping = threading.Event()
         self._finished = threading.Event()
         self._lock = threading.Lock()
-        # Keyed by claim token: a run parked and claimed again while its last
+        # One entry per run claimed and not yet done, keyed by (claim token, run): one
+        # claim's runs share its token, and a run parked and claimed again while its last
         # slot is still finishing is two entries, each dropped by its own slot.
-        self._in_flight: dict[uuid.UUID, Claim] = {}
+        self._in_flight: dict[tuple[uuid.UUID, Any], Claim] = {}
         self._unknown_names: set[str] = set()  # names of due runs already reported
         self._queue: queue.SimpleQueue[Claim | None] = queue.SimpleQueue()
         # Wake-ups: of runs parked by this worker, of the next due run, of a rate limit.
@@ -259,7 +260,7 @@ class Worker:
 
     def _submit(self, claim: Claim) -> None:
         with self._lock:
-            self._in_flight[claim.token] = claim
+            self._in_flight[claim.token, claim.run_id] = claim
         logger.info(
             "run claimed run=%s workflow=%s worker=%s",
             claim.run_id,
@@ -313,7 +314,7 @@ class Worker:
         """The slot is free again: drop this claim (only this one) from flight."""
         pause_point("worker.after-execute", run_id=claim.run_id, token=claim.token)
         with self._lock:
-            self._in_flight.pop(claim.token, None)
+            self._in_flight.pop((claim.token, claim.run_id), None)
             self.runs_executed += 1
         self._wakeup.set()
         try:
@@ -327,7 +328,7 @@ class Worker:
         try:
             while not self._finished.wait(self.heartbeat_seconds):
                 with self._lock:
-                    tokens = list(self._in_flight)
+                    tokens = list({token for token, _ in self._in_flight})
                 if not tokens:
                     continue
                 pause_point("heartbeat.before-renew", tokens=tokens)

@@ -257,6 +257,24 @@ def test_a_run_claimed_again_while_its_last_slot_finishes_stays_in_flight():
         assert run.result(timeout=30) == 2
 
 
+def test_a_worker_holds_no_more_runs_than_its_slots_when_one_claim_takes_several(tmp_path):
+    """One claim's runs share its claim token; each is a run in flight all the same."""
+    gate = tmp_path / "open"
+    runs = [waits_for_file.start({"path": str(gate)}) for _ in range(4)]
+    with worker_thread(concurrency=2) as worker:
+        wait_until(
+            lambda: StepAttempt.objects.filter(step_name="block", status="running").count() == 2,
+            message="both slots in the blocking step",
+        )
+        for _ in range(3):  # two whole turns of the loop with every slot busy
+            with pause_at("worker.before-poll") as turn:
+                turn.wait()
+        held = WorkflowRun.objects.filter(status="running", worker_id=worker.worker_id)
+        assert held.count() == 2
+        gate.touch()
+        assert [run.result(timeout=30) for run in runs] == [3] * 4
+
+
 def warnings_logged(caplog):
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
