@@ -611,3 +611,17 @@ def test_a_rate_limit_counts_first_starts_in_its_window_and_says_when_the_next_m
     assert claimed_ids(last) == {emails[2].pk}
     assert last.retry_at is None
     assert list(QueueStart.objects.values_list("run_id", flat=True)) == [emails[2].pk]
+
+
+def test_each_rate_limited_queue_counts_its_starts_in_its_own_window(store, settings):
+    from django_openworkflow.models import QueueStart
+
+    settings.OPENWORKFLOW = {
+        "QUEUES": {"emails": {"rate_limit": "1/m"}, "sms": {"rate_limit": "1/s"}}
+    }
+    emails, sms = in_queue("emails", 2), in_queue("sms", 2)
+    assert claimed_ids(take(store, limit=5)) == {emails[0].pk, sms[0].pk}
+    assert take(store, limit=5) == []
+    # two seconds later: out of the second's window, still in the minute's
+    QueueStart.objects.update(started_at=F("started_at") - timedelta(seconds=2))
+    assert claimed_ids(take(store, limit=5)) == {sms[1].pk}

@@ -8,14 +8,16 @@ database's write lock when they begin. The contract is in ``base.py``.
 from __future__ import annotations
 
 import json
+import operator
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from functools import reduce
 from typing import Any
 
 from django.db import models
-from django.db.models import Count, F, Min, Subquery
+from django.db.models import Count, F, Min, Q, Subquery
 from django.db.models.functions import Coalesce
 
 from ..clock import Now
@@ -267,12 +269,21 @@ class OrmStore(OrmWakeUps):
             )
             for queue, key, n in per_key:
                 counts.per_key.setdefault(queue, Counter())[key] = n
-        for queue in queues:
-            if queue.rate:
-                recent = self.queue_starts.filter(
-                    namespace=namespace, queue=queue.name, started_at__gt=now_plus(-queue.rate[1])
-                ).aggregate(n=Count("pk"), oldest=Min("started_at"))
-                counts.recent[queue.name] = (recent["n"], recent["oldest"])
+        # every rate-limited queue's starts in its own window, in one query
+        windows = [
+            Q(queue=queue.name, started_at__gt=now_plus(-queue.rate[1]))
+            for queue in queues
+            if queue.rate
+        ]
+        if windows:
+            recent = (
+                self.queue_starts.filter(reduce(operator.or_, windows), namespace=namespace)
+                .values_list("queue")
+                .annotate(n=Count("pk"), oldest=Min("started_at"))
+                .order_by()
+            )
+            for queue_name, n, oldest in recent:
+                counts.recent[queue_name] = (n, oldest)
         return counts
 
     def due_page(self, page: Page) -> list[tuple[Candidate, str | None]]:
