@@ -79,10 +79,7 @@ class Worker:
         # Each moment once: the sweep and every held-back claim report theirs again.
         self._timers: list[datetime] = []
         self._timer_set: set[datetime] = set()
-        # Runs held beyond the slots, claimed ahead: a slot that finishes finds its next run
-        # waiting, not the next claim. While busy, claims come in batches of that size.
-        self.prefetch = self.concurrency // 2
-        self.claim_batch = max(1, self.prefetch)
+        self.claim_batch = max(1, self.concurrency // 5)
         self._signals = 0
         self.runs_executed = 0
 
@@ -186,7 +183,7 @@ class Worker:
                 if time.monotonic() - last_sweep >= self.poll_interval:
                     last_sweep = time.monotonic()
                     self._sweep(names, busy)
-                free = self.concurrency + self.prefetch - len(self._in_flight)
+                free = self.concurrency - len(self._in_flight)
                 # While the queue is busy, claim in batches rather than one run per freed slot.
                 if (
                     free > 0

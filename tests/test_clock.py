@@ -6,11 +6,15 @@ from pathlib import Path
 
 import pytest
 from django.db.models.functions import Now
+from django.utils import timezone
 
 import django_openworkflow
 from django_openworkflow import clock
+from django_openworkflow.engine import Execution
 from django_openworkflow.managers import now_plus
 from django_openworkflow.models import StepAttempt, WorkflowRun
+from django_openworkflow.registry import get_workflow
+from django_openworkflow.store import get_store
 from tests.testapp.workflows import flaky, sleeper
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -62,3 +66,20 @@ def test_the_package_reads_the_clock_through_its_own_now():
                 users.append(path.relative_to(package).as_posix())
     # models.py: the columns' db_default, as its migrations have it
     assert sorted(users) == ["clock.py", "models.py"]
+
+
+def test_a_run_that_waits_for_a_slot_keeps_the_clock_of_its_claim(monkeypatch):
+    run = sleeper.start({"sleep": "1s"})
+    store = get_store()
+    [claim] = store.claim(
+        namespace="default",
+        workflow_names=[sleeper.name],
+        limit=1,
+        worker_id="w1",
+        lease_seconds=30,
+    )
+    claimed_at = timezone.now
+    # ten minutes pass on this machine before a slot gets to the run
+    monkeypatch.setattr(timezone, "now", lambda: claimed_at() + timedelta(minutes=10))
+    execution = Execution(claim, get_workflow(run.workflow_name), store=store)
+    assert execution.now() - claim.db_now > timedelta(minutes=9)

@@ -66,7 +66,7 @@ class Execution:
         self.workflow = workflow
         self.store = store or get_store(claim.run._state.db)
         self.using = self.store.using
-        self._clock_offset = claim.db_now - timezone.now()
+        self._clock_offset = claim.clock_offset
         self.generation: int = claim.run.resume_generation
         self.history = History(claim.run.pk, self.generation)
         self.atomic_depth = 0  # the transaction depth of the workflow thread (execute())

@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.db import connections, transaction
+from django.utils import timezone
 
 if TYPE_CHECKING:
     import threading
@@ -60,7 +61,9 @@ class Claim:
     database clock at the claim (the engine's clock offset); ``first_start``
     is true when the run had not been started before in its generation
     (nothing to replay unless it was resumed); ``lease_seconds`` is the
-    lease that renewals extend it by.
+    lease that renewals extend it by. ``clock_offset`` is the database clock
+    minus this process's, taken when the claim is made (the store makes it
+    right after its statement), not when a slot gets to the run.
     """
 
     run: WorkflowRun
@@ -68,6 +71,10 @@ class Claim:
     db_now: datetime
     first_start: bool
     lease_seconds: float
+    clock_offset: timedelta = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.clock_offset = self.db_now - timezone.now()
 
     @property
     def run_id(self) -> uuid.UUID:
