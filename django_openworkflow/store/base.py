@@ -58,12 +58,12 @@ class Claim:
     """A run a worker has claimed: what the claim hands to the engine.
 
     ``token`` fences every write made for this claim; ``db_now`` is the
-    database clock at the claim (the engine's clock offset); ``first_start``
-    is true when the run had not been started before in its generation
-    (nothing to replay unless it was resumed); ``lease_seconds`` is the
-    lease that renewals extend it by. ``clock_offset`` is the database clock
-    minus this process's, taken when the claim is made (the store makes it
-    right after its statement), not when a slot gets to the run.
+    database clock at the claim; ``first_start`` is true when the run had not
+    been started before in its generation (nothing to replay unless it was
+    resumed); ``lease_seconds`` is the lease that renewals extend it by.
+    ``clock_offset`` is the database clock minus this process's, taken when
+    the claim is made (the store makes it right after its statement), not
+    when a slot gets to the run.
     """
 
     run: WorkflowRun
