@@ -55,6 +55,11 @@ def pause_point(name: str, **context: Any) -> None:
             hook(context)
 
 
+def has_hooks(*names: str) -> bool:
+    """Whether a test's hook waits at any of these points."""
+    return any(name in _hooks for name in names)
+
+
 def add_hook(name: str, hook: Callable[[dict[str, Any]], None]) -> None:
     if name not in PAUSE_POINTS:
         raise ValueError(f"unknown pause point {name!r}; known: {', '.join(sorted(PAUSE_POINTS))}")

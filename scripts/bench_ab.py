@@ -2,14 +2,15 @@
 
 Usage (``make bench-ab BASE=<git ref>``)::
 
-    python scripts/bench_ab.py BASE [--rounds 4] [--runs 1000]
+    python scripts/bench_ab.py BASE [--rounds 4] [--runs 1000] [--variants worker_running]
 
 A is ``BASE`` checked out into a temporary git worktree, B the working tree.
 Each round runs ``manage.py bench_workflows`` once for each side (C = 10 and
 50, the worker-running variant, and latency), each side on a database of its
 own (``openworkflow_bench_a``/``_b``, created and migrated by its own code), so
 load that drifts during the sitting hits both sides alike. Prints the median
-of each measure per side and B/A; the JSON lines land in
+of each measure per side and B/A (for a queue-limit variant given with
+``--variants``, its ratio to the unlimited throughput too); the JSON lines land in
 ``bench-results/ab-a.jsonl`` and ``ab-b.jsonl``.
 """
 
@@ -52,7 +53,7 @@ def createdb(name: str) -> None:
         subprocess.run(["psql", f"{SERVER}/postgres", "-c", f"CREATE DATABASE {name}"], check=True)
 
 
-def bench(tree: Path, database: str, runs: int, out: Path) -> None:
+def bench(tree: Path, database: str, runs: int, variants: str, out: Path) -> None:
     env = {**os.environ, "DATABASE_URL": f"{SERVER}/{database}", "DEBUG": "false"}
     env["PYTHONPATH"] = str(tree)  # that side's package, not the installed one
     python = sys.executable
@@ -61,7 +62,7 @@ def bench(tree: Path, database: str, runs: int, out: Path) -> None:
     )
     command = [
         python, "manage.py", "bench_workflows", "--concurrency", "10,50", "--reps", "1",
-        "--runs", str(runs), "--variants", "worker_running", "--latency-runs", "50",
+        "--runs", str(runs), "--variants", variants, "--latency-runs", "50",
     ]  # fmt: skip
     with open(out, "a") as lines:
         subprocess.run(command, cwd=tree, env=env, stdout=lines, check=True)
@@ -91,6 +92,11 @@ def main() -> None:
     parser.add_argument("base", help="git ref of side A")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--runs", type=int, default=1000)
+    parser.add_argument(
+        "--variants",
+        default="worker_running",
+        help="bench_workflows --variants (default: worker_running)",
+    )
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     files = {side: OUT / f"ab-{side}.jsonl" for side in "ab"}
@@ -108,7 +114,10 @@ def main() -> None:
             for round_ in range(args.rounds):
                 for side in "ab" if round_ % 2 == 0 else "ba":
                     print(f"round {round_ + 1}/{args.rounds}: {side.upper()}", flush=True)
-                    bench(trees[side], f"openworkflow_bench_{side}", args.runs, files[side])
+                    bench(
+                        trees[side], f"openworkflow_bench_{side}", args.runs, args.variants,
+                        files[side],
+                    )  # fmt: skip
         finally:
             subprocess.run(
                 ["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=True
@@ -116,7 +125,13 @@ def main() -> None:
     rows = {side: load(path) for side, path in files.items()}
     print(f"\nA = {args.base}, B = working tree; median of {args.rounds} interleaved rounds\n")
     print("| measure | A | B | B/A |\n|---|---|---|---|")
-    for label, variant, concurrency, key in MEASURES:
+    measures = list(MEASURES)
+    for variant in args.variants.split(","):
+        if variant not in ("worker_running", "enqueue_first"):
+            for c in (10, 50):
+                measures.append((f"{variant} runs/s C={c}", variant, c, "runs_per_s"))
+                measures.append((f"{variant} ratio C={c}", variant, c, "ratio"))
+    for label, variant, concurrency, key in measures:
         a, b = (median(rows[side], variant, concurrency, key) for side in "ab")
         change = "-" if a is None or b is None or not a else f"{b / a:.2f}"
         print(f"| {label} | {show(a)} | {show(b)} | {change} |")

@@ -650,6 +650,133 @@ def test_a_second_claim_waits_for_the_queue_while_the_first_counts(settings, lim
     assert WorkflowRun.objects.filter(status="running").count() == 1
 
 
+# --- PostgreSQL's claim in one round trip ----------------------------------------------------
+
+
+def other_claimer():
+    """A connection of its own, as another worker's: (connection, the queue lock's SQL)."""
+    import psycopg
+
+    from django_openworkflow.store.postgres import lock_text
+
+    params = connection.get_connection_params()
+    for option in ("cursor_factory", "context", "server_side_binding"):
+        params.pop(option, None)
+    lock = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
+    return psycopg.connect(**params), (lock, [lock_text("queue", "default", "emails")])
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_the_one_round_trip_claim_counts_what_another_committed_while_it_waited(
+    settings, monkeypatch
+):
+    """With no test hook at its pause points, PostgreSQL sends a limited claim's queue locks
+    and its claim in one query, one transaction. The claim's snapshot is taken when the
+    lock is granted, not before it waits: it sees the runs another worker started meanwhile,
+    and the limit holds."""
+    from django_openworkflow.store.postgres import PostgresStore
+
+    in_one = []
+    real = PostgresStore._in_one_transaction
+
+    def spy(store, statements):
+        in_one.append(len(statements))
+        return real(store, statements)
+
+    monkeypatch.setattr(PostgresStore, "_in_one_transaction", spy)
+    set_queues(settings, {"emails": {"concurrency": 2}})
+    runs = queued.start_many([1, 2, 3, 4])
+    took: dict[str, Claims] = {}
+    claimer = Backend(lambda: took.__setitem__("claims", take(worker="w2")))
+    other, lock = other_claimer()
+    with other, other.transaction():
+        other.execute(*lock)  # another worker's claim holds the queue
+        claimer.start()
+        assert blocked_on_a_lock(claimer)
+        # ... and starts two runs of it, on a lease, before it commits
+        other.execute(
+            "UPDATE django_openworkflow_workflowrun SET status = 'running', worker_id = 'w1',"
+            " claim_token = gen_random_uuid(), started_at = statement_timestamp(),"
+            " available_at = statement_timestamp() + interval '5 minutes' WHERE id = ANY(%s)",
+            [[runs[0].pk, runs[1].pk]],
+        )
+    claimer.finish()
+    assert took["claims"] == []
+    assert in_one == [2]  # the lock and the claim
+    assert WorkflowRun.objects.filter(status="running").count() == 2
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_one_round_trip_claim_leaves_its_connection_clean(settings):
+    """An error inside the one-round-trip claim (here the queue lock's timeout) rolls it
+    back whole and comes out as Django's error; the connection claims again afterwards."""
+    from django.db import OperationalError
+    from psycopg import pq
+
+    set_queues(settings, {"emails": {"concurrency": 2}})
+    queued.start_many([1, 2, 3])
+    released = threading.Event()
+    seen: dict[str, object] = {}
+
+    def claim_twice() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '100ms'")
+        with pytest.raises(OperationalError, match="lock timeout"):
+            take(worker="w2")
+        seen["status"] = connection.connection.info.transaction_status
+        assert released.wait(10)
+        seen["claims"] = take(worker="w2")
+
+    claimer = Backend(claim_twice)
+    other, lock = other_claimer()
+    with other:
+        with other.transaction():
+            other.execute(*lock)
+            claimer.start()
+            end = time.monotonic() + 10
+            while "status" not in seen and claimer.is_alive() and time.monotonic() < end:
+                time.sleep(0.01)  # until the claim has given up on the lock
+        released.set()
+    claimer.finish()
+    assert seen["status"] == pq.TransactionStatus.IDLE
+    assert len(seen["claims"]) == 2
+    assert WorkflowRun.objects.filter(status="running").count() == 2
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_the_one_round_trip_claim_prepares_its_statements_again_after_a_discard(settings):
+    """A pooler or a ``DISCARD ALL`` drops a session's prepared statements; the claim then
+    prepares its own again and claims, rather than failing at every claim."""
+    set_queues(settings, {"emails": {"concurrency": 2}})
+    queued.start_many([1, 2, 3])
+    assert len(take(limit=1)) == 1  # prepares the lock and the claim on this connection
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+    assert len(take(limit=1)) == 1
+    assert take(limit=1) == []  # the limit of 2 still counts
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'owf_%%'")
+        assert cursor.fetchone()[0] == 2
+
+
+@pytest.mark.parametrize(
+    "limits", [{"concurrency": 1}, {"key_concurrency": 1}], ids=["concurrency", "key_concurrency"]
+)
+@pytest.mark.django_db
+def test_a_worker_serving_every_queue_takes_runs_of_a_queue_no_longer_configured(settings, limits):
+    """A run whose queue was taken out of ``QUEUES`` after it started is claimed by a worker
+    that serves every queue: PostgreSQL finds the queues with runs in its index, not in the
+    settings."""
+    set_queues(settings, {"emails": limits})
+    retired = echo.start(1)
+    WorkflowRun.objects.filter(pk=retired.pk).update(queue="retired")
+    limited = queued.start(2)
+    assert claimed_ids(take()) == {retired.pk, limited.pk}
+
+
 THREAD_QUEUES = {"narrow": {"concurrency": 2, "key_concurrency": 1}, "rated": {"rate_limit": "5/h"}}
 
 

@@ -235,6 +235,38 @@ def rate_fields(rate_limit: str, steady: SteadyRate | None) -> dict[str, Any]:
     }
 
 
+def medians(lines: list[dict[str, Any]], concurrency: int) -> list[dict[str, Any]]:
+    """For each variant judged by a ratio and measured more than once at ``concurrency``, its
+    median runs/s against the median unlimited runs/s, and the verdict on those."""
+    at = [line for line in lines if line["concurrency"] == concurrency]
+    result = []
+    for variant in MIN_RATIO:
+        measured = [line["runs_per_s"] for line in at if line["variant"] == variant]
+        unlimited = [line["runs_per_s"] for line in at if line["variant"] == BASELINE]
+        if len(measured) < 2 or not unlimited:
+            continue
+        runs_per_s = statistics.median(measured)
+        result.append(
+            {
+                "variant": variant,
+                "concurrency": concurrency,
+                "reps": len(measured),
+                "runs_per_s": runs_per_s,
+                **ratio_fields(variant, runs_per_s, statistics.median(unlimited)),
+            }
+        )
+    return result
+
+
+def median_summary(line: dict[str, Any]) -> str:
+    """One line of words for a line of ``medians()``."""
+    return (
+        f"{line['variant']} C={line['concurrency']}, medians of {line['reps']} repeats: "
+        f"{line['runs_per_s']:.1f} runs/s = {line['ratio']:.2f} x unlimited "
+        f"{line['unlimited_runs_per_s']:.1f}; needs >= {line['min_ratio']:.2f}: {line['verdict']}"
+    )
+
+
 def summary(line: dict[str, Any]) -> str:
     """One line of words for a limit variant's JSON line (the command writes it to stderr)."""
     keys = f" over {line['concurrency_keys']} keys" if "concurrency_keys" in line else ""

@@ -8,9 +8,13 @@ overridden here is the ORM store's.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import json
 import logging
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
@@ -19,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from ..models import QueueStart, StepAttempt, WorkflowRun
-from ..pauses import pause_point
+from ..pauses import has_hooks, pause_point
 from ..queues import Queue, frees_a_place
 from .base import Claim, Claims, Deferred
 from .limits import Candidate, ClaimPlan, Page, SlotCounts, lock_queues
@@ -34,6 +38,8 @@ RUN = WorkflowRun._meta.db_table
 STEP = StepAttempt._meta.db_table
 QUEUE_START = QueueStart._meta.db_table
 NOTIFY_CHANNEL = "django_openworkflow"
+# Where a test may stop a claim with limits: the claim then runs its statements one by one.
+CLAIM_PAUSES = ("claim.queue-locked", "claim.queue-counted", "claim.before-commit")
 
 # Locks the run row (no new row version: steps do not rewrite the run) while
 # checking that the claim still holds; the heartbeat renews the lease.
@@ -162,6 +168,10 @@ class PostgresStore(OrmStore):
         if limit < 1 or not names:
             return Claims()
         plan = ClaimPlan.serving(queues)
+        if plan.limited and all(_only_concurrency(q) for q in plan.limited):
+            return self.claim_concurrency(
+                namespace, names, plan, plan.limited, limit, worker_id, lease_seconds
+            )
         limited = [q.name for q in plan.limited]
         due = set()
         if limited:
@@ -169,7 +179,7 @@ class PostgresStore(OrmStore):
             due = {row[0] for row in rows}
         if due:
             due_limited = [q for q in plan.limited if q.name in due]
-            if all(q.concurrency and not (q.key_concurrency or q.rate) for q in due_limited):
+            if all(_only_concurrency(q) for q in due_limited):
                 return self.claim_concurrency(
                     namespace, names, plan, due_limited, limit, worker_id, lease_seconds
                 )
@@ -203,40 +213,91 @@ class PostgresStore(OrmStore):
 
     # --- the claim with limits: OrmStore.claim's parts, each one prepared statement ----
 
+    # The queues a claim with limits reads without them: those it serves (listed), or every
+    # queue with a pending or running run but the limited ones. These are found by a loose
+    # index scan of owf_run_queue_claim_idx, one index descent per queue name; a filter
+    # ``queue <> ALL(limited)`` would instead read every due run of the limited queues,
+    # their backlog, at every claim.
+    OPEN_QUEUES_LISTED = "open_queues(name) AS (SELECT unnest(%s::text[]))"
+    OPEN_QUEUES_EXCEPT = f"""queue_names(name) AS (
+        (SELECT queue FROM {RUN} WHERE namespace = %s AND status IN ('pending', 'running')
+         ORDER BY queue LIMIT 1)
+        UNION ALL
+        SELECT (SELECT queue FROM {RUN}
+                WHERE namespace = %s AND status IN ('pending', 'running') AND queue > q.name
+                ORDER BY queue LIMIT 1)
+        FROM queue_names AS q WHERE q.name IS NOT NULL
+    ), open_queues(name) AS (
+        SELECT name FROM queue_names WHERE name IS NOT NULL AND name <> ALL(%s)
+    )"""
+    # The best due runs of those queues, as many from each as the claim may take, locked.
+    OPEN = f"""open AS (
+        SELECT c.* FROM open_queues, LATERAL (
+            SELECT id, started_at, priority, available_at, queue FROM {RUN}
+            WHERE queue = open_queues.name AND {DUE}
+            ORDER BY priority DESC, available_at, id
+            LIMIT {{limit}}
+            FOR UPDATE SKIP LOCKED
+        ) AS c
+    )"""
+
+    @classmethod
+    def with_open_queues(
+        cls, template: str, namespace: str, plan: ClaimPlan, limit: int
+    ) -> tuple[str, list[Any]]:
+        """``template`` (OPEN_PAGE, CLAIM_CONCURRENCY) with ``plan``'s ``open_queues`` CTE
+        and ``limit``, and the CTE's parameters.
+
+        The limit is in the text, not a parameter: these statements are prepared, and a
+        generic plan that does not know the limit reads whole tables (a statement a
+        limit, at most the worker's concurrency of them).
+        """
+        if plan.open_queues is None:
+            limited = [q.name for q in plan.limited]
+            cte, params = cls.OPEN_QUEUES_EXCEPT, [namespace, namespace, limited]
+        else:
+            cte, params = cls.OPEN_QUEUES_LISTED, [plan.open_queues]
+        return _statement(template, cte, limit), params
+
     OPEN_PAGE = f"""
-    SELECT id, started_at, priority, available_at, queue FROM {RUN}
-    WHERE {DUE} AND {{queues}}
+    WITH RECURSIVE {{open_queues}}, {OPEN}
+    SELECT id, started_at, priority, available_at, queue FROM open
     ORDER BY priority DESC, available_at, id
-    LIMIT %s
-    FOR UPDATE SKIP LOCKED
+    LIMIT {{limit}}
     """
-    OPEN_PAGE_EXCLUDING = OPEN_PAGE.format(queues="queue <> ALL(%s)")
-    OPEN_PAGE_QUEUES = OPEN_PAGE.format(queues="queue = ANY(%s)")
 
     def open_candidates(
         self, namespace: str, names: list[str], plan: ClaimPlan, limit: int
     ) -> list[Candidate]:
-        if plan.open_queues is None:
-            sql, queues = self.OPEN_PAGE_EXCLUDING, [q.name for q in plan.limited]
-        else:
-            sql, queues = self.OPEN_PAGE_QUEUES, plan.open_queues
-        rows, _ = self._fetch(sql, [namespace, names, queues, limit])
+        sql, params = self.with_open_queues(self.OPEN_PAGE, namespace, plan, limit)
+        rows, _ = self._fetch(sql, [*params, namespace, names])
         return [Candidate(*row) for row in rows]
 
-    # The advisory locks are taken one row at a time, in name order (the subquery's).
+    # The advisory locks are taken one row at a time, in name order (the subquery's). The
+    # statement returns, and notes for the rest of the transaction (``LOCKED``, a
+    # transaction-local setting that CLAIM_CONCURRENCY reads), the names it locked.
+    LOCKED = "django_openworkflow.locked_queues"
     LOCK_DUE_QUEUES = f"""
-    SELECT q.name, pg_advisory_xact_lock(hashtextextended(q.lock_key, 0)) FROM (
-        SELECT name, lock_key FROM unnest(%s::text[], %s::text[]) AS q(name, lock_key)
-        WHERE EXISTS (SELECT 1 FROM {RUN} WHERE queue = q.name AND {DUE})
-        ORDER BY name OFFSET 0
-    ) AS q
+    WITH locked AS (
+        SELECT q.name, pg_advisory_xact_lock(hashtextextended(q.lock_key, 0)) FROM (
+            SELECT name, lock_key FROM unnest(%s::text[], %s::text[]) AS q(name, lock_key)
+            WHERE EXISTS (SELECT 1 FROM {RUN} WHERE queue = q.name AND {DUE})
+            ORDER BY name OFFSET 0
+        ) AS q
+    )
+    SELECT set_config('{LOCKED}', COALESCE((SELECT json_agg(name)::text FROM locked), '[]'), true)
     """
 
     def lock_due_queues(self, namespace: str, names: list[str], queues: list[str]) -> list[str]:
+        [(locked,)], _ = self._fetch(*self.lock_due_queues_statement(namespace, names, queues))
+        return json.loads(locked)
+
+    def lock_due_queues_statement(
+        self, namespace: str, names: list[str], queues: list[str]
+    ) -> tuple[str, list[Any]]:
         queues = sorted(queues)
         keys = [lock_text("queue", namespace, queue) for queue in queues]
-        rows, _ = self._fetch(self.LOCK_DUE_QUEUES, [queues, keys, namespace, names])
-        return [row[0] for row in rows]
+        return self.LOCK_DUE_QUEUES, [queues, keys, namespace, names]
 
     COUNT_SLOTS = f"""
     SELECT 'queue', queue, NULL, count(*), NULL::timestamptz FROM {RUN}
@@ -327,21 +388,24 @@ class PostgresStore(OrmStore):
     # queue locks, one statement counts the places, reads and locks the candidates and
     # takes the best of them, as OrmStore.claim's parts do in five.
     CLAIM_CONCURRENCY = f"""
-    WITH places AS (
+    WITH RECURSIVE {{open_queues}}, places AS (
         SELECT q.name, q.cap - count(r.id) AS free
         FROM unnest(%s::text[], %s::integer[]) AS q(name, cap)
         LEFT JOIN {RUN} AS r ON r.queue = q.name AND r.namespace = %s
             AND r.status IN ('pending', 'running') AND r.started_at IS NOT NULL
+        WHERE q.name IN (  -- the queues this transaction locked (LOCK_DUE_QUEUES)
+            SELECT json_array_elements_text(
+                COALESCE(NULLIF(current_setting('{LOCKED}', true), ''), '[]')::json))
         GROUP BY q.name, q.cap
+    ), held AS (
+        -- the due runs that hold a place already, taken whatever the count: few (at most
+        -- the limit, parked runs and those of dead workers included), found through
+        -- owf_run_slot_idx, not by reading the queue's backlog of due runs
+        SELECT id, started_at, priority, available_at FROM {RUN}
+        WHERE queue IN (SELECT name FROM places) AND started_at IS NOT NULL AND {DUE}
+        FOR UPDATE SKIP LOCKED
     ), limited AS (
-        -- the runs that hold a place already: taken whatever the count
-        SELECT c.id, c.started_at, c.priority, c.available_at FROM places, LATERAL (
-            SELECT id, started_at, priority, available_at FROM {RUN}
-            WHERE queue = places.name AND started_at IS NOT NULL AND {DUE}
-            ORDER BY priority DESC, available_at, id
-            LIMIT %s
-            FOR UPDATE SKIP LOCKED
-        ) AS c
+        SELECT id, started_at, priority, available_at FROM held
         UNION ALL
         -- the first of the others, as many as there are free places
         SELECT id, started_at, priority, available_at FROM (
@@ -352,33 +416,25 @@ class PostgresStore(OrmStore):
                 SELECT id, started_at, priority, available_at FROM {RUN}
                 WHERE places.free > 0 AND queue = places.name AND started_at IS NULL AND {DUE}
                 ORDER BY priority DESC, available_at, id
-                LIMIT %s
+                LIMIT {{limit}}
                 FOR UPDATE SKIP LOCKED
             ) AS c
         ) AS ranked
         WHERE n <= free
-    ), open AS (
-        SELECT id, started_at, priority, available_at FROM {RUN}
-        WHERE %s AND {DUE} AND {{queues}}
-        ORDER BY priority DESC, available_at, id
-        LIMIT %s
-        FOR UPDATE SKIP LOCKED
-    ), picked AS (
+    ), {OPEN}, picked AS (
         SELECT id, started_at, priority, available_at FROM (
             SELECT id, started_at, priority, available_at FROM limited
             UNION ALL
             SELECT id, started_at, priority, available_at FROM open
         ) AS candidates
         ORDER BY priority DESC, available_at, id
-        LIMIT %s
+        LIMIT {{limit}}
     )
     UPDATE {RUN} AS run SET {MARK_RUNNING}
     FROM picked WHERE run.id = picked.id
     RETURNING run.*, picked.started_at IS NULL AS first_start,
               statement_timestamp() AS db_now
     """
-    CLAIM_CONCURRENCY_EXCLUDING = CLAIM_CONCURRENCY.format(queues="queue <> ALL(%s)")
-    CLAIM_CONCURRENCY_QUEUES = CLAIM_CONCURRENCY.format(queues="queue = ANY(%s)")
 
     def claim_concurrency(
         self,
@@ -390,44 +446,58 @@ class PostgresStore(OrmStore):
         worker_id: str,
         lease_seconds: float,
     ) -> Claims:
-        """The claim when the limited queues with due runs (``limited``) limit only
-        ``concurrency``. The other limited queues wait for the next claim."""
+        """The claim when the limited queues it may take runs of (``limited``) limit only
+        ``concurrency``, in one transaction of two statements: LOCK_DUE_QUEUES locks those of
+        ``limited`` with a due run, CLAIM_CONCURRENCY counts their places and claims. A queue
+        of ``limited`` that had no due run at the lock waits for the next claim.
+
+        The two go in one round trip (``_in_one_transaction``) unless a test waits at one of
+        the claim's pause points, the caller has a transaction open, or
+        ``PREPARED_STATEMENTS`` is off: then one at a time.
+        """
         token = uuid.uuid4()
-        if plan.open_queues is None:
-            sql, open_queues = self.CLAIM_CONCURRENCY_EXCLUDING, [q.name for q in plan.limited]
-        else:
-            sql, open_queues = self.CLAIM_CONCURRENCY_QUEUES, plan.open_queues
-        with self.atomic():
-            locked = lock_queues(self, namespace, names, limited)
-            for queue in locked:  # the statement below counts under these locks
-                pause_point("claim.queue-counted", namespace=namespace, queue=queue.name)
-            params = [
-                [q.name for q in locked],
-                [q.concurrency for q in locked],
-                namespace,
-                namespace,
-                names,
-                limit,
-                namespace,
-                names,
-                limit,
-                plan.open,
-                namespace,
-                names,
-                open_queues,
-                limit,
-                limit,
-                worker_id,
-                token,
-                lease_seconds,
-            ]
-            claims = Claims(
-                Claim(run, token, extra["db_now"], extra["first_start"], lease_seconds)
-                for run, extra in self._runs(sql, params)
+        sql, open_params = self.with_open_queues(self.CLAIM_CONCURRENCY, namespace, plan, limit)
+        params = [
+            *open_params,
+            [q.name for q in limited],
+            [q.concurrency for q in limited],
+            namespace,
+            *(namespace, names) * 3,  # the runs holding places, the others, the open queues'
+            worker_id,
+            token,
+            lease_seconds,
+        ]
+        from ..conf import app_settings
+
+        one_round_trip = app_settings.PREPARED_STATEMENTS and not has_hooks(*CLAIM_PAUSES)
+        if one_round_trip and not self.connection.in_atomic_block:
+            lock = self.lock_due_queues_statement(namespace, names, [q.name for q in limited])
+            claims = self._claims(
+                *self._in_one_transaction([lock, (sql, params)]), token, lease_seconds
             )
+            self.announce(claims)
+            return claims
+        with self.atomic():
+            for queue in lock_queues(self, namespace, names, limited):
+                # the statement below counts under these locks
+                pause_point("claim.queue-counted", namespace=namespace, queue=queue.name)
+            claims = self._claims(*self._fetch(sql, params), token, lease_seconds)
             self.announce(claims)
             pause_point("claim.before-commit", run_ids=[claim.run_id for claim in claims])
         return claims
+
+    def _claims(
+        self,
+        rows: list[tuple[Any, ...]],
+        columns: list[str],
+        token: uuid.UUID,
+        lease_seconds: float,
+    ) -> Claims:
+        """The claims of a claim's ``RETURNING run.*, first_start, db_now`` rows."""
+        return Claims(
+            Claim(run, token, extra["db_now"], extra["first_start"], lease_seconds)
+            for run, extra in self._to_runs(rows, columns)
+        )
 
     FENCE_AND_STORE = f"""
     WITH fence AS ({FENCE}), deferred AS ({STORE_DEFERRED})
@@ -575,13 +645,62 @@ class PostgresStore(OrmStore):
             columns = [column.name for column in cursor.description or ()]
             return cursor.fetchall(), columns
 
+    def _in_one_transaction(
+        self, statements: list[tuple[str, list[Any]]]
+    ) -> tuple[list[tuple[Any, ...]], list[str]]:
+        """Run ``statements`` as one transaction, in one round trip; return the last one's
+        rows and columns.
+
+        They go as one query of the simple protocol, ``EXECUTE`` after ``EXECUTE`` of
+        statements prepared on the server (SQL ``PREPARE``, once per connection). The
+        statements of one such query are one transaction, committed after the last (rolled
+        back whole on an error), so a transaction-level advisory lock taken by one holds
+        over the next; each statement takes its own snapshot (READ COMMITTED) when it
+        begins, so a statement after a lock sees what was committed before the lock was
+        granted. (psycopg's pipeline mode would do the same in as many round trips, at
+        about twice the client's CPU per claim.) A connection that lost its prepared
+        statements (a ``DISCARD ALL``) prepares them again, once.
+        """
+        connection = self.connection
+        connection.ensure_connection()
+        raw = connection.connection
+        with connection.wrap_database_errors:
+            for retry in (True, False):
+                prepared = _SERVER_PREPARED.setdefault(raw, set())
+                calls = []
+                for sql, params in statements:
+                    name, text, count = _server_statement(sql)
+                    if name not in prepared:
+                        # (a duplicate: this session prepared it, but the count was lost)
+                        with contextlib.suppress(psycopg.errors.DuplicatePreparedStatement):
+                            raw.execute(f"PREPARE {name} AS {text}")
+                        prepared.add(name)
+                    calls.append((f"EXECUTE {name}({', '.join(['%s'] * count)})", params))
+                query = "; ".join(call for call, _ in calls)
+                try:
+                    with psycopg.ClientCursor(raw) as cursor:
+                        cursor.execute(query, [p for _, params in calls for p in params])
+                        while cursor.nextset():
+                            pass
+                        columns = [column.name for column in cursor.description or ()]
+                        return cursor.fetchall(), columns
+                except psycopg.errors.InvalidSqlStatementName:
+                    prepared.clear()
+                    if not retry:
+                        raise
+        raise AssertionError("unreachable")
+
     def _one(self, sql: str, params: list[Any]) -> tuple[Any, ...] | None:
         rows, _ = self._fetch(sql, params)
         return rows[0] if rows else None
 
     def _runs(self, sql: str, params: list[Any]) -> list[tuple[WorkflowRun, dict[str, Any]]]:
         """Model instances from ``RETURNING run.*, extra...`` rows, with the extras."""
-        rows, columns = self._fetch(sql, params)
+        return self._to_runs(*self._fetch(sql, params))
+
+    def _to_runs(
+        self, rows: list[tuple[Any, ...]], columns: list[str]
+    ) -> list[tuple[WorkflowRun, dict[str, Any]]]:
         runs = []
         for row in rows:
             values = dict(zip(columns, row, strict=True))
@@ -595,6 +714,31 @@ class PostgresStore(OrmStore):
             extra = {column: values[column] for column in columns if column not in _RUN_COLUMNS}
             runs.append((run, extra))
         return runs
+
+
+@functools.lru_cache(maxsize=512)
+def _statement(template: str, open_queues: str, limit: int) -> str:
+    return template.format(open_queues=open_queues, limit=int(limit))
+
+
+# The statements each connection has prepared with SQL PREPARE (``_in_one_transaction``).
+_SERVER_PREPARED: weakref.WeakKeyDictionary[psycopg.Connection[Any], set[str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@functools.cache
+def _server_statement(sql: str) -> tuple[str, str, int]:
+    """``sql`` for SQL PREPARE: its name (from its text), its text with $1, $2, ..., and
+    how many parameters it takes."""
+    parts = sql.split("%s")
+    text = parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], 1))
+    name = "owf_" + hashlib.sha1(sql.encode()).hexdigest()[:16]
+    return name, text, len(parts) - 1
+
+
+def _only_concurrency(queue: Queue) -> bool:
+    return bool(queue.concurrency) and not (queue.key_concurrency or queue.rate)
 
 
 def lock_text(*parts: str) -> str:
