@@ -26,7 +26,8 @@ PAUSE_POINTS: dict[str, str] = {
     "claim.queue-locked": "a claim holds a limited queue's lock and has not counted its runs yet",
     "claim.queue-counted": "a claim holds a limited queue's lock and counted its runs in"
     " progress and its starts (PostgreSQL's concurrency-only claim: about to, in one"
-    " statement); it has taken none yet",
+    " statement); it has taken none yet. A hook at any claim.* point before the commit makes"
+    " PostgreSQL send that claim's statements one by one, not in one round trip",
     "claim.before-commit": "a claim marked its runs and recorded their starts; not committed",
     "claim.after-commit": "a worker committed a claim and is about to hand the run to a slot",
     "step.before-fence": "a step is about to open its fenced transaction (start or finish)",

@@ -83,8 +83,10 @@ def median(rows: list[dict], variant: str, concurrency: int | None, key: str) ->
     return statistics.median(values) if values else None
 
 
-def show(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.1f}"
+def show(value: float | None, key: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if key == "ratio" else f"{value:,.1f}"
 
 
 def main() -> None:
@@ -134,7 +136,7 @@ def main() -> None:
     for label, variant, concurrency, key in measures:
         a, b = (median(rows[side], variant, concurrency, key) for side in "ab")
         change = "-" if a is None or b is None or not a else f"{b / a:.2f}"
-        print(f"| {label} | {show(a)} | {show(b)} | {change} |")
+        print(f"| {label} | {show(a, key)} | {show(b, key)} | {change} |")
 
 
 if __name__ == "__main__":

@@ -349,3 +349,36 @@ def test_the_summary_says_the_figures_and_the_verdict_in_words():
         'rate_limit C=50 {"rate_limit": "200/s"}: 150.0 runs/s = 1.50 x unlimited 100.0; '
         "first starts span less than one window of 200/s, nothing to measure (more runs?): fail"
     )
+
+
+def test_repeated_limit_variants_are_judged_on_the_ratio_of_their_medians():
+    lines = [
+        {"variant": variant, "concurrency": c, "runs_per_s": runs_per_s}
+        for variant, c, runs_per_s in [
+            ("enqueue_first", 10, 400.0),
+            ("queue_concurrency", 10, 300.0),
+            ("enqueue_first", 10, 200.0),  # a slow repeat of each: the medians leave it out
+            ("queue_concurrency", 10, 100.0),
+            ("enqueue_first", 10, 300.0),
+            ("queue_concurrency", 10, 270.0),
+            ("key_concurrency", 10, 250.0),  # once: no verdict on medians
+            ("enqueue_first", 50, 1000.0),
+            ("queue_concurrency", 50, 100.0),
+        ]
+    ]
+    [line] = limits.medians(lines, 10)
+    assert line == {
+        "variant": "queue_concurrency",
+        "concurrency": 10,
+        "reps": 3,
+        "runs_per_s": 270.0,
+        "unlimited_runs_per_s": 300.0,
+        "ratio": 0.9,
+        "min_ratio": 0.85,
+        "verdict": "pass",
+    }
+    assert limits.median_summary(line) == (
+        "queue_concurrency C=10, medians of 3 repeats: 270.0 runs/s = 0.90 x unlimited 300.0;"
+        " needs >= 0.85: pass"
+    )
+    assert limits.medians(lines, 50) == []
