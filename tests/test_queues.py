@@ -762,6 +762,50 @@ def test_the_one_round_trip_claim_prepares_its_statements_again_after_a_discard(
         assert cursor.fetchone()[0] == 2
 
 
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_behind_a_pooler_that_loses_prepared_statements_claims_go_one_by_one(
+    settings, monkeypatch, caplog
+):
+    """A pooler in transaction mode runs SQL PREPARE on one server connection and the next
+    query on another. After two misses in a row the claim says so, once, and claims of
+    limited queues go statement by statement from then on."""
+    from django.db import ProgrammingError
+
+    from django_openworkflow.store import postgres
+
+    def prepare_elsewhere(raw, name, text):  # as if the next query went to another server
+        raw.execute(f"PREPARE {name} AS {text}")
+        raw.execute(f"DEALLOCATE {name}")
+
+    monkeypatch.setitem(postgres._ONE_ROUND_TRIP, "usable", True)
+    monkeypatch.setattr(postgres.PostgresStore, "_prepare", staticmethod(prepare_elsewhere))
+    set_queues(settings, {"emails": {"concurrency": 2}})
+    queued.start_many([1, 2, 3])
+    with pytest.raises(ProgrammingError, match="does not exist"):
+        take(limit=1)
+    assert "claims of limited queues go statement by statement" in caplog.text
+    assert len(take(limit=5)) == 2
+    assert take(limit=5) == []
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_locks_only_the_runs_it_takes_from_queues_without_limits(settings):
+    """A claim reads the best runs of each queue without limits but locks only those it
+    takes: a claim at the same moment takes the others."""
+    set_queues(settings, {"default": {}, "other": {}, "emails": {"concurrency": 5}})
+    first = echo.start(1, priority=5)
+    second = echo.start(2, queue="other")
+    took: dict[str, Claims] = {}
+    with transaction.atomic():  # the first claim's transaction stays open meanwhile
+        assert claimed_ids(take(limit=1, worker="w1")) == {first.pk}
+        other = Backend(lambda: took.__setitem__("claims", take(limit=1, worker="w2")))
+        other.start()
+        other.finish()
+    assert claimed_ids(took["claims"]) == {second.pk}
+
+
 @pytest.mark.parametrize(
     "limits", [{"concurrency": 1}, {"key_concurrency": 1}], ids=["concurrency", "key_concurrency"]
 )

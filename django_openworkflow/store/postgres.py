@@ -162,8 +162,12 @@ class PostgresStore(OrmStore):
         lease_seconds: float,
         queues: Sequence[str] | None = None,
     ) -> Claims:
-        """One statement, unless a served queue with limits has a due run (then the ORM
-        store's claim, its parts in SQL below)."""
+        """One statement without limited queues. With them: when every limited queue
+        served limits only ``concurrency``, ``claim_concurrency`` (one query of two
+        statements); otherwise one ``EXISTS`` for due runs in the limited queues, then
+        the same one statement when none has one, ``claim_concurrency`` when those that
+        have one limit only ``concurrency``, or else the ORM store's claim (its parts in
+        SQL below)."""
         names = list(workflow_names)
         if limit < 1 or not names:
             return Claims()
@@ -230,15 +234,22 @@ class PostgresStore(OrmStore):
     ), open_queues(name) AS (
         SELECT name FROM queue_names WHERE name IS NOT NULL AND name <> ALL(%s)
     )"""
-    # The best due runs of those queues, as many from each as the claim may take, locked.
-    OPEN = f"""open AS (
-        SELECT c.* FROM open_queues, LATERAL (
-            SELECT id, started_at, priority, available_at, queue FROM {RUN}
+    # The best due runs of those queues: from each, the first ``pool`` (read, not locked:
+    # locking them all would hold runs this claim does not take from other workers' claims);
+    # of those, the first ``limit`` in claim order that no other claim holds, locked.
+    OPEN = f"""open_pool AS (
+        SELECT c.id FROM open_queues, LATERAL (
+            SELECT id FROM {RUN}
             WHERE queue = open_queues.name AND {DUE}
             ORDER BY priority DESC, available_at, id
-            LIMIT {{limit}}
-            FOR UPDATE SKIP LOCKED
+            LIMIT {{pool}}
         ) AS c
+    ), open AS (
+        SELECT id, started_at, priority, available_at, queue FROM {RUN}
+        WHERE id IN (SELECT id FROM open_pool) AND {DUE}
+        ORDER BY priority DESC, available_at, id
+        LIMIT {{limit}}
+        FOR UPDATE SKIP LOCKED
     )"""
 
     @classmethod
@@ -248,29 +259,30 @@ class PostgresStore(OrmStore):
         """``template`` (OPEN_PAGE, CLAIM_CONCURRENCY) with ``plan``'s ``open_queues`` CTE
         and ``limit``, and the CTE's parameters.
 
-        The limit is in the text, not a parameter: these statements are prepared, and a
-        generic plan that does not know the limit reads whole tables (a statement a
-        limit, at most the worker's concurrency of them).
+        The limit is in the text, rounded up to a power of two (the statement then
+        takes the exact limit as a parameter at the end): these statements are prepared,
+        and a generic plan that does not know its limits reads whole tables. So a
+        connection prepares one statement per power of two up to its concurrency.
         """
         if plan.open_queues is None:
             limited = [q.name for q in plan.limited]
             cte, params = cls.OPEN_QUEUES_EXCEPT, [namespace, namespace, limited]
         else:
             cte, params = cls.OPEN_QUEUES_LISTED, [plan.open_queues]
-        return _statement(template, cte, limit), params
+        return _statement(template, cte, 1 << max(0, limit - 1).bit_length()), params
 
     OPEN_PAGE = f"""
     WITH RECURSIVE {{open_queues}}, {OPEN}
     SELECT id, started_at, priority, available_at, queue FROM open
     ORDER BY priority DESC, available_at, id
-    LIMIT {{limit}}
+    LIMIT %s
     """
 
     def open_candidates(
         self, namespace: str, names: list[str], plan: ClaimPlan, limit: int
     ) -> list[Candidate]:
         sql, params = self.with_open_queues(self.OPEN_PAGE, namespace, plan, limit)
-        rows, _ = self._fetch(sql, [*params, namespace, names])
+        rows, _ = self._fetch(sql, [*params, *(namespace, names) * 2, limit])
         return [Candidate(*row) for row in rows]
 
     # The advisory locks are taken one row at a time, in name order (the subquery's). The
@@ -392,17 +404,19 @@ class PostgresStore(OrmStore):
         SELECT q.name, q.cap - count(r.id) AS free
         FROM unnest(%s::text[], %s::integer[]) AS q(name, cap)
         LEFT JOIN {RUN} AS r ON r.queue = q.name AND r.namespace = %s
+            AND r.queue = ANY(%s::text[])  -- for the index, which the join alone misses
             AND r.status IN ('pending', 'running') AND r.started_at IS NOT NULL
         WHERE q.name IN (  -- the queues this transaction locked (LOCK_DUE_QUEUES)
             SELECT json_array_elements_text(
                 COALESCE(NULLIF(current_setting('{LOCKED}', true), ''), '[]')::json))
         GROUP BY q.name, q.cap
     ), held AS (
-        -- the due runs that hold a place already, taken whatever the count: few (at most
-        -- the limit, parked runs and those of dead workers included), found through
-        -- owf_run_slot_idx, not by reading the queue's backlog of due runs
+        -- the due runs that hold a place already, taken whatever the count: read through
+        -- owf_run_slot_idx (the runs in progress of these queues, at most the limit plus
+        -- those of dead workers), not by reading the queue's backlog of due runs
         SELECT id, started_at, priority, available_at FROM {RUN}
-        WHERE queue IN (SELECT name FROM places) AND started_at IS NOT NULL AND {DUE}
+        WHERE queue = ANY(%s::text[]) AND queue IN (SELECT name FROM places)
+          AND started_at IS NOT NULL AND {DUE}
         FOR UPDATE SKIP LOCKED
     ), limited AS (
         SELECT id, started_at, priority, available_at FROM held
@@ -428,7 +442,7 @@ class PostgresStore(OrmStore):
             SELECT id, started_at, priority, available_at FROM open
         ) AS candidates
         ORDER BY priority DESC, available_at, id
-        LIMIT {{limit}}
+        LIMIT %s
     )
     UPDATE {RUN} AS run SET {MARK_RUNNING}
     FROM picked WHERE run.id = picked.id
@@ -457,19 +471,27 @@ class PostgresStore(OrmStore):
         """
         token = uuid.uuid4()
         sql, open_params = self.with_open_queues(self.CLAIM_CONCURRENCY, namespace, plan, limit)
+        queue_names = [q.name for q in limited]
         params = [
             *open_params,
-            [q.name for q in limited],
+            queue_names,
             [q.concurrency for q in limited],
             namespace,
-            *(namespace, names) * 3,  # the runs holding places, the others, the open queues'
+            queue_names,
+            queue_names,  # the runs holding places
+            *(namespace, names) * 4,  # ... and the others, the open queues' pool, their runs
+            limit,
             worker_id,
             token,
             lease_seconds,
         ]
         from ..conf import app_settings
 
-        one_round_trip = app_settings.PREPARED_STATEMENTS and not has_hooks(*CLAIM_PAUSES)
+        one_round_trip = (
+            app_settings.PREPARED_STATEMENTS
+            and _ONE_ROUND_TRIP["usable"]
+            and not has_hooks(*CLAIM_PAUSES)
+        )
         if one_round_trip and not self.connection.in_atomic_block:
             lock = self.lock_due_queues_statement(namespace, names, [q.name for q in limited])
             claims = self._claims(
@@ -626,8 +648,8 @@ class PostgresStore(OrmStore):
         Django's own cursors bind parameters on the client and never prepare;
         the worker runs these few statements thousands of times, so PostgreSQL
         parses and plans each once per connection instead
-        (``OPENWORKFLOW["PREPARED_STATEMENTS"]`` turns that off, e.g. behind a
-        PgBouncer older than 1.21 in transaction mode). Errors still arrive as
+        (``OPENWORKFLOW["PREPARED_STATEMENTS"]`` turns that off, e.g. behind
+        PgBouncer in transaction mode). Errors still arrive as
         ``django.db`` exceptions.
         """
         from ..conf import app_settings
@@ -671,9 +693,7 @@ class PostgresStore(OrmStore):
                 for sql, params in statements:
                     name, text, count = _server_statement(sql)
                     if name not in prepared:
-                        # (a duplicate: this session prepared it, but the count was lost)
-                        with contextlib.suppress(psycopg.errors.DuplicatePreparedStatement):
-                            raw.execute(f"PREPARE {name} AS {text}")
+                        self._prepare(raw, name, text)
                         prepared.add(name)
                     calls.append((f"EXECUTE {name}({', '.join(['%s'] * count)})", params))
                 query = "; ".join(call for call, _ in calls)
@@ -687,8 +707,21 @@ class PostgresStore(OrmStore):
                 except psycopg.errors.InvalidSqlStatementName:
                     prepared.clear()
                     if not retry:
+                        _ONE_ROUND_TRIP["usable"] = False
+                        logger.warning(
+                            "statements prepared with SQL PREPARE were gone at the next query"
+                            " twice (a pooler in transaction mode?): claims of limited queues"
+                            " go statement by statement from now on; behind such a pooler set"
+                            ' OPENWORKFLOW["PREPARED_STATEMENTS"] = False'
+                        )
                         raise
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _prepare(raw: psycopg.Connection[Any], name: str, text: str) -> None:
+        # (a duplicate: this session prepared it, but the count was lost)
+        with contextlib.suppress(psycopg.errors.DuplicatePreparedStatement):
+            raw.execute(f"PREPARE {name} AS {text}")
 
     def _one(self, sql: str, params: list[Any]) -> tuple[Any, ...] | None:
         rows, _ = self._fetch(sql, params)
@@ -716,10 +749,13 @@ class PostgresStore(OrmStore):
         return runs
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=256)
 def _statement(template: str, open_queues: str, limit: int) -> str:
-    return template.format(open_queues=open_queues, limit=int(limit))
+    return template.format(open_queues=open_queues, limit=int(limit), pool=2 * int(limit))
 
+
+# False once SQL PREPARE's statements were found gone twice in a row (a pooler).
+_ONE_ROUND_TRIP = {"usable": True}
 
 # The statements each connection has prepared with SQL PREPARE (``_in_one_transaction``).
 _SERVER_PREPARED: weakref.WeakKeyDictionary[psycopg.Connection[Any], set[str]] = (
