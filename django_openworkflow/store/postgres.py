@@ -129,6 +129,13 @@ class PostgresStore(OrmStore):
           AND available_at <= statement_timestamp() AND workflow_name = ANY(%s)
           AND (deadline_at IS NULL OR deadline_at > statement_timestamp())"""
 
+    # DUE, for a run read by its primary key: "IS TRUE" keeps the planner of a generic
+    # plan from the partial indexes (whose predicate it no longer sees implied), which it
+    # would otherwise scan for the one id.
+    DUE_BY_ID = DUE.replace(
+        "status IN ('pending', 'running')", "(status IN ('pending', 'running')) IS TRUE"
+    )
+
     CLAIM = f"""
     WITH due AS (
         SELECT id, started_at AS previous_started_at
@@ -236,20 +243,24 @@ class PostgresStore(OrmStore):
     )"""
     # The best due runs of those queues: from each, the first ``pool`` (read, not locked:
     # locking them all would hold runs this claim does not take from other workers' claims);
-    # of those, the first ``limit`` in claim order that no other claim holds, locked.
+    # of those, the first ``limit`` in claim order that no other claim holds, each locked
+    # through its primary key (a nested loop keeps the pool's order, so LIMIT stops there).
     OPEN = f"""open_pool AS (
-        SELECT c.id FROM open_queues, LATERAL (
-            SELECT id FROM {RUN}
+        SELECT c.* FROM open_queues, LATERAL (
+            SELECT id, priority, available_at FROM {RUN}
             WHERE queue = open_queues.name AND {DUE}
-            ORDER BY priority DESC, available_at, id
+            ORDER BY priority DESC, available_at  -- the index's order (LATERALS below too)
             LIMIT {{pool}}
         ) AS c
     ), open AS (
-        SELECT id, started_at, priority, available_at, queue FROM {RUN}
-        WHERE id IN (SELECT id FROM open_pool) AND {DUE}
-        ORDER BY priority DESC, available_at, id
+        SELECT c.* FROM (
+            SELECT id FROM open_pool ORDER BY priority DESC, available_at, id
+        ) AS p, LATERAL (
+            SELECT id, started_at, priority, available_at, queue FROM {RUN}
+            WHERE id = p.id AND {DUE_BY_ID}
+            FOR UPDATE SKIP LOCKED
+        ) AS c
         LIMIT {{limit}}
-        FOR UPDATE SKIP LOCKED
     )"""
 
     @classmethod
@@ -429,7 +440,7 @@ class PostgresStore(OrmStore):
             FROM places, LATERAL (
                 SELECT id, started_at, priority, available_at FROM {RUN}
                 WHERE places.free > 0 AND queue = places.name AND started_at IS NULL AND {DUE}
-                ORDER BY priority DESC, available_at, id
+                ORDER BY priority DESC, available_at
                 LIMIT {{limit}}
                 FOR UPDATE SKIP LOCKED
             ) AS c
