@@ -239,11 +239,13 @@ def medians(lines: list[dict[str, Any]], concurrency: int) -> list[dict[str, Any
     """For each variant judged by a ratio and measured more than once at ``concurrency``, its
     median runs/s against the median unlimited runs/s, and the verdict on those."""
     at = [line for line in lines if line["concurrency"] == concurrency]
+    unlimited = [line["runs_per_s"] for line in at if line["variant"] == BASELINE]
+    if not unlimited:
+        return []
     result = []
     for variant in MIN_RATIO:
         measured = [line["runs_per_s"] for line in at if line["variant"] == variant]
-        unlimited = [line["runs_per_s"] for line in at if line["variant"] == BASELINE]
-        if len(measured) < 2 or not unlimited:
+        if len(measured) < 2:
             continue
         runs_per_s = statistics.median(measured)
         result.append(

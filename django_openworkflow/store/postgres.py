@@ -215,10 +215,7 @@ class PostgresStore(OrmStore):
         else:
             sql, params = self.CLAIM_ANY_QUEUE, [namespace, names]
         params += [limit, worker_id, token, lease_seconds]
-        claims = Claims(
-            Claim(run, token, extra["db_now"], extra["first_start"], lease_seconds)
-            for run, extra in self._runs(sql, params)
-        )
+        claims = self._claims(*self._fetch(sql, params), token, lease_seconds)
         self.announce(claims)
         return claims
 
@@ -504,7 +501,7 @@ class PostgresStore(OrmStore):
             and not has_hooks(*CLAIM_PAUSES)
         )
         if one_round_trip and not self.connection.in_atomic_block:
-            lock = self.lock_due_queues_statement(namespace, names, [q.name for q in limited])
+            lock = self.lock_due_queues_statement(namespace, names, queue_names)
             claims = self._claims(
                 *self._in_one_transaction([lock, (sql, params)]), token, lease_seconds
             )
