@@ -17,8 +17,10 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from . import clock
+from .cron import next_tick, validate_cron, validate_timezone
 from .exceptions import Refusal
 from .managers import ACTIVE, StepAttemptQuerySet, WorkflowRunManager
+from .schedules import WorkflowScheduleManager, default_timezone
 
 if TYPE_CHECKING:
     from .waiting import WaitingFor
@@ -121,6 +123,19 @@ class WorkflowRun(models.Model):
         blank=True,
         help_text=_("Runs with one key share the queue's key_concurrency limit."),
     )
+    schedule_name = ExactCharField(
+        _("schedule"),
+        max_length=255,
+        null=True,
+        blank=True,
+        help_text=_("The WorkflowSchedule that started the run, by name."),
+    )
+    scheduled_at = models.DateTimeField(
+        _("scheduled at"),
+        null=True,
+        blank=True,
+        help_text=_("The schedule's tick this run is for (ctx.scheduled_at)."),
+    )
 
     objects = WorkflowRunManager()
 
@@ -183,6 +198,14 @@ class WorkflowRun(models.Model):
             models.CheckConstraint(
                 condition=models.Q(priority__gte=-100, priority__lte=100),
                 name="owf_run_priority_range",
+            ),
+            # One run per schedule tick: a double start is an IntegrityError. (MySQL and
+            # MariaDB have no partial indexes: migration 0008 gives them the same columns
+            # in a plain unique index, where NULLs never clash.)
+            models.UniqueConstraint(
+                fields=["namespace", "schedule_name", "scheduled_at"],
+                condition=models.Q(schedule_name__isnull=False),
+                name="owf_run_schedule_tick_uniq",
             ),
         ]
 
@@ -533,3 +556,73 @@ class QueueStart(models.Model):
 
     def __str__(self) -> str:
         return f"{self.queue} {self.run_id} at {self.started_at}"
+
+
+class WorkflowSchedule(models.Model):
+    """A cron schedule that starts one run of a workflow at each tick.
+
+    Declared in code with ``@workflow(schedule=...)`` (created or updated when a
+    worker starts) or added in the admin. ``next_run_at`` is the tick a worker
+    fires next; firing it inserts the run and moves ``next_run_at`` on in one
+    transaction, under this row's lock (``WorkflowScheduleManager.fire_due``).
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    namespace = ExactCharField(_("namespace"), max_length=100, default="default")
+    name = ExactCharField(_("name"), max_length=255)
+    workflow_name = ExactCharField(_("workflow"), max_length=255)
+    cron = models.CharField(
+        _("cron"),
+        max_length=100,
+        validators=[validate_cron],
+        help_text=_('Five fields: minute hour day-of-month month day-of-week ("0 3 * * *").'),
+    )
+    timezone = models.CharField(
+        _("time zone"),
+        max_length=64,
+        default=default_timezone,
+        validators=[validate_timezone],
+        help_text=_('The zone the cron expression is read in ("Europe/Berlin").'),
+    )
+    input = models.JSONField(_("input"), null=True, blank=True)
+    enabled = models.BooleanField(_("enabled"), default=True)
+    declared_in_code = models.BooleanField(
+        _("declared in code"),
+        default=False,
+        editable=False,
+        help_text=_("Declared with @workflow(schedule=...): a worker's start updates it."),
+    )
+    next_run_at = models.DateTimeField(_("next run at"), null=True, blank=True)
+    last_run_at = models.DateTimeField(
+        _("last run at"), null=True, blank=True, help_text=_("The tick of the last run started.")
+    )
+    created_at = models.DateTimeField(_("created at"), db_default=Now(), editable=False)
+    updated_at = models.DateTimeField(_("updated at"), db_default=Now(), editable=False)
+
+    objects = WorkflowScheduleManager()
+
+    class Meta:
+        verbose_name = _("workflow schedule")
+        verbose_name_plural = _("workflow schedules")
+        ordering = ["namespace", "name"]
+        indexes = [
+            # The worker's look for due ticks.
+            models.Index(
+                fields=["namespace", "next_run_at"],
+                condition=models.Q(enabled=True),
+                name="owf_schedule_due_idx",
+            ),
+        ]
+        constraints = [
+            models.UniqueConstraint(fields=["namespace", "name"], name="owf_schedule_name_uniq"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def get_absolute_url(self) -> str:
+        return reverse("django_openworkflow:schedule-list") + f"#schedule-{self.pk}"
+
+    def reschedule(self, now: datetime | None = None) -> None:
+        """Set ``next_run_at`` to the first tick after ``now``: no tick before it will run."""
+        self.next_run_at = next_tick(self.cron, self.timezone, now or timezone.now())

@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from .clock import Now
 from .conf import app_settings
+from .cron import schedules_of
 from .durations import RetryPolicy
 from .names import check_name, text_problem
 from .queues import (
@@ -44,6 +45,7 @@ class Workflow:
         retry_policy: RetryPolicy | None = None,
         queue: str = DEFAULT_QUEUE,
         priority: int = 0,
+        schedule: Any = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"workflow {name!r} must wrap a callable, not {fn!r}")
@@ -68,6 +70,7 @@ class Workflow:
         of = f' of workflow "{name}"'
         self.queue = check_name(queue, "queue", of=of, blank=False, max_length=MAX_QUEUE_LENGTH)
         self.priority = check_priority(priority, of)
+        self.schedules = schedules_of(name, schedule)
         self.__doc__ = getattr(fn, "__doc__", None)
         self.__wrapped__ = fn
 
@@ -214,11 +217,14 @@ def workflow(
     retry_policy: RetryPolicy | None = None,
     queue: str = DEFAULT_QUEUE,
     priority: int = 0,
+    schedule: Any = None,
 ) -> Any:
     """Register a workflow function. Use as ``@workflow(name="charge-order")`` or ``@workflow``.
 
     ``name`` defaults to the function's dotted path. ``queue`` and
     ``priority`` are the defaults of its runs (``start()`` may override them).
+    ``schedule`` starts runs on a cron schedule: a cron string, a ``Schedule``
+    or a list of them (see docs/schedules.md).
     """
     if callable(name):
         return workflow()(name)
@@ -236,6 +242,7 @@ def workflow(
             retry_policy=retry_policy,
             queue=queue,
             priority=priority,
+            schedule=schedule,
         )
         register(wf)
         return wf
@@ -268,3 +275,12 @@ def workflow_names() -> list[str]:
 
 def duplicate_registrations() -> list[tuple[Workflow, Workflow]]:
     return list(_duplicates)
+
+
+def schedule_clashes() -> list[tuple[str, list[str]]]:
+    """Schedule names declared by more than one workflow: (name, the workflows' names)."""
+    owners: dict[str, list[str]] = {}
+    for wf in registered_workflows():
+        for declared in wf.schedules:
+            owners.setdefault(declared.name, []).append(wf.name)  # type: ignore[arg-type]
+    return [(name, names) for name, names in sorted(owners.items()) if len(names) > 1]

@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 class WorkflowContext:
     """What a workflow function sees.
 
-    ``ctx.input``, ``ctx.run_id``, ``ctx.version`` and ``ctx.step``.
+    ``ctx.input``, ``ctx.run_id``, ``ctx.version``, ``ctx.scheduled_at`` (the
+    schedule's tick, an aware datetime; None for a run no schedule started)
+    and ``ctx.step``.
     """
 
     def __init__(self, execution: Execution) -> None:
@@ -23,6 +25,7 @@ class WorkflowContext:
         self.input = run.input
         self.run_id = run.pk
         self.version = run.version
+        self.scheduled_at = run.scheduled_at
         self.step = StepApi(execution)
 
     def __repr__(self) -> str:
