@@ -20,6 +20,7 @@ from .exceptions import (
 __all__ = [
     "InvalidTransition",
     "RetryPolicy",
+    "Schedule",
     "StepFailed",
     "WorkflowCanceled",
     "WorkflowError",
@@ -36,6 +37,10 @@ def __getattr__(name: str) -> Any:
         from .registry import workflow
 
         return workflow
+    if name == "Schedule":
+        from .cron import Schedule
+
+        return Schedule
     if name == "send_signal":
         from .signaling import send_signal
 

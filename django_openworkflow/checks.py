@@ -7,7 +7,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.checks import Error, Tags, Warning, register
-from django.db import connections
+from django.db import DatabaseError, connections
 
 from .conf import DEFAULTS
 from .queues import queue_problems
@@ -257,7 +257,12 @@ def check_mysql_isolation_level(app_configs: Any = None, **kwargs: Any) -> list[
 
 @register()
 def check_workflows(app_configs: Any = None, **kwargs: Any) -> list[Any]:
-    from .registry import duplicate_registrations, qualified_name, registered_workflows
+    from .registry import (
+        duplicate_registrations,
+        qualified_name,
+        registered_workflows,
+        schedule_clashes,
+    )
 
     errors: list[Any] = []
     for previous, later in duplicate_registrations():
@@ -276,6 +281,69 @@ def check_workflows(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                     f"Workflow {wf.name!r} is registered with {wf.fn!r}, which is not callable.",
                     hint="Register functions with @workflow; a run calls the function with ctx.",
                     id="django_openworkflow.E008",
+                )
+            )
+    for name, owners in schedule_clashes():
+        errors.append(
+            Error(
+                f"Schedule name {name!r} is declared by {len(owners)} workflows: "
+                f"{', '.join(owners)}.",
+                hint="A schedule is found by its name: give one of them "
+                "Schedule(cron, name=...).",
+                id="django_openworkflow.E015",
+            )
+        )
+    return errors
+
+
+@register(Tags.database)
+def check_stored_schedules(
+    app_configs: Any = None, databases: Any = None, **kwargs: Any
+) -> list[Any]:
+    """E016 and W003: schedules stored in the database (added in the admin, or by hand).
+
+    A "database" check: ``manage.py check --database default`` and ``migrate``
+    run it.
+    """
+    from .conf import app_settings
+    from .cron import check_cron, check_timezone
+    from .models import WorkflowSchedule
+    from .registry import get_workflow
+
+    alias = engine_alias()
+    if alias not in (databases or []):
+        return []
+    try:
+        stored = list(
+            WorkflowSchedule.objects.using(alias)
+            .filter(namespace=app_settings.NAMESPACE)
+            .values_list("name", "cron", "timezone", "workflow_name", "enabled")
+        )
+    except DatabaseError:  # not migrated yet
+        return []
+    errors: list[Any] = []
+    for name, cron, zone, workflow_name, enabled in stored:
+        of = f' of schedule "{name}"'
+        for checker, value in ((check_cron, cron), (check_timezone, zone)):
+            try:
+                checker(value, of)
+            except (TypeError, ValueError) as exc:
+                errors.append(
+                    Error(
+                        f"{exc}.",
+                        hint="Correct it on the schedule's admin page: the schedule does not "
+                        "start runs until then.",
+                        id="django_openworkflow.E016",
+                    )
+                )
+        if enabled and get_workflow(workflow_name) is None:
+            errors.append(
+                Warning(
+                    f"Schedule {name!r} starts workflow {workflow_name!r}, which no @workflow "
+                    "registers in this project.",
+                    hint="Workers fire only the schedules of the workflows they know; pause or "
+                    "delete the schedule, or register the workflow.",
+                    id="django_openworkflow.W003",
                 )
             )
     return errors

@@ -40,6 +40,10 @@ PAUSE_POINTS: dict[str, str] = {
     "signal.locked": "a delivery locked the waiting runs and found steps still waiting; not yet"
     " completed",
     "cancel.before-children": "a cancel changed its own run's row, not yet its children's",
+    "schedule.before-start": "a worker holds a due schedule's row lock and chose the tick to"
+    " start; it has inserted no run yet",
+    "schedule.before-commit": "a worker inserted a tick's run and moved the schedule's"
+    " next_run_at on; not committed",
     "worker.before-poll": "the worker's loop is about to clear its wake-up and look at the queue",
     "worker.after-execute": "a slot finished executing a run and is about to drop it from flight",
     "heartbeat.before-renew": "the heartbeat collected the claims it will renew",

@@ -12,23 +12,26 @@ run of one tick whatever path inserts it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db import models
+from django.db import DatabaseError, models
 from django.utils import timezone
 
 from .clock import Now
 from .conf import app_settings
-from .cron import latest_tick, next_tick, ticks_between
+from .cron import check_cron, check_timezone, latest_tick, next_tick, ticks_between
 from .pauses import pause_point
 
 if TYPE_CHECKING:
     from .models import WorkflowRun, WorkflowSchedule
     from .registry import Workflow
     from .store import Store
+
+logger = logging.getLogger(__name__)
 
 MAX_BACKFILL_TICKS = 10_000
 FIRE_BATCH = 100  # due schedules looked at per sweep
@@ -119,7 +122,18 @@ class WorkflowScheduleManager(models.Manager.from_queryset(WorkflowScheduleQuery
             .order_by("next_run_at")
             .values_list("pk", flat=True)[:FIRE_BATCH]
         )
-        return [run for pk in ids if (run := self._fire(pk)) is not None]
+        runs = []
+        for pk in ids:
+            try:
+                run = self._fire(pk)
+            except DatabaseError:
+                raise  # the worker's loop reconnects and tries again
+            except Exception:  # a bug must not stop the other schedules, nor the worker
+                logger.exception("schedule not fired schedule_id=%s", pk)
+                continue
+            if run is not None:
+                runs.append(run)
+        return runs
 
     def _fire(self, pk: int) -> WorkflowRun | None:
         from .registry import get_workflow
@@ -138,6 +152,16 @@ class WorkflowScheduleManager(models.Manager.from_queryset(WorkflowScheduleQuery
             if workflow is None:
                 return None
             now = schedule.clock
+            try:
+                check_cron(schedule.cron)
+                check_timezone(schedule.timezone)
+            except (TypeError, ValueError) as exc:
+                # Stored by hand, or read differently by another cronsim: stop until it is
+                # corrected in the admin (which plans the next tick again). Check E016 says so.
+                logger.error("schedule stopped schedule=%s error=%s", schedule.name, exc)
+                schedule.next_run_at = None
+                schedule.save(update_fields=["next_run_at"])
+                return None
             tick = latest_tick(schedule.cron, schedule.timezone, now)
             pause_point("schedule.before-start", schedule=schedule.name, tick=tick)
             run = None

@@ -28,11 +28,11 @@ from django.utils import timezone
 from .checks import SQLITE_LOCKED_HINT
 from .conf import app_settings
 from .engine import Execution
-from .models import WorkflowRun
+from .models import WorkflowRun, WorkflowSchedule
 from .names import check_name
 from .pauses import pause_point
 from .queues import served_queues, setting_problems
-from .registry import get_workflow, workflow_names
+from .registry import get_workflow, registered_workflows, workflow_names
 from .store import Claim, Store, get_store
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ class Worker:
             self.lease_seconds,
             len(names),
         )
+        self._declare_schedules()
         if problems := setting_problems():
             logger.error(
                 "OPENWORKFLOW['QUEUES'] is invalid (check E010): every queue is served without "
@@ -238,7 +239,28 @@ class Worker:
         overdue = self.store.fail_overdue(self.namespace)
         if overdue:
             logger.info("runs failed reason=deadline count=%d", overdue)
+        schedules = WorkflowSchedule.objects.db_manager(self.using)
+        for run in schedules.fire_due(self.namespace, names):
+            logger.info(
+                "schedule fired schedule=%s tick=%s run=%s worker=%s",
+                run.schedule_name,
+                run.scheduled_at.isoformat(),
+                run.pk,
+                self.worker_id,
+            )
         self._add_timer(self.store.next_due_at(self.namespace, names))
+
+    def _declare_schedules(self) -> None:
+        """Create or update the schedules this worker's workflows declare in code."""
+        try:
+            WorkflowSchedule.objects.db_manager(self.using).declare(
+                registered_workflows(), namespace=self.namespace
+            )
+        except DatabaseError as exc:  # the next worker to start declares them
+            logger.error(
+                "schedules not declared worker=%s error=%s%s", self.worker_id, exc, _hint(exc)
+            )
+            connections[self.using].close()
 
     def _add_timer(self, when: datetime | None) -> None:
         if when is not None:

@@ -159,5 +159,7 @@ class Migration(migrations.Migration):
                 fields=("namespace", "name"), name="owf_schedule_name_uniq"
             ),
         ),
-        migrations.RunPython(add_mysql_tick_index, drop_mysql_tick_index, elidable=False),
+        migrations.RunPython(
+            add_mysql_tick_index, drop_mysql_tick_index, atomic=False, elidable=False
+        ),
     ]

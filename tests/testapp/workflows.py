@@ -13,7 +13,7 @@ from pathlib import Path
 
 from django.db import transaction
 
-from django_openworkflow import RetryPolicy, StepFailed, workflow
+from django_openworkflow import RetryPolicy, Schedule, StepFailed, workflow
 
 from .models import Ledger, SideEffect
 
@@ -489,3 +489,22 @@ def exact_step_names(ctx):
     """One step per name in the input, returning its name: names that differ only in case,
     accents, a trailing space or which emoji they hold are different steps."""
     return [ctx.step.run(name, lambda name=name: name) for name in ctx.input]
+
+
+@workflow(name="tick")
+def tick(ctx):
+    """Started by the schedules of tests/test_schedules.py: returns its tick."""
+    return {"scheduled_at": ctx.scheduled_at.isoformat(), "input": ctx.input}
+
+
+@workflow(
+    name="declared-schedules",
+    # Ticks that do not come while the suite runs (February 29th at midnight, 2028 next):
+    # every worker declares these schedules, and none may start a run in another test.
+    schedule=[
+        "0 0 29 2 *",
+        Schedule("0 0 29 2 *", name="declared-berlin", input={"n": 1}, timezone="Europe/Berlin"),
+    ],
+)
+def declared_schedules(ctx):
+    return ctx.scheduled_at.isoformat()
