@@ -142,6 +142,8 @@ RUN_FIELDS = (
 )
 RUN_DATA_FIELDS = ("input", "output", "error", "traceback")
 RUN_SCHEDULING_FIELDS = (
+    "schedule_name",
+    "scheduled_at",
     "queue",
     "priority",
     "concurrency_key",
@@ -186,7 +188,7 @@ class WorkflowRunAdmin(NulSafeChangelist):
         "started_at",
         "finished_at",
     ]
-    list_filter = ["status", "workflow_name", "queue", FailedStepFilter]
+    list_filter = ["status", "workflow_name", "queue", "schedule_name", FailedStepFilter]
     search_fields = ["idempotency_key"]  # shows the search box; the rule is matching()
     search_help_text = gettext_lazy(
         "A run id or its first characters, or part of the idempotency key or workflow name."
@@ -411,3 +413,6 @@ class StepAttemptAdmin(StepAttemptColumns, NulSafeChangelist):
             "admin:django_openworkflow_workflowrun_change", args=[attempt.workflow_run_id]
         )
         return format_html('<a href="{}">{}</a>', url, attempt.workflow_run)
+
+
+from . import schedule_admin  # noqa: E402, F401  (registers WorkflowScheduleAdmin)

@@ -288,8 +288,7 @@ def check_workflows(app_configs: Any = None, **kwargs: Any) -> list[Any]:
             Error(
                 f"Schedule name {name!r} is declared by {len(owners)} workflows: "
                 f"{', '.join(owners)}.",
-                hint="A schedule is found by its name: give one of them "
-                "Schedule(cron, name=...).",
+                hint="A schedule is found by its name: give one of them Schedule(cron, name=...).",
                 id="django_openworkflow.E015",
             )
         )

@@ -621,7 +621,7 @@ class WorkflowSchedule(models.Model):
         return self.name
 
     def get_absolute_url(self) -> str:
-        return reverse("django_openworkflow:schedule-list") + f"#schedule-{self.pk}"
+        return reverse("django_openworkflow:schedules") + f"#schedule-{self.pk}"
 
     def reschedule(self, now: datetime | None = None) -> None:
         """Set ``next_run_at`` to the first tick after ``now``: no tick before it will run."""

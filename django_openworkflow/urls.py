@@ -7,6 +7,7 @@ app_name = "django_openworkflow"
 urlpatterns = [
     path("", views.run_list, name="run-list"),
     path("queues/", views.queue_list, name="queues"),
+    path("schedules/", views.schedule_list, name="schedules"),
     path("<uuid:run_id>/", views.run_detail, name="run-detail"),
     path("<uuid:run_id>/resume/", views.run_resume, name="run-resume"),
     path("<uuid:run_id>/cancel/", views.run_cancel, name="run-cancel"),

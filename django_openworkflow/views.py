@@ -19,7 +19,7 @@ from django.contrib import messages
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.db.models import Count, QuerySet
+from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
 from django.urls import NoReverseMatch, reverse
@@ -33,10 +33,10 @@ from .conf import app_settings
 from .display import duration_of, error_parts, refusal_text, timeline
 from .exceptions import InvalidTransition, Refusal
 from .managers import WorkflowRunQuerySet
-from .models import StepAttempt, WorkflowRun
+from .models import StepAttempt, WorkflowRun, WorkflowSchedule
 from .queue_status import queue_overview, slot_wait
 from .queues import configured_queues
-from .registry import get_workflow
+from .registry import get_workflow, workflow_names
 from .waiting import waiting_for
 
 VIEW_PERMISSION = "django_openworkflow.view_workflowrun"
@@ -118,6 +118,7 @@ class RunFilterForm(forms.Form):
     )
     workflow = forms.CharField(label=gettext_lazy("workflow"), required=False)
     queue = forms.CharField(label=gettext_lazy("queue"), required=False)
+    schedule = forms.CharField(label=gettext_lazy("schedule"), required=False)
     q = forms.CharField(
         label=gettext_lazy("search"),
         required=False,
@@ -131,13 +132,15 @@ class RunFilterForm(forms.Form):
     )
 
     def filter(self, queryset: QuerySet[WorkflowRun]) -> QuerySet[WorkflowRun]:
-        """Apply the workflow, queue and search filters (the status filter is applied apart)."""
+        """Apply the workflow, queue, schedule and search filters (not the status filter)."""
         self.is_valid()  # an invalid field is left out of cleaned_data, the others apply
         data = self.cleaned_data
         if workflow := data.get("workflow"):
             queryset = queryset.filter(workflow_name=workflow)
         if queue := data.get("queue"):
             queryset = queryset.filter(queue=queue)
+        if schedule := data.get("schedule"):
+            queryset = queryset.filter(schedule_name=schedule)
         if q := data.get("q"):
             queryset = cast(WorkflowRunQuerySet, queryset).matching(q)
         return queryset
@@ -189,6 +192,10 @@ def run_list(request: HttpRequest) -> HttpResponse:
         # the queues of the setting, and any other queue a run names
         "queue_names": sorted({*configured_queues(), *queue_names}),
         "selected_queue": form.cleaned_data.get("queue", ""),
+        "schedule_names": WorkflowSchedule.objects.in_namespace(app_settings.NAMESPACE)
+        .order_by("name")
+        .values_list("name", flat=True),
+        "selected_schedule": form.cleaned_data.get("schedule", ""),
         "refresh_seconds": REFRESH_SECONDS if any(not run.is_finished for run in page) else None,
     }
     return render(request, "django_openworkflow/run_list.html", context)
@@ -241,6 +248,31 @@ def queue_list(request: HttpRequest) -> HttpResponse:
         "refresh_seconds": REFRESH_SECONDS if any(q.active for q in queues) else None,
     }
     return render(request, "django_openworkflow/queue_list.html", context)
+
+
+@require_safe
+@run_permission_required()
+def schedule_list(request: HttpRequest) -> HttpResponse:
+    """The schedules of this project's namespace: next tick, last run and its status, paused."""
+    last_run = WorkflowRun.objects.filter(
+        namespace=OuterRef("namespace"), schedule_name=OuterRef("name")
+    ).order_by("-scheduled_at")
+    schedules = (
+        WorkflowSchedule.objects.in_namespace(app_settings.NAMESPACE)
+        .annotate(
+            last_run_id=Subquery(last_run.values("pk")[:1]),
+            last_run_status=Subquery(last_run.values("status")[:1]),
+            last_run_tick=Subquery(last_run.values("scheduled_at")[:1]),
+        )
+        .order_by("name")
+    )
+    context = {
+        "namespace": app_settings.NAMESPACE,
+        "schedules": schedules,
+        "statuses": dict(WorkflowRun.Status.choices),
+        "unknown_workflows": {s.workflow_name for s in schedules} - set(workflow_names()),
+    }
+    return render(request, "django_openworkflow/schedule_list.html", context)
 
 
 # --- transitions ---------------------------------------------------------------

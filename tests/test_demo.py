@@ -172,13 +172,15 @@ def test_demo_end_to_end(manage):
     manage("migrate", "--verbosity", "0")
     seeded = manage("demo_seed").stdout
     assert "Created superuser: username admin, password admin" in seeded
+    assert "Stock report of " in seeded  # last night's tick, backfilled
     again = manage("demo_seed").stdout
     assert "Created" not in again
+    assert "Stock report" not in again
     assert "Order demo-order-3 exists" in again
 
     before = state(manage)
     assert before["users"] == 1
-    assert before["runs"] == {"process-order pending": 3}
+    assert before["runs"] == {"process-order pending": 3, "stock-report pending": 1}
     assert before["cards"] == {"4242": False, "0002": True}
     assert {o["run_status"] for o in before["orders"].values()} == {"pending"}
 
@@ -205,6 +207,7 @@ def test_demo_end_to_end(manage):
         "charge-card completed": 2,
         "charge-card failed": 1,
         "fulfil-order pending": 2,
+        "stock-report completed": 1,
     }
     assert after["charges"] == {"payments 4242": 2, "payments 0002": 1}  # queue, key's card
     assert after["stock"] == {"Ceramic mug": 24, "Espresso beans, 1 kg": 38, "Pour-over kettle": 4}
@@ -286,6 +289,7 @@ def test_demo_end_to_end(manage):
         "charge-card completed": 4,
         "charge-card failed": 1,
         "fulfil-order completed": 4,
+        "stock-report completed": 1,
     }
     assert [o["status"] for o in final["orders"].values()] == ["shipped"] * 4
     assert all(o["tracking_number"].startswith("TRK") for o in final["orders"].values())

@@ -16,8 +16,8 @@ from django_openworkflow import Schedule, workflow
 from django_openworkflow.checks import check_stored_schedules, check_workflows
 from django_openworkflow.cron import latest_tick, next_tick, ticks_between
 from django_openworkflow.models import WorkflowRun, WorkflowSchedule
-from django_openworkflow.registry import Workflow, _registry
 from django_openworkflow.pauses import add_hook, remove_hook
+from django_openworkflow.registry import Workflow, _registry
 from django_openworkflow.testing import pause_at
 from django_openworkflow.worker import Worker
 from tests.testapp.workflows import tick
@@ -334,7 +334,7 @@ def test_backfill_starts_one_run_per_tick_both_ends_included_and_skips_ticks_tha
         ),
         (
             ("every-15", datetime(2026, 1, 1), at(2026, 1, 2)),
-            ValueError,  # noqa: DTZ001
+            ValueError,
             "backfill start must be an aware datetime, not datetime.datetime(2026, 1, 1, 0, 0)",
         ),
         (
@@ -396,7 +396,7 @@ def _fire_in_thread(results: list, errors: list) -> threading.Thread:
     def fire():
         try:
             results.extend(WorkflowSchedule.objects.fire_due("default", NAMES))
-        except BaseException as exc:  # noqa: BLE001  # reported to the test
+        except BaseException as exc:  # reported to the test
             errors.append(exc)
         finally:
             connection.close()

@@ -17,6 +17,11 @@ waiting parent in a limited queue would hold a place its child needs.
 ``warehouse-confirmed:<order id>`` (the "Confirm packed" button on the orders
 page sends it), then ships.
 
+``stock-report`` runs every night at 03:00 (``settings.TIME_ZONE``): a
+schedule declared in code, which a worker creates when it starts. It lists
+the products whose stock is low; the Schedules page shows its next and last
+runs, and the admin's "Run now" starts one at once.
+
 Each step is stored once it finishes, so a worker that dies mid-order
 resumes at the first unfinished step, and an order whose card was declined
 can be resumed (``WorkflowRun.objects.resume(order.run_id)``, or the Resume
@@ -43,6 +48,7 @@ logger = logging.getLogger(__name__)
 NO_RETRY = RetryPolicy(maximum_attempts=1)
 CHARGE_RETRY = RetryPolicy(maximum_attempts=3, initial_interval="1s")
 WAREHOUSE_TIMEOUT = "1h"
+LOW_STOCK = 10
 
 
 class OutOfStock(Exception):
@@ -161,3 +167,17 @@ def process_order(ctx):
             Order.objects.filter(pk=order_id).update(status=FAILED_STATUS[exc.step_name])
         raise  # uncaught, StepFailed fails the run; it can be resumed later
     return {"order_id": order_id, "charge_id": charge_id, "tracking_number": tracking_number}
+
+
+def count_stock() -> dict[str, int]:
+    return dict(Product.objects.order_by("name").values_list("name", "stock"))
+
+
+@workflow(name="stock-report", schedule="0 3 * * *")
+def stock_report(ctx):
+    """The nightly stock report: every product's stock, and those running low."""
+    stock = ctx.step.run("count-stock", count_stock)
+    low = sorted(name for name, count in stock.items() if count < LOW_STOCK)
+    if low:
+        logger.warning("stock is low night=%s products=%s", ctx.scheduled_at.date(), low)
+    return {"night": ctx.scheduled_at.isoformat(), "stock": stock, "low": low}

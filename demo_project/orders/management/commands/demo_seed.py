@@ -6,8 +6,14 @@ from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
+from django.utils import timezone
+
+from django_openworkflow.cron import latest_tick
+from django_openworkflow.models import WorkflowSchedule
+from django_openworkflow.schedules import default_timezone
 
 from ...models import Card, Order, Product
+from ...workflows import stock_report
 
 PRODUCTS = [("Espresso beans, 1 kg", 40), ("Ceramic mug", 25), ("Pour-over kettle", 5)]
 GOOD_CARD = {"last4": "4242", "holder": "Ada Lovelace", "declined": False}
@@ -17,7 +23,8 @@ DECLINED_CARD = {"last4": "0002", "holder": "Charles Babbage", "declined": True}
 class Command(BaseCommand):
     help = (
         "Create the demo data: user admin/admin, products, a good and a declined card, and "
-        "three orders (one paid with the declined card). Running it again adds nothing."
+        "three orders (one paid with the declined card), and last night's stock report. Running "
+        "it again adds nothing."
     )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -40,6 +47,7 @@ class Command(BaseCommand):
                 product=product, quantity=quantity, card=card, reference=reference
             )
             self.stdout.write(f"Order {reference} placed with card {card}: run {order.run_id}.")
+        self._stock_report()
         self.stdout.write(
             self.style.SUCCESS(
                 "Demo data ready. Start a worker (manage.py runworker) and the server "
@@ -47,6 +55,13 @@ class Command(BaseCommand):
                 "for the warehouse until you press Confirm packed."
             )
         )
+
+    def _stock_report(self) -> None:
+        """Declare the nightly schedule (as a worker does at its start); backfill last night."""
+        WorkflowSchedule.objects.declare([stock_report])
+        night = latest_tick(stock_report.schedules[0].cron, default_timezone(), timezone.now())
+        if WorkflowSchedule.objects.backfill("stock-report", night, night):
+            self.stdout.write(f"Stock report of {night:%Y-%m-%d %H:%M %Z} started (a backfill).")
 
     def _admin(self) -> None:
         User = get_user_model()
