@@ -22,6 +22,7 @@ from django.utils.translation import gettext_lazy, ngettext
 from .conf import app_settings
 from .models import WorkflowSchedule
 from .registry import workflow_names
+from .serialization import ensure_json
 
 CODE_FIELDS = ("workflow_name", "cron", "timezone", "input")
 
@@ -46,6 +47,14 @@ class WorkflowScheduleForm(forms.ModelForm):  # type: ignore[type-arg]
                 choices=[("", "---------"), *((name, name) for name in names)],
                 help_text=_("A workflow registered with @workflow in this project."),
             )
+
+    def clean_input(self) -> Any:
+        value = self.cleaned_data.get("input")
+        try:
+            ensure_json(value, "the input")
+        except (TypeError, ValueError) as exc:
+            raise forms.ValidationError(str(exc), code="invalid") from None
+        return value
 
     def _get_validation_exclusions(self) -> set[str]:
         # The namespace is not on the form, but the unique (namespace, name) is checked.

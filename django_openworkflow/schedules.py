@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_BACKFILL_TICKS = 10_000
+_reported: set[tuple[int, str]] = set()  # (schedule id, error) logged by fire_due
 FIRE_BATCH = 100  # due schedules looked at per sweep
 
 
@@ -128,8 +129,11 @@ class WorkflowScheduleManager(models.Manager.from_queryset(WorkflowScheduleQuery
                 run = self._fire(pk)
             except DatabaseError:
                 raise  # the worker's loop reconnects and tries again
-            except Exception:  # a bug must not stop the other schedules, nor the worker
-                logger.exception("schedule not fired schedule_id=%s", pk)
+            except Exception as exc:  # a bug must not stop the other schedules, nor the worker
+                # It stays due and is tried again each sweep: reported once per process.
+                if (pk, repr(exc)) not in _reported:
+                    _reported.add((pk, repr(exc)))
+                    logger.exception("schedule not fired schedule_id=%s", pk)
                 continue
             if run is not None:
                 runs.append(run)
