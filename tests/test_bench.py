@@ -1,13 +1,17 @@
 """bench_workflows prints peer-format JSON lines; start_many enqueues in one statement."""
 
 import json
+from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
+from django.db.models import Count
+from django.utils import timezone
 
-from django_openworkflow.models import QueueStart, WorkflowRun
+from django_openworkflow.loadtest import history
+from django_openworkflow.models import QueueStart, StepAttempt, WorkflowRun
 from tests.testapp.workflows import echo
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -103,6 +107,7 @@ def test_a_limit_variant_reaches_the_worker_and_is_judged(capsys, monkeypatch):
             'a rate limit is "N/s", "N/m" or "N/h" with N at least 1, not \'fast\'',
         ),
         (["--keys=0"], "--keys must be at least 1"),
+        (["--history=-1"], "--history must be at least 0"),
         (
             ["--variants=rate_limit", "--rate-limit=1/s"],
             "--runs 1000 at 1/s take 1000 s, more than --timeout 300 s",
@@ -113,6 +118,42 @@ def test_bench_refuses_bad_options(args, message):
     with pytest.raises(CommandError) as info:
         call_command("bench_workflows", *args)
     assert str(info.value) == message
+
+
+def test_the_history_is_finished_runs_of_three_attempts_in_a_namespace_of_its_own():
+    assert history.fill(250, connection.alias) == 250
+    runs = WorkflowRun.objects.filter(namespace=history.NAMESPACE)
+    assert dict(runs.values_list("status").annotate(n=Count("pk"))) == {
+        "completed": 226,
+        "failed": 17,
+        "canceled": 7,
+    }
+    assert runs.values("workflow_name").distinct().count() == 20
+    assert not runs.filter(finished_at__isnull=True).exists()
+    attempts = StepAttempt.objects.filter(workflow_run__namespace=history.NAMESPACE)
+    assert attempts.filter(status="completed").count() == 750
+    oldest = runs.order_by("created_at").first().created_at
+    assert timezone.now() - oldest > timedelta(days=89)
+    # topped up, never doubled
+    assert history.fill(250, connection.alias) == 250
+    assert history.fill(260, connection.alias) == 260
+    assert WorkflowRun.objects.count() == 260
+
+
+@pytest.mark.postgres
+def test_bench_with_a_history_reports_it_and_keeps_it(capsys, monkeypatch):
+    monkeypatch.setenv("OPENWORKFLOW_TEST_DB", str(connection.settings_dict["NAME"]))
+    call_command(
+        "bench_workflows",
+        "--runs=10",
+        "--concurrency=2",
+        "--variants=enqueue_first",
+        "--skip-latency",
+        "--history=40",
+    )
+    [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (line["runs"], line["history_runs"]) == (10, 40)
+    assert WorkflowRun.objects.filter(namespace=history.NAMESPACE).count() == 40
 
 
 def test_start_many_enqueues_every_input_in_one_go():

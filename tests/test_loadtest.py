@@ -91,6 +91,7 @@ def test_the_core_never_imports_the_load_tests():
         "django_openworkflow.loadtest",
         "django_openworkflow.loadtest.bench",
         "django_openworkflow.loadtest.chaos",
+        "django_openworkflow.loadtest.history",
         "django_openworkflow.loadtest.limits",
     ]
 

@@ -122,7 +122,11 @@ def test_adding_a_schedule_in_the_admin_plans_its_first_tick(admin_client):
         ("timezone", "Mars/Olympus", "unknown time zone &#x27;Mars/Olympus&#x27;"),
         ("workflow_name", "no-such", "Select a valid choice. no-such is not one of the"),
         ("name", "nightly", "Workflow schedule with this Namespace and Name already exists."),
-        ("input", '"' + "x" * 1_048_577 + '"', "the input is too large: it is 1,048,579 bytes of JSON"),
+        (
+            "input",
+            '"' + "x" * 1_048_577 + '"',
+            "the input is too large: it is 1,048,579 bytes of JSON",
+        ),
     ],
 )
 def test_the_admin_form_refuses_bad_values_by_name(admin_client, field, value, error):

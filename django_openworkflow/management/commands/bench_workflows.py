@@ -12,6 +12,9 @@ their own namespace and are deleted before each measurement.
   the client clock just before the first enqueue.
 - Latency: with an idle running worker, runs of a one-step workflow started
   one after another, each awaited; start -> ``finished_at``, p50 and p95.
+- ``--history N`` first fills the tables with N finished runs (3 attempts
+  each) in a namespace of their own, so that cost can be measured against
+  a long-lived project's tables; see ``loadtest/history.py``.
 - Queue limits (``queue_concurrency``, ``key_concurrency``, ``rate_limit``):
   like ``enqueue_first``, on a queue with one limit, each judged against the
   unlimited ``enqueue_first`` runs/s of the same invocation; see
@@ -39,7 +42,7 @@ from django.test.utils import override_settings
 from django.utils import timezone
 
 from ... import __version__
-from ...loadtest import bench, limits
+from ...loadtest import bench, history, limits
 from ...loadtest.bench import HOLD_NAMESPACE, NAMESPACE, one_step, three_steps
 from ...models import QueueStart, StepAttempt, WorkflowRun
 from ...store import get_store
@@ -139,6 +142,14 @@ class Command(BaseCommand):
         parser.add_argument(
             "--idle", type=float, default=2.0, help="Seconds the worker idles first (2)."
         )
+        parser.add_argument(
+            "--history",
+            type=int,
+            default=0,
+            help="First fill the tables with this many finished runs of 3 attempts each, in a "
+            f"namespace of their own ({history.NAMESPACE!r}), kept for the next invocation "
+            "(0: leave the tables as they are).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["runs"] < 1 or options["reps"] < 1 or options["latency_runs"] < 1:
@@ -153,6 +164,11 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from None
         if options["keys"] < 1:
             raise CommandError("--keys must be at least 1")
+        if options["history"] < 0:
+            raise CommandError("--history must be at least 0")
+        self.history_runs = history.fill(options["history"], connection.alias)
+        if self.history_runs:
+            self.stderr.write(f"history: {self.history_runs:,} finished runs in the tables")
         self.options = options
         self.vendor = connection.vendor
         self.lines: list[dict[str, Any]] = []
@@ -263,6 +279,7 @@ class Command(BaseCommand):
     # --- helpers --------------------------------------------------------------------------
 
     def emit(self, line: dict[str, Any]) -> None:
+        line["history_runs"] = self.history_runs
         self.lines.append(line)
         self.stdout.write(json.dumps(line))
         self.stdout.flush()
