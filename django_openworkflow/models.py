@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +18,7 @@ from django.utils.translation import gettext_lazy as _
 from . import clock
 from .cron import next_tick, validate_cron, validate_timezone
 from .exceptions import Refusal
+from .ids import uuid7
 from .managers import ACTIVE, StepAttemptQuerySet, WorkflowRunManager
 from .schedules import WorkflowScheduleManager, default_timezone
 
@@ -72,7 +72,8 @@ class WorkflowRun(models.Model):
 
     FINISHED_STATUSES = (Status.COMPLETED, Status.FAILED, Status.CANCELED)
 
-    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    # Time-ordered (UUID version 7): new runs' index entries stay side by side (ids.py).
+    id = models.UUIDField(primary_key=True, default=uuid7, editable=False)
     namespace = ExactCharField(_("namespace"), max_length=100, default="default")
     workflow_name = ExactCharField(_("workflow"), max_length=255)
     version = models.CharField(_("version"), max_length=100, null=True, blank=True)  # noqa: DJ001

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from ..ids import uuid7
 from ..models import QueueStart, StepAttempt, WorkflowRun
 from ..pauses import has_hooks, pause_point
 from ..queues import Queue, frees_a_place
@@ -102,7 +103,7 @@ class PostgresStore(OrmStore):
         if not fields.keys() <= self.FAST_START_FIELDS:
             return super().insert_run(**fields)  # a child run: the ORM
         params = [
-            uuid.uuid4(),
+            uuid7(),
             fields["namespace"],
             fields["workflow_name"],
             fields.get("version"),
