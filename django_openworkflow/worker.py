@@ -33,6 +33,7 @@ from .names import check_name
 from .pauses import pause_point
 from .queues import served_queues, setting_problems
 from .registry import get_workflow, registered_workflows, workflow_names
+from .retention import purge_thread
 from .store import Claim, Store, get_store
 
 logger = logging.getLogger(__name__)
@@ -153,6 +154,8 @@ class Worker:
                     name="openworkflow-listen",
                 )
             )
+        if not self.burst and (purger := purge_thread(self.worker_id, self._stopping, self.using)):
+            helpers.append(purger)  # OPENWORKFLOW["RETENTION"]: one worker purges at a time
         for thread in helpers:
             thread.daemon = True
             thread.start()
