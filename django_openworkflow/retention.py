@@ -246,6 +246,7 @@ class Purge:
         if self.dry_run:
             self._gone.update(str(pk) for pk in ids)
             return self._counted(ids)
+        pause_point("purge.before-lock", runs=ids)
         with transaction.atomic(using=self.using):
             WorkflowRun.objects.db_manager(self.using).lock(ids)
             # Under the locks: only families unchanged (nobody resumed a member, started

@@ -337,6 +337,38 @@ def test_an_exception_inside_a_batch_rolls_the_whole_batch_back():
     assert StepAttempt.objects.get(kind="workflow").child_workflow_run_id == child.pk
 
 
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("change", ["resume", "delete", "child"])
+def test_a_family_changed_before_the_batch_locks_it_stays(change):
+    root = make_run("completed", age=3 * HOUR)
+    child = make_run("failed", age=3 * HOUR, parent=root)
+    other = make_run("completed", age=3 * HOUR)
+    result = {}
+
+    def purging():
+        try:
+            result["purged"] = purge(ALL)
+        finally:
+            connection.close()
+
+    with pause_at("purge.before-lock") as pause:
+        thread = threading.Thread(target=purging)
+        thread.start()
+        assert set(pause.wait()["runs"]) == {root.pk, child.pk, other.pk}
+        if change == "resume":  # the child goes back to the queue
+            WorkflowRun.objects.resume(child)
+        elif change == "delete":  # the admin deletes the child: its parent is woken
+            WorkflowRun.objects.filter(pk=child.pk).delete()
+        else:  # a child appears (a family read and changed meanwhile)
+            make_run("completed", age=3 * HOUR, parent=child)
+    thread.join(10)
+
+    assert result["purged"].runs == 1
+    assert exists(other) == [False]
+    assert exists(root) == [True]
+    assert WorkflowRun.objects.count() == {"resume": 2, "delete": 1, "child": 3}[change]
+
+
 @pytest.mark.django_db
 def test_an_idempotency_key_after_a_purge_starts_a_new_run():
     key = "order-7"
