@@ -631,12 +631,13 @@ class WorkflowSchedule(models.Model):
 class WorkflowLease(models.Model):
     """A named lease that one worker of the cluster holds at a time (``leases.py``).
 
-    The background purge takes ``"purge"``: its holder purges, and when it is
-    done it keeps the lease until the next purge is due, so workers purge at
-    most once per ``retention.PURGE_INTERVAL`` between them.
+    The background purge of a namespace takes ``"purge:<namespace>"``: its
+    holder purges, and when it is done it keeps the lease until the next purge
+    is due, so workers purge at most once per ``retention.PURGE_INTERVAL``
+    between them.
     """
 
-    name = models.CharField(_("name"), max_length=100, primary_key=True)
+    name = models.CharField(_("name"), max_length=255, primary_key=True)
     holder = models.CharField(_("holder"), max_length=255)
     expires_at = models.DateTimeField(_("expires at"))
 

@@ -122,12 +122,14 @@ def _count(n: int, noun: str) -> str:
 
 
 class Purge:
-    """One pass over the runs: every family old enough goes, batch by batch.
+    """One pass over a namespace's runs: every family old enough goes, batch by batch.
 
-    ``limits`` maps each finished status that may go to how long after
-    ``finished_at`` its runs are kept; a family with a member of another
-    status stays. ``keep_going`` is asked before each batch (the background
-    purge renews its lease there and stops when the worker stops).
+    ``namespace`` defaults to ``OPENWORKFLOW["NAMESPACE"]`` (a project sharing
+    the database under another namespace keeps its own runs). ``limits`` maps
+    each finished status that may go to how long after ``finished_at`` its
+    runs are kept; a family with a member of another status stays.
+    ``keep_going`` is asked before each batch (the background purge renews
+    its lease there and stops when the worker stops).
     """
 
     def __init__(
@@ -135,6 +137,7 @@ class Purge:
         limits: Mapping[str, timedelta],
         *,
         using: str | None = None,
+        namespace: str | None = None,
         batch_size: int = BATCH_SIZE,
         dry_run: bool = False,
         keep_going: Callable[[], bool] = lambda: True,
@@ -146,6 +149,7 @@ class Purge:
             raise ValueError(f"not a finished status: {', '.join(unknown)}")
         self.limits = dict(limits)
         self.using = using or app_settings.DATABASE
+        self.namespace = namespace or app_settings.NAMESPACE
         self.batch_size = batch_size
         self.dry_run = dry_run
         self.keep_going = keep_going
@@ -192,6 +196,7 @@ class Purge:
         """
         cutoff = now_plus(-self.limits[status].total_seconds())
         roots = self.runs.filter(
+            namespace=self.namespace,
             status=status,
             parent_step_attempt__isnull=True,
             created_at__lt=cutoff,
@@ -311,7 +316,9 @@ class Purge:
         from .models import WorkflowRun, WorkflowSignal
 
         signals = WorkflowSignal.objects.using(self.using)
-        old = signals.filter(sent_at__lt=now_plus(-SIGNAL_WINDOW.total_seconds())).order_by("pk")
+        old = signals.filter(
+            namespace=self.namespace, sent_at__lt=now_plus(-SIGNAL_WINDOW.total_seconds())
+        ).order_by("pk")
         purged = Purged()
         after = 0
         while self._go_on():
@@ -357,18 +364,24 @@ def purge(
     limits: Mapping[str, timedelta] | None = None,
     *,
     using: str | None = None,
+    namespace: str | None = None,
     batch_size: int = BATCH_SIZE,
     dry_run: bool = False,
 ) -> Purged:
-    """Purge once with ``limits`` (default: ``OPENWORKFLOW["RETENTION"]``); return the counts."""
+    """Purge a namespace once with ``limits`` (default: ``OPENWORKFLOW["RETENTION"]``).
+
+    Returns the counts. ``namespace`` defaults to ``OPENWORKFLOW["NAMESPACE"]``.
+    """
     from .conf import app_settings
 
     limits = app_settings.RETENTION if limits is None else limits
     if not limits:
         return Purged()
-    purged = Purge(limits, using=using, batch_size=batch_size, dry_run=dry_run).run()
+    pass_ = Purge(limits, using=using, namespace=namespace, batch_size=batch_size, dry_run=dry_run)
+    purged = pass_.run()
     logger.info(
-        "runs purged runs=%d attempts=%d events=%d signals=%d dry_run=%s",
+        "runs purged namespace=%s runs=%d attempts=%d events=%d signals=%d dry_run=%s",
+        pass_.namespace,
         purged.runs,
         purged.attempts,
         purged.events,
@@ -382,9 +395,10 @@ def purge(
 
 
 class BackgroundPurge:
-    """A worker's purge thread: at most one purge at a time across the cluster.
+    """A worker's purge thread: at most one purge of a namespace at a time in the cluster.
 
-    Every ``LOOK_EVERY`` seconds it tries to take the ``"purge"`` lease; the
+    Every ``LOOK_EVERY`` seconds it tries to take the namespace's lease
+    (``"purge:<namespace>"``); the
     lease is free only when no worker purges and the last purge finished
     ``PURGE_INTERVAL`` ago. Its holder purges in batches on this thread's own
     connection (the claim loop never waits for it), renews the lease before
@@ -392,10 +406,14 @@ class BackgroundPurge:
     keeps the lease until the next purge is due.
     """
 
-    def __init__(self, holder: str, stopping: threading.Event, *, using: str) -> None:
+    def __init__(
+        self, holder: str, stopping: threading.Event, *, using: str, namespace: str
+    ) -> None:
         self.holder = holder
         self.stopping = stopping
         self.using = using
+        self.namespace = namespace
+        self.lease = f"{LEASE_NAME}:{namespace}"
 
     def run(self) -> None:
         try:
@@ -404,6 +422,9 @@ class BackgroundPurge:
                     self.tick()
                 except DatabaseError as exc:
                     logger.warning("purge failed worker=%s error=%s", self.holder, exc)
+                    connections[self.using].close()
+                except Exception:  # never let the thread die: the next look tries again
+                    logger.exception("purge crashed worker=%s", self.holder)
                     connections[self.using].close()
                 self.stopping.wait(LOOK_EVERY)
         finally:
@@ -414,17 +435,20 @@ class BackgroundPurge:
         from .conf import app_settings
 
         limits = app_settings.RETENTION
-        if not limits or not leases.take(LEASE_NAME, self.holder, LEASE_SECONDS, using=self.using):
+        if not limits or not leases.take(self.lease, self.holder, LEASE_SECONDS, using=self.using):
             return None
         pause_point("purge.leased", holder=self.holder)
-        pass_ = Purge(limits, using=self.using, keep_going=self._keep_going)
+        pass_ = Purge(
+            limits, using=self.using, namespace=self.namespace, keep_going=self._keep_going
+        )
         purged = pass_.run()
         if not pass_.stopped:  # done: the lease says when the next purge is due
-            leases.renew(LEASE_NAME, self.holder, PURGE_INTERVAL.total_seconds(), using=self.using)
+            leases.renew(self.lease, self.holder, PURGE_INTERVAL.total_seconds(), using=self.using)
         elif self.stopping.is_set():  # let another worker go on at once
-            leases.renew(LEASE_NAME, self.holder, 0, using=self.using)
+            leases.renew(self.lease, self.holder, 0, using=self.using)
         logger.info(
-            "runs purged runs=%d attempts=%d events=%d signals=%d worker=%s",
+            "runs purged namespace=%s runs=%d attempts=%d events=%d signals=%d worker=%s",
+            self.namespace,
             purged.runs,
             purged.attempts,
             purged.events,
@@ -436,10 +460,12 @@ class BackgroundPurge:
     def _keep_going(self) -> bool:
         if self.stopping.is_set():
             return False
-        return leases.renew(LEASE_NAME, self.holder, LEASE_SECONDS, using=self.using)
+        return leases.renew(self.lease, self.holder, LEASE_SECONDS, using=self.using)
 
 
-def purge_thread(holder: str, stopping: threading.Event, using: str) -> threading.Thread | None:
+def purge_thread(
+    holder: str, stopping: threading.Event, *, using: str, namespace: str
+) -> threading.Thread | None:
     """The worker's background purge thread, or None when ``RETENTION`` is not set."""
     from .conf import app_settings
 
@@ -449,5 +475,5 @@ def purge_thread(holder: str, stopping: threading.Event, using: str) -> threadin
     except ValueError as exc:
         logger.error("no background purge (check E014) worker=%s problem=%s", holder, exc)
         return None
-    purger = BackgroundPurge(holder, stopping, using=using)
+    purger = BackgroundPurge(holder, stopping, using=using, namespace=namespace)
     return threading.Thread(target=purger.run, name="openworkflow-purge", daemon=True)

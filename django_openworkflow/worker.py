@@ -154,8 +154,11 @@ class Worker:
                     name="openworkflow-listen",
                 )
             )
-        if not self.burst and (purger := purge_thread(self.worker_id, self._stopping, self.using)):
-            helpers.append(purger)  # OPENWORKFLOW["RETENTION"]: one worker purges at a time
+        purger = purge_thread(
+            self.worker_id, self._stopping, using=self.using, namespace=self.namespace
+        )
+        if purger is not None and not self.burst:  # OPENWORKFLOW["RETENTION"]
+            helpers.append(purger)
         for thread in helpers:
             thread.daemon = True
             thread.start()

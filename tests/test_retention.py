@@ -216,6 +216,31 @@ def test_each_status_has_its_own_retention():
 
 
 @pytest.mark.django_db
+def test_a_purge_keeps_to_its_namespace():
+    ours = make_run("completed", age=3 * HOUR)
+    theirs = make_run("completed", age=3 * HOUR, namespace="billing")
+    their_signal = make_signal(ours)
+    WorkflowSignal.objects.filter(pk=their_signal.pk).update(namespace="billing")
+
+    assert purge(ALL) == Purged(runs=1, attempts=1, events=1)
+    assert exists(ours, theirs, their_signal) == [False, True, True]
+    assert purge(ALL, namespace="billing") == Purged(runs=1, attempts=1, events=1, signals=1)
+
+
+@pytest.mark.django_db
+def test_a_batch_of_a_thousand_families_fits_in_one_statement():
+    old = timezone.now() - 3 * HOUR
+    runs = WorkflowRun.objects.bulk_create(
+        WorkflowRun(workflow_name="echo", status="completed", created_at=old, finished_at=old)
+        for _ in range(1200)
+    )
+    StepAttempt.objects.bulk_create(StepAttempt(workflow_run=run, step_name="s") for run in runs)
+
+    assert purge(ALL) == Purged(runs=1200, attempts=1200)
+    assert not StepAttempt.objects.exists()
+
+
+@pytest.mark.django_db
 def test_without_retention_nothing_goes():
     run = make_run("completed", age=300 * DAY)
     with override_settings(OPENWORKFLOW={}):
@@ -495,13 +520,15 @@ def test_a_lease_has_one_holder_until_it_expires():
 
 
 def test_no_purge_thread_without_retention():
-    stopping = threading.Event()
+    def thread():
+        return purge_thread("w", threading.Event(), using="default", namespace="default")
+
     with override_settings(OPENWORKFLOW={}):
-        assert purge_thread("w", stopping, "default") is None
+        assert thread() is None
     with override_settings(OPENWORKFLOW={"RETENTION": {"completed": "nope"}}):
-        assert purge_thread("w", stopping, "default") is None
+        assert thread() is None
     with override_settings(OPENWORKFLOW={"RETENTION": {"completed": "30d"}}):
-        assert purge_thread("w", stopping, "default").name == "openworkflow-purge"
+        assert thread().name == "openworkflow-purge"
 
 
 @pytest.mark.django_db(transaction=True)
@@ -511,8 +538,7 @@ def test_one_worker_purges_at_a_time_and_then_none_until_the_interval_passes():
     child = make_run("completed", age=3 * HOUR, parent=root)
     stopping = threading.Event()
     first, second = (
-        BackgroundPurge("a", stopping, using="default"),
-        BackgroundPurge("b", stopping, using="default"),
+        BackgroundPurge(name, stopping, using="default", namespace="default") for name in "ab"
     )
     results = {}
 
@@ -533,7 +559,7 @@ def test_one_worker_purges_at_a_time_and_then_none_until_the_interval_passes():
     assert results["a"] == Purged(runs=2, attempts=3, events=2)
     assert exists(root, child) == [False, False]
     lease = WorkflowLease.objects.get()
-    assert lease.holder == "a"
+    assert (lease.name, lease.holder) == ("purge:default", "a")
     assert lease.expires_at > timezone.now() + timedelta(minutes=9)  # the next purge's time
     assert second.tick() is None
     assert first.tick() is None

@@ -47,6 +47,12 @@ class Command(BaseCommand):
             "several). Default: every status the retention names.",
         )
         parser.add_argument(
+            "--namespace",
+            default=None,
+            help="Purge the runs of this namespace. Default: OPENWORKFLOW['NAMESPACE'] "
+            f"({app_settings.NAMESPACE!r}).",
+        )
+        parser.add_argument(
             "--dry-run", action="store_true", help="Count what would be deleted; delete nothing."
         )
         parser.add_argument(
@@ -58,7 +64,12 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         limits = self.limits(options["older_than"], options["status"])
-        purged = Purge(limits, batch_size=options["batch_size"], dry_run=options["dry_run"]).run()
+        purged = Purge(
+            limits,
+            namespace=options["namespace"],
+            batch_size=options["batch_size"],
+            dry_run=options["dry_run"],
+        ).run()
         self.stdout.write(f"{'would delete' if options['dry_run'] else 'deleted'} {purged}")
 
     def limits(self, older_than: timedelta | None, statuses: list[str] | None) -> dict[str, Any]:
