@@ -507,6 +507,8 @@ class WorkflowSignal(models.Model):
                 fields=["namespace", "signal", "idempotency_key", "-sent_at"],
                 name="owf_signal_idempotency_idx",
             ),
+            # The purge: the signals a purged run may have received, by when they were sent.
+            models.Index(fields=["namespace", "sent_at"], name="owf_signal_sent_idx"),
         ]
 
     def __str__(self) -> str:

@@ -191,8 +191,11 @@ class Purge:
 
         ``finished_at >= created_at``, so the roots are searched by
         ``created_at`` in the index of runs by status (``owf_run_status_idx``):
-        no index of its own that every insert would pay for. A root that stays
-        (its family has a young member) is passed once per pass.
+        no index of its own that every insert would pay for. The order is the
+        index's alone (no sort of every old run); runs that share a
+        ``created_at`` (``start_many``) are read as one group, in
+        ``batch_size`` chunks. A root that stays (its family has a young
+        member) is passed once per pass.
         """
         cutoff = now_plus(-self.limits[status].total_seconds())
         roots = self.runs.filter(
@@ -201,15 +204,20 @@ class Purge:
             parent_step_attempt__isnull=True,
             created_at__lt=cutoff,
             finished_at__lt=cutoff,
-        ).order_by("created_at", "pk")
-        after = Q()
+        ).order_by("created_at")
+        after: Q = Q()
         while True:
             rows = list(roots.filter(after).values_list("created_at", "pk")[: self.batch_size])
             if not rows:
                 return
-            yield [pk for _, pk in rows]
-            created_at, pk = rows[-1]
-            after = Q(created_at__gt=created_at) | Q(created_at=created_at, pk__gt=pk)
+            last = rows[-1][0]
+            if len(rows) == self.batch_size:  # the rest of the last instant's group
+                rows = [row for row in rows if row[0] != last]
+                rows += roots.filter(created_at=last).values_list("created_at", "pk")
+            ids = [pk for _, pk in rows]
+            for i in range(0, len(ids), self.batch_size):
+                yield ids[i : i + self.batch_size]
+            after = Q(created_at__gt=last)
 
     def families(self, roots: Iterable[Any]) -> dict[Any, dict[Any, bool]]:
         """The families of these roots: root -> {member id: old enough}, one query a level."""
@@ -250,7 +258,9 @@ class Purge:
         ids = [pk for members in going.values() for pk in members]
         if self.dry_run:
             self._gone.update(str(pk) for pk in ids)
-            return self._counted(ids)
+            counted = self._counted(ids)
+            counted.signals = len(self._signals_going(ids))
+            return counted
         pause_point("purge.before-lock", runs=ids)
         with transaction.atomic(using=self.using):
             WorkflowRun.objects.db_manager(self.using).lock(ids)
@@ -262,7 +272,7 @@ class Purge:
                 if all(members.values()) and set(members) == going[root]
                 for pk in members
             ]
-            purged = self._delete(ids)
+            purged = self._delete(ids, self._signals_going(ids))
         logger.debug("purge batch runs=%d attempts=%d", purged.runs, purged.attempts)
         return purged
 
@@ -275,7 +285,7 @@ class Purge:
             events=WorkflowRunEvent.objects.using(self.using).filter(run_id__in=ids).count(),
         )
 
-    def _delete(self, ids: list[Any]) -> Purged:
+    def _delete(self, ids: list[Any], signals: list[int]) -> Purged:
         """Inside the batch's transaction, the runs locked: delete them and their records."""
         from .models import StepAttempt, WorkflowRunEvent
 
@@ -293,7 +303,7 @@ class Purge:
         attempts.filter(child_workflow_run_id__in=ids).exclude(workflow_run_id__in=ids).update(
             child_workflow_run=None
         )
-        purged = Purged()
+        purged = Purged(signals=self._delete_signals(signals))
         purged.events = (
             WorkflowRunEvent.objects.using(using).filter(run_id__in=ids)._raw_delete(using)
         )
@@ -302,50 +312,105 @@ class Purge:
         purged.runs = self.runs.filter(pk__in=ids)._raw_delete(using)
         return purged
 
-    def purge_signals(self) -> Purged:
-        """Delete the signal rows whose every receiver is gone, once past their window.
+    # --- signals ---------------------------------------------------------------------
 
-        A ``WorkflowSignal`` row records a send with an idempotency key and the
-        runs it was ``delivered_to`` (their ids). It goes when it is older than
-        ``SIGNAL_WINDOW`` (else a repeat of the send would deliver again) and it
-        was delivered to at least one run and none of them exists any more. A
-        signal delivered to runs of several families goes with the last of them;
-        one delivered to nobody is not a purge's business and stays. Signals
-        whose runs went while they were inside their window go at a later pass.
+    def _signals_going(self, ids: list[Any]) -> list[int]:
+        """The signal rows delivered to these runs that go with them.
+
+        A ``WorkflowSignal`` row records a send with an idempotency key and
+        the ids of the runs it was ``delivered_to``. It goes once it is past
+        ``SIGNAL_WINDOW`` (within it, a repeat of the send must still deliver
+        nothing) and none of its runs is left but these: the others are gone
+        already (or, dry run, went in an earlier batch). A signal reaches a run
+        while it waits, so it was sent between the run's ``created_at`` and its
+        ``finished_at``: only those instants are read (``owf_signal_sent_idx``).
         """
-        from .models import WorkflowRun, WorkflowSignal
+        from .models import WorkflowSignal
 
-        signals = WorkflowSignal.objects.using(self.using)
-        old = signals.filter(
-            namespace=self.namespace, sent_at__lt=now_plus(-SIGNAL_WINDOW.total_seconds())
-        ).order_by("pk")
-        purged = Purged()
-        after = 0
-        while self._go_on():
-            rows = list(
-                old.filter(pk__gt=after).values_list("pk", "delivered_to")[: self.batch_size]
-            )
-            if not rows:
-                break
-            after = rows[-1][0]
-            receivers = {run_id: _uuid(run_id) for _, to in rows for run_id in _ids(to)}
-            alive = {
+        instants = sorted(self.runs.filter(pk__in=ids).values_list("created_at", "finished_at"))
+        spans: list[list[Any]] = []
+        for start, end in instants:  # merged into disjoint ranges
+            if spans and start <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], end)
+            else:
+                spans.append([start, end])
+        if not spans:
+            return []
+        sent = Q(pk__in=[])
+        for start, end in spans:
+            sent |= Q(sent_at__gte=start, sent_at__lte=end)
+        rows = (
+            WorkflowSignal.objects.using(self.using)
+            .filter(namespace=self.namespace, sent_at__lt=self._window_end())
+            .filter(sent)
+            .values_list("pk", "delivered_to")
+        )
+        these = {str(pk) for pk in ids}
+        theirs = [(pk, to) for pk, to in rows if these & set(_ids(to))]
+        return self._without_receivers(theirs, going=these)
+
+    def _window_end(self) -> Any:
+        return now_plus(-SIGNAL_WINDOW.total_seconds())
+
+    def _without_receivers(
+        self, rows: list[tuple[int, Any]], going: set[str] | frozenset[str] = frozenset()
+    ) -> list[int]:
+        """The signals of ``rows`` (id, delivered_to) none of whose runs stays.
+
+        Runs that stay: those that exist, but for ``going`` and (dry run) the
+        runs of earlier batches.
+        """
+        from .models import WorkflowRun
+
+        receivers = {run_id: _uuid(run_id) for _, to in rows for run_id in _ids(to)}
+        alive = (
+            {
                 str(pk)
                 for pk in WorkflowRun.objects.using(self.using)
                 .filter(pk__in=[u for u in receivers.values() if u is not None])
                 .values_list("pk", flat=True)
-            } - self._gone
-            going = [
-                pk
-                for pk, to in rows
-                if _ids(to) and not any(str(receivers[run_id]) in alive for run_id in _ids(to))
-            ]
-            if not going:
-                continue
-            if self.dry_run:
-                purged.signals += len(going)
-            else:
-                purged.signals += signals.filter(pk__in=going)._raw_delete(self.using)
+            }
+            - self._gone
+            - going
+        )
+        return [
+            pk
+            for pk, to in rows
+            if _ids(to) and not any(str(receivers[run_id]) in alive for run_id in _ids(to))
+        ]
+
+    def _delete_signals(self, ids: list[int]) -> int:
+        from .models import WorkflowSignal
+
+        if not ids:
+            return 0
+        return WorkflowSignal.objects.using(self.using).filter(pk__in=ids)._raw_delete(self.using)
+
+    def purge_signals(self) -> Purged:
+        """Delete the signals whose runs went while they were inside their window.
+
+        A batch deletes the signals of its runs that are past their window
+        (``_signals_going``); one that was not is left without runs and goes
+        here, once past its window: the signals of the day after their window
+        (``SIGNAL_WINDOW``) are read, so any pass within that day finds it.
+        """
+        from .models import WorkflowSignal
+
+        day_after = WorkflowSignal.objects.using(self.using).filter(
+            namespace=self.namespace,
+            sent_at__lt=self._window_end(),
+            sent_at__gte=now_plus(-2 * SIGNAL_WINDOW.total_seconds()),
+        )
+        purged = Purged()
+        after = 0
+        while self._go_on():
+            batch = day_after.filter(pk__gt=after).order_by("pk").values_list("pk", "delivered_to")
+            rows = list(batch[: self.batch_size])
+            if not rows:
+                break
+            after = rows[-1][0]
+            going = self._without_receivers(rows)
+            purged.signals += len(going) if self.dry_run else self._delete_signals(going)
         return purged
 
 

@@ -67,13 +67,16 @@ def make_run(status="completed", *, age=2 * HOUR, parent=None, **fields):
     return run
 
 
-def make_signal(*receivers, age=2 * DAY):
+def make_signal(*receivers, sent_at=None):
+    """A keyed signal delivered to ``receivers``, sent while the first of them waited."""
     signal = WorkflowSignal.objects.create(
         signal="paid",
         idempotency_key=f"key-{next(_names)}",
         delivered_to=[str(run.pk) for run in receivers],
     )
-    WorkflowSignal.objects.filter(pk=signal.pk).update(sent_at=timezone.now() - age)
+    if sent_at is None and receivers:
+        sent_at = WorkflowRun.objects.get(pk=receivers[0].pk).finished_at - timedelta(seconds=30)
+    WorkflowSignal.objects.filter(pk=signal.pk).update(sent_at=sent_at or timezone.now())
     return signal
 
 
@@ -155,9 +158,9 @@ def test_a_purge_refuses_an_active_status():
 
 @pytest.mark.django_db
 def test_an_old_family_goes_whole_with_its_attempts_events_and_signals():
-    root = make_run("completed", age=3 * HOUR)
-    child = make_run("failed", age=3 * HOUR, parent=root)
-    grandchild = make_run("canceled", age=3 * HOUR, parent=child)
+    root = make_run("completed", age=3 * DAY)
+    child = make_run("failed", age=3 * DAY, parent=root)
+    grandchild = make_run("canceled", age=3 * DAY, parent=child)
     signal = make_signal(grandchild)
     other = make_run("completed", age=10 * 60 * timedelta(seconds=1))  # 10 minutes: young
 
@@ -217,9 +220,9 @@ def test_each_status_has_its_own_retention():
 
 @pytest.mark.django_db
 def test_a_purge_keeps_to_its_namespace():
-    ours = make_run("completed", age=3 * HOUR)
-    theirs = make_run("completed", age=3 * HOUR, namespace="billing")
-    their_signal = make_signal(ours)
+    ours = make_run("completed", age=3 * DAY)
+    theirs = make_run("completed", age=3 * DAY, namespace="billing")
+    their_signal = make_signal(theirs)
     WorkflowSignal.objects.filter(pk=their_signal.pk).update(namespace="billing")
 
     assert purge(ALL) == Purged(runs=1, attempts=1, events=1)
@@ -250,8 +253,8 @@ def test_without_retention_nothing_goes():
 
 @pytest.mark.django_db
 def test_a_dry_run_counts_what_would_go_and_deletes_nothing():
-    root = make_run("completed", age=3 * HOUR)
-    child = make_run("completed", age=3 * HOUR, parent=root)
+    root = make_run("completed", age=3 * DAY)
+    child = make_run("completed", age=3 * DAY, parent=root)
     make_signal(child)
     make_signal(child, root)
     young = make_run("completed", age=timedelta(minutes=1))
@@ -278,22 +281,38 @@ def test_a_dry_run_counts_what_would_go_and_deletes_nothing():
 
 
 @pytest.mark.django_db
-def test_a_signal_goes_once_past_its_window_and_every_receiver_gone():
-    first = make_run("completed", age=3 * HOUR)
-    second = make_run("completed", age=30 * timedelta(minutes=1))  # young
+def test_a_signal_goes_with_the_last_of_its_runs_once_past_its_window():
+    now = timezone.now()
+    first = make_run("completed", age=3 * DAY)
+    second = make_run("completed", age=30 * timedelta(minutes=1))  # young, started long ago
+    WorkflowRun.objects.filter(pk=second.pk).update(created_at=now - 4 * DAY)
     shared = make_signal(first, second)
-    recent = make_signal(first, age=2 * HOUR)  # inside its 24 hours
-    unheard = make_signal()  # delivered to nobody: not a purge's business
+    third = make_run("completed", age=2 * HOUR)
+    recent = make_signal(third)  # still inside its 24 hours when its run goes
+    unheard = make_signal(sent_at=now - 3 * DAY)  # delivered to nobody: not a purge's business
 
-    assert purge(ALL).signals == 0
-    assert exists(first, shared, recent, unheard) == [False, True, True, True]
+    assert purge(ALL) == Purged(runs=2, attempts=2, events=2, signals=0)
+    assert exists(first, third, shared, recent, unheard) == [False, False, True, True, True]
 
-    WorkflowRun.objects.filter(pk=second.pk).update(
-        created_at=timezone.now() - 3 * HOUR, finished_at=timezone.now() - 2 * HOUR
-    )
-    WorkflowSignal.objects.filter(pk=recent.pk).update(sent_at=timezone.now() - 25 * HOUR)
+    WorkflowRun.objects.filter(pk=second.pk).update(finished_at=now - 2 * HOUR)
+    WorkflowSignal.objects.filter(pk=recent.pk).update(sent_at=now - 25 * HOUR)  # a day later
     assert purge(ALL) == Purged(runs=1, attempts=1, events=1, signals=2)
     assert exists(shared, recent, unheard) == [False, False, True]
+
+
+@pytest.mark.django_db
+def test_a_signal_left_without_runs_goes_in_the_day_after_its_window():
+    run = make_run("completed", age=2 * HOUR)
+    signal = make_signal(run)
+    purge(ALL)
+    assert exists(signal) == [True]
+
+    WorkflowSignal.objects.filter(pk=signal.pk).update(sent_at=timezone.now() - 49 * HOUR)
+    assert purge(ALL) == Purged()  # past the day after: no pass looks that far back
+    WorkflowSignal.objects.filter(pk=signal.pk).update(sent_at=timezone.now() - 47 * HOUR)
+    assert purge(ALL, dry_run=True) == Purged(signals=1)
+    assert purge(ALL) == Purged(signals=1)
+    assert exists(signal) == [False]
 
 
 @pytest.mark.django_db
@@ -301,8 +320,9 @@ def test_a_repeated_signal_inside_its_window_still_delivers_nothing_after_a_purg
     from django_openworkflow import send_signal
 
     run = make_run("completed", age=3 * HOUR)
-    signal = make_signal(run, age=2 * HOUR)
+    signal = make_signal(run)  # three hours ago
     purge(ALL)
+    assert exists(run, signal) == [False, True]
     waiting = make_run("pending")
     StepAttempt.objects.create(
         workflow_run=waiting, step_name="wait", kind="signal_wait", signal="paid"
@@ -339,8 +359,8 @@ def test_batches_hold_batch_size_families_and_a_stop_between_them_leaves_whole_f
 
 @pytest.mark.django_db
 def test_an_exception_inside_a_batch_rolls_the_whole_batch_back():
-    root = make_run("completed", age=3 * HOUR)
-    child = make_run("completed", age=3 * HOUR, parent=root)
+    root = make_run("completed", age=3 * DAY)
+    child = make_run("completed", age=3 * DAY, parent=root)
     signal = make_signal(child)
 
     def crash(context):
