@@ -25,7 +25,9 @@ The rules (docs/retention.md states them for users):
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -164,11 +166,11 @@ class Purge:
 
     def old_enough(self) -> Q:
         """The runs that may go, as far as their own row tells: finished long enough ago."""
-        rule = Q(pk__in=[])  # no limits: nothing may go
-        for status, limit in sorted(self.limits.items()):
-            old = Q(status=status, finished_at__lt=now_plus(-limit.total_seconds()))
-            rule = old if rule == Q(pk__in=[]) else rule | old
-        return rule
+        rules = [
+            Q(status=status, finished_at__lt=now_plus(-limit.total_seconds()))
+            for status, limit in sorted(self.limits.items())
+        ]
+        return functools.reduce(operator.or_, rules, Q(pk__in=[]))  # no limits: none may go
 
     def run(self) -> Purged:
         """Purge every family old enough, then the signals nobody needs any more."""
