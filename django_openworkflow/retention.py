@@ -465,12 +465,12 @@ class BackgroundPurge:
     """A worker's purge thread: at most one purge of a namespace at a time in the cluster.
 
     Every ``LOOK_EVERY`` seconds it tries to take the namespace's lease
-    (``"purge:<namespace>"``); the
-    lease is free only when no worker purges and the last purge finished
-    ``PURGE_INTERVAL`` ago. Its holder purges in batches on this thread's own
-    connection (the claim loop never waits for it), renews the lease before
-    each batch, stops between two batches when the worker stops, and then
-    keeps the lease until the next purge is due.
+    (``"purge:<namespace>"``), free only when no worker purges and the last
+    purge finished ``PURGE_INTERVAL`` ago. Its holder purges in batches on
+    this thread's own connection (the claim loop never waits for it), renews
+    the lease before each batch, stops between two batches when the worker
+    stops (and hands the lease back), and otherwise keeps the lease until the
+    next purge is due.
     """
 
     def __init__(
