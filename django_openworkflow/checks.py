@@ -11,6 +11,7 @@ from django.db import DatabaseError, connections
 
 from .conf import DEFAULTS
 from .queues import queue_problems
+from .retention import retention_problems
 
 
 @register()
@@ -98,6 +99,16 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                     id="django_openworkflow.E010",
                 )
             )
+    for problem in retention_problems(user.get("RETENTION")):
+        errors.append(
+            Error(
+                f"OPENWORKFLOW['RETENTION']: {problem}.",
+                hint='For example {"completed": "30d", "canceled": "30d", "failed": "90d"}: '
+                "how long finished runs are kept after they finish, per status (a duration "
+                'such as "30d" or "12h", a timedelta or seconds). None keeps every run.',
+                id="django_openworkflow.E014",
+            )
+        )
     return errors
 
 

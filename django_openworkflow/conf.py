@@ -7,6 +7,7 @@ tests; bad values are reported by the system checks in ``checks.py``.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings as django_settings
@@ -32,6 +33,8 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE": "default",
     # Queues and their limits (concurrency, key_concurrency, rate_limit); see docs/queues.md.
     "QUEUES": {"default": {}},
+    # How long finished runs are kept after finished_at, per status ("30d"); None: forever.
+    "RETENTION": None,
 }
 
 
@@ -83,5 +86,19 @@ class Settings:
     def QUEUES(self) -> Any:
         return self._get("QUEUES")
 
+    @property
+    def RETENTION(self) -> dict[str, timedelta] | None:
+        """Status -> how long runs of that status are kept; None (or empty): keep them all.
+
+        Raises ``ValueError`` for an invalid value (check E014 reports it first).
+        """
+        return _retention(self._get("RETENTION")) or None
+
 
 app_settings = Settings()
+
+
+def _retention(value: Any) -> dict[str, timedelta] | None:
+    from .retention import parse_retention
+
+    return parse_retention(value)

@@ -508,6 +508,8 @@ class WorkflowSignal(models.Model):
                 fields=["namespace", "signal", "idempotency_key", "-sent_at"],
                 name="owf_signal_idempotency_idx",
             ),
+            # The purge: the signals a purged run may have received, by when they were sent.
+            models.Index(fields=["namespace", "sent_at"], name="owf_signal_sent_idx"),
         ]
 
     def __str__(self) -> str:
@@ -627,3 +629,26 @@ class WorkflowSchedule(models.Model):
     def reschedule(self, now: datetime | None = None) -> None:
         """Set ``next_run_at`` to the first tick after ``now``: no tick before it will run."""
         self.next_run_at = next_tick(self.cron, self.timezone, now or timezone.now())
+
+
+class WorkflowLease(models.Model):
+    """A named lease that one worker of the cluster holds at a time (``leases.py``).
+
+    The background purge of a namespace takes ``"purge:<namespace>"``: its
+    holder purges, and when it is done it keeps the lease until the next purge
+    is due, so workers purge at most once per ``retention.PURGE_INTERVAL``
+    between them.
+    """
+
+    name = models.CharField(_("name"), max_length=255, primary_key=True)
+    holder = models.CharField(_("holder"), max_length=255)
+    expires_at = models.DateTimeField(_("expires at"))
+
+    objects: models.Manager[WorkflowLease] = models.Manager()
+
+    class Meta:
+        verbose_name = _("lease")
+        verbose_name_plural = _("leases")
+
+    def __str__(self) -> str:
+        return f"{self.name} held by {self.holder} until {self.expires_at}"

@@ -46,6 +46,10 @@ PAUSE_POINTS: dict[str, str] = {
     " next_run_at on; not committed",
     "worker.before-poll": "the worker's loop is about to clear its wake-up and look at the queue",
     "worker.after-execute": "a slot finished executing a run and is about to drop it from flight",
+    "purge.leased": "a worker took the purge lease and has not purged yet",
+    "purge.before-lock": "a purge batch read the families that may go; it has locked none yet",
+    "purge.before-runs": "a purge batch deleted its runs' events and step attempts, not yet the"
+    " runs; not committed",
     "heartbeat.before-renew": "the heartbeat collected the claims it will renew",
 }
 

@@ -33,6 +33,7 @@ from .names import check_name
 from .pauses import pause_point
 from .queues import served_queues, setting_problems
 from .registry import get_workflow, registered_workflows, workflow_names
+from .retention import purge_thread
 from .store import Claim, Store, get_store
 
 logger = logging.getLogger(__name__)
@@ -153,6 +154,11 @@ class Worker:
                     name="openworkflow-listen",
                 )
             )
+        purger = purge_thread(
+            self.worker_id, self._stopping, using=self.using, namespace=self.namespace
+        )
+        if purger is not None and not self.burst:  # OPENWORKFLOW["RETENTION"]
+            helpers.append(purger)
         for thread in helpers:
             thread.daemon = True
             thread.start()

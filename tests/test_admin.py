@@ -668,6 +668,23 @@ def test_a_finished_run_is_deleted_with_its_step_attempts_and_events(admin_clien
     assert not WorkflowRunEvent.objects.exists()
 
 
+def test_deleting_a_finished_parent_leaves_its_active_child_running(admin_client):
+    parent = make_run("failed")
+    step = StepAttempt.objects.create(workflow_run=parent, step_name="ship", kind="workflow")
+    child = make_run("running", parent_step_attempt=step)
+    step.child_workflow_run = child
+    step.save(update_fields=["child_workflow_run"])
+    child_delete = reverse("admin:django_openworkflow_workflowrun_delete", args=[child.pk])
+    parent_delete = reverse("admin:django_openworkflow_workflowrun_delete", args=[parent.pk])
+
+    assert admin_client.post(child_delete, {"post": "yes"}).status_code == 403
+    assert admin_client.post(parent_delete, {"post": "yes"}).status_code == 302
+
+    child.refresh_from_db()
+    assert child.status == "running"
+    assert child.parent_step_attempt is None  # a root run now, never deleted with its parent
+
+
 def test_delete_selected_skips_active_runs_and_says_how_many(admin_client):
     pending, running = make_run("pending"), make_run("running")
     done = make_run("completed")
