@@ -10,7 +10,7 @@ from django.core.checks import Error, Tags, Warning, register
 from django.db import DatabaseError, connections
 
 from .conf import DEFAULTS
-from .queues import queue_problems
+from .queues import check_queue, queue_problems
 from .retention import retention_problems
 
 
@@ -294,6 +294,21 @@ def check_workflows(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                     id="django_openworkflow.E008",
                 )
             )
+    for wf in registered_workflows():
+        if not wf.schedules:
+            continue
+        try:
+            check_queue(wf.queue, f' of workflow "{wf.name}"')
+        except ValueError as exc:
+            errors.append(
+                Warning(
+                    f"{exc}: its schedules "
+                    f"({', '.join(str(declared.name) for declared in wf.schedules)}) start no run.",
+                    hint="Add the queue to OPENWORKFLOW['QUEUES'], or give the workflow a "
+                    "configured queue.",
+                    id="django_openworkflow.W004",
+                )
+            )
     for name, owners in schedule_clashes():
         errors.append(
             Error(
@@ -346,7 +361,20 @@ def check_stored_schedules(
                         id="django_openworkflow.E016",
                     )
                 )
-        if enabled and get_workflow(workflow_name) is None:
+        workflow = get_workflow(workflow_name)
+        if enabled and workflow is not None and not workflow.schedules:  # (else W004 said it)
+            try:
+                check_queue(workflow.queue, f' of workflow "{workflow_name}"')
+            except ValueError as exc:
+                errors.append(
+                    Warning(
+                        f"{exc}: schedule {name!r} starts no run.",
+                        hint="Add the queue to OPENWORKFLOW['QUEUES'], or give the workflow "
+                        "a configured queue.",
+                        id="django_openworkflow.W004",
+                    )
+                )
+        if enabled and workflow is None:
             errors.append(
                 Warning(
                     f"Schedule {name!r} starts workflow {workflow_name!r}, which no @workflow "

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -93,9 +93,20 @@ def next_tick(cron: str, zone: str, after: datetime) -> datetime:
 
 
 def latest_tick(cron: str, zone: str, at: datetime) -> datetime:
-    """The last tick at or before ``at``."""
+    """The last tick at or before ``at``: the last one ``ticks_between`` would give.
+
+    cronsim's reverse iteration reads a time of the repeated hour (when the
+    clocks go back) as its first occurrence, so its answer can be an hour or
+    a day early there; the forward iteration, which knows both occurrences,
+    walks on from it.
+    """
     start = at.astimezone(ZoneInfo(zone)) + timedelta(microseconds=1)
-    return next(CronSim(_expression(cron), start, reverse=True))
+    tick = next(CronSim(_expression(cron), start, reverse=True))
+    for later in CronSim(_expression(cron), tick):
+        if later.astimezone(timezone.utc) > at:
+            return tick
+        tick = later
+    raise AssertionError("unreachable: cron ticks never end")  # pragma: no cover
 
 
 def ticks_between(cron: str, zone: str, start: datetime, end: datetime) -> Iterator[datetime]:

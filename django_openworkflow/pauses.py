@@ -44,6 +44,10 @@ PAUSE_POINTS: dict[str, str] = {
     " start; it has inserted no run yet",
     "schedule.before-commit": "a worker inserted a tick's run and moved the schedule's"
     " next_run_at on; not committed",
+    "schedule.declare-missing": "a worker's declare found no row of a declared schedule and"
+    " is about to insert it",
+    "schedule.declare-inserted": "a worker's declare inserted a declared schedule's row; not"
+    " committed",
     "worker.before-poll": "the worker's loop is about to clear its wake-up and look at the queue",
     "worker.after-execute": "a slot finished executing a run and is about to drop it from flight",
     "purge.leased": "a worker took the purge lease and has not purged yet",

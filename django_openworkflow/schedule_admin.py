@@ -19,12 +19,13 @@ from django.http import HttpRequest
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy, ngettext
 
+from .clock import Now
 from .conf import app_settings
 from .models import WorkflowSchedule
 from .registry import workflow_names
 from .serialization import ensure_json
 
-CODE_FIELDS = ("workflow_name", "cron", "timezone", "input")
+CODE_FIELDS = ("name", "workflow_name", "cron", "timezone", "input")
 
 
 class WorkflowScheduleForm(forms.ModelForm):  # type: ignore[type-arg]
@@ -90,10 +91,24 @@ class WorkflowScheduleAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         return fixed
 
     def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
-        """Plan the next tick when the schedule is new or its cron, zone or state changed."""
-        if not change or {"cron", "timezone", "enabled"} & set(form.changed_data):
-            obj.reschedule()
-        super().save_model(request, obj, form, change)
+        """Save what the form changed; plan the next tick when the schedule is new or its
+        cron expression, zone or state changed (by the database's clock, as workers fire).
+
+        Only the form's fields are written: ``next_run_at`` and ``last_run_at`` are the
+        workers', and one may have fired a tick since this request read the row.
+        """
+        if not change:
+            super().save_model(request, obj, form, change)
+            obj.reschedule(WorkflowSchedule.objects.clock(obj.pk))
+            obj.save(update_fields=["next_run_at"])
+            return
+        fields = [name for name in form.changed_data if name in form.fields]
+        if {"cron", "timezone", "enabled"} & set(fields):
+            obj.reschedule(WorkflowSchedule.objects.clock(obj.pk))
+            fields.append("next_run_at")
+        if fields:
+            obj.updated_at = Now()
+            obj.save(update_fields=[*fields, "updated_at"])
 
     # --- actions ------------------------------------------------------------------------
 
@@ -151,6 +166,8 @@ class WorkflowScheduleAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                 action(schedule)
             except LookupError:  # run now: the workflow is not registered here
                 skipped[_("its workflow is not registered in this project")] += 1
+            except ValueError as exc:  # run now: its workflow's queue is not configured
+                skipped[str(exc)] += 1
             except WorkflowSchedule.DoesNotExist:
                 skipped[_("it no longer exists")] += 1
             else:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db import DatabaseError, models
+from django.db import DatabaseError, DataError, IntegrityError, models
 from django.utils import timezone
 
 from .clock import Now
@@ -89,24 +90,50 @@ class WorkflowScheduleManager(models.Manager.from_queryset(WorkflowScheduleQuery
             "input": declared.input,
             "declared_in_code": True,
         }
-        with self.store.atomic():
-            schedule, created = self.select_for_update().get_or_create(
-                namespace=namespace, name=declared.name, defaults=wanted
-            )
-            if created:
-                schedule.reschedule()
-                schedule.save(update_fields=["next_run_at"])
+        for attempt in range(3):
+            try:
+                with self.store.atomic():
+                    self._create_or_update(namespace, declared.name, wanted)
                 return
-            changed = [field for field in wanted if getattr(schedule, field) != wanted[field]]
-            if not changed:
-                return
-            for field in changed:
-                setattr(schedule, field, wanted[field])
-            if {"cron", "timezone"} & set(changed):
-                schedule.reschedule()
-                changed.append("next_run_at")
-            schedule.updated_at = Now()
-            schedule.save(update_fields=[*changed, "updated_at"])
+            except IntegrityError:
+                # Another worker created it first. The transaction is rolled back, so no lock
+                # of the failed insert is kept (on MariaDB, three workers starting at once
+                # deadlocked on those); the next attempt updates the row it made.
+                if attempt == 2:
+                    raise
+
+    def _create_or_update(self, namespace: str, name: str, wanted: dict[str, Any]) -> None:
+        schedule = (
+            self.select_for_update()
+            .filter(namespace=namespace, name=name)
+            .annotate(clock=Now())
+            .first()
+        )
+        if schedule is None:
+            pause_point("schedule.declare-missing", schedule=name)
+            schedule = self.create(namespace=namespace, name=name, **wanted)
+            pause_point("schedule.declare-inserted", schedule=name)
+            schedule.reschedule(self.clock(schedule.pk))
+            schedule.save(update_fields=["next_run_at"])
+            return
+        changed = [field for field in wanted if getattr(schedule, field) != wanted[field]]
+        if not changed:
+            return
+        for field in changed:
+            setattr(schedule, field, wanted[field])
+        if {"cron", "timezone"} & set(changed):
+            schedule.reschedule(schedule.clock)
+            changed.append("next_run_at")
+        schedule.updated_at = Now()
+        schedule.save(update_fields=[*changed, "updated_at"])
+
+    def clock(self, pk: int) -> datetime:
+        """The database's clock, read with a schedule's row: ticks are planned by it, as
+        ``fire_due`` judges them by it (Python's clock may be ahead or behind)."""
+        clock: datetime = (
+            self.filter(pk=pk).annotate(clock=Now()).values_list("clock", flat=True).get()
+        )
+        return clock
 
     # --- ticks --------------------------------------------------------------------------
 
@@ -116,28 +143,44 @@ class WorkflowScheduleManager(models.Manager.from_queryset(WorkflowScheduleQuery
         Only the latest tick that has come runs: ticks missed while no worker
         ran are not replayed one by one.
         """
-        ids = list(
+        due = list(
             self.in_namespace(namespace)
             .due()
             .filter(workflow_name__in=list(workflow_names))
             .order_by("next_run_at")
-            .values_list("pk", flat=True)[:FIRE_BATCH]
+            .values_list("pk", "name")[:FIRE_BATCH]
         )
         runs = []
-        for pk in ids:
+        for pk, name in due:
             try:
                 run = self._fire(pk)
+            except (IntegrityError, DataError) as exc:
+                self._not_fired(pk, name, exc)
+                continue
             except DatabaseError:
-                raise  # the worker's loop reconnects and tries again
-            except Exception as exc:  # a bug must not stop the other schedules, nor the worker
-                # It stays due and is tried again each sweep: reported once per process.
-                if (pk, repr(exc)) not in _reported:
-                    _reported.add((pk, repr(exc)))
-                    logger.exception("schedule not fired schedule_id=%s", pk)
+                raise  # the connection or the server: the worker's loop reconnects, tries again
+            except Exception as exc:  # the queue of its workflow is not configured, a bug...
+                self._not_fired(pk, name, exc)
                 continue
             if run is not None:
                 runs.append(run)
         return runs
+
+    def _not_fired(self, pk: int, name: str, exc: Exception) -> None:
+        """The schedule stays due and is tried again each sweep: say so once per process.
+
+        Nothing it raises stops the other schedules, nor the worker's claims.
+        """
+        if (pk, repr(exc)) in _reported:
+            return
+        _reported.add((pk, repr(exc)))
+        logger.error(
+            "schedule not fired schedule=%s error=%s: %s",
+            name,
+            type(exc).__name__,
+            exc,
+            exc_info=not isinstance(exc, ValueError | DatabaseError),
+        )
 
     def _fire(self, pk: int) -> WorkflowRun | None:
         from .registry import get_workflow
@@ -220,10 +263,12 @@ class WorkflowScheduleManager(models.Manager.from_queryset(WorkflowScheduleQuery
                 .filter(scheduled_at__gte=start, scheduled_at__lte=end)
                 .values_list("scheduled_at", flat=True)
             )
+            # Compared in UTC, as the database gives them: Python never finds a time of a
+            # repeated hour (clocks going back) equal to a time of another zone.
             return [
                 start_tick(self.store, workflow, schedule, tick)
                 for tick in ticks
-                if tick not in have
+                if tick.astimezone(dt_timezone.utc) not in have
             ]
 
     def _runs(self, schedule: WorkflowSchedule) -> models.QuerySet[WorkflowRun]:
@@ -245,11 +290,11 @@ class WorkflowScheduleManager(models.Manager.from_queryset(WorkflowScheduleQuery
 
     def _set_enabled(self, schedule: WorkflowSchedule, enabled: bool) -> WorkflowSchedule:
         with self.store.atomic():
-            locked = self.select_for_update().get(pk=schedule.pk)
+            locked = self.select_for_update().annotate(clock=Now()).get(pk=schedule.pk)
             if locked.enabled != enabled:
                 locked.enabled = enabled
                 if enabled:
-                    locked.reschedule()
+                    locked.reschedule(locked.clock)
                 locked.updated_at = Now()
                 locked.save(update_fields=["enabled", "next_run_at", "updated_at"])
         locked.refresh_from_db(fields=["updated_at"])
@@ -267,8 +312,12 @@ class WorkflowScheduleManager(models.Manager.from_queryset(WorkflowScheduleQuery
                     f'schedule "{locked.name}" starts workflow "{locked.workflow_name}", which '
                     "is not registered in this process"
                 )
-            run = start_tick(self.store, workflow, locked, locked.clock)
-            locked.last_run_at = locked.clock
+            tick = locked.clock
+            # (SQLite's clock has milliseconds: two "Run now"s may read one instant.)
+            while self._runs(locked).filter(scheduled_at=tick).exists():
+                tick += timedelta(microseconds=1)
+            run = start_tick(self.store, workflow, locked, tick)
+            locked.last_run_at = tick
             locked.save(update_fields=["last_run_at"])
         return run
 
