@@ -22,10 +22,13 @@ from django.utils.html import format_html
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy, ngettext
 
+from .conf import app_settings
 from .display import attempt_status, error_summary, refusal_text
 from .exceptions import InvalidTransition
 from .managers import WorkflowRunQuerySet
-from .models import StepAttempt, WorkflowRun, WorkflowRunEvent
+from .models import StepAttempt, WorkflowRun, WorkflowRunEvent, WorkflowSchedule
+from .queues import configured_queues
+from .registry import workflow_names
 from .views import can_view_runs, run_page_url
 
 
@@ -108,6 +111,63 @@ class WorkflowRunEventInline(ReadOnlyInline):
         return error_summary(event.cleared_error)
 
 
+LATEST_FAILURES = 1000
+
+
+class NamesFilter(admin.SimpleListFilter):
+    """A filter by a name column whose choices cost no scan of every run ever stored.
+
+    Django's field filter lists the column's DISTINCT values, a read of the whole
+    table once it holds a long history. These list the names this project knows
+    (``known``) and those of active runs, and keep a chosen name.
+    """
+
+    field = ""
+
+    def known(self) -> list[str]:
+        return []
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        active = WorkflowRun.objects.using(model_admin.get_queryset(request).db).active()
+        names = {
+            *self.known(),
+            *active.order_by().exclude(**{self.field: None}).values_list(self.field, flat=True),
+            *([self.value()] if self.value() else []),
+        }
+        return [(name, name) for name in sorted(names)]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        return queryset.filter(**{self.field: self.value()}) if self.value() else queryset
+
+
+class WorkflowNameFilter(NamesFilter):
+    title = gettext_lazy("workflow")
+    parameter_name = field = "workflow_name"
+
+    def known(self) -> list[str]:
+        return workflow_names()
+
+
+class QueueFilter(NamesFilter):
+    title = gettext_lazy("queue")
+    parameter_name = field = "queue"
+
+    def known(self) -> list[str]:
+        return sorted(configured_queues())
+
+
+class ScheduleFilter(NamesFilter):
+    title = gettext_lazy("schedule")
+    parameter_name = field = "schedule_name"
+
+    def known(self) -> list[str]:
+        return list(
+            WorkflowSchedule.objects.filter(namespace=app_settings.NAMESPACE).values_list(
+                "name", flat=True
+            )
+        )
+
+
 class FailedStepFilter(admin.SimpleListFilter):
     """Failed runs by the step they failed on (their latest step attempt)."""
 
@@ -115,10 +175,14 @@ class FailedStepFilter(admin.SimpleListFilter):
     parameter_name = "failed_step"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        # The steps of the latest failures (not of every failed run ever stored: each one's
+        # latest attempt is a subquery).
         runs = cast(WorkflowRunQuerySet, model_admin.get_queryset(request)).failed()
+        latest = runs.order_by("-created_at")[:LATEST_FAILURES].values("pk")
         # current_step is annotated by get_queryset(); django-stubs cannot see annotations.
         names = (
-            runs.exclude(current_step=None)  # type: ignore[misc]
+            runs.filter(pk__in=latest)
+            .exclude(current_step=None)  # type: ignore[misc]
             .order_by("current_step")
             .values_list("current_step", flat=True)
             .distinct()[:100]
@@ -188,7 +252,8 @@ class WorkflowRunAdmin(NulSafeChangelist):
         "started_at",
         "finished_at",
     ]
-    list_filter = ["status", "workflow_name", "queue", "schedule_name", FailedStepFilter]
+    list_filter = ["status", WorkflowNameFilter, QueueFilter, ScheduleFilter, FailedStepFilter]
+    show_full_result_count = False  # a filtered list does not count every run too
     search_fields = ["idempotency_key"]  # shows the search box; the rule is matching()
     search_help_text = gettext_lazy(
         "A run id or its first characters, or part of the idempotency key or workflow name."

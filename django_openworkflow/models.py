@@ -187,6 +187,8 @@ class WorkflowRun(models.Model):
                 name="owf_run_parent_idx",
             ),
             models.Index(fields=["status", "-created_at"], name="owf_run_status_idx"),
+            # The run list and the admin: the newest runs first, whatever their status.
+            models.Index(fields=["-created_at", "-id"], name="owf_run_created_idx"),
             models.Index(fields=["workflow_name", "-created_at"], name="owf_run_workflow_idx"),
         ]
         constraints = [

@@ -19,11 +19,12 @@ from django.contrib import messages
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.db.models import Count, OuterRef, QuerySet, Subquery
+from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
 from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
+from django.utils.functional import cached_property
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
@@ -109,6 +110,25 @@ def run_permission_required(*, change: bool = False) -> Callable[[ViewFunc], Vie
 
 # --- queries -------------------------------------------------------------------
 
+# The run list counts no further than this: counting a long history (a million runs) takes
+# longer than the page may. Beyond it the tabs say "10,000+" and the pages stop.
+COUNT_CAP = 10_000
+
+
+def capped_count(queryset: QuerySet[Any]) -> dict[str, Any]:
+    """``{"count": n, "more": bool}``: the rows, counted up to ``COUNT_CAP``, and whether
+    there are more."""
+    count = queryset.order_by()[: COUNT_CAP + 1].count()
+    return {"count": min(count, COUNT_CAP), "more": count > COUNT_CAP}
+
+
+class CappedPaginator(Paginator):
+    """Pages of at most ``COUNT_CAP`` rows: the newest first, the rest through filters."""
+
+    @cached_property
+    def count(self) -> int:  # type: ignore[override]
+        return int(capped_count(cast(QuerySet[Any], self.object_list))["count"])
+
 
 class RunFilterForm(forms.Form):
     status = forms.ChoiceField(
@@ -159,15 +179,14 @@ def run_list(request: HttpRequest) -> HttpResponse:
     form = RunFilterForm(request.GET)
     runs = form.filter(WorkflowRun.objects.all())
 
-    counts = dict(runs.order_by().values_list("status").annotate(n=Count("pk")))
     status = form.selected_status()
     status_tabs = [
-        {"value": None, "label": _("all"), "count": sum(counts.values()), "selected": not status}
+        {"value": None, "label": _("all"), **capped_count(runs), "selected": not status}
     ] + [
         {
             "value": value,
             "label": label,
-            "count": counts.get(value, 0),
+            **capped_count(runs.filter(status=value)),
             "selected": status == value,
         }
         for value, label in WorkflowRun.Status.choices
@@ -176,22 +195,34 @@ def run_list(request: HttpRequest) -> HttpResponse:
         runs = runs.filter(status=status)
 
     runs = cast(WorkflowRunQuerySet, runs).with_current_step().order_by("-created_at", "-pk")
-    page = Paginator(runs, RUNS_PER_PAGE).get_page(request.GET.get("page"))
-    workflow_names = (
-        WorkflowRun.objects.order_by("workflow_name")
-        .values_list("workflow_name", flat=True)
-        .distinct()
-    )
-    queue_names = WorkflowRun.objects.order_by().values_list("queue", flat=True).distinct()
+    page = CappedPaginator(runs, RUNS_PER_PAGE).get_page(request.GET.get("page"))
+    # The names a filter offers: no DISTINCT over every run ever stored (a scan of the whole
+    # table once it holds a long history), but the project's own and those of active runs.
+    active = WorkflowRun.objects.active().order_by()
+    selected_workflow = form.cleaned_data.get("workflow", "")
+    selected_queue = form.cleaned_data.get("queue", "")
     context = {
         "form": form,
         "page": page,
         "status_tabs": status_tabs,
-        "workflow_names": workflow_names,
-        "selected_workflow": form.cleaned_data.get("workflow", ""),
-        # the queues of the setting, and any other queue a run names
-        "queue_names": sorted({*configured_queues(), *queue_names}),
-        "selected_queue": form.cleaned_data.get("queue", ""),
+        "count_cap": COUNT_CAP,
+        "capped": next(tab["more"] for tab in status_tabs if tab["selected"]),
+        "workflow_names": sorted(
+            {
+                *workflow_names(),
+                *active.values_list("workflow_name", flat=True).distinct(),
+                *([selected_workflow] if selected_workflow else []),
+            }
+        ),
+        "selected_workflow": selected_workflow,
+        "queue_names": sorted(
+            {
+                *configured_queues(),
+                *active.values_list("queue", flat=True).distinct(),
+                *([selected_queue] if selected_queue else []),
+            }
+        ),
+        "selected_queue": selected_queue,
         "schedule_names": WorkflowSchedule.objects.in_namespace(app_settings.NAMESPACE)
         .order_by("name")
         .values_list("name", flat=True),

@@ -12,6 +12,11 @@ load that drifts during the sitting hits both sides alike. Prints the median
 of each measure per side and B/A (for a queue-limit variant given with
 ``--variants``, its ratio to the unlimited throughput too); the JSON lines land in
 ``bench-results/ab-a.jsonl`` and ``ab-b.jsonl``.
+
+With ``--history N``, side B runs on a database whose tables also hold N
+finished runs (``bench_workflows --history``; ``openworkflow_bench_history``,
+filled once and kept): ``make bench-ab BASE=HEAD BENCH_AB_ARGS="--history
+1000000"`` measures what a long history costs the same code.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ MEASURES = [
     ("latency p50 ms", "latency_idle_worker", None, "p50_ms"),
     ("latency p95 ms", "latency_idle_worker", None, "p95_ms"),
     ("commits per run C=10", "worker_running", 10, "db_commits_per_run"),
+    ("WAL bytes per run C=10", "worker_running", 10, "wal_bytes_per_run"),
 ]
 
 
@@ -53,7 +59,7 @@ def createdb(name: str) -> None:
         subprocess.run(["psql", f"{SERVER}/postgres", "-c", f"CREATE DATABASE {name}"], check=True)
 
 
-def bench(tree: Path, database: str, runs: int, variants: str, out: Path) -> None:
+def bench(tree: Path, database: str, runs: int, variants: str, out: Path, extra: list[str]) -> None:
     env = {**os.environ, "DATABASE_URL": f"{SERVER}/{database}", "DEBUG": "false"}
     env["PYTHONPATH"] = str(tree)  # that side's package, not the installed one
     python = sys.executable
@@ -62,7 +68,7 @@ def bench(tree: Path, database: str, runs: int, variants: str, out: Path) -> Non
     )
     command = [
         python, "manage.py", "bench_workflows", "--concurrency", "10,50", "--reps", "1",
-        "--runs", str(runs), "--variants", variants, "--latency-runs", "50",
+        "--runs", str(runs), "--variants", variants, "--latency-runs", "50", *extra,
     ]  # fmt: skip
     with open(out, "a") as lines:
         subprocess.run(command, cwd=tree, env=env, stdout=lines, check=True)
@@ -99,13 +105,24 @@ def main() -> None:
         default="worker_running",
         help="bench_workflows --variants (default: worker_running)",
     )
+    parser.add_argument(
+        "--history",
+        type=int,
+        default=0,
+        help="side B's tables also hold this many finished runs (default: 0)",
+    )
     args = parser.parse_args()
+    databases = {"a": "openworkflow_bench_a", "b": "openworkflow_bench_b"}
+    extra: dict[str, list[str]] = {"a": [], "b": []}
+    if args.history:
+        databases["b"] = "openworkflow_bench_history"
+        extra["b"] = ["--history", str(args.history)]
     OUT.mkdir(exist_ok=True)
     files = {side: OUT / f"ab-{side}.jsonl" for side in "ab"}
     for path in files.values():
         path.write_text("")
     for side in "ab":
-        createdb(f"openworkflow_bench_{side}")
+        createdb(databases[side])
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "a"
         subprocess.run(
@@ -117,15 +134,16 @@ def main() -> None:
                 for side in "ab" if round_ % 2 == 0 else "ba":
                     print(f"round {round_ + 1}/{args.rounds}: {side.upper()}", flush=True)
                     bench(
-                        trees[side], f"openworkflow_bench_{side}", args.runs, args.variants,
-                        files[side],
+                        trees[side], databases[side], args.runs, args.variants, files[side],
+                        extra[side],
                     )  # fmt: skip
         finally:
             subprocess.run(
                 ["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=True
             )
     rows = {side: load(path) for side, path in files.items()}
-    print(f"\nA = {args.base}, B = working tree; median of {args.rounds} interleaved rounds\n")
+    b_side = "working tree" + (f" with {args.history:,} finished runs" if args.history else "")
+    print(f"\nA = {args.base}, B = {b_side}; median of {args.rounds} interleaved rounds\n")
     print("| measure | A | B | B/A |\n|---|---|---|---|")
     measures = list(MEASURES)
     for variant in args.variants.split(","):

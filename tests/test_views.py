@@ -261,7 +261,10 @@ def test_run_list_filters_by_status_and_workflow(staff_client):
     counts = {tab["value"]: tab["count"] for tab in response.context["status_tabs"]}
     assert counts[None] == 2
     assert counts["completed"] == 1
-    assert list(response.context["workflow_names"]) == ["a", "b"]
+    # The filter offers the project's workflows, those of active runs and the chosen one:
+    # not "b", which only a finished run names (a DISTINCT over a long history is slow).
+    names = response.context["workflow_names"]
+    assert "a" in names and "echo" in names and "b" not in names
 
 
 def test_run_list_ignores_an_unknown_status_but_keeps_the_other_filters(staff_client):
