@@ -356,14 +356,17 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
         from .models import StepAttempt
 
         ids = list(ids)
+        # Three reads through their indexes, then one lock by primary key. (One statement
+        # of "id IN ids OR id IN (parents) OR id IN (children)" read the whole table on
+        # PostgreSQL: a quarter of a second per delete with a million runs stored.)
         parents = StepAttempt.objects.using(self.db).filter(child_workflow_run_id__in=ids)
         children = self.filter(parent_step_attempt__workflow_run_id__in=ids)
         self.lock(
-            self.filter(
-                Q(pk__in=ids)
-                | Q(pk__in=parents.values("workflow_run_id"))
-                | Q(pk__in=children.values("pk"))
-            ).values("pk")
+            {
+                *ids,
+                *parents.values_list("workflow_run_id", flat=True),
+                *children.values_list("pk", flat=True),
+            }
         )
 
     def lock_parents(self, child_ids: Iterable[Any]) -> list[Any]:
