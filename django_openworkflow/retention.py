@@ -29,6 +29,7 @@ import functools
 import logging
 import operator
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
@@ -61,6 +62,9 @@ LEASE_SECONDS = 300.0
 LOOK_EVERY = 60.0
 PURGE_INTERVAL = timedelta(minutes=10)
 BATCH_SIZE = 1000
+# While runs are in progress, a purge rests after each batch this many times as long as the
+# batch took: it takes at most half of a database connection's time from the work.
+REST_RATIO = 1.0
 
 
 # --- the setting -------------------------------------------------------------------------
@@ -179,9 +183,24 @@ class Purge:
             for roots in self._root_batches(status):
                 if not self._go_on():
                     return purged
+                began = time.monotonic()
                 purged += self._batch(roots)
+                self._rest(time.monotonic() - began)
         purged += self.purge_signals()
         return purged
+
+    def _rest(self, busy: float) -> None:
+        """Yield to the work: while runs are in progress, rest as long as the batch took.
+
+        A purge runs at full speed on an idle system and at about half speed
+        beside busy workers, so it never takes their database's time for long.
+        """
+        if (
+            self.dry_run
+            or not self.runs.filter(namespace=self.namespace, status="running").exists()
+        ):
+            return
+        time.sleep(busy * REST_RATIO)
 
     def _go_on(self) -> bool:
         if not self.stopped and not self.keep_going():
