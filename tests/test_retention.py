@@ -606,3 +606,20 @@ def test_a_worker_purges_in_the_background_on_a_thread_of_its_own():
     assert not thread.is_alive()
     assert exists(root, child) == [False, False]
     assert WorkflowLease.objects.get().holder == "purger"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("working", [True, False])
+def test_a_purge_rests_after_each_batch_only_while_runs_are_in_progress(monkeypatch, working):
+    from django_openworkflow import retention
+
+    for _ in range(3):
+        make_run()
+    if working:
+        make_run("running")  # a worker executes it now
+    rests = []
+    monkeypatch.setattr(retention.time, "sleep", rests.append)
+    purged = Purge(ALL, batch_size=1).run()
+    assert purged.runs == 3
+    assert len(rests) == (3 if working else 0)
+    assert all(rest >= 0 for rest in rests)
