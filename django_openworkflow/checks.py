@@ -295,20 +295,9 @@ def check_workflows(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                 )
             )
     for wf in registered_workflows():
-        if not wf.schedules:
-            continue
-        try:
-            check_queue(wf.queue, f' of workflow "{wf.name}"')
-        except ValueError as exc:
-            errors.append(
-                Warning(
-                    f"{exc}: its schedules "
-                    f"({', '.join(str(declared.name) for declared in wf.schedules)}) start no run.",
-                    hint="Add the queue to OPENWORKFLOW['QUEUES'], or give the workflow a "
-                    "configured queue.",
-                    id="django_openworkflow.W004",
-                )
-            )
+        if wf.schedules:
+            names = ", ".join(str(declared.name) for declared in wf.schedules)
+            errors.extend(unqueued_schedules(wf, f"its schedules ({names}) start no run"))
     for name, owners in schedule_clashes():
         errors.append(
             Error(
@@ -319,6 +308,22 @@ def check_workflows(app_configs: Any = None, **kwargs: Any) -> list[Any]:
             )
         )
     return errors
+
+
+def unqueued_schedules(workflow: Any, consequence: str) -> list[Any]:
+    """W004 when the queue of a scheduled workflow is not in ``QUEUES``: its ticks fail."""
+    try:
+        check_queue(workflow.queue, f' of workflow "{workflow.name}"')
+    except ValueError as exc:
+        return [
+            Warning(
+                f"{exc}: {consequence}.",
+                hint="Add the queue to OPENWORKFLOW['QUEUES'], or give the workflow a "
+                "configured queue.",
+                id="django_openworkflow.W004",
+            )
+        ]
+    return []
 
 
 @register(Tags.database)
@@ -363,17 +368,7 @@ def check_stored_schedules(
                 )
         workflow = get_workflow(workflow_name)
         if enabled and workflow is not None and not workflow.schedules:  # (else W004 said it)
-            try:
-                check_queue(workflow.queue, f' of workflow "{workflow_name}"')
-            except ValueError as exc:
-                errors.append(
-                    Warning(
-                        f"{exc}: schedule {name!r} starts no run.",
-                        hint="Add the queue to OPENWORKFLOW['QUEUES'], or give the workflow "
-                        "a configured queue.",
-                        id="django_openworkflow.W004",
-                    )
-                )
+            errors.extend(unqueued_schedules(workflow, f"schedule {name!r} starts no run"))
         if enabled and workflow is None:
             errors.append(
                 Warning(

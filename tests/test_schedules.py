@@ -484,3 +484,18 @@ def test_manage_py_check_database_reports_stored_schedules(capsys):
     WorkflowSchedule.objects.create(name="lost", workflow_name="no-such", cron="0 3 * * *")
     call_command("check", "--database", "default")
     assert "django_openworkflow.W003" in capsys.readouterr().err
+
+
+def test_check_w004_names_a_scheduled_workflow_whose_queue_is_not_configured():
+    @workflow(name="w004", queue="nowhere", schedule=Schedule("0 0 29 2 *", name="w004-nightly"))
+    def w004(ctx):
+        pass
+
+    try:
+        [warning] = [e for e in check_workflows() if e.id == "django_openworkflow.W004"]
+        assert warning.msg == (
+            "queue 'nowhere' of workflow \"w004\" is not in OPENWORKFLOW['QUEUES']; known "
+            "queues: default: its schedules (w004-nightly) start no run."
+        )
+    finally:
+        _registry.pop("w004")
