@@ -65,6 +65,10 @@ BATCH_SIZE = 1000
 # While runs execute, a purge rests after each batch this many times as long as the batch
 # took: it is busy at most a quarter of the time, and leaves the rest to the work.
 REST_RATIO = 3.0
+SPANS_A_QUERY = 200
+# Longer than this is "for ever" to no database (PostgreSQL's timestamps end at 4713 BC,
+# Python's datetime at year 1): leave the status out of RETENTION to keep its runs.
+LONGEST = timedelta(days=100 * 366)
 
 
 # --- the setting -------------------------------------------------------------------------
@@ -82,9 +86,15 @@ def retention_problems(value: object) -> list[str]:
             problems.append(f"{status!r} is not a finished status (completed, failed, canceled)")
             continue
         try:
-            parse_duration(duration, what=f"the retention of {status} runs")
+            parsed = parse_duration(duration, what=f"the retention of {status} runs")
         except ValueError as exc:
             problems.append(str(exc))
+            continue
+        if parsed > LONGEST:
+            problems.append(
+                f"the retention of {status} runs {duration!r} is longer than 100 years; "
+                f"leave {status!r} out to keep those runs for ever"
+            )
     return problems
 
 
@@ -147,6 +157,7 @@ class Purge:
         batch_size: int = BATCH_SIZE,
         dry_run: bool = False,
         keep_going: Callable[[], bool] = lambda: True,
+        rest: Callable[[float], object] | None = None,
     ) -> None:
         from .conf import app_settings
 
@@ -159,6 +170,9 @@ class Purge:
         self.batch_size = batch_size
         self.dry_run = dry_run
         self.keep_going = keep_going
+        # How to rest (time.sleep; the background purge's ends when the worker stops).
+        self.rest = rest or time.sleep
+        self._signals_counted: set[int] = set()  # dry run: counted by a batch already
         self.stopped = False
         self._gone: set[str] = set()  # dry run: the runs it would have deleted
 
@@ -197,7 +211,7 @@ class Purge:
         speed on an idle system and at a quarter of it beside busy workers.
         """
         if not self.dry_run and self.runs.filter(status="running").exists():
-            time.sleep(busy * REST_RATIO)
+            self.rest(busy * REST_RATIO)
 
     def _go_on(self) -> bool:
         if not self.stopped and not self.keep_going():
@@ -277,22 +291,50 @@ class Purge:
         if self.dry_run:
             self._gone.update(str(pk) for pk in ids)
             counted = self._counted(ids)
-            counted.signals = len(self._signals_going(ids))
+            signals = set(self._signals_going(ids))
+            self._signals_counted |= signals
+            counted.signals = len(signals)
             return counted
         pause_point("purge.before-lock", runs=ids)
         with transaction.atomic(using=self.using):
-            WorkflowRun.objects.db_manager(self.using).lock(ids)
+            manager = WorkflowRun.objects.db_manager(self.using)
+            manager.lock(ids)
+            self._lock_keys(ids)
             # Under the locks: only families unchanged (nobody resumed a member, started
-            # or deleted a child meanwhile) and still old enough.
+            # or deleted a child meanwhile) and still old enough, and none that a model of
+            # the project protects (on_delete=PROTECT, RESTRICT or DO_NOTHING).
+            protected = protected_runs(self.using, ids)
             ids = [
                 pk
                 for root, members in self.families(going).items()
-                if all(members.values()) and set(members) == going[root]
+                if all(members.values())
+                and set(members) == going[root]
+                and not protected & set(members)
                 for pk in members
             ]
             purged = self._delete(ids, self._signals_going(ids))
         logger.debug("purge batch runs=%d attempts=%d", purged.runs, purged.attempts)
         return purged
+
+    def _lock_keys(self, ids: list[Any]) -> None:
+        """Take ``start()``'s lock of each idempotency key of these runs still in its window.
+
+        ``start()`` with such a key then waits for this batch and finds no run: it
+        never returns a run the batch deletes (SPEC 11). Keys in name order; ``start()``
+        takes no run lock, so this cannot deadlock with it.
+        """
+        from .registry import IDEMPOTENCY_WINDOW
+
+        keyed = self.runs.filter(
+            pk__in=ids,
+            idempotency_key__isnull=False,
+            created_at__gte=now_plus(-IDEMPOTENCY_WINDOW.total_seconds()),
+        ).values_list("workflow_name", "idempotency_key")
+        from .store import get_store
+
+        store = get_store(self.using)
+        for name, key in sorted(set(keyed)):
+            store.lock_key("start", self.namespace, name, str(key))
 
     def _counted(self, ids: list[Any]) -> Purged:
         from .models import StepAttempt, WorkflowRunEvent
@@ -321,6 +363,7 @@ class Purge:
         attempts.filter(child_workflow_run_id__in=ids).exclude(workflow_run_id__in=ids).update(
             child_workflow_run=None
         )
+        _forget_links_of_other_apps(using, ids)
         purged = Purged(signals=self._delete_signals(signals))
         purged.events = (
             WorkflowRunEvent.objects.using(using).filter(run_id__in=ids)._raw_delete(using)
@@ -354,15 +397,17 @@ class Purge:
                 spans.append([start, end])
         if not spans:
             return []
-        sent = Q(pk__in=[])
-        for start, end in spans:
-            sent |= Q(sent_at__gte=start, sent_at__lte=end)
-        rows = (
-            WorkflowSignal.objects.using(self.using)
-            .filter(namespace=self.namespace, sent_at__lt=self._window_end())
-            .filter(sent)
-            .values_list("pk", "delivered_to")
-        )
+        rows: list[tuple[int, Any]] = []
+        for i in range(0, len(spans), SPANS_A_QUERY):  # SQLite: an expression 1000 deep at most
+            sent = Q(pk__in=[])
+            for start, end in spans[i : i + SPANS_A_QUERY]:
+                sent |= Q(sent_at__gte=start, sent_at__lte=end)
+            rows += (
+                WorkflowSignal.objects.using(self.using)
+                .filter(namespace=self.namespace, sent_at__lt=self._window_end())
+                .filter(sent)
+                .values_list("pk", "delivered_to")
+            )
         these = {str(pk) for pk in ids}
         theirs = [(pk, to) for pk, to in rows if these & set(_ids(to))]
         return self._without_receivers(theirs, going=these)
@@ -427,9 +472,77 @@ class Purge:
             if not rows:
                 break
             after = rows[-1][0]
-            going = self._without_receivers(rows)
+            going = [pk for pk in self._without_receivers(rows) if pk not in self._signals_counted]
             purged.signals += len(going) if self.dry_run else self._delete_signals(going)
         return purged
+
+
+def _links_of_other_apps() -> list[tuple[Any, str]]:
+    """The relations of the project's models to runs and step attempts, each with the
+    lookup from the run ids to the rows they point at."""
+    from .models import StepAttempt, WorkflowRun
+
+    links = []
+    for model, to_ids in ((WorkflowRun, "pk__in"), (StepAttempt, "workflow_run_id__in")):
+        for rel in model._meta.related_objects:
+            if rel.related_model._meta.app_label != model._meta.app_label and rel.field.concrete:
+                links.append((rel, to_ids))
+    return links
+
+
+def _linked(rel: Any, to_ids: str, using: str, ids: list[Any]) -> models.QuerySet[Any]:
+    targets = rel.model._base_manager.using(using).filter(**{to_ids: ids})
+    return rel.related_model._base_manager.using(using).filter(  # type: ignore[no-any-return]
+        **{f"{rel.field.name}__in": targets}
+    )
+
+
+# What a delete does to a row that points at it, the purge does too; these stop a delete.
+KEEPING = (models.PROTECT, models.RESTRICT, models.DO_NOTHING)
+
+
+def protected_runs(using: str, ids: list[Any]) -> set[Any]:
+    """The runs among ``ids`` that a model of the project keeps from being deleted.
+
+    (``on_delete=PROTECT`` or ``RESTRICT``, or ``DO_NOTHING`` with a database
+    constraint, on a key to the run or to one of its step attempts.) Their
+    families stay, as a delete in the admin would refuse them.
+    """
+    kept: set[Any] = set()
+    for rel, to_ids in _links_of_other_apps():
+        if rel.on_delete not in KEEPING or not rel.field.db_constraint:
+            continue
+        pointed = _linked(rel, to_ids, using, ids).values_list(rel.field.attname, flat=True)
+        if rel.model._meta.model_name == "workflowrun":
+            kept.update(pointed)
+        else:
+            kept.update(
+                rel.model._base_manager.using(using)
+                .filter(pk__in=pointed)
+                .values_list("workflow_run_id", flat=True)
+            )
+    return kept
+
+
+def _forget_links_of_other_apps(using: str, ids: list[Any]) -> None:
+    """Do to the project's rows that point at these runs (or their attempts) what a
+    delete would: ``SET_NULL``, ``SET_DEFAULT``, ``SET(...)``, ``CASCADE`` (with the
+    project's signals for those rows).
+
+    The purge deletes its own rows without Django's collector, so a model such as
+    ``Order.run = ForeignKey(WorkflowRun, on_delete=SET_NULL)`` would otherwise
+    make every batch fail on its key.
+    """
+    from django.db.models.deletion import Collector
+
+    collector = Collector(using=using)
+    for rel, to_ids in _links_of_other_apps():
+        if rel.on_delete in KEEPING:
+            continue  # protected_runs() left those families out, or no constraint
+        linked = _linked(rel, to_ids, using, ids)
+        if linked.exists():
+            rel.on_delete(collector, rel.field, linked, using)
+    collector.delete()
 
 
 def _ids(delivered_to: object) -> list[str]:
@@ -522,7 +635,11 @@ class BackgroundPurge:
             return None
         pause_point("purge.leased", holder=self.holder)
         pass_ = Purge(
-            limits, using=self.using, namespace=self.namespace, keep_going=self._keep_going
+            limits,
+            using=self.using,
+            namespace=self.namespace,
+            keep_going=self._keep_going,
+            rest=self.stopping.wait,
         )
         purged = pass_.run()
         if not pass_.stopped:  # done: the lease says when the next purge is due
