@@ -178,7 +178,8 @@ class FailedStepFilter(admin.SimpleListFilter):
         # The steps of the latest failures (not of every failed run ever stored: each one's
         # latest attempt is a subquery).
         runs = cast(WorkflowRunQuerySet, model_admin.get_queryset(request)).failed()
-        latest = runs.order_by("-created_at")[:LATEST_FAILURES].values("pk")
+        # (ids, not a subquery: MariaDB refuses LIMIT in an IN subquery)
+        latest = list(runs.order_by("-created_at").values_list("pk", flat=True)[:LATEST_FAILURES])
         # current_step is annotated by get_queryset(); django-stubs cannot see annotations.
         names = (
             runs.filter(pk__in=latest)
