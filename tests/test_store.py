@@ -625,3 +625,32 @@ def test_each_rate_limited_queue_counts_its_starts_in_its_own_window(store, sett
     # two seconds later: out of the second's window, still in the minute's
     QueueStart.objects.update(started_at=F("started_at") - timedelta(seconds=2))
     assert claimed_ids(take(store, limit=5)) == {sms[1].pk}
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+@pytest.mark.parametrize("statement", ["FENCE", "FINISH"])
+def test_the_fenced_writes_find_their_run_by_its_key_in_a_generic_plan(statement):
+    """The worker's prepared statements are planned once, generically. Planned on
+    statistics that saw no active run, "status = 'running'" made a partial index of active
+    runs look empty, and the plan scanned it (every active run) instead of the key."""
+    from django_openworkflow.store.postgres import FENCE, PostgresStore
+
+    WorkflowRun.objects.bulk_create(
+        WorkflowRun(workflow_name="echo", status="completed") for _ in range(200)
+    )
+    sql = FENCE if statement == "FENCE" else PostgresStore.FINISH
+    params = sql.count("%s")
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE django_openworkflow_workflowrun")
+        cursor.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        text = sql
+        for i in range(1, params + 1):
+            text = text.replace("%s", f"${i}", 1)
+        cursor.execute(f"PREPARE owf_fence_plan AS {text}")
+        try:
+            cursor.execute("EXPLAIN EXECUTE owf_fence_plan(" + ", ".join(["NULL"] * params) + ")")
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+        finally:
+            cursor.execute("DEALLOCATE owf_fence_plan")
+    assert "workflowrun_pkey" in plan, plan

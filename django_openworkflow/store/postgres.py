@@ -43,10 +43,13 @@ NOTIFY_CHANNEL = "django_openworkflow"
 CLAIM_PAUSES = ("claim.queue-locked", "claim.queue-counted", "claim.before-commit")
 
 # Locks the run row (no new row version: steps do not rewrite the run) while
-# checking that the claim still holds; the heartbeat renews the lease.
+# checking that the claim still holds; the heartbeat renews the lease. "IS TRUE": a
+# plain "status = 'running'" implies the predicates of the partial indexes of active
+# runs, and the generic plan of the prepared statement, planned when statistics saw no
+# run active, scanned one of those (every active run) instead of the primary key.
 FENCE = f"""
     SELECT id FROM {RUN}
-    WHERE id = %s AND claim_token = %s AND status = 'running'
+    WHERE id = %s AND claim_token = %s AND (status = 'running') IS TRUE
       AND (deadline_at IS NULL OR deadline_at > statement_timestamp())
     FOR NO KEY UPDATE
 """
@@ -579,7 +582,7 @@ class PostgresStore(OrmStore):
                          attempts = COALESCE(%s, attempts),
                          worker_id = NULL, claim_token = NULL, available_at = NULL,
                          finished_at = statement_timestamp(), updated_at = statement_timestamp()
-        WHERE id = %s AND claim_token = %s AND status = 'running'
+        WHERE id = %s AND claim_token = %s AND (status = 'running') IS TRUE
           AND (%s OR deadline_at IS NULL OR deadline_at > statement_timestamp())
         RETURNING id, namespace
     ), deferred AS ({STORE_DEFERRED})
