@@ -210,10 +210,11 @@ def test_a_killed_workers_runs_keep_their_slots_and_no_slot_leaks(queues, worker
         assert SideEffect.objects.filter(run_id=run_id, step="begin").count() == 2
         lost = StepAttempt.objects.get(workflow_run_id=run_id, status="failed")
         assert lost.error["type"] == "WorkerLost"
-    # The other two began only when the taken-over runs had ended.
-    for run in runs:
-        if run.pk not in held:
-            assert all(recorded[run.pk][0] >= recorded[pk][1] for pk in held)
+    # The killed worker's runs kept both places until one of them ended: the other two
+    # began only then. (Not after both: one place freed lets one of them begin while the
+    # other taken-over run still ends, which failed this test once.)
+    first_end = min(recorded[pk][1] for pk in held)
+    assert all(recorded[run.pk][0] >= first_end for run in runs if run.pk not in held)
 
 
 def test_a_changed_limit_takes_effect_at_the_next_claim(queues):
