@@ -75,6 +75,7 @@ class Worker:
         # slot is still finishing is two entries, each dropped by its own slot.
         self._in_flight: dict[tuple[uuid.UUID, Any], Claim] = {}
         self._unknown_names: set[str] = set()  # names of due runs already reported
+        self._schedules_declared = False  # tried again at each sweep until it succeeds
         self._queue: queue.SimpleQueue[Claim | None] = queue.SimpleQueue()
         # Wake-ups: of runs parked by this worker, of the next due run, of a rate limit.
         # Each moment once: the sweep and every held-back claim report theirs again.
@@ -245,6 +246,8 @@ class Worker:
         overdue = self.store.fail_overdue(self.namespace)
         if overdue:
             logger.info("runs failed reason=deadline count=%d", overdue)
+        if not self._schedules_declared:
+            self._declare_schedules()
         schedules = WorkflowSchedule.objects.db_manager(self.using)
         for run in schedules.fire_due(self.namespace, names):
             logger.info(
@@ -257,12 +260,16 @@ class Worker:
         self._add_timer(self.store.next_due_at(self.namespace, names))
 
     def _declare_schedules(self) -> None:
-        """Create or update the schedules this worker's workflows declare in code."""
+        """Create or update the schedules this worker's workflows declare in code.
+
+        At the start; if the database was away then, at each sweep until it works.
+        """
         try:
             WorkflowSchedule.objects.db_manager(self.using).declare(
                 registered_workflows(), namespace=self.namespace
             )
-        except DatabaseError as exc:  # the next worker to start declares them
+            self._schedules_declared = True
+        except DatabaseError as exc:  # the next sweep tries again
             logger.error(
                 "schedules not declared worker=%s error=%s%s", self.worker_id, exc, _hint(exc)
             )

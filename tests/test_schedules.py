@@ -499,3 +499,26 @@ def test_check_w004_names_a_scheduled_workflow_whose_queue_is_not_configured():
         )
     finally:
         _registry.pop("w004")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_that_could_not_declare_its_schedules_at_its_start_declares_them_later(
+    monkeypatch,
+):
+    from django.db import OperationalError
+
+    from django_openworkflow.schedules import WorkflowScheduleManager
+
+    declare = WorkflowScheduleManager.declare
+    calls = []
+
+    def away_at_first(self, workflows, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("the database is away")
+        return declare(self, workflows, **kwargs)
+
+    monkeypatch.setattr(WorkflowScheduleManager, "declare", away_at_first)
+    Worker(burst=True).run()  # its start fails to declare; its first sweep declares
+    assert len(calls) == 2
+    assert WorkflowSchedule.objects.filter(name="declared-berlin").exists()
