@@ -118,8 +118,8 @@ class NamesFilter(admin.SimpleListFilter):
     """A filter by a name column whose choices cost no scan of every run ever stored.
 
     Django's field filter lists the column's DISTINCT values, a read of the whole
-    table once it holds a long history. These list the names this project knows
-    (``known``) and those of active runs, and keep a chosen name.
+    table once it holds a long history; these are ``names_to_offer()``, as on the
+    run list.
     """
 
     field = ""
@@ -128,13 +128,9 @@ class NamesFilter(admin.SimpleListFilter):
         return []
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        active = WorkflowRun.objects.using(model_admin.get_queryset(request).db).active()
-        names = {
-            *self.known(),
-            *active.order_by().exclude(**{self.field: None}).values_list(self.field, flat=True),
-            *([self.value()] if self.value() else []),
-        }
-        return [(name, name) for name in sorted(names)]
+        runs = WorkflowRun.objects.db_manager(model_admin.get_queryset(request).db)
+        names = runs.names_to_offer(self.field, self.known(), self.value())
+        return [(name, name) for name in names]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
         return queryset.filter(**{self.field: self.value()}) if self.value() else queryset
@@ -161,11 +157,8 @@ class ScheduleFilter(NamesFilter):
     parameter_name = field = "schedule_name"
 
     def known(self) -> list[str]:
-        return list(
-            WorkflowSchedule.objects.filter(namespace=app_settings.NAMESPACE).values_list(
-                "name", flat=True
-            )
-        )
+        schedules = WorkflowSchedule.objects.in_namespace(app_settings.NAMESPACE)
+        return list(schedules.values_list("name", flat=True))
 
 
 class FailedStepFilter(admin.SimpleListFilter):

@@ -117,6 +117,17 @@ class WorkflowRunQuerySet(models.QuerySet["WorkflowRun"]):
         """
         return self.failed().filter(not_past_deadline())
 
+    def names_to_offer(
+        self, field: str, known: Iterable[str], chosen: str | None = None
+    ) -> list[str]:
+        """The choices of a filter by ``field`` (the run list's, the admin's): the ``known``
+        names, those of active runs, and the ``chosen`` one.
+
+        Not the column's DISTINCT values: a read of every run ever stored.
+        """
+        active = self.active().order_by().exclude(**{field: None}).values_list(field, flat=True)
+        return sorted({*known, *active.distinct(), *([chosen] if chosen else [])})
+
     def in_namespace(self, namespace: str) -> WorkflowRunQuerySet:
         return self.filter(namespace=namespace)
 

@@ -628,9 +628,10 @@ class WorkflowSchedule(models.Model):
     def get_absolute_url(self) -> str:
         return reverse("django_openworkflow:schedules") + f"#schedule-{self.pk}"
 
-    def reschedule(self, now: datetime | None = None) -> None:
-        """Set ``next_run_at`` to the first tick after ``now``: no tick before it will run."""
-        self.next_run_at = next_tick(self.cron, self.timezone, now or timezone.now())
+    def reschedule(self, now: datetime) -> None:
+        """Set ``next_run_at`` to the first tick after ``now`` (the database's clock, as
+        workers fire by it: ``WorkflowSchedule.objects.clock``); no tick before runs."""
+        self.next_run_at = next_tick(self.cron, self.timezone, now)
 
 
 class WorkflowLease(models.Model):

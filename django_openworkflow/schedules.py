@@ -229,8 +229,6 @@ class WorkflowScheduleManager(models.Manager.from_queryset(WorkflowScheduleQuery
         Returns the runs started, oldest tick first. At most
         ``MAX_BACKFILL_TICKS`` ticks in one call.
         """
-        from .registry import get_workflow
-
         namespace = namespace or app_settings.NAMESPACE
         for value, what in ((start, "start"), (end, "end")):
             if not isinstance(value, datetime) or timezone.is_naive(value):
@@ -244,12 +242,7 @@ class WorkflowScheduleManager(models.Manager.from_queryset(WorkflowScheduleQuery
                 raise self.model.DoesNotExist(
                     f"no workflow schedule is named {name!r} in namespace {namespace!r}"
                 ) from None
-            workflow = get_workflow(schedule.workflow_name)
-            if workflow is None:
-                raise LookupError(
-                    f'schedule "{name}" starts workflow "{schedule.workflow_name}", which is not '
-                    "registered in this process"
-                )
+            workflow = registered(schedule)
             ticks = []
             for tick in ticks_between(schedule.cron, schedule.timezone, start, end):
                 ticks.append(tick)
@@ -302,16 +295,9 @@ class WorkflowScheduleManager(models.Manager.from_queryset(WorkflowScheduleQuery
 
     def run_now(self, schedule: WorkflowSchedule) -> WorkflowRun:
         """Start a run now, outside the ticks (``scheduled_at`` is now); the ticks go on."""
-        from .registry import get_workflow
-
         with self.store.atomic():
             locked = self.select_for_update().annotate(clock=Now()).get(pk=schedule.pk)
-            workflow = get_workflow(locked.workflow_name)
-            if workflow is None:
-                raise LookupError(
-                    f'schedule "{locked.name}" starts workflow "{locked.workflow_name}", which '
-                    "is not registered in this process"
-                )
+            workflow = registered(locked)
             tick = locked.clock
             # (SQLite's clock has milliseconds: two "Run now"s may read one instant.)
             while self._runs(locked).filter(scheduled_at=tick).exists():
@@ -320,6 +306,19 @@ class WorkflowScheduleManager(models.Manager.from_queryset(WorkflowScheduleQuery
             locked.last_run_at = tick
             locked.save(update_fields=["last_run_at"])
         return run
+
+
+def registered(schedule: WorkflowSchedule) -> Workflow:
+    """The workflow a schedule starts, or ``LookupError`` naming both (backfill, Run now)."""
+    from .registry import get_workflow
+
+    workflow = get_workflow(schedule.workflow_name)
+    if workflow is None:
+        raise LookupError(
+            f'schedule "{schedule.name}" starts workflow "{schedule.workflow_name}", which is '
+            "not registered in this process"
+        )
+    return workflow
 
 
 def start_tick(store: Store, workflow: Workflow, schedule: WorkflowSchedule, tick: datetime) -> Any:

@@ -196,9 +196,6 @@ def run_list(request: HttpRequest) -> HttpResponse:
 
     runs = cast(WorkflowRunQuerySet, runs).with_current_step().order_by("-created_at", "-pk")
     page = CappedPaginator(runs, RUNS_PER_PAGE).get_page(request.GET.get("page"))
-    # The names a filter offers: no DISTINCT over every run ever stored (a scan of the whole
-    # table once it holds a long history), but the project's own and those of active runs.
-    active = WorkflowRun.objects.active().order_by()
     selected_workflow = form.cleaned_data.get("workflow", "")
     selected_queue = form.cleaned_data.get("queue", "")
     context = {
@@ -207,20 +204,12 @@ def run_list(request: HttpRequest) -> HttpResponse:
         "status_tabs": status_tabs,
         "count_cap": COUNT_CAP,
         "capped": next(tab["more"] for tab in status_tabs if tab["selected"]),
-        "workflow_names": sorted(
-            {
-                *workflow_names(),
-                *active.values_list("workflow_name", flat=True).distinct(),
-                *([selected_workflow] if selected_workflow else []),
-            }
+        "workflow_names": WorkflowRun.objects.names_to_offer(
+            "workflow_name", workflow_names(), selected_workflow
         ),
         "selected_workflow": selected_workflow,
-        "queue_names": sorted(
-            {
-                *configured_queues(),
-                *active.values_list("queue", flat=True).distinct(),
-                *([selected_queue] if selected_queue else []),
-            }
+        "queue_names": WorkflowRun.objects.names_to_offer(
+            "queue", configured_queues(), selected_queue
         ),
         "selected_queue": selected_queue,
         "schedule_names": WorkflowSchedule.objects.in_namespace(app_settings.NAMESPACE)

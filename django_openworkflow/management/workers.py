@@ -6,9 +6,12 @@ import argparse
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from typing import IO, Any
 
 from django.conf import settings
+
+from ..durations import parse_duration
 
 
 def spawn_runworker(
@@ -58,3 +61,11 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def duration(value: str) -> timedelta:
+    """argparse type: a duration such as "30d", "12h" or seconds."""
+    try:
+        return parse_duration(float(value) if value.replace(".", "", 1).isdigit() else value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

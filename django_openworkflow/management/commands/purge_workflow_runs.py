@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 from datetime import timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from ...conf import app_settings
-from ...durations import parse_duration
 from ...retention import BATCH_SIZE, FINISHED, Purge
-from ..workers import positive_int
-
-
-def duration(value: str) -> timedelta:
-    """argparse type: a duration such as "30d", "12h" or seconds."""
-    try:
-        return parse_duration(float(value) if value.replace(".", "", 1).isdigit() else value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+from ..workers import duration, positive_int
 
 
 class Command(BaseCommand):
