@@ -137,6 +137,13 @@ class WorkflowRun(models.Model):
         blank=True,
         help_text=_("The schedule's tick this run is for (ctx.scheduled_at)."),
     )
+    trace_context = models.JSONField(
+        _("trace context"),
+        null=True,
+        blank=True,
+        editable=False,
+        help_text=_("The W3C trace context of the code that started the run (OpenTelemetry)."),
+    )
 
     objects = WorkflowRunManager()
 
@@ -655,3 +662,39 @@ class WorkflowLease(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} held by {self.holder} until {self.expires_at}"
+
+
+class WorkflowWorker(models.Model):
+    """One ``runworker`` process: registered when it starts, seen at every heartbeat.
+
+    ``last_seen_at`` is kept fresh while the process lives; ``stopped_at`` is
+    set when it stops cleanly. A worker neither stopped nor seen for a while
+    died (``workers.py`` says how long); its row is deleted after a day.
+    """
+
+    worker_id = ExactCharField(_("worker"), max_length=255, primary_key=True)
+    namespace = ExactCharField(_("namespace"), max_length=100, default="default")
+    host = models.CharField(_("host"), max_length=255)
+    pid = models.PositiveIntegerField(_("process id"))
+    queues = models.JSONField(
+        _("queues"), null=True, blank=True, help_text=_("The queues it serves; empty: every queue.")
+    )
+    workflows = models.JSONField(
+        _("workflows"), default=list, blank=True, help_text=_("The workflows it has registered.")
+    )
+    concurrency = models.PositiveIntegerField(_("slots"))
+    busy_slots = models.PositiveIntegerField(_("busy slots"), default=0)
+    started_at = models.DateTimeField(_("started at"), db_default=Now())
+    last_seen_at = models.DateTimeField(_("last seen at"), db_default=Now())
+    stopped_at = models.DateTimeField(_("stopped at"), null=True, blank=True)
+
+    objects: models.Manager[WorkflowWorker] = models.Manager()
+
+    class Meta:
+        verbose_name = _("worker")
+        verbose_name_plural = _("workers")
+        ordering = ["namespace", "-last_seen_at"]
+        indexes = [models.Index(fields=["namespace", "-last_seen_at"], name="owf_worker_seen_idx")]
+
+    def __str__(self) -> str:
+        return self.worker_id

@@ -32,6 +32,8 @@ from ..errors import (
     non_deterministic,
 )
 from ..exceptions import StepFailed
+from ..instruments import NOTHING, ExecutionObserver
+from ..instruments import execution as observe
 from ..models import StepAttempt, WorkflowRun
 from ..serialization import describe_exception, ensure_json
 from ..signals import run_completed, run_failed, send_after_commit, step_failed
@@ -80,6 +82,8 @@ class Execution:
         self.deferred: Deferred | None = None
         self.steps = Steps(self)
         self.waits = Waits(self)
+        self.observer: ExecutionObserver = NOTHING  # traces and metrics (instruments.py)
+        self.outcome: str | None = None  # how the pass ended, for the observer
 
     def __repr__(self) -> str:
         return f"<Execution run={self.run.pk} generation={self.generation}>"
@@ -138,16 +142,22 @@ class Execution:
         # Steps are called at this transaction depth; deeper, workflow code opened a
         # transaction that would hold (or roll back) what the steps commit.
         self.atomic_depth = len(self.store.connection.atomic_blocks)
+        self.observer = observe(self.run)
+        ending = "crashed"  # unless the pass ends one of the ways below
         try:
             self.load_history()
             self.call_workflow()
+            ending = "parked"  # returned without finishing: a workflow retry parked it
         except ClaimLost:
+            ending = "lost"
             self.claim_lost()
         except NonDeterminism as exc:
             self.finish(WorkflowRun.Status.FAILED, error=non_deterministic(str(exc)))
             logger.warning("run failed run=%s reason=non-deterministic", self.run.pk)
         except Suspend:
-            pass
+            ending = "parked"
+        finally:
+            self.observer.ended(self.outcome or ending)
 
     def load_history(self) -> None:
         """Read the stored attempts (none for a run's first start); fail the lost ones."""
@@ -235,6 +245,8 @@ class Execution:
 
     def finished(self, status: str, fields: dict[str, Any]) -> None:
         self.run.status = status
+        self.outcome = status
+        self.observer.run_finished(status, fields.get("error"))
         for field in ("output", "error", "attempts"):
             if field in fields:
                 setattr(self.run, field, fields[field])

@@ -124,6 +124,19 @@ class Steps:
         stored by this run's next write (the next step's start, a park or the
         finish), in the same commit.
         """
+        number = len(self.history.failures.get(attempt.step_name, ())) + 1
+        observed = self.x.observer.step_started(attempt, number)
+        try:
+            outcome = self.invoke_observed(attempt, fn, atomic=atomic, defer=defer)
+        except BaseException as exc:
+            observed.ended(None, exc=exc)
+            raise
+        observed.ended(outcome[1])
+        return outcome
+
+    def invoke_observed(
+        self, attempt: StepAttempt, fn: Callable[[], Any], *, atomic: bool, defer: bool
+    ) -> Outcome:
         if atomic:
             return self.invoke_atomic(attempt, fn)
         try:

@@ -1,0 +1,115 @@
+"""Hooks for traces and metrics: the engine reports what it does, instruments listen.
+
+The engine asks ``execution(run)`` for an observer of each pass of a run
+(one claim, one call of the workflow function) and reports to it:
+
+- ``step_started(attempt, number)`` before a step's function is called, on
+  the thread that calls it (a thread of its own for ``step.parallel``); the
+  handle it returns gets ``ended(error)`` on that thread once the attempt's
+  outcome is known (``error`` is the stored error, or ``None``), or
+  ``ended(None, exc=...)`` when the engine unwinds through it (the claim was
+  lost, the run parked, a ``KeyboardInterrupt``);
+- ``run_finished(status, error)`` when the pass completed or failed the run;
+- ``ended(outcome)`` once the pass is over: ``"completed"``, ``"failed"``,
+  ``"parked"`` (a sleep, a wait, a retry: the run goes on later), ``"lost"``
+  (the claim was lost: canceled, taken over) or ``"crashed"``.
+
+Instruments (``tracing.py`` for OpenTelemetry, ``metrics.py`` for
+Prometheus) are installed with ``install()``; with none installed the
+observer does nothing and costs a few method calls per step.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .models import StepAttempt, WorkflowRun
+
+
+class StepObserver(Protocol):
+    def ended(self, error: dict[str, Any] | None, *, exc: BaseException | None = None) -> None: ...
+
+
+class ExecutionObserver(Protocol):
+    def step_started(self, attempt: StepAttempt, number: int) -> StepObserver: ...
+
+    def run_finished(self, status: str, error: dict[str, Any] | None) -> None: ...
+
+    def ended(self, outcome: str) -> None: ...
+
+
+class Instrument(Protocol):
+    def execution(self, run: WorkflowRun) -> ExecutionObserver | None:
+        """An observer of one pass of ``run``, or None to sit this one out."""
+
+
+class _Nothing:
+    """The observer when no instrument listens (also a step observer)."""
+
+    def step_started(self, attempt: StepAttempt, number: int) -> _Nothing:
+        return self
+
+    def run_finished(self, status: str, error: dict[str, Any] | None) -> None:
+        pass
+
+    def ended(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+NOTHING = _Nothing()
+
+
+class _Step:
+    def __init__(self, steps: list[StepObserver]) -> None:
+        self.steps = steps
+
+    def ended(self, error: dict[str, Any] | None, *, exc: BaseException | None = None) -> None:
+        for step in reversed(self.steps):
+            step.ended(error, exc=exc)
+
+
+class _Many:
+    """Several instruments' observers of one pass, told in turn (the last started ends first)."""
+
+    def __init__(self, observers: list[ExecutionObserver]) -> None:
+        self.observers = observers
+
+    def step_started(self, attempt: StepAttempt, number: int) -> StepObserver:
+        return _Step([o.step_started(attempt, number) for o in self.observers])
+
+    def run_finished(self, status: str, error: dict[str, Any] | None) -> None:
+        for observer in self.observers:
+            observer.run_finished(status, error)
+
+    def ended(self, outcome: str) -> None:
+        for observer in reversed(self.observers):
+            observer.ended(outcome)
+
+
+_instruments: list[Instrument] = []
+_lock = threading.Lock()
+
+
+def install(instrument: Instrument) -> None:
+    """Have ``instrument`` observe every pass of every run from now on (once)."""
+    with _lock:
+        if instrument not in _instruments:
+            _instruments.append(instrument)
+
+
+def uninstall(instrument: Instrument) -> None:
+    with _lock:
+        if instrument in _instruments:
+            _instruments.remove(instrument)
+
+
+def execution(run: WorkflowRun) -> ExecutionObserver:
+    """The observer of one pass of ``run``: the installed instruments', or one doing nothing."""
+    if not _instruments:
+        return NOTHING
+    observers = [o for i in list(_instruments) if (o := i.execution(run)) is not None]
+    if not observers:
+        return NOTHING
+    return observers[0] if len(observers) == 1 else _Many(observers)
