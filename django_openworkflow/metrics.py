@@ -38,7 +38,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from .conf import app_settings
-from .queue_status import queue_load
+from .queue_status import QueueLoad, queue_load
 
 if TYPE_CHECKING:
     from .models import StepAttempt, WorkflowRun
@@ -250,7 +250,7 @@ class QueueCollector:
             yield from (in_progress, due, age)
         yield self._errors()
 
-    def _read(self) -> list[Any]:
+    def _read(self) -> list[QueueLoad]:
         connection = connections[self.using]
         opened = connection.connection is None
         try:

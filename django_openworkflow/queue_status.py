@@ -309,7 +309,8 @@ def queue_load(
 
     Two aggregate queries: the runs in progress per queue (the partial index
     ``owf_run_slot_idx``) and the due runs per queue with the oldest's age on
-    the database clock (``owf_run_due_idx``). With ``timeout``, each is
+    the database clock (the claim's partial index ``owf_run_queue_claim_idx`` on
+    PostgreSQL: the entries of the active runs, the rows of the due ones). With ``timeout``, each is
     stopped after that many seconds (``time_limit()``): a ``DatabaseError``.
     """
     db = using or app_settings.DATABASE
