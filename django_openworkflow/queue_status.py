@@ -15,14 +15,25 @@ the same words, on the database clock:
 A limit *holds back* the runs waiting to start while it is full: all of the
 queue's for ``concurrency`` and ``rate_limit``, those of one key for
 ``key_concurrency``. A run may be held by more than one limit at once.
+
+``queue_load()`` is the cheap reading for metrics (``metrics.py``): per queue
+the runs in progress, the **due** runs (every run a worker may take now:
+``.due()``, new, woken, retrying or with an expired lease, not only those
+waiting to start) and how long the oldest has been due; two aggregate
+queries over the partial indexes of active runs, each stopped by the
+database after ``timeout`` seconds (``time_limit()``).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
+from django.db import DatabaseError, connections, transaction
 from django.db.models import (
     Count,
     DurationField,
@@ -176,8 +187,12 @@ def _active_counts(runs: WorkflowRunQuerySet) -> Any:
 
 def _waiting_counts(waiting: WorkflowRunQuerySet) -> Any:
     """Runs waiting to start per queue, and how long the oldest has been due."""
-    waited = ExpressionWrapper(Now() - F("available_at"), output_field=DurationField())
-    return waiting.values("queue").annotate(n=Count("pk"), age=Max(waited)).order_by()
+    return waiting.values("queue").annotate(n=Count("pk"), age=Max(_due_for())).order_by()
+
+
+def _due_for() -> ExpressionWrapper:
+    """How long a due run has been due, on the database clock."""
+    return ExpressionWrapper(Now() - F("available_at"), output_field=DurationField())
 
 
 def _recent_starts(
@@ -272,6 +287,119 @@ def _held_by_keys(
         return top, 0, 0
     totals = held.aggregate(keys=Count("concurrency_key", distinct=True), runs=Count("pk"))
     return top, totals["keys"] - len(top), totals["runs"] - sum(h.count for h in top)
+
+
+# --- the load, for metrics -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueueLoad:
+    """One queue's runs in progress and due now (see the module docstring)."""
+
+    queue: str
+    in_progress: int = 0
+    due: int = 0
+    oldest_due_age: timedelta | None = None  # None: no run is due
+
+
+def queue_load(
+    namespace: str, using: str | None = None, *, timeout: float | None = None
+) -> list[QueueLoad]:
+    """Every configured queue and every queue with active runs, by name.
+
+    Two aggregate queries: the runs in progress per queue (the partial index
+    ``owf_run_slot_idx``) and the due runs per queue with the oldest's age on
+    the database clock (the claim's partial index ``owf_run_queue_claim_idx`` on
+    PostgreSQL: the entries of the active runs, the rows of the due ones). With ``timeout``, each is
+    stopped after that many seconds (``time_limit()``): a ``DatabaseError``.
+    """
+    db = using or app_settings.DATABASE
+    runs = WorkflowRun.objects.using(db).in_namespace(namespace)
+    in_progress = (
+        runs.filter(status__in=ACTIVE, started_at__isnull=False)
+        .values("queue")
+        .annotate(n=Count("pk"))
+        .order_by()
+    )
+    due = runs.due().values("queue").annotate(n=Count("pk"), age=Max(_due_for())).order_by()
+    with time_limit(db, timeout):
+        started = {row["queue"]: row["n"] for row in in_progress}
+        due_rows = {row["queue"]: row for row in due}
+    names = configured_queues().keys() | started.keys() | due_rows.keys()
+    return [
+        QueueLoad(
+            queue=name,
+            in_progress=started.get(name, 0),
+            due=due_rows.get(name, {}).get("n", 0),
+            oldest_due_age=due_rows.get(name, {}).get("age"),
+        )
+        for name in sorted(names)
+    ]
+
+
+@contextmanager
+def time_limit(using: str, seconds: float | None) -> Iterator[None]:
+    """Have the database stop the queries of this block after ``seconds`` (None: no limit).
+
+    The query raises a ``DatabaseError`` ("canceling statement due to
+    statement timeout", "max_statement_time exceeded", "interrupted").
+    PostgreSQL: ``statement_timeout`` for the block's transaction (its own,
+    or a savepoint of the caller's, which keeps it until its end);
+    MariaDB: ``max_statement_time``, MySQL: ``max_execution_time``, set for
+    the session and put back after the block; SQLite: a progress handler
+    that interrupts the block's queries once ``seconds`` have passed, all of
+    them together (the wait for a database lock is bounded by the
+    connection's ``timeout`` instead). Each limit is per query elsewhere.
+    """
+    if seconds is None:
+        yield
+        return
+    connection = connections[using]
+    if connection.vendor == "postgresql":
+        with transaction.atomic(using=using):
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT set_config('statement_timeout', %s, true)", [f"{_ms(seconds)}ms"]
+                )
+            yield
+    elif connection.vendor == "mysql":
+        with _session_limit(connection, seconds):
+            yield
+    elif connection.vendor == "sqlite":
+        connection.ensure_connection()
+        deadline = time.monotonic() + seconds
+        connection.connection.set_progress_handler(lambda: time.monotonic() >= deadline, 1000)
+        try:
+            yield
+        finally:
+            if connection.connection is not None:
+                connection.connection.set_progress_handler(None, 0)
+    else:  # another backend: no limit we know how to set
+        yield
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))  # 0 means "no limit" to every database
+
+
+@contextmanager
+def _session_limit(connection: Any, seconds: float) -> Iterator[None]:
+    if connection.mysql_is_mariadb:
+        variable, value = "max_statement_time", max(seconds, 0.000001)
+    else:  # MySQL: SELECT statements only, which is all this limits
+        variable, value = "max_execution_time", _ms(seconds)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT @@SESSION.{variable}")
+        (before,) = cursor.fetchone()
+        cursor.execute(f"SET SESSION {variable} = %s", [value])
+    try:
+        yield
+    finally:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(f"SET SESSION {variable} = %s", [before])
+        except DatabaseError:  # never leave a connection with our limit behind
+            connection.close()
 
 
 # --- one run -----------------------------------------------------------------------

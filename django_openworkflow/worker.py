@@ -85,6 +85,11 @@ class Worker:
         self._signals = 0
         self.runs_executed = 0
 
+    @property
+    def busy_slots(self) -> int:
+        """Slots executing a run now (``openworkflow_worker_slots_busy``)."""
+        return len(self._in_flight)
+
     # --- control ----------------------------------------------------------------
 
     def stop(self) -> None:

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections
@@ -18,6 +18,9 @@ from ...queues import served_queues
 from ...worker import Worker
 from ..workers import positive_int as _positive_int
 
+if TYPE_CHECKING:
+    from ...metrics import MetricsServer
+
 LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG, 3: logging.DEBUG}
 
 
@@ -28,6 +31,16 @@ def _positive_float(value: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number of seconds, not {value!r}") from None
     if not (number > 0 and number != float("inf")):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {value!r}")
+    return number
+
+
+def _port(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number, not {value!r}") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, not {number}")
     return number
 
 
@@ -92,6 +105,20 @@ class Command(BaseCommand):
             help="Also import this module for its @workflow definitions (repeatable); "
             "each installed app's workflows.py is imported anyway.",
         )
+        parser.add_argument(
+            "--metrics-port",
+            type=_port,
+            default=None,
+            metavar="PORT",
+            help="Serve Prometheus metrics on http://ADDR:PORT/metrics (0: a free port, "
+            "logged). Needs prometheus_client: pip install django-openworkflow[metrics].",
+        )
+        parser.add_argument(
+            "--metrics-addr",
+            default=None,
+            metavar="ADDR",
+            help="The address --metrics-port listens on. Default: 127.0.0.1.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         self._configure_logging(options["verbosity"])
@@ -109,6 +136,7 @@ class Command(BaseCommand):
                 check_name(options["worker_id"], "--worker-id")
             except (TypeError, ValueError) as exc:
                 raise CommandError(str(exc)) from None
+        self._check_metrics_options(options)
         self._check_migrations(app_settings.DATABASE)
         try:
             served_queues(options["queues"])
@@ -123,8 +151,40 @@ class Command(BaseCommand):
             worker_id=options["worker_id"],
             queues=options["queues"] or None,
         )
+        metrics = self._serve_metrics(worker, options)
         worker.install_signal_handlers()
-        worker.run()
+        try:
+            worker.run()
+        finally:
+            if metrics is not None:
+                metrics.stop()
+
+    def _check_metrics_options(self, options: dict[str, Any]) -> None:
+        if options["metrics_port"] is None:
+            if options["metrics_addr"] is not None:
+                raise CommandError("--metrics-addr needs --metrics-port")
+            return
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            raise CommandError(
+                "--metrics-port needs prometheus_client: pip install django-openworkflow[metrics]"
+            ) from None
+
+    def _serve_metrics(self, worker: Worker, options: dict[str, Any]) -> MetricsServer | None:
+        """``/metrics`` on a daemon thread, the worker's metrics installed (``metrics.py``)."""
+        port = options["metrics_port"]
+        if port is None:
+            return None
+        from ...metrics import WorkerMetrics, serve
+
+        addr = options["metrics_addr"] or "127.0.0.1"
+        try:
+            return serve(WorkerMetrics.for_worker(worker), addr, port)
+        except OSError as exc:
+            raise CommandError(
+                f"--metrics-port {port}: cannot listen on {addr}:{port}: {exc.strerror or exc}"
+            ) from None
 
     def _check_migrations(self, using: str) -> None:
         """Refuse to start on a database without this app's tables (``migrate`` not run)."""
