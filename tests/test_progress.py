@@ -300,6 +300,11 @@ def test_backfill_schedule_reads_times_without_an_offset_in_the_schedules_zone()
             "for the second",
         ),
         (
+            ["mars", "--start", "2026-01-01", "--end", "2026-01-02"],
+            "schedule 'mars' cannot be backfilled: unknown time zone 'Mars/Olympus'; correct it "
+            "in the admin",
+        ),
+        (
             ["orphan", "--start", "2026-01-01", "--end", "2026-01-02"],
             'schedule "orphan" starts workflow "gone", which is not registered in this process',
         ),
@@ -309,6 +314,7 @@ def test_backfill_schedule_refuses_bad_input(args, message):
     make_schedule()
     make_schedule("berlin", "30 2 * * *", "Europe/Berlin")
     WorkflowSchedule.objects.create(name="orphan", workflow_name="gone", cron="@daily")
+    make_schedule("mars", zone="Mars/Olympus")
     with pytest.raises(CommandError) as info:
         backfill(*args)
     assert str(info.value) == message

@@ -19,6 +19,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
 from ...conf import app_settings
+from ...cron import check_cron, check_timezone
 from ...models import WorkflowSchedule
 from ...progress import Progress, plural
 
@@ -88,13 +89,19 @@ class Command(BaseCommand):
         name = options["name"]
         namespace = options["namespace"] or app_settings.NAMESPACE
         schedules = WorkflowSchedule.objects.db_manager(app_settings.DATABASE)
-        zone = (
-            schedules.filter(namespace=namespace, name=name)
-            .values_list("timezone", flat=True)
-            .first()
+        stored = (
+            schedules.filter(namespace=namespace, name=name).values_list("cron", "timezone").first()
         )
-        if zone is None:
+        if stored is None:
             raise CommandError(f"no workflow schedule is named {name!r} in namespace {namespace!r}")
+        cron, zone = stored
+        try:  # stored by hand: check E016 reports it too
+            check_cron(cron)
+            check_timezone(zone)
+        except (TypeError, ValueError) as exc:
+            raise CommandError(
+                f"schedule {name!r} cannot be backfilled: {exc}; correct it in the admin"
+            ) from None
         start = in_zone(options["start"], zone, "--start")
         end = in_zone(options["end"], zone, "--end")
         ticks = 0
