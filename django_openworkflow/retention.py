@@ -145,7 +145,9 @@ class Purge:
     each finished status that may go to how long after ``finished_at`` its
     runs are kept; a family with a member of another status stays.
     ``keep_going`` is asked before each batch (the background purge renews
-    its lease there and stops when the worker stops).
+    its lease there and stops when the worker stops). ``progress`` is told
+    after each batch has committed: how many roots the pass has looked at
+    and what it deleted so far (``manage.py purge_workflow_runs`` shows it).
     """
 
     def __init__(
@@ -158,6 +160,7 @@ class Purge:
         dry_run: bool = False,
         keep_going: Callable[[], bool] = lambda: True,
         rest: Callable[[float], object] | None = None,
+        progress: Callable[[int, Purged], object] | None = None,
     ) -> None:
         from .conf import app_settings
 
@@ -172,6 +175,7 @@ class Purge:
         self.keep_going = keep_going
         # How to rest (time.sleep; the background purge's ends when the worker stops).
         self.rest = rest or time.sleep
+        self.progress = progress
         self._signals_counted: set[int] = set()  # dry run: counted by a batch already
         self.stopped = False
         self._gone: set[str] = set()  # dry run: the runs it would have deleted
@@ -193,15 +197,24 @@ class Purge:
     def run(self) -> Purged:
         """Purge every family old enough, then the signals nobody needs any more."""
         purged = Purged()
+        looked_at = 0
         for status in sorted(self.limits):
             for roots in self._root_batches(status):
                 if not self._go_on():
                     return purged
                 began = time.monotonic()
                 purged += self._batch(roots)
+                looked_at += len(roots)
+                if self.progress is not None:
+                    self.progress(looked_at, purged)
                 self._rest(time.monotonic() - began)
         purged += self.purge_signals()
         return purged
+
+    def candidates(self) -> int:
+        """How many roots the pass will look at, about (runs finish meanwhile): one count
+        a status, on the index the batches read."""
+        return sum(self._roots(status).count() for status in self.limits)
 
     def _rest(self, busy: float) -> None:
         """Yield to the work: while runs execute, rest ``REST_RATIO`` times as long as the
@@ -229,14 +242,7 @@ class Purge:
         ``batch_size`` chunks. A root that stays (its family has a young
         member) is passed once per pass.
         """
-        cutoff = now_plus(-self.limits[status].total_seconds())
-        roots = self.runs.filter(
-            namespace=self.namespace,
-            status=status,
-            parent_step_attempt__isnull=True,
-            created_at__lt=cutoff,
-            finished_at__lt=cutoff,
-        ).order_by("created_at")
+        roots = self._roots(status).order_by("created_at")
         after: Q = Q()
         while True:
             rows = list(roots.filter(after).values_list("created_at", "pk")[: self.batch_size])
@@ -250,6 +256,16 @@ class Purge:
             for i in range(0, len(ids), self.batch_size):
                 yield ids[i : i + self.batch_size]
             after = Q(created_at__gt=last)
+
+    def _roots(self, status: str) -> WorkflowRunQuerySet:
+        cutoff = now_plus(-self.limits[status].total_seconds())
+        return self.runs.filter(
+            namespace=self.namespace,
+            status=status,
+            parent_step_attempt__isnull=True,
+            created_at__lt=cutoff,
+            finished_at__lt=cutoff,
+        )
 
     def families(self, roots: Iterable[Any]) -> dict[Any, dict[Any, bool]]:
         """The families of these roots: root -> {member id: old enough}, one query a level."""

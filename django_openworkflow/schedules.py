@@ -13,7 +13,7 @@ run of one tick whatever path inserts it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from typing import TYPE_CHECKING, Any
@@ -222,12 +222,21 @@ class WorkflowScheduleManager(models.Manager.from_queryset(WorkflowScheduleQuery
         return run
 
     def backfill(
-        self, name: str, start: datetime, end: datetime, *, namespace: str | None = None
+        self,
+        name: str,
+        start: datetime,
+        end: datetime,
+        *,
+        namespace: str | None = None,
+        progress: Callable[[int, int], object] | None = None,
     ) -> list[WorkflowRun]:
         """Start one run per tick from ``start`` to ``end`` (both included) that has none.
 
         Returns the runs started, oldest tick first. At most
-        ``MAX_BACKFILL_TICKS`` ticks in one call.
+        ``MAX_BACKFILL_TICKS`` ticks in one call. ``progress(done, ticks)`` is
+        told the number of ticks once they are known (``done`` 0), then after
+        each tick, started or skipped (all in the one transaction: nothing is
+        committed before the last).
         """
         namespace = namespace or app_settings.NAMESPACE
         for value, what in ((start, "start"), (end, "end")):
@@ -256,13 +265,17 @@ class WorkflowScheduleManager(models.Manager.from_queryset(WorkflowScheduleQuery
                 .filter(scheduled_at__gte=start, scheduled_at__lte=end)
                 .values_list("scheduled_at", flat=True)
             )
-            # Compared in UTC, as the database gives them: Python never finds a time of a
-            # repeated hour (clocks going back) equal to a time of another zone.
-            return [
-                start_tick(self.store, workflow, schedule, tick)
-                for tick in ticks
-                if tick.astimezone(dt_timezone.utc) not in have
-            ]
+            if progress is not None:
+                progress(0, len(ticks))
+            runs = []
+            for done, tick in enumerate(ticks, 1):
+                # Compared in UTC, as the database gives them: Python never finds a time of a
+                # repeated hour (clocks going back) equal to a time of another zone.
+                if tick.astimezone(dt_timezone.utc) not in have:
+                    runs.append(start_tick(self.store, workflow, schedule, tick))
+                if progress is not None:
+                    progress(done, len(ticks))
+            return runs
 
     def _runs(self, schedule: WorkflowSchedule) -> models.QuerySet[WorkflowRun]:
         from .models import WorkflowRun

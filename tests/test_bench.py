@@ -1,7 +1,9 @@
 """bench_workflows prints peer-format JSON lines; start_many enqueues in one statement."""
 
 import json
+import re
 from datetime import timedelta
+from io import StringIO
 
 import pytest
 from django.core.management import call_command
@@ -151,9 +153,49 @@ def test_bench_with_a_history_reports_it_and_keeps_it(capsys, monkeypatch):
         "--skip-latency",
         "--history=40",
     )
-    [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    out = capsys.readouterr()
+    [line] = [json.loads(line) for line in out.out.splitlines()]
     assert (line["runs"], line["history_runs"]) == (10, 40)
+    assert out.err == "history: 40 finished runs in the tables\n"  # no progress: not a terminal
     assert WorkflowRun.objects.filter(namespace=history.NAMESPACE).count() == 40
+
+
+class TTY(StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.postgres
+def test_bench_shows_the_runs_finished_on_a_terminal(monkeypatch):
+    monkeypatch.setenv("OPENWORKFLOW_TEST_DB", str(connection.settings_dict["NAME"]))
+    monkeypatch.setenv("COLUMNS", "200")
+    out, err = StringIO(), TTY()
+    call_command(
+        "bench_workflows",
+        "--runs=10",
+        "--concurrency=2",
+        "--variants=enqueue_first",
+        "--latency-runs=3",
+        "--idle=0.2",
+        stdout=out,
+        stderr=err,
+    )
+    assert [json.loads(line)["variant"] for line in out.getvalue().splitlines()] == [
+        "enqueue_first",
+        "latency_idle_worker",
+    ]
+    # one line each measurement, rewritten in place, then ended
+    throughput, latency, end = err.getvalue().split("\n")
+    assert throughput.startswith("\renqueue_first C=2: ")
+    assert re.fullmatch(
+        r"enqueue_first C=2: 10/10 runs \(100%\); [0-9.]+/s, took 0:\d\d *",
+        throughput.split("\r")[-1],
+    )
+    assert latency.split("\r")[1].startswith("latency C=10: 0/3 runs (0%); 0.0/s, ETA ?")
+    assert re.fullmatch(
+        r"latency C=10: 3/3 runs \(100%\); [0-9.]+/s, took 0:\d\d *", latency.split("\r")[-1]
+    )
+    assert end == ""
 
 
 def test_start_many_enqueues_every_input_in_one_go():

@@ -36,10 +36,16 @@ def worker_env(monkeypatch):
     monkeypatch.setenv("OPENWORKFLOW_TEST_DB", str(connection.settings_dict["NAME"]))
 
 
+class TTY(StringIO):
+    def isatty(self):
+        return True
+
+
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_killing_workers_loses_and_doubles_nothing(worker_env):
-    out = StringIO()
+def test_killing_workers_loses_and_doubles_nothing(worker_env, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    out, err = StringIO(), TTY()
     call_command(
         "chaos_workflows",
         "--runs=60",
@@ -53,8 +59,18 @@ def test_killing_workers_loses_and_doubles_nothing(worker_env):
         "--seed=7",
         "--timeout=60",
         stdout=out,
+        stderr=err,
     )
     line = out.getvalue().strip()
+    # on a terminal: the runs finished and the kills so far, on one line rewritten in place
+    progress = err.getvalue().split("\n")[0].split("\r")
+    assert progress[1].startswith("chaos: ")
+    kills = summary_numbers(line)["worker kills"]
+    assert re.fullmatch(
+        rf"chaos: 60/60 runs finished \(100%\), worker kills {kills}, database restarts 0; "
+        r"[0-9.]+/s, took 0:\d\d *",
+        progress[-1],
+    )
     assert line.startswith(
         "chaos: runs completed 60/60, lost 0, duplicated ledger rows 0, stuck 0, "
     )
@@ -74,6 +90,7 @@ def test_killing_workers_loses_and_doubles_nothing(worker_env):
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_a_failing_restart_command_stops_the_chaos(worker_env):
+    err = StringIO()
     with pytest.raises(CommandError, match=r"'false' exited with 1"):
         call_command(
             "chaos_workflows",
@@ -83,8 +100,10 @@ def test_a_failing_restart_command_stops_the_chaos(worker_env):
             "--kill-every=0",
             "--restart-db-command=false",
             stdout=StringIO(),
+            stderr=err,
         )
     drop_ledger()
+    assert err.getvalue() == ""  # no progress: not a terminal
 
 
 @pytest.mark.postgres

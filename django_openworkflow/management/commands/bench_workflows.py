@@ -45,6 +45,7 @@ from ... import __version__
 from ...loadtest import bench, history, limits
 from ...loadtest.bench import HOLD_NAMESPACE, NAMESPACE, one_step, three_steps
 from ...models import QueueStart, StepAttempt, WorkflowRun
+from ...progress import Progress
 from ...store import get_store
 from ..workers import spawn_runworker, stop_process
 
@@ -203,7 +204,16 @@ class Command(BaseCommand):
             if namespace == HOLD_NAMESPACE:  # the "start" of the worker: release the runs
                 WorkflowRun.objects.filter(namespace=HOLD_NAMESPACE).update(namespace=NAMESPACE)
                 get_store(connection.alias).notify(NAMESPACE)
-            end = self.wait_for(runs, worker)
+            progress = Progress(
+                self.stderr,
+                f"{variant} C={concurrency}",
+                total=runs,
+                unit="runs",
+                verbosity=self.options["verbosity"],
+                interval=0.5,
+            )
+            with progress:
+                end = self.wait_for(runs, worker, progress)
             cpu1, wcpu1 = _machine_cpu(), _process_cpu_s(worker.pid)
         finally:
             stop_process(worker)  # its sessions end, so their statistics are flushed
@@ -239,11 +249,22 @@ class Command(BaseCommand):
     def latency(self, concurrency: int, samples: int) -> dict[str, Any]:
         self.reset()
         worker = self.start_worker(concurrency)
-        latencies = []
+        latencies: list[float] = []
+        progress = Progress(
+            self.stderr,
+            f"latency C={concurrency}",
+            total=samples,
+            unit="runs",
+            verbosity=self.options["verbosity"],
+        )
         try:
             time.sleep(self.options["idle"])
-            with override_settings(OPENWORKFLOW={**self.user_settings(), "NAMESPACE": NAMESPACE}):
+            with (
+                override_settings(OPENWORKFLOW={**self.user_settings(), "NAMESPACE": NAMESPACE}),
+                progress,
+            ):
                 for i in range(samples):
+                    progress.update(i)
                     began = timezone.now()
                     run = one_step.start({"i": i})
                     deadline = time.monotonic() + 30
@@ -259,6 +280,7 @@ class Command(BaseCommand):
                             raise CommandError(f"latency run {run.pk} did not complete: {row[0]}")
                         time.sleep(0.002)
                     latencies.append((row[1] - began).total_seconds() * 1000)
+                progress.update(samples)
         finally:
             stop_process(worker)
         return {
@@ -392,13 +414,18 @@ class Command(BaseCommand):
             )
             return int(cursor.fetchone()[0])
 
-    def wait_for(self, runs: int, worker: subprocess.Popen[bytes]) -> datetime:
+    def wait_for(
+        self, runs: int, worker: subprocess.Popen[bytes], progress: Progress | None = None
+    ) -> datetime:
         deadline = time.monotonic() + self.options["timeout"]
         bench_runs = WorkflowRun.objects.filter(namespace=NAMESPACE)
         while True:
             # The poll reads only the active runs (a partial index), so it costs the same with
             # a long history in the tables (--history): counting every run of the namespace
-            # every 50 ms read the whole table, and took a core from the worker.
+            # every 50 ms read the whole table, and took a core from the worker. Progress
+            # counts them (the same index) twice a second, on a terminal only.
+            if progress is not None and progress.due():
+                progress.update(runs - bench_runs.active().count())
             if bench_runs.active().exists() and time.monotonic() < deadline:
                 if worker.poll() is not None:
                     raise CommandError(f"the benchmark worker exited with {worker.returncode}")
@@ -412,6 +439,8 @@ class Command(BaseCommand):
             if row["failed"]:
                 raise CommandError(f"{row['failed']} benchmark runs failed")
             if row["done"] >= runs:
+                if progress is not None:
+                    progress.update(row["done"])
                 return row["end"]  # type: ignore[no-any-return]
             if worker.poll() is not None:
                 raise CommandError(f"the benchmark worker exited with {worker.returncode}")

@@ -35,6 +35,7 @@ from django.test.utils import override_settings
 from ...loadtest import chaos
 from ...loadtest.chaos import NAMESPACE, Audit, audit, create_ledger, drop_ledger, ledger_steps
 from ...models import WorkflowRun
+from ...progress import Progress
 from ..workers import positive_int as _positive_int
 from ..workers import seconds, spawn_runworker, stop_process
 
@@ -161,9 +162,17 @@ class Command(BaseCommand):
             self.log_dir = Path(log_dir)
             self.spawned = 0
             self.workers = [self.spawn() for _ in range(options["workers"])]
+            self.progress = Progress(
+                self.stderr,
+                "chaos",
+                total=options["runs"],
+                unit="runs finished",
+                verbosity=options["verbosity"],
+            )
             try:
-                self.chaos()
-                drained = self.drain()
+                with self.progress:
+                    self.chaos()
+                    drained = self.drain()
             finally:
                 for worker in self.workers:
                     worker.stop()
@@ -197,6 +206,7 @@ class Command(BaseCommand):
             time.sleep(0.05)
             self.replace_exited()
             finished = self.finished()
+            self.show(finished)
             if restart_due and (finished or 0) >= options["runs"] // 4:
                 restart_due = False
                 self.restart_database()
@@ -227,10 +237,17 @@ class Command(BaseCommand):
         while time.monotonic() < deadline:
             self.replace_exited()
             finished = self.finished()
+            self.show(finished)
             if finished is not None and finished >= self.options["runs"]:
                 return True
             time.sleep(0.2)
         return False
+
+    def show(self, finished: int | None) -> None:
+        if finished is not None:  # (None: the database is away)
+            self.progress.update(
+                finished, f"worker kills {self.kills}, database restarts {self.restarts}"
+            )
 
     def replace_exited(self) -> None:
         """A worker that exited without being killed is a failure: note it, start another."""

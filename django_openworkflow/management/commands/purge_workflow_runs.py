@@ -8,7 +8,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from ...conf import app_settings
-from ...retention import BATCH_SIZE, FINISHED, Purge
+from ...progress import Progress, plural
+from ...retention import BATCH_SIZE, FINISHED, Purge, Purged
 from ..workers import duration, positive_int
 
 
@@ -54,12 +55,25 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         limits = self.limits(options["older_than"], options["status"])
-        purged = Purge(
+        dry_run = options["dry_run"]
+        progress = Progress(self.stderr, "purge", unit="families", verbosity=options["verbosity"])
+
+        def show(looked_at: int, purged: Purged) -> None:
+            verb = "would delete" if dry_run else "deleted"
+            counts = f"{plural(purged.runs, 'run')}, {plural(purged.attempts, 'step attempt')}"
+            progress.update(looked_at, f"{verb} {counts}")
+
+        pass_ = Purge(
             limits,
             namespace=options["namespace"],
             batch_size=options["batch_size"],
-            dry_run=options["dry_run"],
-        ).run()
+            dry_run=dry_run,
+            progress=show if progress.enabled else None,
+        )
+        with progress:
+            if progress.enabled:
+                progress.total = pass_.candidates()
+            purged = pass_.run()
         self.stdout.write(f"{'would delete' if options['dry_run'] else 'deleted'} {purged}")
 
     def limits(self, older_than: timedelta | None, statuses: list[str] | None) -> dict[str, Any]:
