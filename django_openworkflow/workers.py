@@ -324,11 +324,14 @@ class Presence:
         try:
             return write(*args, **kwargs)
         except DatabaseError as exc:
+            from .worker import _hint  # the SQLite "database is locked" hint, as the loop's
+
             logger.warning(
-                "worker registry write failed action=%s worker=%s error=%s",
+                "worker registry write failed action=%s worker=%s error=%s%s",
                 action,
                 self.worker_id,
                 exc,
+                _hint(exc),
             )
             connections[self.using].close()
             return None
