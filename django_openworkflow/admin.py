@@ -474,4 +474,5 @@ class StepAttemptAdmin(StepAttemptColumns, NulSafeChangelist):
         return format_html('<a href="{}">{}</a>', url, attempt.workflow_run)
 
 
-from . import schedule_admin  # noqa: E402, F401  (registers WorkflowScheduleAdmin)
+# Register the other models' admins (each in its own module).
+from . import schedule_admin, worker_admin  # noqa: E402, F401

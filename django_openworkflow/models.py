@@ -21,6 +21,7 @@ from .exceptions import Refusal
 from .ids import uuid7
 from .managers import ACTIVE, StepAttemptQuerySet, WorkflowRunManager
 from .schedules import WorkflowScheduleManager, default_timezone
+from .workers import WorkflowWorkerManager
 
 if TYPE_CHECKING:
     from .waiting import WaitingFor
@@ -670,6 +671,7 @@ class WorkflowWorker(models.Model):
     ``last_seen_at`` is kept fresh while the process lives; ``stopped_at`` is
     set when it stops cleanly. A worker neither stopped nor seen for a while
     died (``workers.py`` says how long); its row is deleted after a day.
+    ``WorkflowWorker.objects.live()``, ``.recently_dead()``, ``.with_state()``.
     """
 
     worker_id = ExactCharField(_("worker"), max_length=255, primary_key=True)
@@ -688,7 +690,7 @@ class WorkflowWorker(models.Model):
     last_seen_at = models.DateTimeField(_("last seen at"), db_default=Now())
     stopped_at = models.DateTimeField(_("stopped at"), null=True, blank=True)
 
-    objects: models.Manager[WorkflowWorker] = models.Manager()
+    objects: WorkflowWorkerManager = WorkflowWorkerManager()
 
     class Meta:
         verbose_name = _("worker")

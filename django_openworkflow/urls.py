@@ -8,6 +8,7 @@ urlpatterns = [
     path("", views.run_list, name="run-list"),
     path("queues/", views.queue_list, name="queues"),
     path("schedules/", views.schedule_list, name="schedules"),
+    path("workers/", views.worker_list, name="workers"),
     path("<uuid:run_id>/", views.run_detail, name="run-detail"),
     path("<uuid:run_id>/resume/", views.run_resume, name="run-resume"),
     path("<uuid:run_id>/cancel/", views.run_cancel, name="run-cancel"),

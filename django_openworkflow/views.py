@@ -1,4 +1,5 @@
-"""The run list, run-detail and Queues pages, and the Resume and Cancel endpoints.
+"""The run list, run-detail, Queues, Schedules and Workers pages, and the Resume and Cancel
+endpoints.
 
 The pages need a logged-in staff user with ``view_workflowrun`` or
 ``change_workflowrun``; Resume and Cancel need ``change_workflowrun``.
@@ -19,7 +20,7 @@ from django.contrib import messages
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.db.models import OuterRef, QuerySet, Subquery
+from django.db.models import OuterRef, Q, QuerySet, Subquery
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
 from django.urls import NoReverseMatch, reverse
@@ -34,11 +35,12 @@ from .conf import app_settings
 from .display import duration_of, error_parts, refusal_text, timeline
 from .exceptions import InvalidTransition, Refusal
 from .managers import WorkflowRunQuerySet
-from .models import StepAttempt, WorkflowRun, WorkflowSchedule
+from .models import StepAttempt, WorkflowRun, WorkflowSchedule, WorkflowWorker
 from .queue_status import queue_overview, slot_wait
 from .queues import configured_queues
 from .registry import get_workflow, workflow_names
 from .waiting import waiting_for
+from .workers import LIVE, LiveWorker, live_q, live_window, unserved_reason
 
 VIEW_PERMISSION = "django_openworkflow.view_workflowrun"
 CHANGE_PERMISSION = "django_openworkflow.change_workflowrun"
@@ -252,9 +254,36 @@ def run_detail(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
         else None,
         # A run waiting to start while its queue's limit is full: which limit holds it.
         "slot_wait": slot_wait(run),
+        **run_workers(run),
         "refresh_seconds": REFRESH_SECONDS if active else None,
     }
     return render(request, "django_openworkflow/run_detail.html", context)
+
+
+def run_workers(run: WorkflowRun) -> dict[str, Any]:
+    """The run page's worker context, from one query of the run's namespace's workers.
+
+    ``holder``: the worker that holds a running run, with its ``state`` (None
+    when the run is not running, or its worker has no row); ``unserved``: for
+    an active run, why no live worker would take it (``workers.unserved_reason``).
+    """
+    if run.is_finished:
+        return {"holder": None, "holder_id": None, "unserved": None, "live_worker_count": None}
+    holder_id = run.worker_id if run.status == WorkflowRun.Status.RUNNING else None
+    wanted = (live_q() | Q(pk=holder_id)) if holder_id else live_q()
+    workers = list(
+        WorkflowWorker.objects.using(run._state.db or app_settings.DATABASE)
+        .in_namespace(run.namespace)
+        .filter(wanted)
+        .with_state()
+    )
+    live = [LiveWorker.of(w) for w in workers if w.state == LIVE]
+    return {
+        "holder": next((w for w in workers if w.pk == holder_id), None),
+        "holder_id": holder_id,
+        "unserved": unserved_reason(run.workflow_name, run.queue, live),
+        "live_worker_count": len(live),
+    }
 
 
 @require_safe
@@ -293,6 +322,22 @@ def schedule_list(request: HttpRequest) -> HttpResponse:
         "unknown_workflows": {s.workflow_name for s in schedules} - set(workflow_names()),
     }
     return render(request, "django_openworkflow/schedule_list.html", context)
+
+
+@require_safe
+@run_permission_required()
+def worker_list(request: HttpRequest) -> HttpResponse:
+    """The live workers, and those stopped or dead in the last day, of every namespace."""
+    workers = sorted(
+        WorkflowWorker.objects.recent().with_state(),
+        key=lambda w: (w.state != LIVE, w.namespace, -w.last_seen_at.timestamp()),
+    )
+    context = {
+        "workers": workers,
+        "live_window": live_window(),
+        "live_count": sum(w.state == LIVE for w in workers),
+    }
+    return render(request, "django_openworkflow/worker_list.html", context)
 
 
 # --- transitions ---------------------------------------------------------------

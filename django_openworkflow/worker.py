@@ -35,6 +35,7 @@ from .queues import served_queues, setting_problems
 from .registry import get_workflow, registered_workflows, workflow_names
 from .retention import purge_thread
 from .store import Claim, Store, get_store
+from .workers import Presence
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,14 @@ class Worker:
         self.claim_batch = max(1, self.concurrency // 5)
         self._signals = 0
         self.runs_executed = 0
+        # Its WorkflowWorker row: registered at the start, seen at every heartbeat.
+        self.presence = Presence(
+            self.worker_id,
+            namespace=self.namespace,
+            concurrency=self.concurrency,
+            queues=self.queues,
+            using=self.using,
+        )
 
     @property
     def busy_slots(self) -> int:
@@ -136,6 +145,7 @@ class Worker:
             self.lease_seconds,
             len(names),
         )
+        self.presence.register(names)
         self._declare_schedules()
         if problems := setting_problems():
             logger.error(
@@ -179,6 +189,7 @@ class Worker:
             self._finished.set()
             for thread in helpers:
                 thread.join(timeout=5)
+            self.presence.stop()
             connections.close_all()
             logger.info("worker stopped worker=%s runs=%d", self.worker_id, self.runs_executed)
 
@@ -248,6 +259,7 @@ class Worker:
         """
         if not busy:
             report_unknown_names(self.store, self.namespace, names, self._unknown_names)
+        self.presence.purge()  # the rows of long-gone workers, once an hour
         overdue = self.store.fail_overdue(self.namespace)
         if overdue:
             logger.info("runs failed reason=deadline count=%d", overdue)
@@ -369,18 +381,20 @@ class Worker:
             while not self._finished.wait(self.heartbeat_seconds):
                 with self._lock:
                     tokens = list({token for token, _ in self._in_flight})
-                if not tokens:
-                    continue
-                pause_point("heartbeat.before-renew", tokens=tokens)
-                try:
-                    renewed = self.store.renew_leases(tokens, self.lease_seconds)
-                    logger.debug("leases renewed worker=%s runs=%d", self.worker_id, renewed)
-                except DatabaseError as exc:
-                    logger.warning(
-                        "heartbeat failed worker=%s error=%s%s", self.worker_id, exc, _hint(exc)
-                    )
-                    connections[self.using].close()
+                    busy = len(self._in_flight)
+                if tokens:
+                    self._renew_leases(tokens)
+                self.presence.beat(busy)  # idle or not; logs its own failures
         finally:
+            connections[self.using].close()
+
+    def _renew_leases(self, tokens: list[uuid.UUID]) -> None:
+        pause_point("heartbeat.before-renew", tokens=tokens)
+        try:
+            renewed = self.store.renew_leases(tokens, self.lease_seconds)
+            logger.debug("leases renewed worker=%s runs=%d", self.worker_id, renewed)
+        except DatabaseError as exc:
+            logger.warning("heartbeat failed worker=%s error=%s%s", self.worker_id, exc, _hint(exc))
             connections[self.using].close()
 
 

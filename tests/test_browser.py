@@ -1,12 +1,14 @@
 """Resume in a real browser: Playwright driving Debian's Chromium against a live server.
 
-A worker runs in-process on the test database. The screenshot of the run page
-is saved under ``test-artifacts/``.
+A worker runs in-process on the test database. The screenshots of the run page
+and of the Workers page are saved under ``test-artifacts/``.
 """
 
 import os
 import shutil
 import threading
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -14,10 +16,11 @@ from django.contrib.auth.models import Permission
 from django.db import connection, connections
 
 from django_openworkflow import WorkflowFailed
-from django_openworkflow.models import WorkflowRun
+from django_openworkflow.clock import Now
+from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowWorker
 from django_openworkflow.worker import Worker
 from tests.testapp.models import SideEffect
-from tests.testapp.workflows import reserve_then_charge
+from tests.testapp.workflows import reserve_then_charge, waits_for_file
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -59,8 +62,10 @@ def browser():
 
 
 @pytest.fixture
-def worker():
-    worker = Worker(concurrency=2, poll_interval=0.1)
+def worker(request):
+    # A short lease (a heartbeat every second) when a test asks for one: its busy slots show.
+    lease = getattr(request, "param", None)
+    worker = Worker(concurrency=2, poll_interval=0.1, lease_seconds=lease)
 
     def run():
         try:
@@ -145,3 +150,67 @@ def test_dismissing_the_confirmation_changes_nothing(live_server, browser, opera
     run.refresh_from_db()
     assert run.status == "failed"
     assert not run.events.exists()
+
+
+def login(page, live_server, next_url: str) -> None:
+    page.goto(f"{live_server.url}/admin/login/?next={next_url}")
+    page.fill("#id_username", "operator")
+    page.fill("#id_password", "s3cret!pw")
+    page.click("input[type=submit]")
+    page.wait_for_url(f"{live_server.url}{next_url}")
+
+
+def wait_until(condition, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "not reached in time"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("worker", [3.0], indirect=True)
+def test_the_workers_page_and_the_worker_holding_a_run(
+    live_server, browser, worker, operator, tmp_path
+):
+    # Two workers gone in the last day, beside the live one.
+    WorkflowWorker.objects.register(
+        "web-2:3121:9f3c2a1b",
+        namespace="default",
+        host="web-2",
+        pid=3121,
+        concurrency=8,
+        queues=["emails"],
+        workflows=["echo"],
+    )
+    WorkflowWorker.objects.filter(pk="web-2:3121:9f3c2a1b").update(
+        last_seen_at=Now() - timedelta(minutes=42)
+    )
+    WorkflowWorker.objects.register(
+        "web-3:977:4d2e8b70", namespace="default", host="web-3", pid=977, concurrency=4,
+        workflows=["echo"],
+    )  # fmt: skip
+    WorkflowWorker.objects.stopped("web-3:977:4d2e8b70")
+
+    flag = tmp_path / "go"
+    run = waits_for_file.start({"path": str(flag)})
+    wait_until(lambda: StepAttempt.objects.filter(workflow_run=run, step_name="block").exists())
+    wait_until(lambda: WorkflowWorker.objects.get(pk=worker.worker_id).busy_slots == 1)
+
+    page = browser.new_page(viewport={"width": 1280, "height": 700})
+    login(page, live_server, "/workflows/workers/")
+    live_row = page.locator(f"tr.owf-worker-row.owf-worker-live >> text={worker.worker_id}")
+    assert live_row.count() == 1
+    assert page.locator("tr.owf-worker-live .owf-slots").inner_text() == "1 / 2"
+    assert page.locator("tr.owf-worker-dead .owf-worker-state").inner_text() == "dead"
+    assert page.locator("tr.owf-worker-stopped .owf-worker-state").inner_text() == "stopped"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / f"workers-page-{connection.vendor}.png", full_page=True)
+
+    page.goto(f"{live_server.url}{run.get_absolute_url()}")
+    holder = page.locator("dd.owf-holder")
+    assert holder.inner_text() == f"{worker.worker_id} live"
+    page.screenshot(path=ARTIFACTS / f"run-page-worker-{connection.vendor}.png", full_page=True)
+    holder.locator("a").click()  # to the worker's row on the Workers page
+    page.wait_for_url("**/workflows/workers/#worker-*")
+
+    flag.touch()
+    assert run.result(timeout=20) == 3

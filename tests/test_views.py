@@ -465,7 +465,10 @@ def test_run_detail_shows_the_summary(staff_client):
     child_html = staff_client.get(detail_url(run)).content.decode()
     parent_html = staff_client.get(detail_url(parent)).content.decode()
 
-    assert "<dt>Worker</dt><dd>host:123</dd>" in child_html
+    assert (
+        '<dt>Worker</dt><dd class="owf-holder"><a href="/workflows/workers/#worker-host%3A123">'
+        "<code>host:123</code></a>" in child_html
+    )  # the worker holding the running run (tests/test_workers_page.py: its state)
     assert ">Workflow failures</dt><dd>2</dd>" in child_html
     assert "<dt>Resume generation</dt><dd>3</dd>" in child_html
     assert "<dt>Idempotency key</dt><dd>key-1</dd>" in child_html

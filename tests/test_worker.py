@@ -322,18 +322,25 @@ def test_database_is_locked_in_the_worker_log_names_the_sqlite_settings(caplog):
     options["timeout"] = 0.05  # the worker's own connections give up waiting at once
     holder = sqlite3.connect(connection.settings_dict["NAME"], isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+
+    def loop_errors():
+        return [m for m in warnings_logged(caplog) if m.startswith("database error worker=")]
+
     try:
         with worker_thread(concurrency=1):
-            wait_until(lambda: warnings_logged(caplog), message="a database error")
+            wait_until(loop_errors, message="a database error")
             holder.execute("ROLLBACK")
     finally:
         holder.close()
         options.clear()
         options.update(saved)
-    message = warnings_logged(caplog)[0]
-    assert message.startswith("database error worker=")
+    message = loop_errors()[0]
     assert "error=database is locked retry_in=" in message
     assert message.endswith(f" hint={SQLITE_LOCKED_HINT}")
+    # The worker registry's own writes (its row, at start) say it too.
+    registry = next(m for m in warnings_logged(caplog) if m.startswith("worker registry"))
+    assert "action=register " in registry and "error=database is locked" in registry
+    assert registry.endswith(f" hint={SQLITE_LOCKED_HINT}")
     assert 'OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 20}' in SQLITE_LOCKED_HINT
 
 
