@@ -144,7 +144,7 @@ class ExecutionSpan:
         self.run = run
         self.run_id = str(run.pk)
         stored = run.trace_context if isinstance(run.trace_context, dict) else {}
-        parent = api.propagate.extract(stored) if stored else api.context.Context()
+        parent = extract(api, stored)
         self.span = tracer.start_span(
             f"workflow {run.workflow_name}",
             context=parent,
@@ -239,11 +239,17 @@ def record_error(api: Any, span: Any, error: dict[str, Any]) -> None:
     span.set_status(api.Status(api.StatusCode.ERROR, kind))
 
 
+def extract(api: Any, stored: dict[str, Any]) -> Any:
+    """The context in a stored carrier: its text values only (the propagators take nothing else)."""
+    carrier = {key: value for key, value in stored.items() if isinstance(value, str)}
+    return api.propagate.extract(carrier) if carrier else api.context.Context()
+
+
 def resume_links(api: Any, stored: dict[str, Any], generation: int) -> list[Any]:
     resumed = stored.get(RESUMED)
     if not isinstance(resumed, dict) or resumed.get("generation") != generation:
         return []
-    span_context = api.trace.get_current_span(api.propagate.extract(resumed)).get_span_context()
+    span_context = api.trace.get_current_span(extract(api, resumed)).get_span_context()
     if not span_context.is_valid:
         return []
     return [api.Link(span_context, {"openworkflow.link": "resume"})]

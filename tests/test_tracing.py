@@ -409,12 +409,22 @@ def test_a_tracing_setting_that_is_not_a_bool_is_reported(value):
     )
 
 
+@pytest.mark.parametrize(
+    "stored",
+    [
+        ["not", "a", "carrier"],
+        {"traceparent": 5, "baggage": 7, "resumed": {"generation": 0, "traceparent": 5}},
+        {"traceparent": "00-garbage", "resumed": {"generation": 0, "traceparent": "x"}},
+    ],
+)
 @pytest.mark.django_db
-def test_a_stored_context_that_is_not_a_dict_is_ignored(spans):
+def test_a_stored_context_the_propagators_cannot_read_is_ignored(spans, stored):
     run = get_workflow("echo").start(1)
-    WorkflowRun.objects.filter(pk=run.pk).update(trace_context=["not", "a", "carrier"])
+    WorkflowRun.objects.filter(pk=run.pk).update(trace_context=stored)
     drain()
-    assert spans.one("workflow echo").parent is None
+    run_span = spans.one("workflow echo")
+    assert (run_span.parent, run_span.links) == (None, ())
+    assert run_span.attributes["openworkflow.outcome"] == "completed"
 
 
 # --- across processes ------------------------------------------------------------------
