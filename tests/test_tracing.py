@@ -427,6 +427,24 @@ def test_a_stored_context_the_propagators_cannot_read_is_ignored(spans, stored):
     assert run_span.attributes["openworkflow.outcome"] == "completed"
 
 
+def test_django_setup_does_not_import_opentelemetry():
+    code = (
+        "import sys, django; django.setup(); "
+        "from django_openworkflow import instruments, tracing; "
+        "print(tracing.instrument in instruments._instruments, "
+        "'opentelemetry.trace' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.split() == ["True", "False"], done.stderr
+
+
 # --- across processes ------------------------------------------------------------------
 
 
