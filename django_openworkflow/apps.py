@@ -12,5 +12,8 @@ class OpenWorkflowConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks  # noqa: F401  (registers the system checks)
+        from .tracing import install
+
+        install()  # when opentelemetry-api is installed (it is imported on first use)
 
         autodiscover_modules("workflows")

@@ -109,6 +109,15 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                 id="django_openworkflow.E014",
             )
         )
+    if "TRACING" in user and not isinstance(user["TRACING"], bool):
+        errors.append(
+            Error(
+                f"OPENWORKFLOW['TRACING'] must be True or False, not {user['TRACING']!r}.",
+                hint="True (the default) makes OpenTelemetry spans when opentelemetry-api is "
+                "installed and a tracer provider is configured; False turns tracing off.",
+                id="django_openworkflow.E017",
+            )
+        )
     return errors
 
 

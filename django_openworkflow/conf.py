@@ -35,6 +35,8 @@ DEFAULTS: dict[str, Any] = {
     "QUEUES": {"default": {}},
     # How long finished runs are kept after finished_at, per status ("30d"); None: forever.
     "RETENTION": None,
+    # OpenTelemetry spans and trace context, when opentelemetry-api is installed (tracing.py).
+    "TRACING": True,
 }
 
 
@@ -85,6 +87,10 @@ class Settings:
     @property
     def QUEUES(self) -> Any:
         return self._get("QUEUES")
+
+    @property
+    def TRACING(self) -> bool:
+        return self._get("TRACING") is True
 
     @property
     def RETENTION(self) -> dict[str, timedelta] | None:

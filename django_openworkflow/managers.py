@@ -31,6 +31,7 @@ from .exceptions import InvalidTransition, Refusal
 from .pauses import pause_point
 from .queues import frees_a_place
 from .signals import run_canceled, run_resumed, send_after_commit
+from .tracing import resumed
 
 if TYPE_CHECKING:
     from .models import WorkflowRun
@@ -246,8 +247,12 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
             run.resume_generation += 1
             run.available_at = db_now
             run.updated_at = db_now
+            traced = resumed(run.trace_context, run.resume_generation)
+            if traced is not None:  # resumed inside a span: the next passes link to it
+                run.trace_context = traced
             run.save(
                 update_fields=[
+                    *(["trace_context"] if traced is not None else []),
                     "status",
                     "error",
                     "worker_id",

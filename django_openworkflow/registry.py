@@ -21,10 +21,12 @@ from .queues import (
     check_queue,
 )
 from .serialization import ensure_json
+from .tracing import starting
 
 if TYPE_CHECKING:
     from .engine import WorkflowContext
     from .models import WorkflowRun
+    from .store import Store
 
 IDEMPOTENCY_WINDOW = datetime.timedelta(hours=24)
 MAX_VERSION_LENGTH = 100  # WorkflowRun.version
@@ -100,7 +102,6 @@ class Workflow:
         workflow's; ``concurrency_key`` shares the queue's ``key_concurrency``
         limit with the other runs of that key.
         """
-        from .models import WorkflowRun
         from .results import started
         from .store import get_store
 
@@ -120,8 +121,18 @@ class Workflow:
             "deadline_at": deadline_at,
             **self.placement(queue, priority, concurrency_key),
         }
-        if idempotency_key is None:
-            return started(store.insert_run(**fields), store.using)
+        with starting(self.name) as trace_context:
+            fields["trace_context"] = trace_context
+            if idempotency_key is None:
+                return started(store.insert_run(**fields), store.using)
+            return self.start_once(store, idempotency_key, fields)
+
+    def start_once(self, store: Store, idempotency_key: str, fields: dict[str, Any]) -> WorkflowRun:
+        """``start()`` with a key: the run started with it in the last 24 hours, or a new one."""
+        from .models import WorkflowRun
+        from .results import started
+
+        namespace = fields["namespace"]
         with store.atomic():
             store.lock_key("start", namespace, self.name, idempotency_key)
             existing = (
@@ -169,21 +180,23 @@ class Workflow:
         extra: dict[str, Any] = self.placement(queue, priority, concurrency_key)
         if available_at:
             extra["available_at"] = available_at
-        runs = [
-            WorkflowRun(
-                namespace=namespace,
-                workflow_name=self.name,
-                version=self.version,
-                input=value,
-                deadline_at=deadline_at,
-                **extra,
-            )
-            for value in inputs
-        ]
-        with store.atomic():
-            created = WorkflowRun.objects.using(store.using).bulk_create(runs, batch_size=1000)
-            if created:
-                store.notify(namespace)
+        with starting(self.name, runs=len(inputs)) as trace_context:
+            runs = [
+                WorkflowRun(
+                    namespace=namespace,
+                    workflow_name=self.name,
+                    version=self.version,
+                    input=value,
+                    deadline_at=deadline_at,
+                    trace_context=trace_context,
+                    **extra,
+                )
+                for value in inputs
+            ]
+            with store.atomic():
+                created = WorkflowRun.objects.using(store.using).bulk_create(runs, batch_size=1000)
+                if created:
+                    store.notify(namespace)
         return created
 
     def placement(

@@ -26,6 +26,7 @@ from .clock import Now
 from .conf import app_settings
 from .cron import check_cron, check_timezone, latest_tick, next_tick, ticks_between
 from .pauses import pause_point
+from .tracing import starting
 
 if TYPE_CHECKING:
     from .models import WorkflowRun, WorkflowSchedule
@@ -336,12 +337,14 @@ def registered(schedule: WorkflowSchedule) -> Workflow:
 
 def start_tick(store: Store, workflow: Workflow, schedule: WorkflowSchedule, tick: datetime) -> Any:
     """Insert the run of one tick of ``schedule`` (in the caller's transaction)."""
-    return store.insert_run(
-        namespace=schedule.namespace,
-        workflow_name=workflow.name,
-        version=workflow.version,
-        input=schedule.input,
-        schedule_name=schedule.name,
-        scheduled_at=tick,
-        **workflow.placement(None, None, None),
-    )
+    with starting(workflow.name) as trace_context:
+        return store.insert_run(
+            namespace=schedule.namespace,
+            workflow_name=workflow.name,
+            version=workflow.version,
+            input=schedule.input,
+            schedule_name=schedule.name,
+            scheduled_at=tick,
+            trace_context=trace_context,
+            **workflow.placement(None, None, None),
+        )

@@ -20,6 +20,7 @@ from ..models import StepAttempt, WorkflowRun
 from ..names import check_name
 from ..pauses import pause_point
 from ..serialization import ensure_json
+from ..tracing import current_context
 from .control import Suspend, WaitFailed
 
 if TYPE_CHECKING:
@@ -112,6 +113,7 @@ class Waits:
                 version=version,
                 input=input,
                 parent_step_attempt=attempt,
+                trace_context=current_context(),  # the parent's pass
                 **child_placement,
             )
             StepAttempt.objects.using(self.store.using).filter(pk=attempt.pk).update(

@@ -66,7 +66,7 @@ MARK_RUNNING = """
         started_at = COALESCE(run.started_at, statement_timestamp()),
         updated_at = statement_timestamp()"""
 
-_JSON_COLUMNS = {"input", "output", "error"}
+_JSON_COLUMNS = {"input", "output", "error", "trace_context"}
 _RUN_FIELDS = WorkflowRun._meta.concrete_fields
 _RUN_COLUMNS = [str(field.column) for field in _RUN_FIELDS]
 _RUN_ATTNAMES = [field.attname for field in _RUN_FIELDS]
@@ -80,9 +80,9 @@ class PostgresStore(OrmStore):
     WITH run AS (
         INSERT INTO {RUN} (id, namespace, workflow_name, version, status, input, attempts,
                            available_at, deadline_at, idempotency_key, resume_generation,
-                           queue, priority, concurrency_key)
+                           queue, priority, concurrency_key, trace_context)
         VALUES (%s, %s, %s, %s, 'pending', %s::jsonb, 0,
-                COALESCE(%s, statement_timestamp()), %s, %s, 0, %s, %s, %s)
+                COALESCE(%s, statement_timestamp()), %s, %s, 0, %s, %s, %s, %s::jsonb)
         RETURNING *
     )
     SELECT run.*, pg_notify(%s, run.namespace) AS notified FROM run
@@ -99,6 +99,7 @@ class PostgresStore(OrmStore):
             "queue",
             "priority",
             "concurrency_key",
+            "trace_context",
         }
     )
 
@@ -117,6 +118,7 @@ class PostgresStore(OrmStore):
             fields.get("queue", "default"),
             fields.get("priority", 0),
             fields.get("concurrency_key"),
+            _json(fields.get("trace_context")),
             NOTIFY_CHANNEL,
         ]
         [(run, _)] = self._runs(self.START_RUN, params)
