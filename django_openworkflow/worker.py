@@ -92,6 +92,18 @@ class Worker:
         self._stopping.set()
         self._wakeup.set()
 
+    def release_in_flight(self) -> int:
+        """End the leases of the runs in flight now, so another worker replays them at once.
+
+        For a process about to exit without waiting for them (``runworker --reload``);
+        their slots' later writes are refused by the claim fence. Returns how many.
+        """
+        with self._lock:
+            claims = list(self._in_flight.values())
+        for claim in claims:
+            release(self.store, claim)
+        return len(claims)
+
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT stop the worker; a signal the parent chose to ignore stays ignored.
 
