@@ -141,8 +141,7 @@ def stop_for_reload(worker: Worker, stopped: threading.Event, grace: float) -> N
         return
     released = worker.release_in_flight()
     logger.warning(
-        "runs released for the reload worker=%s runs=%d grace=%gs "
-        "(still running: they are replayed by the new process)",
+        "runs released for the reload, the new process replays them worker=%s runs=%d grace=%gs",
         worker.worker_id,
         released,
         grace,

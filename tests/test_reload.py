@@ -192,7 +192,10 @@ def test_a_run_still_in_flight_at_a_reload_is_released_after_the_grace(worker_pr
     run = wait_for_status(run, WorkflowRun.Status.COMPLETED)
 
     assert run.output == "new code"
-    assert f"runs released for the reload worker={first} runs=1 grace=0.5s" in proc.output()
+    assert (
+        f"runs released for the reload, the new process replays them worker={first} runs=1 "
+        "grace=0.5s"
+    ) in proc.output()
     attempts = StepAttempt.objects.filter(workflow_run=run).order_by("id")
     assert [(a.status, (a.error or {}).get("type"), a.output) for a in attempts] == [
         ("failed", "WorkerLost", None),

@@ -263,6 +263,14 @@ class Waits:
             raise Suspend("parked")
         if failed is not None:
             failures = len(self.history.failures[attempt.step_name])
+            logger.info(
+                "step failed run=%s workflow=%s step=%s error=%s attempts=%d",
+                x.run.pk,
+                x.run.workflow_name,
+                attempt.step_name,
+                failed["type"],
+                failures,
+            )
             raise StepFailed(attempt.step_name, failed, failures)
         self.history.completed[attempt.step_name] = attempt
         self.history.waiting.pop(attempt.step_name, None)
