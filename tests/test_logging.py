@@ -30,6 +30,7 @@ from django_openworkflow.logging import JSONFormatter
 from django_openworkflow.models import StepAttempt, WorkflowRun
 from django_openworkflow.store import get_store
 from tests.conftest import claim_and_execute, drain, make_due
+from tests.testapp.workflows import interrupted_once
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -298,6 +299,17 @@ def test_deadline_failures_name_run_workflow_step_and_error_type(caplog):
         "reason=deadline"
     ]
     assert_no_marker(caplog)
+
+
+def test_a_step_cut_short_by_its_worker_is_logged_as_lost(caplog):
+    caplog.set_level(logging.INFO, logger="django_openworkflow")
+    run = interrupted_once.start()  # the first attempt's KeyboardInterrupt crashes the pass
+    drain(timeout=60)
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"step failed run={run.pk} workflow=interrupted-once step=step error=WorkerLost"
+    ]
 
 
 def assert_no_marker(caplog) -> None:
