@@ -205,6 +205,28 @@ def test_a_run_still_in_flight_at_a_reload_is_released_after_the_grace(worker_pr
     assert proc.wait() == 0
 
 
+def test_a_file_that_fails_to_import_waits_for_its_fix(worker_process, tmp_path):
+    """The new process dies on the broken file; the reloader waits for the next change."""
+    workflows = write_project(tmp_path, FIXED)
+    proc = start_reloading_worker(worker_process, tmp_path)
+    edit(workflows, FIXED + "\ndef broken(:\n")
+    proc.wait_for("worker process failed, waiting for a file change code=1", timeout=30)
+    # The reloader (the parent) saw the file when it began to watch: only then the fix.
+    first_seen = f"File {workflows} first seen"
+    end = time.monotonic() + 30
+    while proc.output().count(first_seen) < 2:
+        assert time.monotonic() < end, proc.output()[-3000:]
+        time.sleep(0.05)
+    assert "SyntaxError" in proc.output()
+
+    edit(workflows, FIXED)
+    wait_for_restarts(proc, 2)
+    run = Workflow(lambda ctx: None, name="reload-total").start([1, 2])
+    assert wait_for_status(run, WorkflowRun.Status.COMPLETED).output == {"total": 3}
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 0
+
+
 def test_a_sigkilled_reloader_leaves_no_worker_behind(worker_process, tmp_path):
     write_project(tmp_path, BUGGY)
     proc = start_reloading_worker(worker_process, tmp_path)
