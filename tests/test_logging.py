@@ -159,6 +159,11 @@ def test_inputs_results_and_error_messages_never_reach_info_logs(caplog):
     for expected in ("run claimed", "run completed", "step failed", "run failed"):
         assert any(m.startswith(expected) for m in messages), expected
 
+    # Every engine and worker line about a run names its workflow too.
+    about_runs = [m for m in messages if " run=" in m]
+    assert about_runs
+    assert [m for m in about_runs if " workflow=" not in m] == []
+
     leaks = [
         (r.levelname, r.name, full_text(r))
         for r in records

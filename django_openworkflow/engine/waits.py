@@ -60,7 +60,11 @@ class Waits:
             return None
         self.begin(name, StepAttempt.Kind.SLEEP, wake_at)
         logger.info(
-            "run sleeping run=%s step=%s until=%s", self.x.run.pk, name, wake_at.isoformat()
+            "run sleeping run=%s workflow=%s step=%s until=%s",
+            self.x.run.pk,
+            self.x.run.workflow_name,
+            name,
+            wake_at.isoformat(),
         )
         raise Suspend("sleep")
 
@@ -123,7 +127,11 @@ class Waits:
             step, StepAttempt.Kind.WORKFLOW, self.wake_at(delta, step), then=start_child
         )
         logger.info(
-            "child started run=%s step=%s child=%s", run.pk, step, attempt.child_workflow_run_id
+            "child started run=%s workflow=%s step=%s child=%s",
+            run.pk,
+            run.workflow_name,
+            step,
+            attempt.child_workflow_run_id,
         )
         raise Suspend("child")
 
@@ -169,7 +177,14 @@ class Waits:
                 output=woken,
                 finished_at=Now(),
             )
-        logger.info("signal sent run=%s signal=%s woken=%d", run.pk, signal, len(woken))
+        logger.info(
+            "signal sent run=%s workflow=%s step=%s signal=%s woken=%d",
+            run.pk,
+            run.workflow_name,
+            step,
+            signal,
+            len(woken),
+        )
         return woken
 
     def wait_for_signal(
@@ -186,7 +201,13 @@ class Waits:
         if waiting is not None:
             return self.settle(waiting, lambda: self.delivered(waiting))  # type: ignore[no-any-return]
         self.begin(step, StepAttempt.Kind.SIGNAL_WAIT, self.wake_at(delta, step), signal=signal)
-        logger.info("run waiting run=%s step=%s signal=%s", self.x.run.pk, step, signal)
+        logger.info(
+            "run waiting run=%s workflow=%s step=%s signal=%s",
+            self.x.run.pk,
+            self.x.run.workflow_name,
+            step,
+            signal,
+        )
         raise Suspend("signal")
 
     def wake_at(self, delta: timedelta | None, step: str) -> datetime | None:
