@@ -111,12 +111,14 @@ test-lane-others:
 	@$(MAKE) --no-print-directory test-mariadb
 
 # The demo: SQLite file, example runs (one fails on a declined card), a worker and the pages.
+# Both restart when a Python file changes; the trap's SIGTERM stops the worker's reloader,
+# which stops its worker process and waits for it.
 demo: install
 	$(PY) manage.py migrate --verbosity 0
 	$(PY) manage.py demo_seed
 	@echo "Open http://$(DEMO_ADDR)/ (user admin, password admin). Ctrl-C stops the worker and the server."
 	@trap 'kill $$worker 2>/dev/null; wait $$worker' EXIT INT TERM; \
-		$(PY) manage.py runworker --verbosity 1 & worker=$$!; \
+		$(PY) manage.py runworker --reload --verbosity 1 & worker=$$!; \
 		$(PY) manage.py runserver $(DEMO_ADDR)
 
 # Benchmarks (PostgreSQL): ours alone, or ours beside the peers of ../shared/bench-peers.

@@ -37,11 +37,13 @@ def send_after_commit(signal: Signal, run: Any, *, using: str | None = None, **k
     def send() -> None:
         for receiver, result in signal.send_robust(sender=type(run), run=run, **kwargs):
             if isinstance(result, Exception):
+                # With the traceback: the receiver's bug is recorded nowhere else.
                 logger.error(
-                    "signal receiver failed receiver=%r run=%s error=%r",
-                    receiver,
+                    "signal receiver failed receiver=%s run=%s workflow=%s error=%s",
+                    getattr(receiver, "__qualname__", receiver),
                     run.pk,
-                    result,
+                    run.workflow_name,
+                    type(result).__name__,
                     exc_info=result,
                 )
 

@@ -106,6 +106,18 @@ class Worker:
         self._stopping.set()
         self._wakeup.set()
 
+    def release_in_flight(self) -> int:
+        """End the leases of the runs in flight now, so another worker replays them at once.
+
+        For a process about to exit without waiting for them (``runworker --reload``);
+        their slots' later writes are refused by the claim fence. Returns how many.
+        """
+        with self._lock:
+            claims = list(self._in_flight.values())
+        for claim in claims:
+            release(self.store, claim)
+        return len(claims)
+
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT stop the worker; a signal the parent chose to ignore stays ignored.
 
@@ -122,7 +134,7 @@ class Worker:
         name = signal.Signals(signum).name
         if self._signals == 1:
             logger.warning(
-                "stopping worker=%s signal=%s in_flight=%d (send again to exit now)",
+                "stopping, send the signal again to exit now worker=%s signal=%s in_flight=%d",
                 self.worker_id,
                 name,
                 len(self._in_flight),
@@ -239,10 +251,10 @@ class Worker:
                 failures += 1
                 timeout = min(self.poll_interval * 2**failures, 30.0)
                 logger.warning(
-                    "database error worker=%s error=%s retry_in=%.1fs%s",
+                    "database error worker=%s retry_in=%.1fs error=%s%s",
                     self.worker_id,
-                    exc,
                     timeout,
+                    exc,
                     _hint(exc),
                 )
                 connections[self.using].close()
@@ -260,9 +272,7 @@ class Worker:
         if not busy:
             report_unknown_names(self.store, self.namespace, names, self._unknown_names)
         self.presence.purge()  # the rows of long-gone workers, once an hour
-        overdue = self.store.fail_overdue(self.namespace)
-        if overdue:
-            logger.info("runs failed reason=deadline count=%d", overdue)
+        self.store.fail_overdue(self.namespace)  # logs each run it fails
         if not self._schedules_declared:
             self._declare_schedules()
         schedules = WorkflowSchedule.objects.db_manager(self.using)
@@ -335,9 +345,14 @@ class Worker:
                     return
                 try:
                     self._execute(claim)
-                except BaseException:
+                except BaseException as exc:
+                    # With the traceback: this is a bug (of the engine, or a
+                    # KeyboardInterrupt from a step), and no stored error records it.
                     logger.exception(
-                        "run crashed the engine run=%s; releasing the run", claim.run_id
+                        "run crashed the engine, releasing it run=%s workflow=%s error=%s",
+                        claim.run_id,
+                        claim.run.workflow_name,
+                        type(exc).__name__,
                     )
                     release(self.store, claim, delay=CRASH_RELEASE_DELAY)
                 finally:
@@ -357,9 +372,16 @@ class Worker:
             execution.execute()
             self._add_timer(execution.parked_until)
         except DatabaseError as exc:
+            # The type only: a database's message may quote the values written (PostgreSQL's
+            # CONTEXT of a JSON error, say). The message is for DEBUG.
             logger.warning(
-                "database error run=%s error=%s%s; releasing the run", run.pk, exc, _hint(exc)
+                "database error, releasing the run run=%s workflow=%s error=%s%s",
+                run.pk,
+                run.workflow_name,
+                type(exc).__name__,
+                _hint(exc),
             )
+            logger.debug("database error run=%s detail=%s", run.pk, exc)
             release(self.store, claim)
 
     def _done(self, claim: Claim) -> None:
@@ -424,8 +446,8 @@ def report_unknown_names(
     for name, runs in unknown:
         reported.add(name)
         logger.warning(
-            "unknown workflow name=%s runs=%d: no @workflow with this name is registered "
-            "in this worker",
+            "unknown workflow, no @workflow with this name is registered in this worker "
+            "name=%s runs=%d",
             name,
             runs,
         )

@@ -47,8 +47,9 @@ def test_an_on_commit_hook_that_raises_after_the_commit_does_not_fail_the_step(c
     assert history(run) == [("charge", "completed", 0), ("after", "completed", 0)]
     [record] = [r for r in caplog.records if "step committed, then raised" in r.getMessage()]
     assert record.getMessage() == (
-        f"step committed, then raised run={run.pk} step=charge error=MailServerDown "
-        "(an on_commit hook or the commit's reply failed; the step is not repeated)"
+        "step committed, then raised (an on_commit hook or the commit's reply failed; the step "
+        f"is not repeated) run={run.pk} workflow=atomic-hook-raises step=charge "
+        "error=MailServerDown"
     )
 
 
@@ -246,9 +247,10 @@ def test_a_step_atomic_whose_connection_dies_after_the_commit_is_not_repeated(ca
     run = finished("atomic-reply-lost")
     assert (run.status, run.output) == ("completed", "written")
     # found committed on a new connection, in the same pass (no release and replay)
-    assert f"step committed, then raised run={run.pk} step=write error=OperationalError" in (
-        caplog.text
-    )
+    assert (
+        f"the step is not repeated) run={run.pk} workflow=atomic-reply-lost step=write "
+        "error=OperationalError"
+    ) in caplog.text
     assert "releasing the run" not in caplog.text
     assert Ledger.objects.filter(run_id=run.pk).count() == 1
     assert history(run) == [("write", "completed", 0)]

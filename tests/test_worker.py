@@ -102,7 +102,7 @@ def test_sigterm_finishes_the_run_in_flight_then_exits_0(worker_process, tmp_pat
     proc = worker_process("--concurrency", "2", "--poll-interval", "600")
     wait_until(lambda: running_attempt(run, "block"), message="the blocking step")
     proc.signal(signal.SIGTERM)
-    proc.wait_for("stopping worker=")
+    proc.wait_for("stopping, send the signal again to exit now worker=")
     late = echo.start({"late": True})  # a stopping worker takes no new run
     flag.touch()
     assert proc.wait(timeout=30) == 0
@@ -111,7 +111,7 @@ def test_sigterm_finishes_the_run_in_flight_then_exits_0(worker_process, tmp_pat
     assert run.output == 3
     late.refresh_from_db()
     assert late.status == WorkflowRun.Status.PENDING
-    assert "in_flight=1 (send again to exit now)" in proc.output()
+    assert "signal=SIGTERM in_flight=1\n" in proc.output()
 
 
 def test_while_a_run_sleeps_another_runs_on_a_single_slot(worker_process):
@@ -218,7 +218,8 @@ def test_a_run_that_escapes_the_engine_is_released_replayed_and_the_slot_survive
     lost, done = StepAttempt.objects.filter(workflow_run=run).order_by("id")
     assert (lost.status, lost.error["type"], done.status) == ("failed", "WorkerLost", "completed")
     assert [r.getMessage() for r in caplog.records] == [
-        f"run crashed the engine run={run.pk}; releasing the run"
+        f"run crashed the engine, releasing it run={run.pk} workflow=interrupted-once "
+        "error=KeyboardInterrupt"
     ]
     assert caplog.records[0].exc_info[0] is KeyboardInterrupt
 
@@ -294,10 +295,10 @@ def test_due_runs_of_an_unknown_workflow_name_are_reported_once_per_name(caplog)
     Workflow(lambda ctx: None, name="other-typo").start()
     typo.start(available_at=timezone.now() + timedelta(hours=1))  # not due: not counted
     expected = [
-        "unknown workflow name=other-typo runs=1: no @workflow with this name is registered "
-        "in this worker",
-        "unknown workflow name=send-reciept runs=2: no @workflow with this name is registered "
-        "in this worker",
+        "unknown workflow, no @workflow with this name is registered in this worker "
+        "name=other-typo runs=1",
+        "unknown workflow, no @workflow with this name is registered in this worker "
+        "name=send-reciept runs=2",
     ]
     with worker_thread(concurrency=1):
         wait_until(lambda: len(warnings_logged(caplog)) == 2, message="the warnings")
@@ -335,8 +336,7 @@ def test_database_is_locked_in_the_worker_log_names_the_sqlite_settings(caplog):
         options.clear()
         options.update(saved)
     message = loop_errors()[0]
-    assert "error=database is locked retry_in=" in message
-    assert message.endswith(f" hint={SQLITE_LOCKED_HINT}")
+    assert message.endswith(f" error=database is locked hint={SQLITE_LOCKED_HINT}")
     # The worker registry's own writes (its row, at start) say it too.
     registry = next(m for m in warnings_logged(caplog) if m.startswith("worker registry"))
     assert "action=register " in registry and "error=database is locked" in registry
@@ -361,8 +361,8 @@ def test_a_worker_with_every_slot_busy_reports_unknown_names_once_a_slot_is_free
         busy.release()
         wait_until(lambda: warnings_logged(caplog), message="the warning")
     assert warnings_logged(caplog) == [
-        "unknown workflow name=send-reciept runs=1: no @workflow with this name is registered "
-        "in this worker"
+        "unknown workflow, no @workflow with this name is registered in this worker "
+        "name=send-reciept runs=1"
     ]
     assert held.result(timeout=10) == {"n": 1}
 

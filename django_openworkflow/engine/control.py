@@ -15,7 +15,15 @@ class ClaimLost(Suspend):
 
 
 class NonDeterminism(Suspend):
-    """The workflow called its steps in another order than when they first ran."""
+    """The workflow called its steps in another order than when they first ran.
+
+    ``step``: the step the code called; ``expected``: the one stored at that place.
+    """
+
+    def __init__(self, message: str, *, step: str, expected: str) -> None:
+        super().__init__(message)
+        self.step = step
+        self.expected = expected
 
 
 class WaitFailed(Exception):

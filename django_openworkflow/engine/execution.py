@@ -24,7 +24,11 @@ from django.utils import timezone
 from ..clock import Now
 from ..durations import DEFAULT_WORKFLOW_RETRY_POLICY, RetryPolicy
 from ..errors import (
+    ATTEMPT_CAP_EXCEEDED,
     DEADLINE_ERROR,
+    DEADLINE_EXCEEDED,
+    NON_DETERMINISTIC,
+    WORKER_LOST,
     WORKER_LOST_ERROR,
     Refused,
     attempt_cap,
@@ -117,7 +121,12 @@ class Execution:
             if self.store.fail_at_deadline(self.claim, self.generation, error, self.deferred):
                 self.deferred = None
                 self.finished(WorkflowRun.Status.FAILED, {"error": error})
-                logger.info("run failed run=%s reason=deadline", self.run.pk)
+                logger.info(
+                    "run failed run=%s workflow=%s error=%s reason=deadline",
+                    self.run.pk,
+                    self.run.workflow_name,
+                    DEADLINE_EXCEEDED,
+                )
                 return
             row = self.current_row()  # the deadline sweep (or a cancel) came first
         if row and self.deferred is not None and row["status"] == WorkflowRun.Status.FAILED:
@@ -125,7 +134,12 @@ class Execution:
             # before its result was written: keep it, so a resume does not run it again.
             deferred, self.deferred = self.deferred, None
             self.store.store_late_result(self.run.pk, self.generation, deferred)
-        logger.info("claim lost run=%s status=%s", self.run.pk, row["status"] if row else "deleted")
+        logger.info(
+            "claim lost run=%s workflow=%s status=%s",
+            self.run.pk,
+            self.run.workflow_name,
+            row["status"] if row else "deleted",
+        )
 
     def current_row(self) -> dict[str, Any] | None:
         return (  # type: ignore[no-any-return]
@@ -153,7 +167,14 @@ class Execution:
             self.claim_lost()
         except NonDeterminism as exc:
             self.finish(WorkflowRun.Status.FAILED, error=non_deterministic(str(exc)))
-            logger.warning("run failed run=%s reason=non-deterministic", self.run.pk)
+            logger.warning(
+                "run failed run=%s workflow=%s step=%s error=%s expected=%s",
+                self.run.pk,
+                self.run.workflow_name,
+                exc.step,
+                NON_DETERMINISTIC,
+                exc.expected,
+            )
         except Suspend:
             ending = "parked"
         finally:
@@ -174,7 +195,14 @@ class Execution:
             for a in lost:
                 a.status = StepAttempt.Status.FAILED
                 a.error = dict(WORKER_LOST_ERROR)
-            logger.warning("worker lost run=%s steps=%d", self.run.pk, len(lost))
+            for a in lost:
+                logger.warning(
+                    "step failed run=%s workflow=%s step=%s error=%s",
+                    self.run.pk,
+                    self.run.workflow_name,
+                    a.step_name,
+                    WORKER_LOST,
+                )
         self.history.load(attempts)
 
     def call_workflow(self) -> None:
@@ -190,8 +218,9 @@ class Execution:
                 error["traceback"] = exc.error["traceback"]
             self.finish(WorkflowRun.Status.FAILED, error=error)
             logger.info(
-                "run failed run=%s step=%s error=%s",
+                "run failed run=%s workflow=%s step=%s error=%s",
                 self.run.pk,
+                self.run.workflow_name,
                 exc.step_name,
                 exc.error.get("type"),
             )
@@ -202,8 +231,14 @@ class Execution:
         try:
             ensure_json(output, f'output of workflow "{self.workflow.name}" (run {self.run.pk})')
         except (TypeError, ValueError) as refused:
-            self.finish(WorkflowRun.Status.FAILED, error=describe_exception(refused))
-            logger.info("run failed run=%s reason=output-refused", self.run.pk)
+            error = describe_exception(refused)
+            self.finish(WorkflowRun.Status.FAILED, error=error)
+            logger.info(
+                "run failed run=%s workflow=%s error=%s reason=output-refused",
+                self.run.pk,
+                self.run.workflow_name,
+                error["type"],
+            )
             return
         self.finish(WorkflowRun.Status.COMPLETED, output=output)
         logger.info("run completed run=%s workflow=%s", self.run.pk, self.run.workflow_name)
@@ -217,22 +252,34 @@ class Execution:
         if retry_at is None:
             self.finish(WorkflowRun.Status.FAILED, error=error, attempts=attempts)
             logger.info(
-                "run failed run=%s error=%s attempts=%d", self.run.pk, error["type"], attempts
+                "run failed run=%s workflow=%s error=%s attempts=%d",
+                self.run.pk,
+                self.run.workflow_name,
+                error["type"],
+                attempts,
             )
             return
         if self.past_deadline(retry_at):
             self.finish(WorkflowRun.Status.FAILED, error=deadline_error(error), attempts=attempts)
+            logger.info(
+                "run failed run=%s workflow=%s error=%s attempts=%d reason=deadline",
+                self.run.pk,
+                self.run.workflow_name,
+                error["type"],
+                attempts,
+            )
             return
         with self.store.atomic():
             self.fence()
             self.store.park(self.claim, retry_at, attempts=attempts, error=error)
         self.parked_until = retry_at
         logger.info(
-            "run retry scheduled run=%s error=%s attempts=%d at=%s",
+            "run retry scheduled run=%s workflow=%s error=%s attempts=%d at=%s",
             self.run.pk,
+            self.run.workflow_name,
             error["type"],
             attempts,
-            retry_at,
+            retry_at.isoformat(),
         )
 
     def finish(self, status: str, **fields: Any) -> None:
@@ -287,7 +334,12 @@ class Execution:
         if self.history.attempt_count < MAX_STEP_ATTEMPTS:
             return
         self.finish(WorkflowRun.Status.FAILED, error=attempt_cap(self.run.pk, MAX_STEP_ATTEMPTS))
-        logger.warning("run failed run=%s reason=attempt-cap", self.run.pk)
+        logger.warning(
+            "run failed run=%s workflow=%s error=%s reason=attempt-cap",
+            self.run.pk,
+            self.run.workflow_name,
+            ATTEMPT_CAP_EXCEEDED,
+        )
         raise Suspend("attempt cap")
 
     def new_attempt(self, name: str, kind: str, **fields: Any) -> StepAttempt:

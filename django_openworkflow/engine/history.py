@@ -69,7 +69,9 @@ class History:
                 f'run {self.run_id} called step "{candidate}" as step call #{position + 1}, '
                 f'where an earlier execution called "{before}": the workflow function must '
                 "call its steps in the same order every time it is replayed (to change a "
-                "workflow under running runs, branch on ctx.version)"
+                "workflow under running runs, branch on ctx.version)",
+                step=candidate,
+                expected=before,
             )
         self.positions[candidate] = position
         return candidate

@@ -192,9 +192,10 @@ class Steps:
             if not (stored and self.committed(attempt)):
                 return None, error
             logger.warning(
-                "step committed, then raised run=%s step=%s error=%s "
-                "(an on_commit hook or the commit's reply failed; the step is not repeated)",
+                "step committed, then raised (an on_commit hook or the commit's reply "
+                "failed; the step is not repeated) run=%s workflow=%s step=%s error=%s",
                 x.run.pk,
+                x.run.workflow_name,
                 attempt.step_name,
                 error["type"],
             )
@@ -298,8 +299,9 @@ class Steps:
             if not any(attempt is a for a, _ in refused + exhausted):
                 continue  # to be retried: logged with the retry
             logger.info(
-                "step failed run=%s step=%s error=%s attempts=%d",
+                "step failed run=%s workflow=%s step=%s error=%s attempts=%d",
                 x.run.pk,
+                x.run.workflow_name,
                 attempt.step_name,
                 error["type"],
                 counts[attempt.step_name],
@@ -314,20 +316,24 @@ class Steps:
             attempt, error = failed[0]
             x.finish(WorkflowRun.Status.FAILED, error=deadline_error(error, step=attempt.step_name))
             logger.info(
-                "run failed run=%s step=%s error=%s reason=deadline",
+                "run failed run=%s workflow=%s step=%s error=%s reason=deadline",
                 x.run.pk,
+                x.run.workflow_name,
                 attempt.step_name,
                 error["type"],
             )
             raise Suspend("deadline")
         x.parked_until = retry_at
-        logger.info(
-            "step retry scheduled run=%s steps=%s error=%s at=%s",
-            x.run.pk,
-            ",".join(attempt.step_name for attempt, _ in failed),
-            ",".join(error["type"] for _, error in failed),
-            retry_at.isoformat(),
-        )
+        for attempt, error in failed:
+            logger.info(
+                "step retry scheduled run=%s workflow=%s step=%s error=%s attempts=%d at=%s",
+                x.run.pk,
+                x.run.workflow_name,
+                attempt.step_name,
+                error["type"],
+                counts[attempt.step_name],
+                retry_at.isoformat(),
+            )
         raise Suspend("step retry")
 
 

@@ -61,7 +61,11 @@ class Waits:
             return None
         self.begin(name, StepAttempt.Kind.SLEEP, wake_at)
         logger.info(
-            "run sleeping run=%s step=%s until=%s", self.x.run.pk, name, wake_at.isoformat()
+            "run sleeping run=%s workflow=%s step=%s until=%s",
+            self.x.run.pk,
+            self.x.run.workflow_name,
+            name,
+            wake_at.isoformat(),
         )
         raise Suspend("sleep")
 
@@ -125,7 +129,11 @@ class Waits:
             step, StepAttempt.Kind.WORKFLOW, self.wake_at(delta, step), then=start_child
         )
         logger.info(
-            "child started run=%s step=%s child=%s", run.pk, step, attempt.child_workflow_run_id
+            "child started run=%s workflow=%s step=%s child=%s",
+            run.pk,
+            run.workflow_name,
+            step,
+            attempt.child_workflow_run_id,
         )
         raise Suspend("child")
 
@@ -171,7 +179,14 @@ class Waits:
                 output=woken,
                 finished_at=Now(),
             )
-        logger.info("signal sent run=%s signal=%s woken=%d", run.pk, signal, len(woken))
+        logger.info(
+            "signal sent run=%s workflow=%s step=%s signal=%s woken=%d",
+            run.pk,
+            run.workflow_name,
+            step,
+            signal,
+            len(woken),
+        )
         return woken
 
     def wait_for_signal(
@@ -188,7 +203,13 @@ class Waits:
         if waiting is not None:
             return self.settle(waiting, lambda: self.delivered(waiting))  # type: ignore[no-any-return]
         self.begin(step, StepAttempt.Kind.SIGNAL_WAIT, self.wake_at(delta, step), signal=signal)
-        logger.info("run waiting run=%s step=%s signal=%s", self.x.run.pk, step, signal)
+        logger.info(
+            "run waiting run=%s workflow=%s step=%s signal=%s",
+            self.x.run.pk,
+            self.x.run.workflow_name,
+            step,
+            signal,
+        )
         raise Suspend("signal")
 
     def wake_at(self, delta: timedelta | None, step: str) -> datetime | None:
@@ -265,6 +286,14 @@ class Waits:
             raise Suspend("parked")
         if failed is not None:
             failures = len(self.history.failures[attempt.step_name])
+            logger.info(
+                "step failed run=%s workflow=%s step=%s error=%s attempts=%d",
+                x.run.pk,
+                x.run.workflow_name,
+                attempt.step_name,
+                failed["type"],
+                failures,
+            )
             raise StepFailed(attempt.step_name, failed, failures)
         self.history.completed[attempt.step_name] = attempt
         self.history.waiting.pop(attempt.step_name, None)

@@ -8,6 +8,7 @@ database's write lock when they begin. The contract is in ``base.py``.
 from __future__ import annotations
 
 import json
+import logging
 import operator
 import uuid
 from collections import Counter
@@ -21,7 +22,7 @@ from django.db.models import Count, F, Min, Q, Subquery
 from django.db.models.functions import Coalesce
 
 from ..clock import Now
-from ..errors import DEADLINE_ERROR
+from ..errors import DEADLINE_ERROR, DEADLINE_EXCEEDED
 from ..managers import ACTIVE, LOCK_ORDER, not_past_deadline, now_plus
 from ..models import QueueStart, StepAttempt, WorkflowRun
 from ..pauses import pause_point
@@ -39,6 +40,8 @@ from .limits import (
     claim_limited,
     lock_queues,
 )
+
+logger = logging.getLogger(__name__)
 
 RUNNING = WorkflowRun.Status.RUNNING
 
@@ -107,9 +110,13 @@ class OrmWakeUps(OrmQueries):
             )
             if not ids:
                 return 0
-            self.attempts.filter(
+            running = self.attempts.filter(
                 workflow_run_id__in=ids, status="running", kind=StepAttempt.Kind.RUN
-            ).update(status="failed", error=DEADLINE_ERROR, finished_at=Now())
+            )
+            steps: dict[Any, list[str]] = {}
+            for run_id, step in running.values_list("workflow_run_id", "step_name"):
+                steps.setdefault(run_id, []).append(step)
+            running.update(status="failed", error=DEADLINE_ERROR, finished_at=Now())
             failed: int = (
                 self.runs.filter(pk__in=ids)
                 .overdue()
@@ -128,6 +135,15 @@ class OrmWakeUps(OrmQueries):
                 self.notify(namespace)
             for run in ended:
                 send_after_commit(run_failed, run, using=self.using)
+        for run in ended:
+            if run.status == WorkflowRun.Status.FAILED and run.error == DEADLINE_ERROR:
+                logger.info(
+                    "run failed run=%s workflow=%s%s error=%s reason=deadline",
+                    run.pk,
+                    run.workflow_name,
+                    f" step={','.join(steps[run.pk])}" if run.pk in steps else "",
+                    DEADLINE_EXCEEDED,
+                )
         return failed
 
     def wake_parents(self, child_ids: Iterable[Any]) -> int:

@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections
 from django.db.migrations.executor import MigrationExecutor
@@ -15,6 +16,7 @@ from django.db.migrations.executor import MigrationExecutor
 from ...conf import app_settings
 from ...names import check_name
 from ...queues import served_queues
+from ...reloading import RELOAD_GRACE, is_child, run_with_reloader
 from ...worker import Worker
 from ..workers import positive_int as _positive_int
 
@@ -78,6 +80,20 @@ class Command(BaseCommand):
             "--burst", action="store_true", help="Exit once no run is due instead of waiting."
         )
         parser.add_argument(
+            "--reload",
+            action="store_true",
+            help="Restart the worker when a Python file changes (development; as runserver does).",
+        )
+        parser.add_argument(
+            "--reload-grace",
+            type=_positive_float,
+            default=RELOAD_GRACE,
+            metavar="SECONDS",
+            help="With --reload: how long the runs in flight may take to finish before a "
+            "reload releases them (they are replayed by the new process). "
+            f"Default: {RELOAD_GRACE:g}.",
+        )
+        parser.add_argument(
             "--worker-id",
             default=None,
             help="Name shown on claimed runs. Default: host:pid:random.",
@@ -122,6 +138,8 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         self._configure_logging(options["verbosity"])
+        if options["reload"] and options["burst"]:
+            raise CommandError("--reload and --burst cannot be combined")
         for module in options["workflows_module"]:
             try:
                 importlib.import_module(module)
@@ -142,21 +160,37 @@ class Command(BaseCommand):
             served_queues(options["queues"])
         except ValueError as exc:
             raise CommandError(f"--queue: {exc}") from None
-        worker = Worker(
-            namespace=options["namespace"],
-            concurrency=options["concurrency"],
-            lease_seconds=options["lease"],
-            poll_interval=options["poll_interval"],
-            burst=options["burst"],
-            worker_id=options["worker_id"],
-            queues=options["queues"] or None,
-        )
-        metrics = self._serve_metrics(worker, options)
+        served: list[MetricsServer] = []
+
+        def make_worker() -> Worker:
+            worker = Worker(
+                namespace=options["namespace"],
+                concurrency=options["concurrency"],
+                lease_seconds=options["lease"],
+                poll_interval=options["poll_interval"],
+                burst=options["burst"],
+                worker_id=options["worker_id"],
+                queues=options["queues"] or None,
+            )
+            # With --reload, in the process that runs the worker (each restart its own).
+            if (metrics := self._serve_metrics(worker, options)) is not None:
+                served.append(metrics)
+            return worker
+
+        if options["reload"]:
+            if not settings.DEBUG and not is_child():
+                logging.getLogger("django_openworkflow").warning(
+                    "runworker --reload with DEBUG=False: the reloader is for development; "
+                    "in production run the worker without it and restart it on deploy"
+                )
+            run_with_reloader(make_worker, grace=options["reload_grace"])
+            return
+        worker = make_worker()
         worker.install_signal_handlers()
         try:
             worker.run()
         finally:
-            if metrics is not None:
+            for metrics in served:
                 metrics.stop()
 
     def _check_metrics_options(self, options: dict[str, Any]) -> None:
@@ -206,9 +240,14 @@ class Command(BaseCommand):
             )
 
     def _configure_logging(self, verbosity: int) -> None:
+        """The level from ``--verbosity``; a console handler only where LOGGING set none.
+
+        A handler on ``django_openworkflow`` or on an ancestor (the root logger,
+        say, with ``JSONFormatter``) is the project's choice and is kept.
+        """
         logger = logging.getLogger("django_openworkflow")
         logger.setLevel(LEVELS.get(verbosity, logging.DEBUG))
-        if not logger.handlers:
+        if not logger.hasHandlers():
             handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(
                 logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
