@@ -26,14 +26,11 @@ database after ``timeout`` seconds (``time_limit()``).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
-from django.db import DatabaseError, connections, transaction
 from django.db.models import (
     Count,
     DurationField,
@@ -337,69 +334,13 @@ def queue_load(
     ]
 
 
-@contextmanager
-def time_limit(using: str, seconds: float | None) -> Iterator[None]:
-    """Have the database stop the queries of this block after ``seconds`` (None: no limit).
-
-    The query raises a ``DatabaseError`` ("canceling statement due to
-    statement timeout", "max_statement_time exceeded", "interrupted").
-    PostgreSQL: ``statement_timeout`` for the block's transaction (its own,
-    or a savepoint of the caller's, which keeps it until its end);
-    MariaDB: ``max_statement_time``, MySQL: ``max_execution_time``, set for
-    the session and put back after the block; SQLite: a progress handler
-    that interrupts the block's queries once ``seconds`` have passed, all of
-    them together (the wait for a database lock is bounded by the
-    connection's ``timeout`` instead). Each limit is per query elsewhere.
+def time_limit(using: str, seconds: float | None) -> AbstractContextManager[None]:
+    """Have the database stop the queries of this block after ``seconds`` (None: no limit);
+    a stopped query raises a ``DatabaseError``. How each database does it: ``Store.time_limit``.
     """
-    if seconds is None:
-        yield
-        return
-    connection = connections[using]
-    if connection.vendor == "postgresql":
-        with transaction.atomic(using=using):
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    "SELECT set_config('statement_timeout', %s, true)", [f"{_ms(seconds)}ms"]
-                )
-            yield
-    elif connection.vendor == "mysql":
-        with _session_limit(connection, seconds):
-            yield
-    elif connection.vendor == "sqlite":
-        connection.ensure_connection()
-        deadline = time.monotonic() + seconds
-        connection.connection.set_progress_handler(lambda: time.monotonic() >= deadline, 1000)
-        try:
-            yield
-        finally:
-            if connection.connection is not None:
-                connection.connection.set_progress_handler(None, 0)
-    else:  # another backend: no limit we know how to set
-        yield
+    from .store import get_store
 
-
-def _ms(seconds: float) -> int:
-    return max(1, round(seconds * 1000))  # 0 means "no limit" to every database
-
-
-@contextmanager
-def _session_limit(connection: Any, seconds: float) -> Iterator[None]:
-    if connection.mysql_is_mariadb:
-        variable, value = "max_statement_time", max(seconds, 0.000001)
-    else:  # MySQL: SELECT statements only, which is all this limits
-        variable, value = "max_execution_time", _ms(seconds)
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT @@SESSION.{variable}")
-        (before,) = cursor.fetchone()
-        cursor.execute(f"SET SESSION {variable} = %s", [value])
-    try:
-        yield
-    finally:
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(f"SET SESSION {variable} = %s", [before])
-        except DatabaseError:  # never leave a connection with our limit behind
-            connection.close()
+    return get_store(using).time_limit(seconds)
 
 
 # --- one run -----------------------------------------------------------------------

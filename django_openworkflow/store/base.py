@@ -35,7 +35,8 @@ make their own transaction.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -107,6 +108,16 @@ class Store:
 
     def atomic(self) -> transaction.Atomic:
         return transaction.atomic(using=self.using)
+
+    @contextmanager
+    def time_limit(self, seconds: float | None) -> Iterator[None]:
+        """Have the database stop this block's queries after ``seconds`` (None: no limit).
+
+        A stopped query raises a ``DatabaseError``; the connection is left as it
+        was found (no limit of ours stays on it). For reads that must not hang
+        (the metrics' queue gauges); a database with no way to do it sets none.
+        """
+        yield
 
     # --- runs ------------------------------------------------------------------
 

@@ -20,8 +20,11 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
+
+from django.db import DatabaseError
 
 from ..managers import LOCK_ORDER
 from .orm import OrmStore
@@ -45,6 +48,32 @@ class MysqlStore(OrmStore):
                 f"INSERT INTO {table} (slot) VALUES (%s) ON DUPLICATE KEY UPDATE slot = slot",
                 [int.from_bytes(digest[:8], "big") % KEY_LOCK_SLOTS],
             )
+
+    @contextmanager
+    def time_limit(self, seconds: float | None) -> Iterator[None]:
+        """MariaDB's ``max_statement_time`` (seconds), MySQL's ``max_execution_time``
+        (milliseconds, SELECT only), set for the session and put back after the block;
+        each limit is per query."""
+        if seconds is None:
+            yield
+            return
+        connection = self.connection
+        if connection.mysql_is_mariadb:
+            variable, value = "max_statement_time", max(seconds, 0.000001)
+        else:
+            variable, value = "max_execution_time", max(1, round(seconds * 1000))
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT @@SESSION.{variable}")
+            (before,) = cursor.fetchone()
+            cursor.execute(f"SET SESSION {variable} = %s", [value])
+        try:
+            yield
+        finally:
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute(f"SET SESSION {variable} = %s", [before])
+            except DatabaseError:  # never leave a connection with our limit behind
+                connection.close()
 
     def lock_runs(self, ids: Iterable[Any]) -> list[Any]:
         ordered = self.runs.filter(pk__in=ids).order_by(*LOCK_ORDER).values_list("pk", flat=True)

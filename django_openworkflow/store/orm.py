@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import operator
+import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from functools import reduce
 from typing import Any
@@ -211,6 +213,25 @@ class OrmStore(OrmWakeUps):
 
     def lock_key(self, *parts: str) -> None:
         """SQLite: the IMMEDIATE transaction already holds the database's write lock."""
+
+    @contextmanager
+    def time_limit(self, seconds: float | None) -> Iterator[None]:
+        """SQLite: a progress handler interrupts the block's queries once ``seconds`` have
+        passed, all of them together ("interrupted"); the wait for the database's lock is
+        bounded by the connection's ``timeout`` instead. Other databases: no limit."""
+        connection = self.connection
+        connection.ensure_connection()
+        raw = connection.connection
+        if seconds is None or not hasattr(raw, "set_progress_handler"):
+            yield
+            return
+        deadline = time.monotonic() + seconds
+        raw.set_progress_handler(lambda: time.monotonic() >= deadline, 1000)
+        try:
+            yield
+        finally:
+            if connection.connection is raw:
+                raw.set_progress_handler(None, 0)
 
     def claim(
         self,

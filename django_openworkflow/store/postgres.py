@@ -16,11 +16,12 @@ import logging
 import uuid
 import weakref
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+from django.db import transaction
 
 from ..ids import uuid7
 from ..models import QueueStart, StepAttempt, WorkflowRun
@@ -75,6 +76,21 @@ _RUN_ATTNAMES = [field.attname for field in _RUN_FIELDS]
 class PostgresStore(OrmStore):
     vendor = "postgresql"
     notifies = True
+
+    @contextlib.contextmanager
+    def time_limit(self, seconds: float | None) -> Iterator[None]:
+        """``statement_timeout`` for the block's transaction (its own, or a savepoint of
+        the caller's, which keeps it until its end); per query."""
+        if seconds is None:
+            yield
+            return
+        with transaction.atomic(using=self.using):
+            with self.connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT set_config('statement_timeout', %s, true)",
+                    [f"{max(1, round(seconds * 1000))}ms"],  # 0 would mean no limit
+                )
+            yield
 
     START_RUN = f"""
     WITH run AS (
