@@ -10,9 +10,12 @@ The engine asks ``execution(run)`` for an observer of each pass of a run
   ``ended(None, exc=...)`` when the engine unwinds through it (the claim was
   lost, the run parked, a ``KeyboardInterrupt``);
 - ``run_finished(status, error)`` when the pass completed or failed the run;
+- ``run_retrying(error)`` when the workflow function raised and the run was
+  parked to be tried again under the workflow's retry policy;
 - ``ended(outcome)`` once the pass is over: ``"completed"``, ``"failed"``,
-  ``"parked"`` (a sleep, a wait, a retry: the run goes on later), ``"lost"``
-  (the claim was lost: canceled, taken over) or ``"crashed"``.
+  ``"retrying"`` (the workflow function raised and will be tried again),
+  ``"parked"`` (a sleep, a wait, a step's retry: the run goes on later),
+  ``"lost"`` (the claim was lost: canceled, taken over) or ``"crashed"``.
 
 Instruments (``tracing.py`` for OpenTelemetry, ``metrics.py`` for
 Prometheus) are installed with ``install()``; with none installed the
@@ -37,6 +40,8 @@ class ExecutionObserver(Protocol):
 
     def run_finished(self, status: str, error: dict[str, Any] | None) -> None: ...
 
+    def run_retrying(self, error: dict[str, Any]) -> None: ...
+
     def ended(self, outcome: str) -> None: ...
 
 
@@ -52,6 +57,9 @@ class _Nothing:
         return self
 
     def run_finished(self, status: str, error: dict[str, Any] | None) -> None:
+        pass
+
+    def run_retrying(self, error: dict[str, Any]) -> None:
         pass
 
     def ended(self, *args: Any, **kwargs: Any) -> None:
@@ -82,6 +90,10 @@ class _Many:
     def run_finished(self, status: str, error: dict[str, Any] | None) -> None:
         for observer in self.observers:
             observer.run_finished(status, error)
+
+    def run_retrying(self, error: dict[str, Any]) -> None:
+        for observer in self.observers:
+            observer.run_retrying(error)
 
     def ended(self, outcome: str) -> None:
         for observer in reversed(self.observers):

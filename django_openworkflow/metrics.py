@@ -89,7 +89,8 @@ class WorkerMetrics:
         self.executions = Counter(
             "openworkflow_executions",
             "Passes of runs through their workflow function, by how they ended: completed, "
-            "failed, parked (a sleep, a wait, a retry), lost (canceled, taken over), crashed.",
+            "failed, retrying (the workflow function raised), parked (a sleep, a wait, a "
+            "step's retry), lost (canceled, taken over), crashed.",
             ["workflow", "outcome"],
             registry=r,
         )
@@ -176,6 +177,9 @@ class _Pass:
 
     def run_finished(self, status: str, error: dict[str, Any] | None) -> None:
         self.metrics.runs_finished.labels(self.workflow, status).inc()
+
+    def run_retrying(self, error: dict[str, Any]) -> None:
+        pass  # counted by ended("retrying")
 
     def ended(self, outcome: str) -> None:
         self.metrics.executions.labels(self.workflow, outcome).inc()

@@ -169,6 +169,10 @@ class ExecutionSpan:
         if error is not None:
             record_error(self.api, self.span, error)
 
+    def run_retrying(self, error: dict[str, Any]) -> None:
+        """The workflow function raised; the run is tried again later (a new pass)."""
+        record_error(self.api, self.span, error)
+
     def ended(self, outcome: str) -> None:
         span = self.span
         span.set_attribute("openworkflow.outcome", outcome)

@@ -29,7 +29,7 @@ from django_openworkflow.instruments import install, uninstall
 from django_openworkflow.metrics import BUCKETS, MAX_STEP_SERIES, WorkerMetrics, step_label
 from django_openworkflow.models import WorkflowRun
 from django_openworkflow.queue_status import queue_load, time_limit
-from django_openworkflow.registry import Workflow
+from django_openworkflow.registry import Workflow, get_workflow
 from tests.conftest import ROOT, ROW_LOCKS, claim_and_execute, make_due
 from tests.testapp.workflows import (
     atomic_writer,
@@ -132,6 +132,15 @@ def test_a_retried_step_counts_its_failed_attempt_and_the_run_finishes_once(metr
         sample(metrics, "openworkflow_runs_finished_total", workflow="flaky", status="completed")
         == 1
     )
+
+
+@pytest.mark.django_db
+def test_a_pass_whose_workflow_function_raised_and_is_retried_counts_as_retrying(metrics):
+    get_workflow("workflow-retries").start()
+    assert claim_and_execute().status == "pending"  # parked for the workflow's retry
+    passes = {"workflow": "workflow-retries"}
+    assert sample(metrics, "openworkflow_executions_total", **passes, outcome="retrying") == 1
+    assert sample(metrics, "openworkflow_executions_total", **passes, outcome="parked") is None
 
 
 @pytest.mark.django_db

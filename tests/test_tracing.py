@@ -515,3 +515,24 @@ def test_the_package_works_without_opentelemetry():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "completed None False []"
+
+
+@pytest.mark.django_db
+def test_a_pass_whose_workflow_function_raised_and_is_retried_is_an_error_span(spans):
+    with spans.tracer.start_as_current_span("request"):
+        run = get_workflow("workflow-retries").start()
+    drain()
+    run.refresh_from_db()
+    assert run.status == WorkflowRun.Status.FAILED
+    passes = spans.named("workflow workflow-retries")
+    assert [p.attributes["openworkflow.outcome"] for p in passes] == [
+        "retrying",
+        "retrying",
+        "failed",
+    ]
+    for number, span in enumerate(passes, start=1):
+        assert span.attributes["openworkflow.attempt"] == number
+        assert span.status.status_code == StatusCode.ERROR
+        assert span.status.description == "KeyError"
+        [event] = exception_events(span)
+        assert event["exception.type"] == "KeyError"

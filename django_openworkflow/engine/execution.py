@@ -273,6 +273,8 @@ class Execution:
             self.fence()
             self.store.park(self.claim, retry_at, attempts=attempts, error=error)
         self.parked_until = retry_at
+        self.outcome = "retrying"
+        self.observer.run_retrying(error)
         logger.info(
             "run retry scheduled run=%s workflow=%s error=%s attempts=%d at=%s",
             self.run.pk,
