@@ -1,0 +1,251 @@
+"""Adversarial review of issue 14 (observability): faults the engine's hooks, the
+registry and the reload should survive. Each test marked ``xfail(strict=True)``
+demonstrates a finding of the review (the reason names it): it fails today and
+turns into an XPASS (an error, strict) once the finding is fixed, when the
+marker is to be removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+import time
+
+import pytest
+from django.db import InterfaceError, connection
+from opentelemetry import trace
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from django_openworkflow import tracing, workflow
+from django_openworkflow.models import WorkflowRun
+from django_openworkflow.pauses import add_hook, remove_hook
+from django_openworkflow.testing import drain
+from django_openworkflow.worker import Worker
+
+# --- workflows of these tests ---------------------------------------------------------
+
+gates: dict[str, threading.Event] = {}
+opened = threading.Event()  # set: every gate is open (a test's end)
+
+
+def gate(name: str) -> threading.Event:
+    event = gates.setdefault(name, threading.Event())
+    if opened.is_set():
+        event.set()
+    return event
+
+
+@workflow(name="review-two-steps")
+def two_steps(ctx):
+    a = ctx.step.run("a", lambda: 1)
+    b = ctx.step.run("b", lambda: 2)
+    return a + b
+
+
+@workflow(name="review-gated")
+def gated(ctx):
+    """Step a waits for gate "a-go" (and says it started); step b likewise with "b-go"."""
+
+    def step(name):
+        gate(f"{name}-started").set()
+        assert gate(f"{name}-go").wait(30), f"gate {name}-go never opened"
+        return name
+
+    return [ctx.step.run("a", lambda: step("a")), ctx.step.run("b", lambda: step("b"))]
+
+
+# --- a broken span processor (a user's, or a vendor's) ----------------------------------
+
+
+class Broken(SpanProcessor):
+    """Raises at the start or the end of the spans whose name starts with ``prefix``."""
+
+    def __init__(self, when: str, prefix: str) -> None:
+        self.when = when
+        self.prefix = prefix
+
+    def on_start(self, span, parent_context=None):
+        if self.when == "start" and span.name.startswith(self.prefix):
+            raise RuntimeError("span processor down")
+
+    def on_end(self, span):
+        if self.when == "end" and span.name.startswith(self.prefix):
+            raise RuntimeError("span processor down")
+
+
+@pytest.fixture
+def broken_tracing():
+    previous = tracing.instrument.tracer_provider
+
+    def install(when: str, prefix: str) -> InMemorySpanExporter:
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(Broken(when, prefix))
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        tracing.instrument.tracer_provider = provider
+        return exporter
+
+    yield install
+    tracing.instrument.tracer_provider = previous
+
+
+def in_a_context_of_its_own(fn) -> trace.Span:
+    """Call ``fn`` (what it raises is ignored) in a copy of this thread's context; the
+    span current in that context after it (a context left attached by ``fn`` stays there,
+    and never leaks into the other tests)."""
+
+    def call():
+        with contextlib.suppress(RuntimeError):
+            fn()
+        return trace.get_current_span()
+
+    return contextvars.copy_context().run(call)
+
+
+def final(run: WorkflowRun) -> WorkflowRun:
+    return WorkflowRun.objects.get(pk=run.pk)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review finding 1: an instrument raising at a step's start is a failure of the "
+    "workflow (retried, then the run fails with the instrument's error)",
+)
+@pytest.mark.django_db
+def test_a_span_processor_failing_at_a_steps_start_does_not_fail_the_run(broken_tracing):
+    broken_tracing("start", "step ")
+    run = two_steps.start()
+    drain()
+    run = final(run)
+    assert (run.status, run.output, run.error) == ("completed", 3, None)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review finding 1: an instrument raising at a step's end fails the run",
+)
+@pytest.mark.django_db
+def test_a_span_processor_failing_at_a_steps_end_does_not_fail_the_run(broken_tracing):
+    broken_tracing("end", "step ")
+    run = two_steps.start()
+    leaked = in_a_context_of_its_own(drain)
+    run = final(run)
+    assert (run.status, run.output, run.error) == ("completed", 3, None)
+    assert leaked is trace.INVALID_SPAN  # no step span left current on this thread
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review finding 1: an instrument raising at a pass's start crashes every pass "
+    "(a worker releases the run and crashes again each second, forever)",
+)
+@pytest.mark.django_db
+def test_a_span_processor_failing_at_a_passs_start_does_not_stop_the_run(broken_tracing):
+    broken_tracing("start", "workflow ")
+    run = two_steps.start()
+    drain()
+    assert final(run).status == "completed"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review finding 1: an instrument raising at a pass's end leaves its context "
+    "attached to the thread (a slot thread of a worker keeps the span current)",
+)
+@pytest.mark.django_db
+def test_a_span_processor_failing_at_a_passs_end_leaves_no_context_attached(broken_tracing):
+    broken_tracing("end", "workflow ")
+    run = two_steps.start()
+    leaked = in_a_context_of_its_own(drain)
+    assert final(run).status == "completed"
+    assert leaked is trace.INVALID_SPAN
+
+
+# --- a worker in this process -------------------------------------------------------------
+
+
+def wait_for(condition, timeout: float = 20.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"{what} not reached within {timeout}s"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def worker_thread():
+    started = []
+    gates.clear()
+    opened.clear()
+
+    def start(**options) -> Worker:
+        worker = Worker(poll_interval=0.05, concurrency=1, **options)
+
+        def run():
+            try:
+                worker.run()
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        started.append((worker, thread))
+        return worker
+
+    yield start
+    opened.set()
+    for event in list(gates.values()):
+        event.set()
+    for worker, thread in started:
+        worker.stop()
+        thread.join(20)
+        assert not thread.is_alive()
+
+
+def due(run: WorkflowRun) -> bool:
+    return WorkflowRun.objects.due().filter(pk=run.pk).exists()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review finding 2: release_in_flight() only makes the run due; the old process "
+    "still holds the claim token, so its next step start (and its heartbeat) take the "
+    "lease back and the new process cannot replay the run until the lease runs out",
+)
+@pytest.mark.django_db(transaction=True)
+def test_a_run_released_for_a_reload_stays_released(worker_thread):
+    worker = worker_thread(worker_id="reloading", lease_seconds=30)
+    run = gated.start()
+    assert gate("a-started").wait(20)
+    assert worker.release_in_flight() == 1
+    assert due(run)  # released: the new process may claim it now
+    gate("a-go").set()  # the old process goes on for a moment (its exit is not immediate)
+    assert gate("b-started").wait(20)
+    assert due(run), "the old process renewed the lease of the run it released"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review finding 3: an exception other than DatabaseError (django.db.InterfaceError, "
+    "mysqlclient's (0, '') on a dead connection) ends the heartbeat thread for good: no lease "
+    "is renewed again and the worker's row dies while it goes on claiming runs",
+)
+@pytest.mark.django_db(transaction=True)
+def test_the_heartbeat_survives_an_interface_error(worker_thread):
+    calls = []
+
+    def hook(context):
+        calls.append(context)
+        if len(calls) == 1:
+            raise InterfaceError("(0, '')")
+
+    add_hook("heartbeat.before-renew", hook)
+    try:
+        worker_thread(worker_id="beats-on", lease_seconds=0.6)
+        gated.start()
+        assert gate("a-started").wait(20)
+        wait_for(lambda: len(calls) >= 2, timeout=10, what="a heartbeat after the failed one")
+    finally:
+        remove_hook("heartbeat.before-renew", hook)
