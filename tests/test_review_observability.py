@@ -45,14 +45,14 @@ def gate(name: str) -> threading.Event:
     return event
 
 
-@workflow(name="review-two-steps")
+@workflow(name="obs-review-two-steps")
 def two_steps(ctx):
     a = ctx.step.run("a", lambda: 1)
     b = ctx.step.run("b", lambda: 2)
     return a + b
 
 
-@workflow(name="review-gated")
+@workflow(name="obs-review-gated")
 def gated(ctx):
     """Step a waits for gate "a-go" (and says it started); step b likewise with "b-go"."""
 
@@ -286,7 +286,7 @@ def test_the_heartbeat_survives_an_interface_error(worker_thread):
 # --- how a pass ended, as the observers are told -------------------------------------------
 
 
-@workflow(name="review-canceled-in-its-last-step")
+@workflow(name="obs-review-canceled-in-its-last-step")
 def canceled_in_its_last_step(ctx):
     """Its run is canceled while its last step runs: the finish finds the claim lost."""
 
@@ -348,7 +348,7 @@ def test_an_old_process_stopping_after_its_restart_leaves_the_new_one_live():
 # --- logs: names go into key=value lines unquoted ----------------------------------------
 
 
-@workflow(name="review-step-named-from-data")
+@workflow(name="obs-review-step-named-from-data")
 def step_named_from_data(ctx):
     def fail():
         raise ValueError("no")
@@ -389,7 +389,7 @@ def metrics():
     uninstall(found)
 
 
-@workflow(name="review-sleeps-past-its-deadline")
+@workflow(name="obs-review-sleeps-past-its-deadline")
 def sleeps_past_its_deadline(ctx):
     ctx.step.sleep("nap", "1h")
     return 1
@@ -411,6 +411,6 @@ def test_a_run_the_deadline_sweep_fails_is_counted_failed(metrics):
     assert final(run).status == "failed"
     finished = metrics.registry.get_sample_value(
         "openworkflow_runs_finished_total",
-        {"workflow": "review-sleeps-past-its-deadline", "status": "failed"},
+        {"workflow": "obs-review-sleeps-past-its-deadline", "status": "failed"},
     )
     assert finished == 1
