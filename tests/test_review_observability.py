@@ -308,11 +308,6 @@ def spans():
     tracing.instrument.tracer_provider = previous
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 4: a pass whose finish found the claim lost (a cancel) ends as "
-    '"parked" (after a NonDeterminism failure: "crashed", status ERROR), not "lost"',
-)
 @pytest.mark.django_db
 def test_a_pass_whose_finish_finds_the_run_canceled_is_lost(spans):
     run = canceled_in_its_last_step.start()
