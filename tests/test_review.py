@@ -92,7 +92,10 @@ def test_a_step_retry_delay_past_the_year_9999_fails_the_step(caplog):
     # step's attempt was never marked failed (it stayed "running").
     caplog.set_level(logging.INFO, logger="django_openworkflow")
     run = one_pass("review-far-step-retry")
-    assert f"step failed run={run.pk} step=broken error=ValueError attempts=1" in caplog.text
+    assert (
+        f"step failed run={run.pk} workflow=review-far-step-retry step=broken error=ValueError "
+        "attempts=1" in caplog.text
+    )
     assert (run.status, run.error["type"], run.error["step"]) == ("failed", "StepFailed", "broken")
     assert run.error["message"] == 'step "broken" failed after 1 attempt: ValueError: broken step'
     assert history(run) == [("broken", "failed", "ValueError")]

@@ -287,6 +287,7 @@ class Execution:
     def finish(self, status: str, **fields: Any) -> None:
         """Complete or fail the run (fenced), with the last step's deferred result."""
         if not self.store.finish(self.claim, status, deferred=self.deferred, **fields):
+            self.outcome = "lost"  # unless claim_lost() fails the run at its deadline
             self.claim_lost()  # the deferred result stays for a deadline failure to store
             return
         self.deferred = None
