@@ -20,10 +20,17 @@ The engine asks ``execution(run)`` for an observer of each pass of a run
 Instruments (``tracing.py`` for OpenTelemetry, ``metrics.py`` for
 Prometheus) are installed with ``install()``; with none installed the
 observer does nothing and costs a few method calls per step.
+
+**An instrument never breaks a run.** Each observer is wrapped so that an
+exception it raises (a span processor, a sampler or a propagator of the
+project that fails) is logged once per instrument, by type, and the
+observer is dropped for the rest of the pass; ``ended()`` is still called,
+so it can clean up (detach its context). The engine sees nothing.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -48,6 +55,9 @@ class ExecutionObserver(Protocol):
 class Instrument(Protocol):
     def execution(self, run: WorkflowRun) -> ExecutionObserver | None:
         """An observer of one pass of ``run``, or None to sit this one out."""
+
+
+logger = logging.getLogger(__name__)
 
 
 class _Nothing:
@@ -100,8 +110,82 @@ class _Many:
             observer.ended(outcome)
 
 
+class _Guarded:
+    """One instrument's observer of a pass, whose exceptions never reach the engine."""
+
+    __slots__ = ("broken", "instrument", "observer")
+
+    def __init__(self, instrument: Instrument, observer: ExecutionObserver) -> None:
+        self.instrument = instrument
+        self.observer = observer
+        self.broken = False
+
+    def failed(self, where: str, exc: Exception) -> None:
+        self.broken = True
+        report(self.instrument, where, exc)
+
+    def step_started(self, attempt: StepAttempt, number: int) -> StepObserver:
+        if self.broken:
+            return NOTHING
+        try:
+            return _GuardedStep(self, self.observer.step_started(attempt, number))
+        except Exception as exc:
+            self.failed("step_started", exc)
+            return NOTHING
+
+    def run_finished(self, status: str, error: dict[str, Any] | None) -> None:
+        if not self.broken:
+            try:
+                self.observer.run_finished(status, error)
+            except Exception as exc:
+                self.failed("run_finished", exc)
+
+    def run_retrying(self, error: dict[str, Any]) -> None:
+        if not self.broken:
+            try:
+                self.observer.run_retrying(error)
+            except Exception as exc:
+                self.failed("run_retrying", exc)
+
+    def ended(self, outcome: str) -> None:
+        try:  # even when broken: the observer cleans up (its context, its span)
+            self.observer.ended(outcome)
+        except Exception as exc:
+            self.failed("ended", exc)
+
+
+class _GuardedStep:
+    __slots__ = ("execution", "step")
+
+    def __init__(self, execution: _Guarded, step: StepObserver) -> None:
+        self.execution = execution
+        self.step = step
+
+    def ended(self, error: dict[str, Any] | None, *, exc: BaseException | None = None) -> None:
+        try:
+            self.step.ended(error, exc=exc)
+        except Exception as failure:
+            self.execution.failed("step ended", failure)
+
+
 _instruments: list[Instrument] = []
 _lock = threading.Lock()
+_reported: set[int] = set()  # instruments whose failure was logged (once each)
+
+
+def report(instrument: Instrument, where: str, exc: Exception) -> None:
+    """Log an instrument's failure once per instrument (its later ones at DEBUG)."""
+    first = id(instrument) not in _reported
+    _reported.add(id(instrument))
+    logger.log(
+        logging.WARNING if first else logging.DEBUG,
+        "instrument failed, its observations of this pass are dropped (runs go on; "
+        "logged once) instrument=%s at=%s error=%s",
+        type(instrument).__name__,
+        where,
+        type(exc).__name__,
+        exc_info=exc if first else None,
+    )
 
 
 def install(instrument: Instrument) -> None:
@@ -121,7 +205,15 @@ def execution(run: WorkflowRun) -> ExecutionObserver:
     """The observer of one pass of ``run``: the installed instruments', or one doing nothing."""
     if not _instruments:
         return NOTHING
-    observers = [o for i in list(_instruments) if (o := i.execution(run)) is not None]
+    observers: list[ExecutionObserver] = []
+    for instrument in list(_instruments):
+        try:
+            observer = instrument.execution(run)
+        except Exception as exc:
+            report(instrument, "execution", exc)
+            continue
+        if observer is not None:
+            observers.append(_Guarded(instrument, observer))
     if not observers:
         return NOTHING
     return observers[0] if len(observers) == 1 else _Many(observers)

@@ -31,6 +31,7 @@ step. See docs/tracing.md.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 from collections.abc import Iterator
@@ -174,6 +175,12 @@ class ExecutionSpan:
         record_error(self.api, self.span, error)
 
     def ended(self, outcome: str) -> None:
+        try:
+            self._end(outcome)
+        finally:  # whatever the SDK raises: the slot thread keeps no span current
+            self.api.context.detach(self.token)
+
+    def _end(self, outcome: str) -> None:
         span = self.span
         span.set_attribute("openworkflow.outcome", outcome)
         if outcome == "crashed":
@@ -182,7 +189,6 @@ class ExecutionSpan:
                 span.record_exception(exc)
             span.set_status(self.api.Status(self.api.StatusCode.ERROR, "crashed"))
         span.end()
-        self.api.context.detach(self.token)
 
 
 class StepSpan:
@@ -206,6 +212,12 @@ class StepSpan:
         self.token = api.context.attach(api.trace.set_span_in_context(self.span, execution.context))
 
     def ended(self, error: dict[str, Any] | None, *, exc: BaseException | None = None) -> None:
+        try:
+            self._end(error, exc)
+        finally:
+            self.api.context.detach(self.token)
+
+    def _end(self, error: dict[str, Any] | None, exc: BaseException | None) -> None:
         span = self.span
         if error is not None:
             span.set_attribute("openworkflow.outcome", "failed")
@@ -219,7 +231,6 @@ class StepSpan:
         else:
             span.set_attribute("openworkflow.outcome", "completed")
         span.end()
-        self.api.context.detach(self.token)
 
 
 def unwound(exc: BaseException) -> str:
@@ -263,11 +274,16 @@ def resume_links(api: Any, stored: dict[str, Any], generation: int) -> list[Any]
 
 
 def _current_context(api: Any) -> dict[str, str] | None:
-    """The current trace context as the propagator writes it; None without a valid span."""
-    if not api.trace.get_current_span().get_span_context().is_valid:
+    """The current trace context as the propagator writes it; None without a valid span
+    (or when a propagator of the project fails: reported, never raised into ``start()``)."""
+    try:
+        if not api.trace.get_current_span().get_span_context().is_valid:
+            return None
+        carrier: dict[str, str] = {}
+        api.propagate.inject(carrier)
+    except Exception as exc:
+        instruments.report(instrument, "inject", exc)
         return None
-    carrier: dict[str, str] = {}
-    api.propagate.inject(carrier)
     return carrier or None
 
 
@@ -297,10 +313,29 @@ def starting(workflow_name: str, *, runs: int = 1) -> Iterator[dict[str, str] | 
         yield context
         return
     attributes = {"openworkflow.workflow": workflow_name, "openworkflow.runs": runs}
-    with tracer.start_as_current_span(
-        f"start {workflow_name}", kind=api.SpanKind.PRODUCER, attributes=attributes
-    ):
+    try:
+        span = tracer.start_span(
+            f"start {workflow_name}", kind=api.SpanKind.PRODUCER, attributes=attributes
+        )
+        token = api.context.attach(api.trace.set_span_in_context(span))
+    except Exception as exc:  # the SDK failed: the run starts untraced
+        instruments.report(instrument, "start", exc)
+        yield None
+        return
+    try:
         yield _current_context(api)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            span.record_exception(exc)
+            span.set_status(api.Status(api.StatusCode.ERROR, type(exc).__name__))
+        raise
+    finally:
+        try:
+            span.end()
+        except Exception as exc:
+            instruments.report(instrument, "start", exc)
+        finally:
+            api.context.detach(token)
 
 
 def resumed(trace_context: Any, generation: int) -> dict[str, Any] | None:
