@@ -15,8 +15,10 @@ Every line has ``time`` (ISO 8601, UTC), ``level``, ``logger`` and
 exception. The lines of django_openworkflow's loggers read
 ``event text key=value key=value``; for them the line also has ``event``
 (the text before the first field) and ``fields`` (the ``key=value`` pairs,
-values as strings). A value runs until the next `` key=``, so only the last
-field of a message may hold spaces (a database's error text, a hint).
+values as strings). The fields are read from the message's template
+(``"step failed run=%s step=%s"``) with its arguments, so a value holding
+spaces or ``key=`` text (a step name from data) stays one value; a message
+logged without arguments is split where a `` key=`` starts.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from typing import Any
 
 # Where a field starts: whitespace, then a name and "=".
 _FIELD = re.compile(r"\s+(?=[A-Za-z_][A-Za-z0-9_]*=)")
+# A %-conversion of a template (not "%%").
+_CONVERSION = re.compile(r"%[#0\- +]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[hlL]?[diouxXeEfFgGcrsa]")
 _OURS = "django_openworkflow"
 
 
@@ -41,6 +45,28 @@ def parse_message(message: str) -> tuple[str, dict[str, str]]:
         key, _, value = part.partition("=")
         fields[key] = value
     return event.strip(), fields
+
+
+def parse_record(record: logging.LogRecord, message: str) -> tuple[str, dict[str, str]]:
+    """The event and fields of a record: from its template and arguments, each value
+    formatted alone; from its text when that cannot be done (no arguments, a dict)."""
+    template, args = record.msg, record.args
+    if not (isinstance(template, str) and isinstance(args, tuple) and args):
+        return parse_message(message)
+    event, *parts = _FIELD.split(" " + template)
+    pieces = [event, *(part.partition("=")[2] for part in parts)]
+    counts = [len(_CONVERSION.findall(piece.replace("%%", ""))) for piece in pieces]
+    if sum(counts) != len(args):
+        return parse_message(message)
+    texts, at = [], 0
+    try:
+        for piece, count in zip(pieces, counts, strict=True):
+            texts.append(piece % args[at : at + count] if count else piece.replace("%%", "%"))
+            at += count
+    except (TypeError, ValueError, KeyError):
+        return parse_message(message)
+    keys = [part.partition("=")[0] for part in parts]
+    return texts[0].strip(), dict(zip(keys, texts[1:], strict=True))
 
 
 class JSONFormatter(logging.Formatter):
@@ -57,7 +83,7 @@ class JSONFormatter(logging.Formatter):
             "message": message,
         }
         if record.name == _OURS or record.name.startswith(_OURS + "."):
-            line["event"], line["fields"] = parse_message(message)
+            line["event"], line["fields"] = parse_record(record, message)
         if record.exc_info and record.exc_info[0] is not None:
             line["exc_type"] = record.exc_info[0].__name__
             line["traceback"] = self.formatException(record.exc_info)

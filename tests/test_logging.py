@@ -378,6 +378,40 @@ def test_the_json_formatter_keeps_spaces_in_the_last_field():
     )
 
 
+def test_the_json_formatter_reads_each_value_from_its_argument_whatever_it_holds():
+    fields = json.loads(
+        JSONFormatter().format(
+            record(
+                "django_openworkflow.engine",
+                logging.INFO,
+                "step failed run=%s step=%s error=%s ratio=%.1f%% at=%r",
+                7,
+                "charge run=1 error=None\nforged",
+                "ValueError",
+                42.25,
+                "x y=z",
+            )
+        )
+    )["fields"]
+    assert fields == {
+        "run": "7",
+        "step": "charge run=1 error=None\nforged",
+        "error": "ValueError",
+        "ratio": "42.2%",
+        "at": "'x y=z'",
+    }
+
+
+def test_the_json_formatter_falls_back_to_the_text_when_the_template_does_not_fit():
+    # A dict of named arguments, and a count of arguments the template does not match.
+    named = logging.LogRecord(
+        "django_openworkflow", logging.INFO, __file__, 1, "ran run=%(run)s", ({"run": 7},), None
+    )
+    assert json.loads(JSONFormatter().format(named))["fields"] == {"run": "7"}
+    odd = record("django_openworkflow", logging.INFO, "ran run=%s of=%*d", 7, 3, 9)
+    assert json.loads(JSONFormatter().format(odd))["fields"] == {"run": "7", "of": "  9"}
+
+
 def test_the_json_formatter_writes_other_loggers_lines_as_they_are():
     line = JSONFormatter().format(
         record("django.request", logging.ERROR, "Internal Server Error: %s", "/a=b c=d")

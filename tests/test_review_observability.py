@@ -360,11 +360,6 @@ def step_named_from_data(ctx):
     return ctx.step.run(ctx.input, fail, retry_policy=RetryPolicy(maximum_attempts=1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 7: a name holding ' key=' (a step named from data) splits into "
-    "fields of its own in JSONFormatter and overrides the real ones (run=, error=)",
-)
 @pytest.mark.django_db
 def test_the_json_formatter_keeps_a_step_name_holding_key_value_text(caplog):
     caplog.set_level(logging.INFO, logger="django_openworkflow")
