@@ -220,12 +220,23 @@ class QueueCollector:
         self.timeout = timeout
         self.errors = 0
         self.failing = False
+        self.last: list[QueueLoad] | None = None  # the last reading, for concurrent scrapes
         self._lock = threading.Lock()
+        self._reading = threading.Lock()  # one scrape at a time reads the database
 
     def describe(self) -> Iterable[Metric]:
         return [*self._families(), self._errors()]
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._gauges(self._loads())
+        yield self._errors()
+
+    def _loads(self) -> list[QueueLoad] | None:
+        """This scrape's reading; None when it failed. While another scrape reads, the last
+        reading: scrapes hammering the endpoint cost the database one query at a time and
+        never a second connection."""
+        if not self._reading.acquire(blocking=False):
+            return self.last
         try:
             loads = self._read()
         except DatabaseError as exc:
@@ -240,19 +251,26 @@ class QueueCollector:
                     type(exc).__name__,
                     str(exc).strip().splitlines()[0] if str(exc).strip() else "",
                 )
-        else:
-            with self._lock:
-                recovered, self.failing = self.failing, False
-            if recovered:
-                logger.info("metrics: queue gauges read again namespace=%s", self.namespace)
-            in_progress, due, age = self._families()
-            for load in loads:
-                in_progress.add_metric([load.queue], load.in_progress)
-                due.add_metric([load.queue], load.due)
-                oldest = load.oldest_due_age
-                age.add_metric([load.queue], 0.0 if oldest is None else oldest.total_seconds())
-            yield from (in_progress, due, age)
-        yield self._errors()
+            return None
+        finally:
+            self._reading.release()
+        with self._lock:
+            recovered, self.failing = self.failing, False
+        if recovered:
+            logger.info("metrics: queue gauges read again namespace=%s", self.namespace)
+        self.last = loads
+        return loads
+
+    def _gauges(self, loads: list[QueueLoad] | None) -> Iterator[Metric]:
+        if loads is None:
+            return
+        in_progress, due, age = self._families()
+        for load in loads:
+            in_progress.add_metric([load.queue], load.in_progress)
+            due.add_metric([load.queue], load.due)
+            oldest = load.oldest_due_age
+            age.add_metric([load.queue], 0.0 if oldest is None else oldest.total_seconds())
+        yield from (in_progress, due, age)
 
     def _read(self) -> list[QueueLoad]:
         connection = connections[self.using]

@@ -313,6 +313,25 @@ def test_the_queue_gauges_count_due_and_in_progress_runs_and_the_oldest_due_age(
 
 
 @pytest.mark.django_db
+def test_a_scrape_while_another_reads_answers_with_the_last_reading_without_a_query():
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    metrics = WorkerMetrics()
+    due = key("openworkflow_runs_due", queue="default")
+    first = scraped(generate_latest(metrics.registry).decode())[due]
+    three_steps.start()
+    metrics.queues._reading.acquire()  # another scrape is reading
+    try:
+        with CaptureQueriesContext(connection) as queries:
+            busy = scraped(generate_latest(metrics.registry).decode())
+    finally:
+        metrics.queues._reading.release()
+    assert (busy[due], len(queries)) == (first, 0)
+    assert scraped(generate_latest(metrics.registry).decode())[due] == first + 1
+
+
+@pytest.mark.django_db
 def test_queue_load_reads_one_namespace():
     set_run(three_steps.start(), namespace="elsewhere")
     assert [(q.queue, q.due) for q in queue_load("elsewhere")] == [("default", 1)]
