@@ -9,11 +9,12 @@ runs:
 
 - **A change stops the worker first.** It takes no new run; the runs in
   flight get ``grace`` seconds to finish; those still running then are
-  released (their lease ended now), so the new child replays them at once
-  from their last completed step, with the new code, rather than after
-  their lease runs out. Once a run is claimed again, the old process can
-  write nothing more to it (the claim fence). A step cut short this way counts as a failed attempt
-  (``WorkerLost``) and is retried under its retry policy.
+  released (their claim and lease ended now), so the new child replays them
+  at once from their last completed step, with the new code, rather than
+  after their lease runs out. From the release on, the old process can
+  write nothing more to them (the claim fence) nor renew their leases. A
+  step cut short this way counts as a failed attempt (``WorkerLost``) and is
+  retried under its retry policy.
 - **A failed child** (an import broken by the change) **waits for a fix**:
   the parent watches the files itself and starts a new child at the next
   change (``runserver``'s child survives such an error; a worker's exits).

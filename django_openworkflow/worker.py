@@ -109,8 +109,11 @@ class Worker:
     def release_in_flight(self) -> int:
         """End the leases of the runs in flight now, so another worker replays them at once.
 
-        For a process about to exit without waiting for them (``runworker --reload``);
-        their slots' later writes are refused by the claim fence. Returns how many.
+        For a process about to exit without waiting for them (``runworker --reload``).
+        A release ends the claim (the run loses its claim token): the slots' later
+        writes are refused by the claim fence and the heartbeat's renewals match
+        nothing. The slots stay counted busy until their threads let go of the runs,
+        so the worker claims no run it has no free slot for. Returns how many.
         """
         with self._lock:
             claims = list(self._in_flight.values())

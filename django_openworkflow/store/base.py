@@ -258,7 +258,12 @@ class Store:
         raise NotImplementedError
 
     def release(self, claim: Claim, *, delay: float = 0.0) -> bool:
-        """End the claim's lease ``delay`` seconds from now, so the run is replayed soon."""
+        """End the claim now and its lease ``delay`` seconds from now, so the run is replayed soon.
+
+        The run keeps its status (running) and loses its claim token: every later
+        write of this claim (a step start, a lease renewal, a second release) is
+        fenced out, while the worker that released it may still be executing it.
+        """
         raise NotImplementedError
 
     def lock_runs(self, ids: Iterable[Any]) -> list[Any]:

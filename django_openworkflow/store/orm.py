@@ -528,4 +528,7 @@ class OrmStore(OrmWakeUps):
                 )
 
     def release(self, claim: Claim, *, delay: float = 0.0) -> bool:
-        return bool(self.claimed(claim).update(available_at=now_plus(delay)))
+        # No claim token: every later write of this claim (a step start, a heartbeat) is
+        # fenced out, and the run, still running, is due once its lease ended ``delay`` on.
+        ended = self.claimed(claim).update(claim_token=None, available_at=now_plus(delay))
+        return bool(ended)
