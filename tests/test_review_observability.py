@@ -310,12 +310,6 @@ def test_a_pass_whose_finish_finds_the_run_canceled_is_lost(spans):
 # --- the registry: a worker restarted under its --worker-id ---------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 6: the old process of a restarted --worker-id marks the new "
-    "process's row stopped when it stops after the new one registered (until the new one's "
-    "next heartbeat re-registers it, with a new started_at)",
-)
 @pytest.mark.django_db
 def test_an_old_process_stopping_after_its_restart_leaves_the_new_one_live():
     def presence() -> Presence:

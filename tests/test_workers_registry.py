@@ -250,6 +250,26 @@ def test_a_heartbeat_registers_a_worker_whose_row_was_deleted():
     assert state("p") == "stopped"
 
 
+def test_the_old_process_of_a_restarted_worker_id_leaves_the_new_ones_row_alone():
+    def presence() -> Presence:
+        return Presence("same", namespace="default", concurrency=2, queues=None, using="default")
+
+    old, new = presence(), presence()
+    old.register(["old"])
+    first = WorkflowWorker.objects.get(pk="same").started_at
+    new.register(["new"])  # at once: a later start all the same, even on SQLite's milliseconds
+    assert WorkflowWorker.objects.get(pk="same").started_at > first
+    old.beat(1)  # neither seen nor registered again over the new process's row
+    worker = WorkflowWorker.objects.get(pk="same")
+    assert (worker.workflows, worker.busy_slots) == (["new"], 0)
+    new.beat(2)
+    assert WorkflowWorker.objects.get(pk="same").busy_slots == 2
+    old.stop()
+    assert state("same") == "live"
+    new.stop()
+    assert state("same") == "stopped"
+
+
 @pytest.fixture
 def worker_thread():
     """Run an in-process worker (short lease: a heartbeat every 0.1 s) until the test ends."""
