@@ -42,6 +42,7 @@ from django.db.models import Case, F, Q, Value, When
 
 from .clock import Now
 from .conf import app_settings
+from .logfields import failure, failure_text
 from .managers import not_past_deadline, now_plus
 
 logger = logging.getLogger(__name__)
@@ -279,7 +280,7 @@ def unserved_runs(
 class Presence:
     """A worker's row in the registry, kept by the worker itself.
 
-    Never raises a ``DatabaseError``: a failure is logged and the next
+    Never raises (an ``Exception``): a failure is logged and the next
     heartbeat tries again (registering anew if the row is missing).
     """
 
@@ -376,15 +377,19 @@ class Presence:
         """``write(*args, **kwargs)``; None after a database error (logged)."""
         try:
             return write(*args, **kwargs)
-        except DatabaseError as exc:
-            from .worker import _hint  # the SQLite "database is locked" hint, as the loop's
-
+        except Exception as exc:  # not only a DatabaseError: the heartbeat's thread goes on
             logger.warning(
-                "worker registry write failed action=%s worker=%s error=%s%s",
+                "worker registry write failed action=%s worker=%s error=%s",
                 action,
                 self.worker_id,
-                exc,
-                _hint(exc),
+                failure(exc),
+            )
+            logger.debug(
+                "worker registry write failed action=%s worker=%s detail=%s",
+                action,
+                self.worker_id,
+                failure_text(exc),
+                exc_info=not isinstance(exc, DatabaseError),
             )
             connections[self.using].close()
             return None

@@ -16,7 +16,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.db import InterfaceError, connection
+from django.db import DatabaseError, InterfaceError, connection
 from django.utils import timezone
 from opentelemetry import trace
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
@@ -248,12 +248,6 @@ def test_the_heartbeat_leaves_a_released_run_released(worker_thread):
         remove_hook("heartbeat.before-renew", beats.append)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 3: an exception other than DatabaseError (django.db.InterfaceError, "
-    "mysqlclient's (0, '') on a dead connection) ends the heartbeat thread for good: no lease "
-    "is renewed again and the worker's row dies while it goes on claiming runs",
-)
 @pytest.mark.django_db(transaction=True)
 def test_the_heartbeat_survives_an_interface_error(worker_thread):
     calls = []
@@ -271,6 +265,39 @@ def test_the_heartbeat_survives_an_interface_error(worker_thread):
         wait_for(lambda: len(calls) >= 2, timeout=10, what="a heartbeat after the failed one")
     finally:
         remove_hook("heartbeat.before-renew", hook)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_heartbeat_failure_logs_the_errors_type_and_first_line_only(worker_thread, caplog):
+    caplog.set_level(logging.DEBUG, logger="django_openworkflow")
+    calls = []
+    text = (
+        "duplicate key value violates unique constraint\n"
+        "DETAIL:  Key (email)=(alice@example.com) already exists."
+    )
+
+    def hook(context):
+        calls.append(context)
+        if len(calls) == 1:
+            raise DatabaseError(text)
+
+    add_hook("heartbeat.before-renew", hook)
+    try:
+        worker_thread(worker_id="beats-on", lease_seconds=0.6)
+        gated.start()
+        assert gate("a-started").wait(20)
+        wait_for(lambda: len(calls) >= 2, timeout=10, what="a heartbeat after the failed one")
+    finally:
+        remove_hook("heartbeat.before-renew", hook)
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if "heartbeat failed" in r.msg]
+    assert lines == [
+        (
+            logging.WARNING,
+            "heartbeat failed worker=beats-on error=DatabaseError "
+            "detail=duplicate key value violates unique constraint",
+        ),
+        (logging.DEBUG, f"heartbeat failed worker=beats-on detail=DatabaseError: {text}"),
+    ]
 
 
 # --- how a pass ended, as the observers are told -------------------------------------------
