@@ -17,6 +17,11 @@ The engine asks ``execution(run)`` for an observer of each pass of a run
   ``"parked"`` (a sleep, a wait, a step's retry: the run goes on later),
   ``"lost"`` (the claim was lost: canceled, taken over) or ``"crashed"``.
 
+Runs that end outside a pass (the worker's deadline sweep fails runs
+parked past their deadline: ``Store.fail_overdue``) are reported with
+``runs_ended(status, workflow_names)``, to the instruments that have a
+``runs_ended`` method.
+
 Instruments (``tracing.py`` for OpenTelemetry, ``metrics.py`` for
 Prometheus) are installed with ``install()``; with none installed the
 observer does nothing and costs a few method calls per step.
@@ -24,7 +29,9 @@ observer does nothing and costs a few method calls per step.
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -48,6 +55,9 @@ class ExecutionObserver(Protocol):
 class Instrument(Protocol):
     def execution(self, run: WorkflowRun) -> ExecutionObserver | None:
         """An observer of one pass of ``run``, or None to sit this one out."""
+
+    # Optional: ``runs_ended(self, status: str, workflow_names: Sequence[str]) -> None``,
+    # runs that ended outside a pass (see ``runs_ended()`` below).
 
 
 class _Nothing:
@@ -100,6 +110,8 @@ class _Many:
             observer.ended(outcome)
 
 
+logger = logging.getLogger(__name__)
+
 _instruments: list[Instrument] = []
 _lock = threading.Lock()
 
@@ -115,6 +127,28 @@ def uninstall(instrument: Instrument) -> None:
     with _lock:
         if instrument in _instruments:
             _instruments.remove(instrument)
+
+
+def runs_ended(status: str, workflow_names: Sequence[str]) -> None:
+    """Runs that ended outside a pass, one workflow name per run: the deadline sweep's.
+
+    Told to the instruments that have a ``runs_ended`` method, after the commit;
+    one that raises is logged and skipped (the runs are failed already).
+    """
+    if not _instruments or not workflow_names:
+        return
+    for instrument in list(_instruments):
+        told = getattr(instrument, "runs_ended", None)
+        if told is None:
+            continue
+        try:
+            told(status, workflow_names)
+        except Exception as exc:
+            logger.warning(
+                "instrument failed instrument=%s hook=runs_ended error=%s",
+                type(instrument).__name__,
+                type(exc).__name__,
+            )
 
 
 def execution(run: WorkflowRun) -> ExecutionObserver:
