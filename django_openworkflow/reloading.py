@@ -108,7 +108,9 @@ def restart_with_reloader() -> int:
                 signal.signal(sig, handler)
             if write_end >= 0:
                 os.close(write_end)
-        if stopping or code == 0:
+        if stopping:  # a child that exited for a reload meanwhile stopped as asked, too
+            return 0 if code == RELOAD_EXIT_CODE else code
+        if code == 0:
             return code
         if code != RELOAD_EXIT_CODE:
             # It failed: an error in the code it imports, say. Try again once a file changes.
@@ -181,7 +183,11 @@ def run_child(worker: Worker, *, grace: float) -> None:
 
 
 def stop_for_reload(worker: Worker, stopped: threading.Event, grace: float) -> None:
-    """Stop taking runs; give the runs in flight ``grace`` seconds, then release the rest."""
+    """Stop taking runs; give the runs in flight ``grace`` seconds, then release the rest.
+
+    The process exits then without ``worker.run()`` returning: its row in the
+    registry is marked stopped here, or it would show live, then dead for a day.
+    """
     worker.stop()
     if stopped.wait(grace):
         return
@@ -192,6 +198,8 @@ def stop_for_reload(worker: Worker, stopped: threading.Event, grace: float) -> N
         released,
         grace,
     )
+    worker.presence.stop()
+    connections[worker.using].close()
 
 
 def watch_parent(worker: Worker, then: Callable[[], None]) -> None:
