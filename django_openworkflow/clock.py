@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
+from django.db import connections
 from django.db.models.functions import Now as DjangoNow
+from django.db.models.sql import Query
 
 
 class Now(DjangoNow):
@@ -24,3 +27,18 @@ class Now(DjangoNow):
             template="STRFTIME('%%%%Y-%%%%m-%%%%d %%%%H:%%%%M:%%%%f000', 'NOW')",
             **extra_context,
         )
+
+
+def database_now(using: str) -> datetime:
+    """The database clock now (one ``SELECT`` of ``Now()``, no table read)."""
+    connection = connections[using]
+    query = Query(None)
+    expression = Now().resolve_expression(query)
+    sql, params = query.get_compiler(connection=connection).compile(expression)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {sql}", params)
+        value = cursor.fetchone()[0]
+    converters = connection.ops.get_db_converters(expression)
+    for convert in [*converters, *expression.get_db_converters(connection)]:
+        value = convert(value, expression, connection)
+    return value  # type: ignore[no-any-return]

@@ -17,6 +17,11 @@ The engine asks ``execution(run)`` for an observer of each pass of a run
   ``"parked"`` (a sleep, a wait, a step's retry: the run goes on later),
   ``"lost"`` (the claim was lost: canceled, taken over) or ``"crashed"``.
 
+Runs that end outside a pass (the worker's deadline sweep fails runs
+parked past their deadline: ``Store.fail_overdue``) are reported with
+``runs_ended(status, workflow_names)``, to the instruments that have a
+``runs_ended`` method.
+
 Instruments (``tracing.py`` for OpenTelemetry, ``metrics.py`` for
 Prometheus) are installed with ``install()``; with none installed the
 observer does nothing and costs a few method calls per step.
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -55,6 +61,9 @@ class ExecutionObserver(Protocol):
 class Instrument(Protocol):
     def execution(self, run: WorkflowRun) -> ExecutionObserver | None:
         """An observer of one pass of ``run``, or None to sit this one out."""
+
+    # Optional: ``runs_ended(self, status: str, workflow_names: Sequence[str]) -> None``,
+    # runs that ended outside a pass (see ``runs_ended()`` below).
 
 
 logger = logging.getLogger(__name__)
@@ -179,8 +188,8 @@ def report(instrument: Instrument, where: str, exc: Exception) -> None:
     _reported.add(id(instrument))
     logger.log(
         logging.WARNING if first else logging.DEBUG,
-        "instrument failed, its observations of this pass are dropped (runs go on; "
-        "logged once) instrument=%s at=%s error=%s",
+        "instrument failed, the runs go on without it (logged once per instrument) "
+        "instrument=%s at=%s error=%s",
         type(instrument).__name__,
         where,
         type(exc).__name__,
@@ -199,6 +208,24 @@ def uninstall(instrument: Instrument) -> None:
     with _lock:
         if instrument in _instruments:
             _instruments.remove(instrument)
+
+
+def runs_ended(status: str, workflow_names: Sequence[str]) -> None:
+    """Runs that ended outside a pass, one workflow name per run: the deadline sweep's.
+
+    Told to the instruments that have a ``runs_ended`` method, after the commit;
+    one that raises is logged and skipped (the runs are failed already).
+    """
+    if not _instruments or not workflow_names:
+        return
+    for instrument in list(_instruments):
+        told = getattr(instrument, "runs_ended", None)
+        if told is None:
+            continue
+        try:
+            told(status, workflow_names)
+        except Exception as exc:
+            report(instrument, "runs_ended", exc)
 
 
 def execution(run: WorkflowRun) -> ExecutionObserver:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -139,6 +139,11 @@ class WorkerMetrics:
 
     def execution(self, run: WorkflowRun) -> _Pass:
         return _Pass(self, run.workflow_name)
+
+    def runs_ended(self, status: str, workflow_names: Sequence[str]) -> None:
+        """Runs this worker ended outside a pass: its deadline sweep failed them."""
+        for name in workflow_names:
+            self.runs_finished.labels(name, status).inc()
 
     def step(self, workflow: str, name: str) -> str:
         """The step label of ``name``: its base name, or ``(other)`` past the series cap."""

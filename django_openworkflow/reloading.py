@@ -9,11 +9,12 @@ runs:
 
 - **A change stops the worker first.** It takes no new run; the runs in
   flight get ``grace`` seconds to finish; those still running then are
-  released (their lease ended now), so the new child replays them at once
-  from their last completed step, with the new code, rather than after
-  their lease runs out. Once a run is claimed again, the old process can
-  write nothing more to it (the claim fence). A step cut short this way counts as a failed attempt
-  (``WorkerLost``) and is retried under its retry policy.
+  released (their claim and lease ended now), so the new child replays them
+  at once from their last completed step, with the new code, rather than
+  after their lease runs out. From the release on, the old process can
+  write nothing more to them (the claim fence) nor renew their leases. A
+  step cut short this way counts as a failed attempt (``WorkerLost``) and is
+  retried under its retry policy.
 - **A failed child** (an import broken by the change) **waits for a fix**:
   the parent watches the files itself and starts a new child at the next
   change (``runserver``'s child survives such an error; a worker's exits).
@@ -107,7 +108,9 @@ def restart_with_reloader() -> int:
                 signal.signal(sig, handler)
             if write_end >= 0:
                 os.close(write_end)
-        if stopping or code == 0:
+        if stopping:  # a child that exited for a reload meanwhile stopped as asked, too
+            return 0 if code == RELOAD_EXIT_CODE else code
+        if code == 0:
             return code
         if code != RELOAD_EXIT_CODE:
             # It failed: an error in the code it imports, say. Try again once a file changes.
@@ -180,7 +183,11 @@ def run_child(worker: Worker, *, grace: float) -> None:
 
 
 def stop_for_reload(worker: Worker, stopped: threading.Event, grace: float) -> None:
-    """Stop taking runs; give the runs in flight ``grace`` seconds, then release the rest."""
+    """Stop taking runs; give the runs in flight ``grace`` seconds, then release the rest.
+
+    The process exits then without ``worker.run()`` returning: its row in the
+    registry is marked stopped here, or it would show live, then dead for a day.
+    """
     worker.stop()
     if stopped.wait(grace):
         return
@@ -191,6 +198,8 @@ def stop_for_reload(worker: Worker, stopped: threading.Event, grace: float) -> N
         released,
         grace,
     )
+    worker.presence.stop()
+    connections[worker.using].close()
 
 
 def watch_parent(worker: Worker, then: Callable[[], None]) -> None:

@@ -41,6 +41,7 @@ from django.db.models import Q
 
 from . import leases
 from .durations import parse_duration
+from .logfields import failure, failure_text
 from .managers import now_plus
 from .pauses import pause_point
 
@@ -633,7 +634,8 @@ class BackgroundPurge:
                 try:
                     self.tick()
                 except DatabaseError as exc:
-                    logger.warning("purge failed worker=%s error=%s", self.holder, exc)
+                    logger.warning("purge failed worker=%s error=%s", self.holder, failure(exc))
+                    logger.debug("purge failed worker=%s detail=%s", self.holder, failure_text(exc))
                     connections[self.using].close()
                 except Exception:  # never let the thread die: the next look tries again
                     logger.exception("purge crashed worker=%s", self.holder)

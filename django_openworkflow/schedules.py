@@ -25,6 +25,7 @@ from django.utils import timezone
 from .clock import Now
 from .conf import app_settings
 from .cron import check_cron, check_timezone, latest_tick, next_tick, ticks_between
+from .logfields import failure, failure_text
 from .pauses import pause_point
 from .tracing import starting
 
@@ -176,12 +177,12 @@ class WorkflowScheduleManager(models.Manager.from_queryset(WorkflowScheduleQuery
             return
         _reported.add((pk, repr(exc)))
         logger.error(
-            "schedule not fired schedule=%s error=%s: %s",
+            "schedule not fired schedule=%s error=%s",
             name,
-            type(exc).__name__,
-            exc,
+            failure(exc),
             exc_info=not isinstance(exc, ValueError | DatabaseError),
         )
+        logger.debug("schedule not fired schedule=%s detail=%s", name, failure_text(exc))
 
     def _fire(self, pk: int) -> WorkflowRun | None:
         from .registry import get_workflow

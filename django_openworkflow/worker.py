@@ -28,6 +28,7 @@ from django.utils import timezone
 from .checks import SQLITE_LOCKED_HINT
 from .conf import app_settings
 from .engine import Execution
+from .logfields import failure, failure_text
 from .models import WorkflowRun, WorkflowSchedule
 from .names import check_name
 from .pauses import pause_point
@@ -109,8 +110,11 @@ class Worker:
     def release_in_flight(self) -> int:
         """End the leases of the runs in flight now, so another worker replays them at once.
 
-        For a process about to exit without waiting for them (``runworker --reload``);
-        their slots' later writes are refused by the claim fence. Returns how many.
+        For a process about to exit without waiting for them (``runworker --reload``).
+        A release ends the claim (the run loses its claim token): the slots' later
+        writes are refused by the claim fence and the heartbeat's renewals match
+        nothing. The slots stay counted busy until their threads let go of the runs,
+        so the worker claims no run it has no free slot for. Returns how many.
         """
         with self._lock:
             claims = list(self._in_flight.values())
@@ -251,11 +255,13 @@ class Worker:
                 failures += 1
                 timeout = min(self.poll_interval * 2**failures, 30.0)
                 logger.warning(
-                    "database error worker=%s retry_in=%.1fs error=%s%s",
+                    "database error worker=%s retry_in=%.1fs error=%s",
                     self.worker_id,
                     timeout,
-                    exc,
-                    _hint(exc),
+                    failure(exc),
+                )
+                logger.debug(
+                    "database error worker=%s detail=%s", self.worker_id, failure_text(exc)
                 )
                 connections[self.using].close()
             if idle and not was_idle:  # only a wake-up (NOTIFY, a timer, the poll) ends this wait
@@ -297,8 +303,9 @@ class Worker:
             )
             self._schedules_declared = True
         except DatabaseError as exc:  # the next sweep tries again
-            logger.error(
-                "schedules not declared worker=%s error=%s%s", self.worker_id, exc, _hint(exc)
+            logger.error("schedules not declared worker=%s error=%s", self.worker_id, failure(exc))
+            logger.debug(
+                "schedules not declared worker=%s detail=%s", self.worker_id, failure_text(exc)
             )
             connections[self.using].close()
 
@@ -399,6 +406,12 @@ class Worker:
     # --- helpers threads ----------------------------------------------------------------
 
     def _heartbeat_loop(self) -> None:
+        """Renew the leases, refresh the worker's row; survive any error until the end.
+
+        (Not only a ``DatabaseError``: Django's ``InterfaceError`` is none, and a
+        driver may raise something else on a dead connection. A heartbeat that
+        died would let every lease run out while the worker goes on claiming.)
+        """
         try:
             while not self._finished.wait(self.heartbeat_seconds):
                 with self._lock:
@@ -411,12 +424,18 @@ class Worker:
             connections[self.using].close()
 
     def _renew_leases(self, tokens: list[uuid.UUID]) -> None:
-        pause_point("heartbeat.before-renew", tokens=tokens)
         try:
+            pause_point("heartbeat.before-renew", tokens=tokens)
             renewed = self.store.renew_leases(tokens, self.lease_seconds)
             logger.debug("leases renewed worker=%s runs=%d", self.worker_id, renewed)
-        except DatabaseError as exc:
-            logger.warning("heartbeat failed worker=%s error=%s%s", self.worker_id, exc, _hint(exc))
+        except Exception as exc:
+            logger.warning("heartbeat failed worker=%s error=%s", self.worker_id, failure(exc))
+            logger.debug(
+                "heartbeat failed worker=%s detail=%s",
+                self.worker_id,
+                failure_text(exc),
+                exc_info=not isinstance(exc, DatabaseError),
+            )
             connections[self.using].close()
 
 

@@ -2,9 +2,10 @@
 
 Each worker keeps one ``WorkflowWorker`` row (``Presence`` below): it
 registers when it starts (a worker restarted with the same ``--worker-id``
-replaces its row), refreshes ``last_seen_at`` and ``busy_slots`` at every
-heartbeat, whether runs are in flight or not, and sets ``stopped_at`` when it
-stops cleanly. Every time is the database's clock.
+replaces its row; the old process, still finishing its runs, then leaves the
+new one's row alone: it tells its own by its ``started_at``), refreshes
+``last_seen_at`` and ``busy_slots`` at every heartbeat, whether runs are in
+flight or not, and sets ``stopped_at`` when it stops cleanly. Every time is the database's clock.
 
 A worker is
 
@@ -33,14 +34,15 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import DatabaseError, connections, models, transaction
-from django.db.models import Case, Q, Value, When
+from django.db.models import Case, F, Q, Value, When
 
 from .clock import Now
 from .conf import app_settings
+from .logfields import failure, failure_text
 from .managers import not_past_deadline, now_plus
 
 logger = logging.getLogger(__name__)
@@ -112,8 +114,13 @@ class WorkflowWorkerManager(models.Manager.from_queryset(WorkflowWorkerQuerySet)
         queues: list[str] | None = None,
         host: str | None = None,
         pid: int | None = None,
-    ) -> None:
-        """Create or replace the worker's row: started and seen now, not stopped, no slot busy."""
+    ) -> datetime:
+        """Create or replace the worker's row: started and seen now, not stopped, no slot busy.
+
+        Returns its ``started_at``, which tells this registration's row from a later one
+        under the same id (``seen()``, ``stopped()``): a replaced row starts at least a
+        millisecond after the row it replaces (SQLite's clock has milliseconds).
+        """
         fields: dict[str, Any] = {
             "namespace": namespace,
             "host": host if host is not None else socket.gethostname(),
@@ -122,27 +129,54 @@ class WorkflowWorkerManager(models.Manager.from_queryset(WorkflowWorkerQuerySet)
             "workflows": sorted(workflows),
             "concurrency": concurrency,
             "busy_slots": 0,
-            "started_at": Now(),
             "last_seen_at": Now(),
             "stopped_at": None,
         }
+        later = Case(
+            When(
+                started_at__gte=Now(),
+                then=models.ExpressionWrapper(
+                    F("started_at") + Value(timedelta(milliseconds=1)),
+                    output_field=models.DateTimeField(),
+                ),
+            ),
+            default=Now(),
+            output_field=models.DateTimeField(),
+        )
         with transaction.atomic(using=self.db):
-            if not self.filter(pk=worker_id).update(**fields):
-                self.create(worker_id=worker_id, **fields)
+            if not self.filter(pk=worker_id).update(started_at=later, **fields):
+                self.create(worker_id=worker_id, started_at=Now(), **fields)
+            return self.filter(pk=worker_id).values_list("started_at", flat=True).get()  # type: ignore[no-any-return]
 
-    def seen(self, worker_id: str, *, busy_slots: int) -> bool:
-        """The worker is alive now with ``busy_slots`` runs in flight; False: it has no row."""
+    def seen(self, worker_id: str, *, busy_slots: int, started_at: datetime | None = None) -> bool:
+        """The worker is alive now with ``busy_slots`` runs in flight; False: it has no row
+        (of the registration that returned ``started_at``, when given)."""
         return bool(
-            self.filter(pk=worker_id, stopped_at__isnull=True).update(
-                last_seen_at=Now(), busy_slots=busy_slots
+            self._of(worker_id, started_at)
+            .filter(stopped_at__isnull=True)
+            .update(last_seen_at=Now(), busy_slots=busy_slots)
+        )
+
+    def stopped(self, worker_id: str, *, started_at: datetime | None = None) -> bool:
+        """The worker stopped cleanly, now; False: it has no row (of the registration that
+        returned ``started_at``, when given)."""
+        return bool(
+            self._of(worker_id, started_at).update(
+                stopped_at=Now(), last_seen_at=Now(), busy_slots=0
             )
         )
 
-    def stopped(self, worker_id: str) -> bool:
-        """The worker stopped cleanly, now; False: it has no row."""
-        return bool(
-            self.filter(pk=worker_id).update(stopped_at=Now(), last_seen_at=Now(), busy_slots=0)
-        )
+    def _of(self, worker_id: str, started_at: datetime | None) -> WorkflowWorkerQuerySet:
+        """The worker's row; with ``started_at``, only the row of that registration.
+
+        (Not a later one: a restart under the same id replaced it.) A range rather than
+        an equality: SQLite keeps datetimes as text, and Django writes a datetime without
+        a fraction of a second as ``'12:00:05'`` where the row holds ``'12:00:05.000000'``.
+        """
+        rows = self.filter(pk=worker_id)
+        if started_at is not None:
+            rows = rows.filter(started_at__lt=started_at + timedelta(microseconds=1))
+        return rows  # type: ignore[no-any-return]
 
     def purge_dead(self) -> int:
         """Delete the rows of workers stopped or dead for more than ``KEEP_GONE``; how many."""
@@ -246,7 +280,7 @@ def unserved_runs(
 class Presence:
     """A worker's row in the registry, kept by the worker itself.
 
-    Never raises a ``DatabaseError``: a failure is logged and the next
+    Never raises (an ``Exception``): a failure is logged and the next
     heartbeat tries again (registering anew if the row is missing).
     """
 
@@ -266,6 +300,7 @@ class Presence:
         self.using = using
         self.workflows: list[str] = []
         self._registered = False
+        self._started_at: datetime | None = None  # of this process's row (register())
         self._stopped = False
         self._lock = threading.Lock()  # the main thread and the heartbeat thread write
         self._last_purge = float("-inf")
@@ -283,21 +318,36 @@ class Presence:
             self._write("register", self._register)
 
     def beat(self, busy_slots: int) -> None:
-        """At every heartbeat: seen now; registered again if the row is missing."""
+        """At every heartbeat: seen now; registered again if the row is missing.
+
+        Not when a newer process registered under the same id meanwhile (a restart
+        while this one still finishes its runs): its row is left alone.
+        """
         busy = min(busy_slots, self.concurrency)
         with self._lock:
             if self._stopped:
                 return
             if not self._registered:
                 self._write("register", self._register)
-            elif self._write("seen", self._workers.seen, self.worker_id, busy_slots=busy) is False:
+                return
+            seen = self._write(
+                "seen",
+                self._workers.seen,
+                self.worker_id,
+                busy_slots=busy,
+                started_at=self._started_at,
+            )
+            if seen is False and self._write("replaced", self._replaced) is False:
                 self._write("register", self._register)  # its row was deleted meanwhile
 
     def stop(self) -> None:
-        """When the worker stops cleanly (after its last heartbeat)."""
+        """When the worker stops cleanly (after its last heartbeat): its own row only."""
         with self._lock:
             self._stopped = True
-            self._write("stop", self._workers.stopped, self.worker_id)
+            if self._registered:
+                self._write(
+                    "stop", self._workers.stopped, self.worker_id, started_at=self._started_at
+                )
 
     def purge(self) -> None:
         """At a sweep, at most once every ``PURGE_EVERY`` seconds: delete long-gone workers."""
@@ -309,7 +359,7 @@ class Presence:
             logger.info("gone workers deleted worker=%s count=%d", self.worker_id, deleted)
 
     def _register(self) -> bool:
-        self._workers.register(
+        self._started_at = self._workers.register(
             self.worker_id,
             namespace=self.namespace,
             concurrency=self.concurrency,
@@ -319,19 +369,27 @@ class Presence:
         self._registered = True
         return True
 
+    def _replaced(self) -> bool:
+        """A newer process registered under this id: its row, not ours, is there."""
+        return bool(self._workers.filter(pk=self.worker_id).exists())
+
     def _write(self, action: str, write: Any, *args: Any, **kwargs: Any) -> Any:
         """``write(*args, **kwargs)``; None after a database error (logged)."""
         try:
             return write(*args, **kwargs)
-        except DatabaseError as exc:
-            from .worker import _hint  # the SQLite "database is locked" hint, as the loop's
-
+        except Exception as exc:  # not only a DatabaseError: the heartbeat's thread goes on
             logger.warning(
-                "worker registry write failed action=%s worker=%s error=%s%s",
+                "worker registry write failed action=%s worker=%s error=%s",
                 action,
                 self.worker_id,
-                exc,
-                _hint(exc),
+                failure(exc),
+            )
+            logger.debug(
+                "worker registry write failed action=%s worker=%s detail=%s",
+                action,
+                self.worker_id,
+                failure_text(exc),
+                exc_info=not isinstance(exc, DatabaseError),
             )
             connections[self.using].close()
             return None

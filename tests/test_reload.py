@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from django.core.management import CommandError, call_command
 
-from django_openworkflow.models import StepAttempt, WorkflowRun
+from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowWorker
 from django_openworkflow.registry import Workflow
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -201,8 +201,26 @@ def test_a_run_still_in_flight_at_a_reload_is_released_after_the_grace(worker_pr
         ("failed", "WorkerLost", None),
         ("completed", None, "new code"),
     ]
+    # The old process exited without its worker stopping: it marked its row stopped itself.
+    assert WorkflowWorker.objects.with_state().get(pk=first).state == "stopped"
     proc.signal(signal.SIGTERM)
     assert proc.wait() == 0
+
+
+def test_a_sigterm_during_a_reloads_grace_stops_the_reloader_cleanly(worker_process, tmp_path):
+    workflows = write_project(tmp_path, SLOW)
+    Workflow(lambda ctx: None, name="reload-slow").start()
+    proc = start_reloading_worker(worker_process, tmp_path, "--reload-grace", "3")
+    end = time.monotonic() + 30
+    while not (tmp_path / "reloadapp" / "started").exists():
+        assert time.monotonic() < end, "the slow step did not start"
+        time.sleep(0.05)
+    edit(workflows, QUICK)
+    proc.wait_for("file changed, reloading", timeout=30)
+    proc.signal(signal.SIGTERM)  # while the slow run has its grace: the child exits for the reload
+    assert proc.wait() == 0
+    assert "runs released for the reload" in proc.output()
+    assert proc.output().count("worker started") == 1  # no new child
 
 
 def test_a_file_that_fails_to_import_waits_for_its_fix(worker_process, tmp_path):

@@ -262,7 +262,7 @@ def test_a_schedule_whose_queue_is_gone_is_logged_once_by_name_and_reported_by_w
         "queue 'nightly-queue' of workflow \"review-unqueued\" is not in "
         "OPENWORKFLOW['QUEUES']; known queues: default"
     )
-    assert caplog.messages == [f"schedule not fired schedule=q error=ValueError: {unknown}"]
+    assert caplog.messages == [f"schedule not fired schedule=q error=ValueError detail={unknown}"]
     problems = [*check_workflows(), *check_stored_schedules(databases=["default"])]
     assert [(p.id, p.msg) for p in problems if "nightly-queue" in str(p.msg)] == [
         ("django_openworkflow.W004", f"{unknown}: schedule 'q' starts no run.")

@@ -264,13 +264,45 @@ def test_renew_leases_renews_only_the_given_claims(store):
 
 
 def test_release_ends_the_lease_now_or_after_a_delay(store):
+    later, now = new_run(), new_run()
+    claims = take(store, limit=2)
+    [claim_later] = [c for c in claims if c.run_id == later.pk]
+    [claim_now] = [c for c in claims if c.run_id == now.pk]
+    assert store.release(claim_later, delay=3600)
+    assert store.release(claim_now)
+    [again] = take(store, worker="w2", limit=5)
+    assert again.run_id == now.pk
+
+
+def test_release_ends_the_claim_every_later_write_of_it_is_fenced_out(store):
     new_run()
     [claim] = take(store)
+    attempt_id = started_step(store, claim)
     assert store.release(claim, delay=3600)
-    assert take(store, worker="w2") == []
-    assert store.release(claim)
-    [again] = take(store, worker="w2")
-    assert again.run_id == claim.run_id
+    # The released worker may still be executing the run: it writes nothing more.
+    assert store.renew_leases([claim.token], 60) == 0
+    with store.atomic():
+        assert not store.fence(claim, renew=True)
+    later = timezone.now() + timedelta(minutes=1)
+    assert (
+        store.start_step(
+            claim,
+            name="t",
+            generation=0,
+            position=1,
+            started_at=later,
+            atomic=False,
+            deferred=(attempt_id, "1", timezone.now()),
+        )
+        is None
+    )
+    assert not store.park(claim, later)
+    assert not store.finish(claim, "completed", output=1)
+    assert not store.release(claim)
+    run = WorkflowRun.objects.get()
+    assert (run.status, run.claim_token) == ("running", None)
+    assert run.available_at > timezone.now() + timedelta(minutes=30)  # still released
+    assert StepAttempt.objects.get(pk=attempt_id).status == "running"
 
 
 # --- steps -------------------------------------------------------------------------------

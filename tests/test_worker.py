@@ -336,10 +336,13 @@ def test_database_is_locked_in_the_worker_log_names_the_sqlite_settings(caplog):
         options.clear()
         options.update(saved)
     message = loop_errors()[0]
-    assert message.endswith(f" error=database is locked hint={SQLITE_LOCKED_HINT}")
+    assert message.endswith(
+        f" error=OperationalError detail=database is locked hint={SQLITE_LOCKED_HINT}"
+    )
     # The worker registry's own writes (its row, at start) say it too.
     registry = next(m for m in warnings_logged(caplog) if m.startswith("worker registry"))
-    assert "action=register " in registry and "error=database is locked" in registry
+    assert "action=register " in registry
+    assert "error=OperationalError detail=database is locked" in registry
     assert registry.endswith(f" hint={SQLITE_LOCKED_HINT}")
     assert 'OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 20}' in SQLITE_LOCKED_HINT
 

@@ -250,6 +250,39 @@ def test_a_heartbeat_registers_a_worker_whose_row_was_deleted():
     assert state("p") == "stopped"
 
 
+def test_a_registration_replacing_a_row_starts_after_it_even_on_the_same_clock_reading():
+    # (SQLite's clock has milliseconds: two registrations may read the same time.)
+    WorkflowWorker.objects.register("w1", namespace="default", concurrency=1, workflows=[])
+    WorkflowWorker.objects.filter(pk="w1").update(started_at=Now() + timedelta(hours=1))
+    first = WorkflowWorker.objects.get(pk="w1").started_at
+    again = WorkflowWorker.objects.register("w1", namespace="default", concurrency=1, workflows=[])
+    assert (
+        again == WorkflowWorker.objects.get(pk="w1").started_at == first + timedelta(milliseconds=1)
+    )
+    assert WorkflowWorker.objects.stopped("w1", started_at=first) is False  # not that one's
+    assert WorkflowWorker.objects.stopped("w1", started_at=again) is True
+
+
+def test_the_old_process_of_a_restarted_worker_id_leaves_the_new_ones_row_alone():
+    def presence() -> Presence:
+        return Presence("same", namespace="default", concurrency=2, queues=None, using="default")
+
+    old, new = presence(), presence()
+    old.register(["old"])
+    first = WorkflowWorker.objects.get(pk="same").started_at
+    new.register(["new"])  # at once: a later start all the same, even on SQLite's milliseconds
+    assert WorkflowWorker.objects.get(pk="same").started_at > first
+    old.beat(1)  # neither seen nor registered again over the new process's row
+    worker = WorkflowWorker.objects.get(pk="same")
+    assert (worker.workflows, worker.busy_slots) == (["new"], 0)
+    new.beat(2)
+    assert WorkflowWorker.objects.get(pk="same").busy_slots == 2
+    old.stop()
+    assert state("same") == "live"
+    new.stop()
+    assert state("same") == "stopped"
+
+
 @pytest.fixture
 def worker_thread():
     """Run an in-process worker (short lease: a heartbeat every 0.1 s) until the test ends."""

@@ -235,3 +235,19 @@ def test_another_namespace(busy_namespace):
 def test_an_empty_namespace_option_is_refused():
     with pytest.raises(CommandError, match=r"^--namespace must not be empty$"):
         call_command("workflow_status", "--namespace", "")
+
+
+def test_the_report_is_at_the_database_clock_not_the_web_servers(monkeypatch):
+    # Every age in the report is read on the database clock; so is its "at". A web server
+    # whose clock is off (here: a day behind) prints the database's time.
+    from django.utils import timezone
+
+    from django_openworkflow.clock import database_now
+
+    behind = timezone.now() - timedelta(days=1)
+    monkeypatch.setattr(timezone, "now", lambda: behind)
+    before = database_now("default").replace(microsecond=0)
+    text, _ = status("--json")
+    at = json.loads(text)["at"]
+    assert before.isoformat() <= at <= (database_now("default") + timedelta(seconds=1)).isoformat()
+    assert at.endswith("+00:00")

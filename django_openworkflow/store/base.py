@@ -12,8 +12,9 @@ The rules every implementation keeps:
 - **Fencing.** A claim is a token, new for every claim. A write made on
   behalf of a worker (fence, start step, complete step, park, finish,
   release) matches the run's ``claim_token`` and ``status = 'running'``; a
-  worker whose claim was taken over, canceled or finished writes nothing
-  and is told so (``False`` or ``None``).
+  worker whose claim was taken over, canceled, finished or released writes
+  nothing and is told so (``False`` or ``None``). A release ends the claim:
+  the run keeps its status and loses its token.
 - **The deadline.** A run whose ``deadline_at`` has passed on the database
   clock is never claimed, fenced, parked or completed: it can only fail
   (``fail_overdue``, or ``finish`` with a status other than completed).
@@ -258,7 +259,12 @@ class Store:
         raise NotImplementedError
 
     def release(self, claim: Claim, *, delay: float = 0.0) -> bool:
-        """End the claim's lease ``delay`` seconds from now, so the run is replayed soon."""
+        """End the claim now and its lease ``delay`` seconds from now, so the run is replayed soon.
+
+        The run keeps its status (running) and loses its claim token: every later
+        write of this claim (a step start, a lease renewal, a second release) is
+        fenced out, while the worker that released it may still be executing it.
+        """
         raise NotImplementedError
 
     def lock_runs(self, ids: Iterable[Any]) -> list[Any]:

@@ -23,6 +23,7 @@ from django.db import models
 from django.db.models import Count, F, Min, Q, Subquery
 from django.db.models.functions import Coalesce
 
+from .. import instruments
 from ..clock import Now
 from ..errors import DEADLINE_ERROR, DEADLINE_EXCEEDED
 from ..managers import ACTIVE, LOCK_ORDER, not_past_deadline, now_plus
@@ -137,8 +138,10 @@ class OrmWakeUps(OrmQueries):
                 self.notify(namespace)
             for run in ended:
                 send_after_commit(run_failed, run, using=self.using)
+        names = []
         for run in ended:
             if run.status == WorkflowRun.Status.FAILED and run.error == DEADLINE_ERROR:
+                names.append(run.workflow_name)
                 logger.info(
                     "run failed run=%s workflow=%s%s error=%s reason=deadline",
                     run.pk,
@@ -146,6 +149,7 @@ class OrmWakeUps(OrmQueries):
                     f" step={','.join(steps[run.pk])}" if run.pk in steps else "",
                     DEADLINE_EXCEEDED,
                 )
+        instruments.runs_ended(WorkflowRun.Status.FAILED.value, names)  # no pass reports them
         return failed
 
     def wake_parents(self, child_ids: Iterable[Any]) -> int:
@@ -528,4 +532,7 @@ class OrmStore(OrmWakeUps):
                 )
 
     def release(self, claim: Claim, *, delay: float = 0.0) -> bool:
-        return bool(self.claimed(claim).update(available_at=now_plus(delay)))
+        # No claim token: every later write of this claim (a step start, a heartbeat) is
+        # fenced out, and the run, still running, is due once its lease ended ``delay`` on.
+        ended = self.claimed(claim).update(claim_token=None, available_at=now_plus(delay))
+        return bool(ended)

@@ -24,6 +24,7 @@ import psycopg
 from django.db import transaction
 
 from ..ids import uuid7
+from ..logfields import failure, failure_text
 from ..models import QueueStart, StepAttempt, WorkflowRun
 from ..pauses import has_hooks, pause_point
 from ..queues import Queue, frees_a_place
@@ -663,7 +664,8 @@ class PostgresStore(OrmStore):
                             if notice.payload in ("", namespace):
                                 wakeup.set()
             except Exception as exc:
-                logger.warning("listen failed worker=%s error=%s", worker_id, exc)
+                logger.warning("listen failed worker=%s error=%s", worker_id, failure(exc))
+                logger.debug("listen failed worker=%s detail=%s", worker_id, failure_text(exc))
                 stopping.wait(delay)
                 delay = min(delay * 2, 30.0)
             finally:

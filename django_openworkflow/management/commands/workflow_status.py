@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
+from ...clock import database_now
 from ...conf import app_settings
 from ...display import short_duration
 from ...models import WorkflowWorker
@@ -69,8 +71,13 @@ class Command(BaseCommand):
             raise SystemExit(1)
 
 
+def _utc(at: datetime) -> datetime:
+    return at.astimezone(dt_timezone.utc) if timezone.is_aware(at) else at
+
+
 def status_report(namespace: str) -> dict[str, Any]:
     """The report, as the JSON shape ``--json`` prints (documented in docs/operations.md)."""
+    at = database_now(app_settings.DATABASE)  # the clock every age of the report is read on
     queues = queue_overview(namespace)
     workers = list(
         WorkflowWorker.objects.using(app_settings.DATABASE)
@@ -83,7 +90,7 @@ def status_report(namespace: str) -> dict[str, Any]:
     unserved = unserved_runs(namespace, [LiveWorker.of(w) for w in live])
     return {
         "namespace": namespace,
-        "at": timezone.now().replace(microsecond=0).isoformat(),
+        "at": _utc(at).replace(microsecond=0).isoformat(),
         "queues": [
             {
                 "queue": q.name,
