@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
 
 TRACER_NAME = "django_openworkflow"
 RESUMED = "resumed"  # the key of trace_context holding the last resume's context
+
+RECHECK = 1.0  # seconds between two looks for a global tracer provider while there is none
 
 _api: Any = None  # the OpenTelemetry modules once imported; False: not installed
 
@@ -93,6 +96,7 @@ class TracingInstrument:
     def __init__(self, tracer_provider: Any = None) -> None:
         self.tracer_provider = tracer_provider
         self._global: Any = None  # the global provider once configured (it never changes then)
+        self._unconfigured_until = 0.0  # time.monotonic() until which none is configured
         self._tracer: tuple[Any, Any] | None = None  # (provider, its tracer)
 
     def tracer(self) -> Any:
@@ -115,9 +119,18 @@ class TracingInstrument:
         return cached[1]
 
     def global_provider(self, api: Any) -> Any:
-        """The global tracer provider, or None while nobody configured one (the API's proxy)."""
+        """The global tracer provider, or None while nobody configured one (the API's proxy).
+
+        While none is configured the answer is kept for ``RECHECK`` seconds: a
+        worker without the SDK pays a clock read per pass, and one that
+        configures it late starts tracing within that time.
+        """
+        now = time.monotonic()
+        if now < self._unconfigured_until:
+            return None
         provider = api.trace.get_tracer_provider()
         if isinstance(provider, api.unconfigured):
+            self._unconfigured_until = now + RECHECK
             return None
         self._global = provider  # set once per process: OpenTelemetry refuses to replace it
         return provider

@@ -365,6 +365,24 @@ def test_a_start_without_a_span_and_without_a_tracer_provider_stores_nothing():
     assert instruments.execution(run) is instruments.NOTHING
 
 
+def test_without_a_tracer_provider_a_pass_looks_for_one_at_most_once_a_second(monkeypatch):
+    looks = []
+    api = tracing._otel()
+    monkeypatch.setattr(api.trace, "get_tracer_provider", lambda: looks.append(1) or PROXY)
+    clock = [1000.0]
+    monkeypatch.setattr(tracing.time, "monotonic", lambda: clock[0])
+    instrument = tracing.TracingInstrument()
+    for _ in range(3):
+        assert instrument.tracer() is None
+    assert len(looks) == 1
+    clock[0] += tracing.RECHECK
+    assert instrument.tracer() is None
+    assert len(looks) == 2
+
+
+PROXY = trace.ProxyTracerProvider()
+
+
 @pytest.mark.django_db
 def test_a_span_current_without_a_tracer_provider_is_still_propagated():
     # A request traced upstream (an incoming traceparent) in a process without the SDK.
