@@ -210,6 +210,19 @@ def uninstall(instrument: Instrument) -> None:
             _instruments.remove(instrument)
 
 
+def prepare() -> None:
+    """Before a worker's first claim: let the instruments do their one-time work (import
+    their libraries), so that it does not stall the first passes."""
+    for instrument in list(_instruments):
+        ready = getattr(instrument, "prepare", None)
+        if ready is None:
+            continue
+        try:
+            ready()
+        except Exception as exc:
+            report(instrument, "prepare", exc)
+
+
 def runs_ended(status: str, workflow_names: Sequence[str]) -> None:
     """Runs that ended outside a pass, one workflow name per run: the deadline sweep's.
 

@@ -135,6 +135,11 @@ class TracingInstrument:
         self._global = provider  # set once per process: OpenTelemetry refuses to replace it
         return provider
 
+    def prepare(self) -> None:
+        """Import the API and look for a provider now (a worker's start), not in a pass:
+        the import takes tens of milliseconds, which the first passes would wait for."""
+        self.tracer()
+
     def execution(self, run: WorkflowRun) -> ExecutionSpan | None:
         tracer = self.tracer()
         return None if tracer is None else ExecutionSpan(_otel(), tracer, run)

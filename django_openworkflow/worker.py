@@ -25,6 +25,7 @@ from django.db import DatabaseError, connections
 from django.db.models import Count
 from django.utils import timezone
 
+from . import instruments
 from .checks import SQLITE_LOCKED_HINT
 from .conf import app_settings
 from .engine import Execution
@@ -162,6 +163,7 @@ class Worker:
             len(names),
         )
         self.presence.register(names)
+        instruments.prepare()  # their imports now, not in the first passes
         self._declare_schedules()
         if problems := setting_problems():
             logger.error(

@@ -463,6 +463,22 @@ def test_django_setup_does_not_import_opentelemetry():
     assert done.stdout.split() == ["True", "False"], done.stderr
 
 
+@pytest.mark.django_db
+def test_a_worker_imports_opentelemetry_before_its_first_claim(monkeypatch):
+    # The import takes tens of milliseconds: in the first pass every slot would wait on it.
+    from django_openworkflow import worker as worker_module
+
+    imported = []
+    monkeypatch.setattr(
+        worker_module.Worker,
+        "_loop",
+        lambda self, names: imported.append(tracing._api not in (None, False)),
+    )
+    monkeypatch.setattr(tracing, "_api", None)
+    worker_module.Worker(burst=True, concurrency=1).run()
+    assert imported == [True]
+
+
 # --- across processes ------------------------------------------------------------------
 
 
