@@ -97,6 +97,7 @@ class TracingInstrument:
         self.tracer_provider = tracer_provider
         self._global: Any = None  # the global provider once configured (it never changes then)
         self._unconfigured_until = 0.0  # time.monotonic() until which none is configured
+        self.idle = False  # a worker started without a provider: its passes are not traced
         self._tracer: tuple[Any, Any] | None = None  # (provider, its tracer)
 
     def tracer(self) -> Any:
@@ -136,11 +137,19 @@ class TracingInstrument:
         return provider
 
     def prepare(self) -> None:
-        """Import the API and look for a provider now (a worker's start), not in a pass:
-        the import takes tens of milliseconds, which the first passes would wait for."""
-        self.tracer()
+        """A worker's start: import the API and look for a provider now, not in a pass (the
+        import takes tens of milliseconds, which the first passes would wait for).
+
+        With no provider configured by then (the project configures it in its
+        settings or an ``AppConfig.ready()``, which run before), the worker's
+        passes skip tracing without looking again: measured, even the look cost
+        its throughput.
+        """
+        self.idle = self.tracer() is None
 
     def execution(self, run: WorkflowRun) -> ExecutionSpan | None:
+        if self.idle and self.tracer_provider is None:
+            return None
         tracer = self.tracer()
         return None if tracer is None else ExecutionSpan(_otel(), tracer, run)
 

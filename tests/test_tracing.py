@@ -475,8 +475,13 @@ def test_a_worker_imports_opentelemetry_before_its_first_claim(monkeypatch):
         lambda self, names: imported.append(tracing._api not in (None, False)),
     )
     monkeypatch.setattr(tracing, "_api", None)
+    monkeypatch.setattr(tracing.instrument, "idle", False)
     worker_module.Worker(burst=True, concurrency=1).run()
     assert imported == [True]
+    # No provider configured when it started: its passes skip tracing without looking.
+    assert tracing.instrument.idle is True
+    monkeypatch.setattr(tracing.instrument, "tracer", lambda: pytest.fail("looked again"))
+    assert tracing.instrument.execution(WorkflowRun(workflow_name="echo")) is None
 
 
 # --- across processes ------------------------------------------------------------------
