@@ -53,6 +53,35 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_row_locks)
 
 
+class WorkerThreads:
+    """In-process workers on threads of their own, each closing its connection at the end;
+    ``stop_all()`` stops them and checks that they ended."""
+
+    def __init__(self, **defaults) -> None:
+        self.defaults = defaults
+        self.started: list[tuple[Worker, threading.Thread]] = []
+
+    def start(self, **options) -> Worker:
+        worker = Worker(**{**self.defaults, **options})
+
+        def run():
+            try:
+                worker.run()
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.started.append((worker, thread))
+        return worker
+
+    def stop_all(self) -> None:
+        for worker, thread in self.started:
+            worker.stop()
+            thread.join(20)
+            assert not thread.is_alive()
+
+
 def claim_and_execute(*, worker_id: str = "test-worker", lease: float = 30.0) -> WorkflowRun | None:
     """Claim one due run and execute one pass of it, as a worker would; None if nothing is due."""
     claimed = get_store().claim(

@@ -14,7 +14,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.db import DatabaseError, InterfaceError, connection
+from django.db import DatabaseError, InterfaceError
 from django.utils import timezone
 from opentelemetry import trace
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
@@ -27,8 +27,8 @@ from django_openworkflow.logging import JSONFormatter
 from django_openworkflow.models import WorkflowRun, WorkflowWorker
 from django_openworkflow.pauses import add_hook, remove_hook
 from django_openworkflow.testing import drain
-from django_openworkflow.worker import Worker
 from django_openworkflow.workers import Presence
+from tests.conftest import WorkerThreads
 
 # --- workflows of these tests ---------------------------------------------------------
 
@@ -190,32 +190,14 @@ def wait_for(condition, timeout: float = 20.0, what: str = "condition") -> None:
 
 @pytest.fixture
 def worker_thread():
-    started = []
+    workers = WorkerThreads(poll_interval=0.05, concurrency=1)
     gates.clear()
     opened.clear()
-
-    def start(**options) -> Worker:
-        worker = Worker(poll_interval=0.05, concurrency=1, **options)
-
-        def run():
-            try:
-                worker.run()
-            finally:
-                connection.close()
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        started.append((worker, thread))
-        return worker
-
-    yield start
+    yield workers.start
     opened.set()
     for event in list(gates.values()):
         event.set()
-    for worker, thread in started:
-        worker.stop()
-        thread.join(20)
-        assert not thread.is_alive()
+    workers.stop_all()
 
 
 def due(run: WorkflowRun) -> bool:

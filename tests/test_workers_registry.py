@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import socket
-import threading
 import time
 from datetime import timedelta
 
@@ -23,6 +22,7 @@ from django_openworkflow.models import WorkflowWorker
 from django_openworkflow.registry import workflow_names
 from django_openworkflow.worker import Worker
 from django_openworkflow.workers import Presence, live_window
+from tests.conftest import WorkerThreads
 from tests.testapp.workflows import echo, waits_for_file
 
 pytestmark = pytest.mark.django_db
@@ -286,28 +286,9 @@ def test_the_old_process_of_a_restarted_worker_id_leaves_the_new_ones_row_alone(
 @pytest.fixture
 def worker_thread():
     """Run an in-process worker (short lease: a heartbeat every 0.1 s) until the test ends."""
-    started = []
-
-    def start(**options) -> Worker:
-        options.setdefault("lease_seconds", 0.3)
-        worker = Worker(poll_interval=0.05, **options)
-
-        def run():
-            try:
-                worker.run()
-            finally:
-                connection.close()
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        started.append((worker, thread))
-        return worker
-
-    yield start
-    for worker, thread in started:
-        worker.stop()
-        thread.join(20)
-        assert not thread.is_alive()
+    workers = WorkerThreads(poll_interval=0.05, lease_seconds=0.3)
+    yield workers.start
+    workers.stop_all()
 
 
 @pytest.mark.django_db(transaction=True)
