@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
+from django.contrib.contenttypes.fields import GenericForeignKey
 from django.db import models
 from django.db.models import lookups
 from django.db.models.functions import Now
@@ -59,6 +60,14 @@ class _LowerBothSides:
 
 for _lookup in (lookups.IExact, lookups.IContains, lookups.IStartsWith, lookups.IEndsWith):
     ExactCharField.register_lookup(type(_lookup.__name__, (_LowerBothSides, _lookup), {}))
+
+
+class SubjectForeignKey(GenericForeignKey):
+    """``run.subject``: the model instance a run is about, or None.
+
+    Placeholder of the groundwork; the subject feature fills it in (reads the
+    object through the router, None for a deleted object or a removed model).
+    """
 
 
 class WorkflowRun(models.Model):
@@ -145,6 +154,28 @@ class WorkflowRun(models.Model):
         editable=False,
         help_text=_("The W3C trace context of the code that started the run (OpenTelemetry)."),
     )
+    # The object the run is about (start(..., subject=order)). No database constraint
+    # and nothing cascades: a deleted object (or content type) leaves its runs readable.
+    subject_type = models.ForeignKey(
+        "contenttypes.ContentType",
+        verbose_name=_("subject type"),
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        db_index=False,  # covered by owf_run_subject_idx
+        related_name="+",
+        editable=False,
+    )
+    subject_id = ExactCharField(
+        _("subject id"),
+        max_length=255,
+        null=True,
+        blank=True,
+        help_text=_("The primary key of the run's subject, as text."),
+        editable=False,
+    )
+    subject = SubjectForeignKey("subject_type", "subject_id")
 
     objects = WorkflowRunManager()
 
@@ -198,6 +229,19 @@ class WorkflowRun(models.Model):
             # The run list and the admin: the newest runs first, whatever their status.
             models.Index(fields=["-created_at", "-id"], name="owf_run_created_idx"),
             models.Index(fields=["workflow_name", "-created_at"], name="owf_run_workflow_idx"),
+            # for_subject(): an object's runs, newest first. (MySQL and MariaDB have no
+            # partial indexes: migration 0012 gives them the same columns in a plain one.)
+            models.Index(
+                fields=["subject_type", "subject_id", "-created_at"],
+                condition=models.Q(subject_id__isnull=False),
+                name="owf_run_subject_idx",
+            ),
+        ]
+        permissions = [
+            (
+                "correct_workflowrun",
+                _("Can resume workflow runs with a corrected input or step outputs"),
+            ),
         ]
         constraints = [
             models.CheckConstraint(
@@ -357,6 +401,30 @@ class StepAttempt(models.Model):
     started_at = models.DateTimeField(_("started at"), db_default=Now())
     finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
     created_at = models.DateTimeField(_("created at"), db_default=Now(), editable=False)
+    # Marks of people's changes, pointing at the event that made them. The events go
+    # with their run, as the attempts do: no constraint, no index, nothing to cascade.
+    given_in = models.ForeignKey(
+        "WorkflowRunEvent",
+        verbose_name=_("output given in"),
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        db_index=False,
+        related_name="given_outputs",
+        help_text=_("A completed step whose output a person gave (resume with changes)."),
+    )
+    superseded_by = models.ForeignKey(
+        "WorkflowRunEvent",
+        verbose_name=_("superseded by"),
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        db_index=False,
+        related_name="superseded_attempts",
+        help_text=_("The rerun after which this completed step runs again: replay ignores it."),
+    )
 
     objects = StepAttemptQuerySet.as_manager()
 
@@ -459,10 +527,12 @@ forget_deleted_user.lazy_sub_objs = True  # type: ignore[attr-defined]  # never 
 
 
 class WorkflowRunEvent(models.Model):
-    """A resume or cancel of a run: who did it, when, and the error it cleared."""
+    """A resume, rerun or cancel of a run: who did it, when, the error it cleared,
+    and what it changed (``details``)."""
 
     class Action(models.TextChoices):
         RESUME = "resume", _("resume")
+        RERUN = "rerun", _("rerun")
         CANCEL = "cancel", _("cancel")
 
     id = models.BigAutoField(primary_key=True)
@@ -482,6 +552,12 @@ class WorkflowRunEvent(models.Model):
     )
     at = models.DateTimeField(_("at"), db_default=Now())
     cleared_error = models.JSONField(_("cleared error"), null=True, blank=True)
+    details = models.JSONField(
+        _("details"),
+        null=True,
+        blank=True,
+        help_text=_("What a resume with changes or a rerun changed: the old and new values."),
+    )
 
     class Meta:
         verbose_name = _("workflow run event")
@@ -489,7 +565,7 @@ class WorkflowRunEvent(models.Model):
         ordering = ["run", "at", "id"]
         constraints = [
             models.CheckConstraint(
-                condition=models.Q(action__in=["resume", "cancel"]),
+                condition=models.Q(action__in=["resume", "rerun", "cancel"]),
                 name="owf_event_action_valid",
             ),
         ]

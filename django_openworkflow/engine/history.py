@@ -41,7 +41,7 @@ class History:
             current = a.resume_generation == self.generation
             if current:
                 self.attempt_count += 1
-            if a.status == StepAttempt.Status.COMPLETED:
+            if is_served(a):
                 self.completed[a.step_name] = a
             elif a.status == StepAttempt.Status.FAILED:
                 if current:
@@ -97,19 +97,26 @@ class History:
         return len(self.failures[attempt.step_name])
 
 
+def is_served(attempt: StepAttempt) -> bool:
+    """Whether replay returns this attempt's stored result: completed, and no rerun since
+    asked for the step to run again."""
+    return attempt.status == StepAttempt.Status.COMPLETED and attempt.superseded_by_id is None
+
+
 def replay_positions(attempts: Iterable[StepAttempt], generation: int) -> dict[int, str]:
     """The step each place in the call order must hold when ``generation`` replays.
 
     Every attempt of the current generation binds its place. An earlier
     generation binds only the places of its completed steps before its first
-    unfinished one: after a step that failed, that generation's path followed
-    the failure (a compensation, say), which a resumed run need not repeat.
+    unfinished (or superseded: ``is_served``) one: after a step that failed,
+    that generation's path followed the failure (a compensation, say), which a
+    resumed run need not repeat.
     Later generations win.
     """
     by_generation: dict[int, list[tuple[int, str, bool]]] = {}
     for a in attempts:
         if a.position is not None:
-            done = a.status == StepAttempt.Status.COMPLETED
+            done = is_served(a)
             by_generation.setdefault(a.resume_generation, []).append(
                 (a.position, a.step_name, done)
             )
