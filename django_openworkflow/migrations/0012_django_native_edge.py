@@ -6,82 +6,121 @@ from django.conf import settings
 from django.db import migrations, models
 
 
-# MySQL and MariaDB skip the partial index owf_run_subject_idx; there the same
-# columns get a plain index (for_subject() would read every run without one).
-MYSQL_SUBJECT_INDEX = "owf_run_subject_idx"
-
-
-def add_mysql_subject_index(apps, schema_editor):
-    if schema_editor.connection.vendor == "mysql":
-        schema_editor.execute(
-            f"CREATE INDEX {MYSQL_SUBJECT_INDEX} ON django_openworkflow_workflowrun "
-            "(subject_type_id, subject_id, created_at DESC)"
-        )
-
-
-def drop_mysql_subject_index(apps, schema_editor):
-    if schema_editor.connection.vendor == "mysql":
-        schema_editor.execute(
-            f"DROP INDEX {MYSQL_SUBJECT_INDEX} ON django_openworkflow_workflowrun"
-        )
-
-
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('contenttypes', '0002_remove_content_type_name'),
-        ('django_openworkflow', '0011_observability'),
+        ("contenttypes", "0002_remove_content_type_name"),
+        ("django_openworkflow", "0011_observability"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.AlterModelOptions(
-            name='workflowrun',
-            options={'ordering': ['-created_at'], 'permissions': [('correct_workflowrun', 'Can resume workflow runs with a corrected input or step outputs')], 'verbose_name': 'workflow run', 'verbose_name_plural': 'workflow runs'},
+            name="workflowrun",
+            options={
+                "ordering": ["-created_at"],
+                "permissions": [
+                    (
+                        "correct_workflowrun",
+                        "Can resume workflow runs with a corrected input or step outputs",
+                    )
+                ],
+                "verbose_name": "workflow run",
+                "verbose_name_plural": "workflow runs",
+            },
         ),
         migrations.RemoveConstraint(
-            model_name='workflowrunevent',
-            name='owf_event_action_valid',
+            model_name="workflowrunevent",
+            name="owf_event_action_valid",
         ),
         migrations.AddField(
-            model_name='stepattempt',
-            name='given_in',
-            field=models.ForeignKey(blank=True, db_constraint=False, db_index=False, help_text='A completed step whose output a person gave (resume with changes).', null=True, on_delete=django.db.models.deletion.DO_NOTHING, related_name='given_outputs', to='django_openworkflow.workflowrunevent', verbose_name='output given in'),
+            model_name="stepattempt",
+            name="given_in",
+            field=models.ForeignKey(
+                blank=True,
+                db_constraint=False,
+                db_index=False,
+                help_text="A completed step whose output a person gave (resume with changes).",
+                null=True,
+                on_delete=django.db.models.deletion.DO_NOTHING,
+                related_name="given_outputs",
+                to="django_openworkflow.workflowrunevent",
+                verbose_name="output given in",
+            ),
         ),
         migrations.AddField(
-            model_name='stepattempt',
-            name='superseded_by',
-            field=models.ForeignKey(blank=True, db_constraint=False, db_index=False, help_text='The rerun after which this completed step runs again: replay ignores it.', null=True, on_delete=django.db.models.deletion.DO_NOTHING, related_name='superseded_attempts', to='django_openworkflow.workflowrunevent', verbose_name='superseded by'),
+            model_name="stepattempt",
+            name="superseded_by",
+            field=models.ForeignKey(
+                blank=True,
+                db_constraint=False,
+                db_index=False,
+                help_text="The rerun after which this completed step runs again: replay ignores it.",
+                null=True,
+                on_delete=django.db.models.deletion.DO_NOTHING,
+                related_name="superseded_attempts",
+                to="django_openworkflow.workflowrunevent",
+                verbose_name="superseded by",
+            ),
         ),
         migrations.AddField(
-            model_name='workflowrun',
-            name='subject_id',
-            field=django_openworkflow.models.ExactCharField(blank=True, editable=False, help_text="The primary key of the run's subject, as text.", max_length=255, null=True, verbose_name='subject id'),
+            model_name="workflowrun",
+            name="subject_id",
+            field=django_openworkflow.models.ExactCharField(
+                blank=True,
+                editable=False,
+                help_text="The primary key of the run's subject, as text.",
+                max_length=255,
+                null=True,
+                verbose_name="subject id",
+            ),
         ),
         migrations.AddField(
-            model_name='workflowrun',
-            name='subject_type',
-            field=models.ForeignKey(blank=True, db_constraint=False, db_index=False, editable=False, null=True, on_delete=django.db.models.deletion.DO_NOTHING, related_name='+', to='contenttypes.contenttype', verbose_name='subject type'),
+            model_name="workflowrun",
+            name="subject_type",
+            field=models.ForeignKey(
+                blank=True,
+                db_constraint=False,
+                db_index=False,
+                editable=False,
+                null=True,
+                on_delete=django.db.models.deletion.DO_NOTHING,
+                related_name="+",
+                to="contenttypes.contenttype",
+                verbose_name="subject type",
+            ),
         ),
         migrations.AddField(
-            model_name='workflowrunevent',
-            name='details',
-            field=models.JSONField(blank=True, help_text='What a resume with changes or a rerun changed: the old and new values.', null=True, verbose_name='details'),
+            model_name="workflowrunevent",
+            name="details",
+            field=models.JSONField(
+                blank=True,
+                help_text="What a resume with changes or a rerun changed: the old and new values.",
+                null=True,
+                verbose_name="details",
+            ),
         ),
         migrations.AlterField(
-            model_name='workflowrunevent',
-            name='action',
-            field=models.CharField(choices=[('resume', 'resume'), ('rerun', 'rerun'), ('cancel', 'cancel')], max_length=16, verbose_name='action'),
+            model_name="workflowrunevent",
+            name="action",
+            field=models.CharField(
+                choices=[("resume", "resume"), ("rerun", "rerun"), ("cancel", "cancel")],
+                max_length=16,
+                verbose_name="action",
+            ),
         ),
         migrations.AddIndex(
-            model_name='workflowrun',
-            index=models.Index(condition=models.Q(('subject_id__isnull', False)), fields=['subject_type', 'subject_id', '-created_at'], name='owf_run_subject_idx'),
+            model_name="workflowrun",
+            index=models.Index(
+                condition=models.Q(("subject_id__isnull", False)),
+                fields=["subject_type", "subject_id", "-created_at"],
+                name="owf_run_subject_idx",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='workflowrunevent',
-            constraint=models.CheckConstraint(condition=models.Q(('action__in', ['resume', 'rerun', 'cancel'])), name='owf_event_action_valid'),
-        ),
-            migrations.RunPython(
-            add_mysql_subject_index, drop_mysql_subject_index, atomic=False, elidable=False
+            model_name="workflowrunevent",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("action__in", ["resume", "rerun", "cancel"])),
+                name="owf_event_action_valid",
+            ),
         ),
     ]
