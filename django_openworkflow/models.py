@@ -229,8 +229,8 @@ class WorkflowRun(models.Model):
             # The run list and the admin: the newest runs first, whatever their status.
             models.Index(fields=["-created_at", "-id"], name="owf_run_created_idx"),
             models.Index(fields=["workflow_name", "-created_at"], name="owf_run_workflow_idx"),
-            # for_subject(): an object's runs, newest first. (MySQL and MariaDB have no
-            # partial indexes: migration 0012 gives them the same columns in a plain one.)
+            # for_subject(): an object's runs, newest first. (MySQL and MariaDB ignore the
+            # condition and index every run.)
             models.Index(
                 fields=["subject_type", "subject_id", "-created_at"],
                 condition=models.Q(subject_id__isnull=False),
