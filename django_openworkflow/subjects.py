@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.contrib.auth import get_permission_codename
 from django.core.exceptions import ObjectDoesNotExist, ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models, router
 from django.urls import NoReverseMatch, reverse
 
@@ -84,7 +85,9 @@ def pk_value(model: type[models.Model], subject_id: Any) -> Any:
     try:
         field = model._meta.pk
         value = field.to_python(subject_id)  # type: ignore[union-attr]
-        field.run_validators(value)  # type: ignore[union-attr]  # an integer's range, say
+        for validator in field.validators:  # type: ignore[union-attr]
+            if isinstance(validator, (MinValueValidator, MaxValueValidator)):
+                validator(value)  # an integer the column cannot hold names no row
         field.get_prep_value(value)  # type: ignore[union-attr]
     except (ValidationError, TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"{subject_id!r} is not a primary key of {model.__name__}") from exc

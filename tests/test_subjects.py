@@ -335,6 +335,7 @@ def test_prefetch_related_subject_reads_each_model_once(django_assert_num_querie
     for obj in [*invoices, parcel]:
         make_run("failed", obj)
     make_run("failed", subject_type_id=content_type(Invoice).pk, subject_id="abc")
+    make_run("failed", subject_type_id=content_type(Invoice).pk, subject_id=str(10**30))
     deleted = Invoice.objects.create(number="gone")
     make_run("failed", deleted)
     deleted.delete()
@@ -346,7 +347,7 @@ def test_prefetch_related_subject_reads_each_model_once(django_assert_num_querie
         runs = list(WorkflowRun.objects.order_by("created_at", "id").prefetch_related("subject"))
         subjects = [run.subject for run in runs]
 
-    assert subjects == [*invoices, parcel, None, None, None]
+    assert subjects == [*invoices, parcel, None, None, None, None]
 
 
 # --- ctx.subject -----------------------------------------------------------------------
