@@ -1,5 +1,8 @@
 """Admin for workflow runs: read-only records, with Resume and Cancel actions.
 
+``WorkflowRunInline`` and ``WorkflowRunsMixin`` (``subject_admin.py``) are
+for the admin of the models runs are about (``start(..., subject=obj)``).
+
 Runs are owned by the engine: nobody adds or edits them here. State changes
 go through ``WorkflowRun.objects.resume()`` / ``.cancel()``, from the
 changelist actions or from the buttons on a run's change page (which post to
@@ -9,10 +12,9 @@ the run pages' endpoints).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from typing import Any, cast
 
-from django.contrib import admin, messages
+from django.contrib import admin
 from django.contrib.admin.actions import delete_selected as django_delete_selected
 from django.contrib.admin.views.main import ERROR_FLAG
 from django.db.models import QuerySet
@@ -20,16 +22,20 @@ from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpR
 from django.urls import reverse
 from django.utils.html import format_html
 from django.utils.translation import gettext as _
-from django.utils.translation import gettext_lazy, ngettext
+from django.utils.translation import gettext_lazy
 
+from .admin_actions import RunTransitions, canceled_message, resumed_message
 from .conf import app_settings
-from .display import attempt_status, error_summary, refusal_text
-from .exceptions import InvalidTransition
+from .display import attempt_status, error_summary
 from .managers import WorkflowRunQuerySet
 from .models import StepAttempt, WorkflowRun, WorkflowRunEvent, WorkflowSchedule
 from .queues import configured_queues
 from .registry import workflow_names
+from .subject_admin import WorkflowRunInline, WorkflowRunsMixin
+from .subjects import subject_shown
 from .views import can_view_runs, run_page_url
+
+__all__ = ["WorkflowRunAdmin", "WorkflowRunInline", "WorkflowRunsMixin"]
 
 
 class StepAttemptColumns:
@@ -233,7 +239,7 @@ class NulSafeChangelist(admin.ModelAdmin):
 
 
 @admin.register(WorkflowRun)
-class WorkflowRunAdmin(NulSafeChangelist):
+class WorkflowRunAdmin(RunTransitions, NulSafeChangelist):
     list_display = [
         "id",
         "workflow_name",
@@ -321,6 +327,7 @@ class WorkflowRunAdmin(NulSafeChangelist):
         obj: WorkflowRun | None = None,
     ) -> HttpResponse:
         context["can_resume"] = context["can_cancel"] = False
+        context["subject"] = subject_shown(obj, request.user) if obj is not None else None
         # The buttons post to the run pages' endpoints: without the pages, the
         # changelist actions are the way to resume or cancel.
         context["run_page_url"] = run_page_url(obj.pk) if obj is not None else None
@@ -361,7 +368,7 @@ class WorkflowRunAdmin(NulSafeChangelist):
             queryset,
             WorkflowRun.objects.resume,
             log_message="Resumed",
-            done=lambda n: ngettext("%(count)d run resumed.", "%(count)d runs resumed.", n),
+            done=resumed_message,
         )
 
     @admin.action(permissions=["change"], description=gettext_lazy("Cancel selected runs"))
@@ -371,7 +378,7 @@ class WorkflowRunAdmin(NulSafeChangelist):
             queryset,
             WorkflowRun.objects.cancel,
             log_message="Canceled",
-            done=lambda n: ngettext("%(count)d run canceled.", "%(count)d runs canceled.", n),
+            done=canceled_message,
         )
 
     @admin.action(
@@ -394,48 +401,6 @@ class WorkflowRunAdmin(NulSafeChangelist):
         if not finished.exists():
             return None
         return django_delete_selected(self, request, finished)  # type: ignore[no-any-return]
-
-    def _transition_each(
-        self,
-        request: HttpRequest,
-        queryset: QuerySet[WorkflowRun],
-        transition: Callable[..., WorkflowRun],
-        *,
-        log_message: str,
-        done: Callable[[int], str],
-    ) -> None:
-        """Apply ``transition`` to each run; count the changed and the skipped, by reason."""
-        changed = 0
-        skipped: Counter[str] = Counter()
-        for run in queryset:
-            try:
-                run = transition(run, by=request.user)
-            except InvalidTransition as exc:  # why, from the manager's own decision
-                skipped[refusal_text(exc.reason, exc.status)] += 1
-            except WorkflowRun.DoesNotExist:
-                skipped[_("it no longer exists")] += 1
-            else:
-                changed += 1
-                self.log_change(request, run, log_message)
-        self.message_user(
-            request,
-            done(changed) % {"count": changed},
-            messages.SUCCESS if changed else messages.WARNING,
-        )
-        self._report_skipped(request, skipped)
-
-    def _report_skipped(self, request: HttpRequest, skipped: Counter[str]) -> None:
-        for reason, count in sorted(skipped.items()):
-            self.message_user(
-                request,
-                ngettext(
-                    "%(count)d run skipped: %(reason)s.",
-                    "%(count)d runs skipped: %(reason)s.",
-                    count,
-                )
-                % {"count": count, "reason": reason},
-                messages.WARNING,
-            )
 
 
 @admin.register(StepAttempt)

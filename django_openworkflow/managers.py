@@ -31,6 +31,7 @@ from .exceptions import InvalidTransition, Refusal
 from .pauses import pause_point
 from .queues import frees_a_place
 from .signals import run_canceled, run_resumed, send_after_commit
+from .subjects import content_type_of, subject_key
 from .tracing import resumed
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ def not_past_deadline() -> Q:
 
 
 LOCK_ORDER = ("created_at", "pk")
+NEWEST_FIRST = ("-created_at", "-pk")  # (ids are time-ordered: the tie-break of one instant)
 WAIT_KINDS = ("sleep", "workflow", "signal_wait")  # attempts that wait rather than execute
 
 
@@ -131,6 +133,38 @@ class WorkflowRunQuerySet(models.QuerySet["WorkflowRun"]):
 
     def in_namespace(self, namespace: str) -> WorkflowRunQuerySet:
         return self.filter(namespace=namespace)
+
+    def for_subject(self, obj: models.Model) -> WorkflowRunQuerySet:
+        """The runs started with ``subject=obj``, newest first (index ``owf_run_subject_idx``).
+
+        ``obj`` is a saved model instance (``TypeError`` / ``ValueError``
+        otherwise); its runs are found by its content type and primary key,
+        wherever the object lives.
+        """
+        subject_type_id, subject_id = subject_key(obj, " of for_subject()")
+        return self.filter(subject_type_id=subject_type_id, subject_id=subject_id).order_by(
+            *NEWEST_FIRST
+        )
+
+    def for_subjects(self, objects: Iterable[models.Model]) -> WorkflowRunQuerySet:
+        """The runs of any of ``objects`` (instances, of any models, or a QuerySet), newest first.
+
+        A QuerySet is read for its primary keys (one query, on its own
+        database); the runs are then found by content type and key.
+        """
+        keys: dict[int, set[str]] = {}
+        if isinstance(objects, models.QuerySet):
+            subject_type_id = content_type_of(objects.model).pk
+            keys[subject_type_id] = {str(pk) for pk in objects.values_list("pk", flat=True)}
+        else:
+            for obj in objects:
+                subject_type_id, subject_id = subject_key(obj, " of for_subjects()")
+                keys.setdefault(subject_type_id, set()).add(subject_id)
+        found = Q()
+        for subject_type_id, subject_ids in keys.items():
+            found |= Q(subject_type_id=subject_type_id, subject_id__in=sorted(subject_ids))
+        runs = self.filter(found) if keys else self.none()
+        return runs.order_by(*NEWEST_FIRST)
 
     def with_current_step(self) -> WorkflowRunQuerySet:
         """Annotate ``current_step``: the latest attempt's step (the one running or that failed)."""

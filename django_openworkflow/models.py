@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.contrib.contenttypes.fields import GenericForeignKey
-from django.db import models
+from django.db import models, router
 from django.db.models import lookups
 from django.db.models.functions import Now
 from django.db.models.signals import pre_delete
@@ -16,7 +16,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from . import clock
+from . import clock, subjects
 from .cron import next_tick, validate_cron, validate_timezone
 from .exceptions import Refusal
 from .ids import uuid7
@@ -63,11 +63,105 @@ for _lookup in (lookups.IExact, lookups.IContains, lookups.IStartsWith, lookups.
 
 
 class SubjectForeignKey(GenericForeignKey):
-    """``run.subject``: the model instance a run is about, or None.
+    """``run.subject``: the model instance a run is about (``start(..., subject=obj)``), or None.
 
-    Placeholder of the groundwork; the subject feature fills it in (reads the
-    object through the router, None for a deleted object or a removed model).
+    A ``GenericForeignKey`` (the admin's generic inlines rely on it) that
+    reads the object where the routers send its model, with its base
+    manager, and the content type where the routers send ``ContentType``:
+    not on the run's database, which may be another one
+    (``OPENWORKFLOW["DATABASE"]``). ``None`` when the object was deleted,
+    its model no longer exists, or the stored id is not one of the model's
+    primary keys: nothing cascades from a subject to its runs. The object
+    is cached on the run, as ``GenericForeignKey`` does; assigning an
+    instance (or None) sets both columns.
     """
+
+    @property
+    def ct_attname(self) -> str:
+        return str(self.model._meta.get_field(self.ct_field).attname)
+
+    def get_content_type(
+        self, obj: Any = None, id: Any = None, using: Any = None, model: Any = None
+    ) -> Any:
+        from django.contrib.contenttypes.models import ContentType
+
+        if obj is not None:
+            return subjects.content_type_of(type(obj))
+        if id is not None:
+            return ContentType.objects.get_for_id(id)
+        return subjects.content_type_of(model)
+
+    def __get__(self, instance: Any, cls: Any = None) -> Any:
+        if instance is None:
+            return self
+        key = (getattr(instance, self.ct_attname), getattr(instance, self.fk_field))
+        if self.is_cached(instance):
+            cached = self.get_cached_value(instance)
+            if cached is None or _subject_matches(cached, key):
+                return cached
+        obj = subjects.load_subject(*key)
+        self.set_cached_value(instance, obj)
+        return obj
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        content_type_id = subject_id = None
+        if value is not None:
+            if not isinstance(value, models.Model):
+                raise TypeError(
+                    f"a run's subject must be a model instance, not {type(value).__name__} "
+                    f"{value!r}"
+                )
+            content_type_id = subjects.content_type_of(type(value)).pk
+            subject_id = None if value.pk is None else str(value.pk)
+        setattr(instance, self.ct_attname, content_type_id)
+        setattr(instance, self.fk_field, subject_id)
+        self.set_cached_value(instance, value)
+
+    def get_prefetch_querysets(self, instances: Any, querysets: Any = None) -> Any:
+        """``prefetch_related("subject")``: one query per subject model, through its router."""
+        if querysets:
+            raise ValueError("prefetch_related('subject') takes no queryset")
+        wanted: dict[type[models.Model], set[Any]] = {}
+        for run in instances:
+            model = subjects.model_of(run.subject_type_id)
+            if model is None:
+                continue
+            try:
+                wanted.setdefault(model, set()).add(subjects.pk_value(model, run.subject_id))
+            except ValueError:
+                continue
+        found: list[models.Model] = []
+        for model, pks in wanted.items():
+            manager = model._base_manager.db_manager(router.db_for_read(model))
+            found.extend(manager.filter(pk__in=pks))
+
+        def run_key(run: Any) -> Any:
+            model = subjects.model_of(run.subject_type_id)
+            if model is None:
+                return None
+            try:
+                return (subjects.pk_value(model, run.subject_id), model)
+            except ValueError:
+                return None
+
+        return (
+            found,
+            lambda obj: (obj.pk, type(obj)),
+            run_key,
+            True,
+            self.name,
+            False,
+        )
+
+
+def _subject_matches(obj: Any, key: tuple[Any, Any]) -> bool:
+    """Whether a cached subject is still the one the run's columns name."""
+    content_type_id, subject_id = key
+    return bool(
+        obj.pk is not None
+        and subjects.content_type_of(type(obj)).pk == content_type_id
+        and str(obj.pk) == subject_id
+    )
 
 
 class WorkflowRun(models.Model):

@@ -21,9 +21,12 @@ from .queues import (
     check_queue,
 )
 from .serialization import ensure_json
+from .subjects import subject_key
 from .tracing import starting
 
 if TYPE_CHECKING:
+    from django.db import models
+
     from .engine import WorkflowContext
     from .models import WorkflowRun
     from .store import Store
@@ -92,6 +95,7 @@ class Workflow:
         queue: str | None = None,
         priority: int | None = None,
         concurrency_key: str | None = None,
+        subject: models.Model | None = None,
     ) -> WorkflowRun:
         """Queue a run of this workflow and return its ``WorkflowRun``.
 
@@ -100,7 +104,9 @@ class Workflow:
         workflow started with the same key in the last 24 hours is returned
         instead of a new one. ``queue`` and ``priority`` override the
         workflow's; ``concurrency_key`` shares the queue's ``key_concurrency``
-        limit with the other runs of that key.
+        limit with the other runs of that key. ``subject`` is the saved model
+        instance the run is about (``run.subject``, ``ctx.subject``,
+        ``WorkflowRun.objects.for_subject(obj)``).
         """
         from .results import started
         from .store import get_store
@@ -110,6 +116,10 @@ class Workflow:
         deadline_at = _aware(deadline_at, "deadline_at", self.name)
         if idempotency_key is not None:
             check_name(idempotency_key, "idempotency_key", of=f' of workflow "{self.name}"')
+        subject_fields: dict[str, Any] = {}
+        if subject is not None:
+            subject_type_id, subject_id = subject_key(subject, f' of workflow "{self.name}"')
+            subject_fields = {"subject_type_id": subject_type_id, "subject_id": subject_id}
         namespace = app_settings.NAMESPACE
         store = get_store()
         fields = {
@@ -120,6 +130,7 @@ class Workflow:
             "available_at": available_at,
             "deadline_at": deadline_at,
             **self.placement(queue, priority, concurrency_key),
+            **subject_fields,
         }
         with starting(self.name) as trace_context:
             fields["trace_context"] = trace_context
@@ -164,7 +175,7 @@ class Workflow:
         """Queue one run per input in one statement and one transaction; return the runs.
 
         For bulk enqueueing (imports, fan-out from a view, benchmarks); use
-        ``start()`` when a run needs an idempotency key. ``queue``,
+        ``start()`` when a run needs an idempotency key or a subject. ``queue``,
         ``priority`` and ``concurrency_key`` apply to every run.
         """
         from .models import WorkflowRun

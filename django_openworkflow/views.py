@@ -39,6 +39,7 @@ from .models import StepAttempt, WorkflowRun, WorkflowSchedule, WorkflowWorker
 from .queue_status import queue_overview, slot_wait
 from .queues import configured_queues
 from .registry import get_workflow, workflow_names
+from .subjects import load_subject, model_of, parse_filter_value, subject_shown
 from .waiting import waiting_for
 from .workers import LIVE, LiveWorker, live_q, live_window, unserved_reason
 
@@ -141,6 +142,8 @@ class RunFilterForm(forms.Form):
     workflow = forms.CharField(label=gettext_lazy("workflow"), required=False)
     queue = forms.CharField(label=gettext_lazy("queue"), required=False)
     schedule = forms.CharField(label=gettext_lazy("schedule"), required=False)
+    # "<content type id>:<primary key>": the runs of one object (start(..., subject=obj))
+    subject = forms.CharField(label=gettext_lazy("subject"), required=False, strip=False)
     q = forms.CharField(
         label=gettext_lazy("search"),
         required=False,
@@ -153,10 +156,24 @@ class RunFilterForm(forms.Form):
         ),
     )
 
+    def clean_subject(self) -> tuple[int, str] | None:
+        value = self.cleaned_data["subject"]
+        if not value:
+            return None
+        try:
+            return parse_filter_value(value)
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc)) from None
+
     def filter(self, queryset: QuerySet[WorkflowRun]) -> QuerySet[WorkflowRun]:
-        """Apply the workflow, queue, schedule and search filters (not the status filter)."""
+        """Apply the workflow, queue, schedule, subject and search filters (not the status
+        filter). A subject that names no object's runs shows none."""
         self.is_valid()  # an invalid field is left out of cleaned_data, the others apply
         data = self.cleaned_data
+        if "subject" in self.errors:
+            return queryset.none()
+        if subject := data.get("subject"):
+            queryset = queryset.filter(subject_type_id=subject[0], subject_id=subject[1])
         if workflow := data.get("workflow"):
             queryset = queryset.filter(workflow_name=workflow)
         if queue := data.get("queue"):
@@ -218,9 +235,29 @@ def run_list(request: HttpRequest) -> HttpResponse:
         .order_by("name")
         .values_list("name", flat=True),
         "selected_schedule": form.cleaned_data.get("schedule", ""),
+        "selected_subject": selected_subject(form),
         "refresh_seconds": REFRESH_SECONDS if any(not run.is_finished for run in page) else None,
     }
     return render(request, "django_openworkflow/run_list.html", context)
+
+
+def selected_subject(form: RunFilterForm) -> dict[str, Any] | None:
+    """The run list's subject filter as the page shows it: the value, and the object's name
+    (or its type and id when it is gone, or the value when it names nothing)."""
+    value = form.data.get("subject") or ""
+    if not value:
+        return None
+    subject = form.cleaned_data.get("subject")
+    if subject is None:
+        return {"value": value, "label": value, "valid": False}
+    obj = load_subject(*subject)
+    if obj is not None:
+        label = str(obj)
+    else:
+        model = model_of(subject[0])
+        name = model._meta.verbose_name if model is not None else _("deleted model")
+        label = f"{name} {subject[1]}"
+    return {"value": value, "label": label, "valid": True}
 
 
 @require_safe
@@ -244,6 +281,7 @@ def run_detail(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
         # A typo in start() or run_workflow(): no worker of this project will ever claim it.
         "unknown_workflow": active and get_workflow(run.workflow_name) is None,
         "events": events,
+        "subject": subject_shown(run, request.user),
         "error": error_parts(run.error),
         # The buttons follow the rules the managers apply (WorkflowRun.can_resume/can_cancel).
         "can_resume": can_change and resume_refusal is None,

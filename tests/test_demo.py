@@ -118,7 +118,7 @@ print(json.dumps({
     "listing": [listing.status_code, listing.content.decode()],
     "fixed": [fixed.status_code, fixed.redirect_chain, fixed.content.decode()],
     "run_page": [run_page.status_code, run_page.content.decode()],
-    "order_admin": order_admin.status_code,
+    "order_admin": [order_admin.status_code, order_admin.content.decode()],
     "order_pks": {o.reference: o.pk for o in Order.objects.all()},
     "confirmed": [confirmed.status_code, confirmed.redirect_chain, confirmed.content.decode()],
     "confirmed_again": confirmed_again.content.decode(),
@@ -228,7 +228,15 @@ def test_demo_end_to_end(manage):
     status, html = pages["run_page"]
     assert status == 200
     assert "card ending 0002 (Charles Babbage) was declined" in html
-    assert pages["order_admin"] == 200
+    status, html = pages["order_admin"]
+    assert status == 200
+    # The order is its run's subject: its admin page lists the run (WorkflowRunInline).
+    assert f'<a href="/workflows/{failed["run_id"]}/" class="owf-run-link">' in html
+    assert '<td class="field-status">failed</td>' in html
+    status, html = pages["run_page"]
+    assert (
+        f'<a href="/admin/orders/order/{pks["demo-order-3"]}/change/" class="owf-subject">' in html
+    )
     status, chain, html = pages["confirmed"]
     assert (status, chain) == (200, [["/", 302]])
     assert "Order demo-order-1 confirmed packed: 1 run woken" in html
@@ -300,5 +308,5 @@ def test_demo_end_to_end(manage):
 def test_demo_own_test_suite(manage):
     """``manage.py test demo_project.orders``: the demo's tests are examples for users."""
     done = manage("test", "demo_project.orders", "--noinput")
-    assert "Ran 6 tests" in done.stderr
+    assert "Ran 7 tests" in done.stderr
     assert "\nOK\n" in done.stderr

@@ -1,6 +1,8 @@
 from django.contrib import admin
 from django.utils.html import format_html
 
+from django_openworkflow.admin import WorkflowRunInline, WorkflowRunsMixin
+
 from .models import Card, Order, Product
 
 
@@ -18,7 +20,12 @@ class CardAdmin(admin.ModelAdmin):
 
 
 @admin.register(Order)
-class OrderAdmin(admin.ModelAdmin):
+class OrderAdmin(WorkflowRunsMixin, admin.ModelAdmin):
+    """Orders with their workflow runs: listed on each order's page (the inline), resumed or
+    canceled from the list (the actions "Resume failed workflow runs" and "Cancel active
+    workflow runs" act on the selected orders' runs)."""
+
+    inlines = [WorkflowRunInline]
     list_display = ["reference", "product", "quantity", "card", "status", "run_link", "created_at"]
     list_filter = ["status", "card"]
     search_fields = ["reference", "tracking_number", "charge_id"]

@@ -42,14 +42,15 @@ class OrderManager(models.Manager["Order"]):
         """Create an order and start its ``process-order`` run in one transaction.
 
         Either both exist or neither does: the run is enqueued atomically with
-        the order row.
+        the order row. The order is the run's subject: its admin page lists its runs
+        (``WorkflowRunInline``), and ``ctx.subject`` is the order.
         """
         from .workflows import process_order
 
         reference = reference or f"order-{uuid.uuid4().hex[:12]}"
         with transaction.atomic(using=self.db):
             order = self.create(reference=reference, product=product, quantity=quantity, card=card)
-            run = process_order.start(order.run_input, idempotency_key=reference)
+            run = process_order.start(order.run_input, idempotency_key=reference, subject=order)
             order.run_id = run.pk
             order.save(update_fields=["run_id"])
         return order

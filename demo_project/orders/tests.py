@@ -144,3 +144,34 @@ class ProcessOrderTests(TestCase):
         drain()
         self.assert_order(order, Order.Status.SHIPPED, stock=8)
         self.assertEqual(order.packed_by, "wendy")
+
+
+class OrderAdminTests(TestCase):
+    """The order's admin page lists its runs; the order list resumes and cancels them."""
+
+    def test_an_order_page_lists_its_run_and_the_list_resumes_it(self):
+        mug = Product.objects.create(name="Mug", stock=10)
+        card = Card.objects.create(holder="Charles", last4="0002", declined=True)
+        order = Order.objects.place(product=mug, quantity=1, card=card)
+        drain()  # the charge is declined three times: the order's run fails
+        run = WorkflowRun.objects.for_subject(order).get()
+        self.assertEqual((run.pk, run.status), (order.run_id, "failed"))
+        self.assertEqual(run.subject, order)
+        self.client.force_login(
+            get_user_model().objects.create_superuser("admin", "admin@example.com", "admin")
+        )
+
+        page = self.client.get(order.get_admin_url())
+        self.assertContains(page, f'<a href="/workflows/{run.pk}/" class="owf-run-link">')
+        self.assertContains(page, '<td class="field-step">charge-card</td>')
+
+        Card.objects.filter(pk=card.pk).update(declined=False)
+        response = self.client.post(
+            "/admin/orders/order/",
+            {"action": "resume_workflow_runs", "_selected_action": [order.pk]},
+            follow=True,
+        )
+        self.assertContains(response, "1 run resumed.")
+        drain(time_travel=False)
+        order.refresh_from_db()
+        self.assertEqual(order.status, Order.Status.AWAITING_WAREHOUSE)

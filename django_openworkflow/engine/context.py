@@ -6,22 +6,29 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..durations import Duration, RetryPolicy
+from ..subjects import load_subject
 
 if TYPE_CHECKING:
+    from django.db import models
+
     from ..registry import Workflow
     from .execution import Execution
+
+_UNREAD = object()  # ctx.subject not read yet in this pass
 
 
 class WorkflowContext:
     """What a workflow function sees.
 
     ``ctx.input``, ``ctx.run_id``, ``ctx.version``, ``ctx.scheduled_at`` (the
-    schedule's tick, an aware datetime; None for a run no schedule started)
-    and ``ctx.step``.
+    schedule's tick, an aware datetime; None for a run no schedule started),
+    ``ctx.subject`` and ``ctx.step``.
     """
 
     def __init__(self, execution: Execution) -> None:
         run = execution.run
+        self._run = run
+        self._subject: object = _UNREAD
         self.input = run.input
         self.run_id = run.pk
         self.version = run.version
@@ -30,6 +37,21 @@ class WorkflowContext:
 
     def __repr__(self) -> str:
         return f"<WorkflowContext run={self.run_id}>"
+
+    @property
+    def subject(self) -> models.Model | None:
+        """The model instance the run is about (``start(..., subject=obj)``), or None.
+
+        Read from the database at the first access in each pass of the
+        workflow function (no query when the workflow never asks), so it is
+        the object as it is *now*, not as it was when an earlier pass ran:
+        read it inside a step when the workflow branches on a value that
+        must stay the same on replay. None when the run has no subject or
+        the object was deleted.
+        """
+        if self._subject is _UNREAD:
+            self._subject = load_subject(self._run.subject_type_id, self._run.subject_id)
+        return self._subject  # type: ignore[return-value]
 
 
 class StepApi:

@@ -97,9 +97,11 @@ class PostgresStore(OrmStore):
     WITH run AS (
         INSERT INTO {RUN} (id, namespace, workflow_name, version, status, input, attempts,
                            available_at, deadline_at, idempotency_key, resume_generation,
-                           queue, priority, concurrency_key, trace_context)
+                           queue, priority, concurrency_key, trace_context,
+                           subject_type_id, subject_id)
         VALUES (%s, %s, %s, %s, 'pending', %s::jsonb, 0,
-                COALESCE(%s, statement_timestamp()), %s, %s, 0, %s, %s, %s, %s::jsonb)
+                COALESCE(%s, statement_timestamp()), %s, %s, 0, %s, %s, %s, %s::jsonb,
+                %s, %s)
         RETURNING *
     )
     SELECT run.*, pg_notify(%s, run.namespace) AS notified FROM run
@@ -117,6 +119,8 @@ class PostgresStore(OrmStore):
             "priority",
             "concurrency_key",
             "trace_context",
+            "subject_type_id",
+            "subject_id",
         }
     )
 
@@ -136,6 +140,8 @@ class PostgresStore(OrmStore):
             fields.get("priority", 0),
             fields.get("concurrency_key"),
             _json(fields.get("trace_context")),
+            fields.get("subject_type_id"),
+            fields.get("subject_id"),
             NOTIFY_CHANNEL,
         ]
         [(run, _)] = self._runs(self.START_RUN, params)

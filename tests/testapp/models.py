@@ -1,3 +1,5 @@
+import uuid
+
 from django.db import models
 
 
@@ -21,3 +23,34 @@ class Ledger(models.Model):
 
     def __str__(self):
         return f"{self.note} for {self.run_id}"
+
+
+# --- subjects of runs (tests/test_subjects.py): one per kind of primary key ------------
+
+
+class Invoice(models.Model):
+    """A subject with an integer primary key."""
+
+    number = models.CharField(max_length=50)
+
+    def __str__(self):
+        return f"Invoice {self.number}"
+
+
+class Parcel(models.Model):
+    """A subject with a UUID primary key."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    label = models.CharField(max_length=50)
+
+    def __str__(self):
+        return f"Parcel {self.label}"
+
+
+class Coupon(models.Model):
+    """A subject with a text primary key."""
+
+    code = models.CharField(max_length=50, primary_key=True)
+
+    def __str__(self):
+        return f"Coupon {self.code}"

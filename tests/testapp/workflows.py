@@ -508,3 +508,17 @@ def tick(ctx):
 )
 def declared_schedules(ctx):
     return ctx.scheduled_at.isoformat()
+
+
+@workflow(name="reads-subject")
+def reads_subject(ctx):
+    """ctx.subject as a step stored it in the first pass, and as this pass reads it."""
+    stored = ctx.step.run("read", lambda: str(ctx.subject))
+    ctx.step.sleep("nap", "1h")
+    now = ctx.subject
+    return {"stored": stored, "now": None if now is None else str(now)}
+
+
+@workflow(name="ignores-subject")
+def ignores_subject(ctx):
+    return ctx.step.run("work", lambda: 1)

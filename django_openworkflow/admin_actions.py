@@ -1,0 +1,85 @@
+"""What the admin actions on runs share: apply a transition to each run, count, report.
+
+Used by ``WorkflowRunAdmin`` (the runs' own changelist) and by
+``WorkflowRunsMixin`` (the changelist of the runs' subjects), so a resume or
+a cancel from either reads the same: "2 runs resumed.", "1 run skipped: it
+is completed.", and each change is in the run's admin history.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from django.contrib import admin, messages
+from django.http import HttpRequest
+from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
+
+from .display import refusal_text
+from .exceptions import InvalidTransition
+from .models import WorkflowRun
+
+
+def resumed_message(count: int) -> str:
+    return ngettext("%(count)d run resumed.", "%(count)d runs resumed.", count)
+
+
+def canceled_message(count: int) -> str:
+    return ngettext("%(count)d run canceled.", "%(count)d runs canceled.", count)
+
+
+if TYPE_CHECKING:
+    _ModelAdmin = admin.ModelAdmin[Any]
+else:
+    _ModelAdmin = object
+
+
+class RunTransitions(_ModelAdmin):
+    """A mixin for a ``ModelAdmin``: apply a manager transition to runs, report with counts.
+
+    Uses the ``ModelAdmin``'s ``message_user`` and ``log_change``.
+    """
+
+    def _transition_each(
+        self,
+        request: HttpRequest,
+        queryset: Iterable[WorkflowRun],
+        transition: Callable[..., WorkflowRun],
+        *,
+        log_message: str,
+        done: Callable[[int], str],
+    ) -> None:
+        """Apply ``transition`` to each run; count the changed and the skipped, by reason."""
+        changed = 0
+        skipped: Counter[str] = Counter()
+        for run in queryset:
+            try:
+                run = transition(run, by=request.user)
+            except InvalidTransition as exc:  # why, from the manager's own decision
+                skipped[refusal_text(exc.reason, exc.status)] += 1
+            except WorkflowRun.DoesNotExist:
+                skipped[_("it no longer exists")] += 1
+            else:
+                changed += 1
+                self.log_change(request, run, log_message)
+        self.message_user(
+            request,
+            done(changed) % {"count": changed},
+            messages.SUCCESS if changed else messages.WARNING,
+        )
+        self._report_skipped(request, skipped)
+
+    def _report_skipped(self, request: HttpRequest, skipped: Counter[str]) -> None:
+        for reason, count in sorted(skipped.items()):
+            self.message_user(
+                request,
+                ngettext(
+                    "%(count)d run skipped: %(reason)s.",
+                    "%(count)d runs skipped: %(reason)s.",
+                    count,
+                )
+                % {"count": count, "reason": reason},
+                messages.WARNING,
+            )
