@@ -10,9 +10,11 @@ from django.contrib.admin.models import CHANGE, LogEntry
 from django.core.exceptions import PermissionDenied
 from django.db import connection
 from django.test import override_settings
+from django.utils import timezone
 
 from django_openworkflow import InvalidTransition
 from django_openworkflow.corrections import NOT_GIVEN
+from django_openworkflow.display import refusal_text, timeline
 from django_openworkflow.exceptions import Refusal
 from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowRunEvent
 from django_openworkflow.signals import run_resumed
@@ -129,6 +131,14 @@ def test_a_given_output_is_served_and_the_step_is_not_executed_again(corrector):
         ("charge-card", "completed", 1, True),  # given, before the steps that came after it
         ("ship", "completed", 1, False),
     ]
+    attempts = list(run.step_attempts.order_by("id"))
+    groups = timeline(run, attempts, now=timezone.now())
+    assert [[a.step_name for a in g["attempts"]] for g in groups] == [
+        ["reserve", "charge-card"],
+        ["charge-card", "ship"],
+    ]
+    given = groups[1]["attempts"][0]
+    assert given.started_at <= groups[1]["attempts"][1].started_at
 
 
 def test_input_and_outputs_together(corrector):
@@ -416,6 +426,32 @@ def test_no_admin_history_without_a_user_or_a_change(corrector):
     assert not LogEntry.objects.exists()
 
 
+@pytest.mark.django_db(databases=["default", "workflows"])
+def test_the_admin_history_on_another_database_is_written_after_the_commit(
+    django_capture_on_commit_callbacks,
+):
+    """The engine on "workflows", the admin's LogEntry on "default" (the router sends it
+    there): the entry is written once the correction has committed on "workflows"."""
+    from django.conf import settings
+
+    with override_settings(
+        OPENWORKFLOW={**settings.OPENWORKFLOW, "DATABASE": "workflows"},
+        DATABASE_ROUTERS=["django_openworkflow.routers.WorkflowRouter"],
+    ):
+        corrector = create_user("corrector", "correct_workflowrun")
+        run = declined()
+        assert run._state.db == "workflows"
+        with django_capture_on_commit_callbacks(using="workflows", execute=True):
+            WorkflowRun.objects.resume(run, input={"card": "4242"}, by=corrector)
+            assert not LogEntry.objects.using("default").exists()  # not before the commit
+        [entry] = LogEntry.objects.using("default").all()
+        assert (entry.object_id, entry.change_message) == (
+            str(run.pk),
+            "Resumed with changes: input",
+        )
+        assert not WorkflowRun.objects.using("default").exists()
+
+
 def test_run_resumed_is_sent_after_the_commit(corrector, django_capture_on_commit_callbacks):
     received = []
 
@@ -448,6 +484,10 @@ def test_a_failure_inside_the_transaction_changes_nothing(corrector, monkeypatch
             run, input={"card": "4242"}, step_outputs={"charge-card": 1}, by=corrector
         )
     unchanged(run, before)
+
+
+def test_the_pages_say_why_a_stale_change_was_refused():
+    assert refusal_text(Refusal.STALE, "failed") == "it was resumed or rerun since it was shown"
 
 
 def test_the_sentinel_reads_as_not_given():
