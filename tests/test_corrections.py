@@ -8,7 +8,6 @@ import uuid
 import pytest
 from django.contrib.admin.models import CHANGE, LogEntry
 from django.core.exceptions import PermissionDenied
-from django.db import connection
 from django.test import override_settings
 from django.utils import timezone
 
@@ -19,12 +18,20 @@ from django_openworkflow.exceptions import Refusal
 from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowRunEvent
 from django_openworkflow.signals import run_resumed
 from django_openworkflow.testing import drain, pause_at, run_to_completion
-from tests.conftest import Backend, blocked_on_a_lock
+from tests.conftest import Backend, assert_no_stuck_runs, blocked_on_a_lock
 from tests.testapp.models import Ledger, SideEffect
 from tests.testapp.workflows import atomic_writer, charge_card, parent, recovers_then_fails
 from tests.users import create_user
 
 pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def no_stuck_runs():
+    """Whatever a test leaves behind, no run is stuck (``diagnostics.stuck_runs``)."""
+    yield
+    assert_no_stuck_runs()
+
 
 NUL = "U+0000 (NUL), which PostgreSQL cannot store"
 
@@ -500,19 +507,23 @@ def test_the_sentinel_reads_as_not_given():
 
 @pytest.mark.row_locks
 @pytest.mark.django_db(transaction=True)
-def test_two_corrections_at_once_exactly_one_wins():
+@pytest.mark.parametrize(
+    ("expected", "refused"),
+    [
+        (0, "run {run} was resumed or rerun since it was read: it is at generation 1, not 0"),
+        (None, "cannot resume run {run}: it is pending; only failed runs can be resumed"),
+    ],
+)
+def test_two_corrections_at_once_exactly_one_wins(expected, refused):
     corrector = create_user("corrector", "correct_workflowrun")
     run = declined()
-    first = Backend(
-        lambda: WorkflowRun.objects.resume(
-            run, step_outputs={"charge-card": "first"}, expected_generation=0, by=corrector
+
+    def correct(output):
+        return lambda: WorkflowRun.objects.resume(
+            run, step_outputs={"charge-card": output}, expected_generation=expected, by=corrector
         )
-    )
-    second = Backend(
-        lambda: WorkflowRun.objects.resume(
-            run, step_outputs={"charge-card": "second"}, expected_generation=0, by=corrector
-        )
-    )
+
+    first, second = Backend(correct("first")), Backend(correct("second"))
     with pause_at("resume.locked", when=lambda c: c["run_id"] == run.pk) as pause:
         first.start()
         pause.wait()  # the first holds the row lock and has decided nothing yet
@@ -521,11 +532,8 @@ def test_two_corrections_at_once_exactly_one_wins():
     first.finish()
     second.join(15)
     assert isinstance(second.error, InvalidTransition)
-    assert str(second.error) == (
-        f"run {run.pk} was resumed or rerun since it was read: it is at generation 1, not 0"
-    )
+    assert str(second.error) == refused.format(run=run.pk)
     given = StepAttempt.objects.filter(workflow_run=run, given_in__isnull=False)
     assert [a.output for a in given] == ["first"]
     assert run.events.count() == 1
     assert LogEntry.objects.count() == 1
-    connection.close()

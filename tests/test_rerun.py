@@ -16,7 +16,7 @@ from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowRunEven
 from django_openworkflow.signals import run_rerun
 from django_openworkflow.store import get_store
 from django_openworkflow.testing import drain, pause_at, run_to_completion
-from tests.conftest import Backend, blocked_on_a_lock
+from tests.conftest import Backend, assert_no_stuck_runs, blocked_on_a_lock
 from tests.testapp.models import SideEffect
 from tests.testapp.workflows import (
     catches_step_failure,
@@ -32,6 +32,13 @@ from tests.testapp.workflows import (
 from tests.users import create_user
 
 pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def no_stuck_runs():
+    """Whatever a test leaves behind, no run is stuck (``diagnostics.stuck_runs``)."""
+    yield
+    assert_no_stuck_runs()
 
 
 def effects(run, step):
@@ -213,6 +220,12 @@ def test_a_run_without_steps_has_an_empty_path():
     [
         (3, TypeError, "from_step of the rerun of run {run} must be a non-empty string, not 3"),
         ("", TypeError, "from_step of the rerun of run {run} must be a non-empty string, not ''"),
+        (
+            "s\x00",
+            ValueError,
+            "from_step 's\\x00' of the rerun of run {run} contains the character U+0000 (NUL), "
+            "which PostgreSQL cannot store",
+        ),
     ],
 )
 def test_a_from_step_that_is_no_name_is_refused(from_step, kind, message):
