@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from django.core.exceptions import PermissionDenied
 
 from .names import check_name
-from .serialization import ensure_json
+from .serialization import ensure_json, json_problem
 
 if TYPE_CHECKING:
     from .models import StepAttempt, WorkflowRun
@@ -163,7 +163,12 @@ class Correction:
         return {name: correctable[name] for name in self.step_outputs}
 
     def details(self, old_input: Any, failed: dict[str, StepAttempt]) -> dict[str, Any] | None:
-        """``WorkflowRunEvent.details``: each changed value, old and new (None: no change)."""
+        """``WorkflowRunEvent.details``: each changed value, old and new (None: no change).
+
+        The record nests the values two or three levels deeper than they are
+        stored elsewhere: ``ValueError`` (under the lock, before any write)
+        where that is deeper than the database stores JSON (MySQL, MariaDB).
+        """
         details: dict[str, Any] = {}
         if self.input is not NOT_GIVEN:
             details["input"] = {"old": old_input, "new": self.input}
@@ -172,6 +177,12 @@ class Correction:
                 name: {"old": failed[name].error, "new": value}
                 for name, value in self.step_outputs.items()
             }
+        problem = json_problem(details)
+        if problem:
+            raise ValueError(
+                f"cannot resume run {self.run_id} with these changes: the record of the old "
+                f"and new values cannot be stored: {problem}"
+            )
         return details or None
 
     def log_message(self) -> str:

@@ -281,13 +281,14 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
             failed = {}
             if correction.step_outputs:
                 failed = correction.failed_attempts(run.resume_generation, self._attempts_of(run))
-            old_input, cleared = run.input, run.error
+            details = correction.details(run.input, failed)
+            cleared = run.error
             changed = []
             if correction.input is not NOT_GIVEN:
                 run.input = correction.input
                 changed.append("input")
             self._restart(run, deadline_at, changed)
-            event = self._record(run, "resume", by, cleared, correction.details(old_input, failed))
+            event = self._record(run, "resume", by, cleared, details)
             if failed:
                 self._give_outputs(run, event, failed, correction.step_outputs)
             self.store.notify(run.namespace)

@@ -17,6 +17,7 @@ from django_openworkflow.display import refusal_text, timeline
 from django_openworkflow.exceptions import Refusal
 from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowRunEvent
 from django_openworkflow.signals import run_resumed
+from django_openworkflow.store import get_store
 from django_openworkflow.testing import drain, pause_at, run_to_completion
 from tests.conftest import Backend, assert_no_stuck_runs, blocked_on_a_lock
 from tests.testapp.models import Ledger, SideEffect
@@ -267,6 +268,37 @@ def test_a_value_too_large_is_refused(corrector):
         with pytest.raises(ValueError, match=f"^input of run {run.pk} is too large: it is 202 "):
             WorkflowRun.objects.resume(run, input="x" * 200, by=corrector)
     unchanged(run, before)
+
+
+def nested(depth):
+    value = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_values_whose_record_nests_deeper_than_the_database_stores_are_refused(corrector):
+    """The event's details hold a step's output three levels down ({"step_outputs": {step:
+    {"new": ...}}}): on MySQL and MariaDB, whose JSON nests at most 30 deep here, a value
+    that fits as an output may not fit there. Refused with a ValueError, nothing changed;
+    elsewhere stored."""
+    run = declined()
+    before = snapshot(run)
+    if get_store().max_json_depth:
+        with pytest.raises(ValueError) as info:  # the database refuses 32 deep
+            WorkflowRun.objects.resume(run, step_outputs={"charge-card": nested(29)}, by=corrector)
+        assert str(info.value) == (
+            f"cannot resume run {run.pk} with these changes: the record of the old and new "
+            "values cannot be stored: $ is nested 32 deep; MySQL and MariaDB store JSON "
+            "nested at most 30 deep"
+        )
+        unchanged(run, before)
+        WorkflowRun.objects.resume(run, step_outputs={"charge-card": nested(27)}, by=corrector)
+    else:
+        WorkflowRun.objects.resume(run, step_outputs={"charge-card": nested(29)}, by=corrector)
+    drain()
+    run.refresh_from_db()
+    assert run.status == "completed"
 
 
 # --- steps that did not fail ------------------------------------------------------------
