@@ -161,10 +161,10 @@ def timeline(
 
 
 def refusal_text(reason: Refusal | None, status: str | None) -> str:
-    """Why a run was not resumed or canceled, as a clause: "it is completed".
+    """Why a run was not resumed, rerun or canceled, as a clause: "it is completed".
 
     From ``InvalidTransition.reason`` and ``.status`` (or a run's
-    ``resume_refusal()``), never from the exception's message.
+    ``resume_refusal()`` / ``rerun_refusal()``), never from the exception's message.
     """
     from .models import WorkflowRun
 
@@ -172,6 +172,8 @@ def refusal_text(reason: Refusal | None, status: str | None) -> str:
         return _("its deadline has passed")
     if reason is Refusal.NEW_DEADLINE:
         return _("the new deadline is not in the future")
+    if reason is Refusal.STALE:
+        return _("it was resumed or rerun since it was shown")
     if status is None:
         return _("it no longer exists")
     return _("it is %(status)s") % {"status": WorkflowRun.Status(status).label}

@@ -21,6 +21,7 @@ ATTEMPT_CAP_EXCEEDED = "AttemptCapExceeded"
 CHILD_FAILED = "ChildWorkflowFailed"
 CHILD_MISSING = "ChildWorkflowMissing"
 CHILD_TIMEOUT = "ChildWorkflowTimeout"
+RERUN = "Rerun"
 
 WORKER_LOST_ERROR = {
     "type": WORKER_LOST,
@@ -111,4 +112,16 @@ def child_timeout(step: str, child_run_id: Any) -> dict[str, Any]:
             f'step "{step}" timed out waiting for child run {child_run_id}; the child keeps running'
         ),
         "child_run": str(child_run_id),
+    }
+
+
+def rerun_closed(run_id: Any, generation: int, from_step: str | None) -> dict[str, Any]:
+    """The error of a wait that a rerun closed: its step runs again in ``generation``."""
+    where = "from the start" if from_step is None else f'from step "{from_step}"'
+    return {
+        "type": RERUN,
+        "message": (
+            f"closed by the rerun of run {run_id} {where} (generation {generation}): "
+            "the step runs again"
+        ),
     }

@@ -15,18 +15,22 @@ class WorkflowError(Exception):
 
 
 class Refusal(str, enum.Enum):
-    """Why a run cannot be resumed or canceled: ``InvalidTransition.reason``.
+    """Why a run cannot be resumed, rerun or canceled: ``InvalidTransition.reason``.
 
     Decided in one place, ``WorkflowRun.resume_refusal()`` /
-    ``cancel_refusal()``, which the managers, the admin and the pages all call.
+    ``rerun_refusal()`` / ``cancel_refusal()``, which the managers, the admin
+    and the pages all call.
     """
 
     STATUS = "status"
     """Its status does not allow it (``InvalidTransition.status`` says which)."""
     DEADLINE = "deadline"
-    """Resume: its ``deadline_at`` has passed; resuming needs a future ``deadline_at=``."""
+    """Resume, rerun: its ``deadline_at`` has passed; it needs a future ``deadline_at=``."""
     NEW_DEADLINE = "new-deadline"
-    """Resume: the ``deadline_at=`` given is not in the future."""
+    """Resume, rerun: the ``deadline_at=`` given is not in the future."""
+    STALE = "stale"
+    """Resume, rerun: ``expected_generation=`` is not the run's ``resume_generation`` any more:
+    it was resumed or rerun since the caller read it (a page showed it, say)."""
 
     def __str__(self) -> str:
         return self.value

@@ -10,8 +10,15 @@ The lock order. A transaction that locks several runs' rows and waits for
 them locks them oldest first (``created_at``, then ``id``: ``LOCK_ORDER``).
 A parent is always older than its children, so parents are locked before
 children: a child that finishes, is canceled or passes its deadline locks
-its parent (``lock_parents``) *before* it changes its own row. Locks taken
+its parent (``lock_parents``) *before* it changes its own row. A cancel
+locks the run's parent, the run, then its active descendants; a rerun locks
+the run, then the active runs below the steps it runs again (children and
+their descendants, oldest first); a resume locks its run only. Locks taken
 with ``SKIP LOCKED`` never wait and need no order.
+
+Three layers: ``RunLocks`` (the lock order), ``RunWrites`` (what the
+transitions check and write under the locks they hold) and
+``WorkflowRunManager`` (the transitions: ``resume``, ``rerun``, ``cancel``).
 """
 
 from __future__ import annotations
@@ -26,16 +33,26 @@ from django.db.models import Q
 from django.utils import timezone
 
 from . import errors
+from .audit import log_run_change
 from .clock import Now
+from .corrections import (
+    NOT_GIVEN,
+    Correction,
+    RerunPlan,
+    require_correct_permission,
+    stale_message,
+)
+from .corrections import expected_generation as expected_generation_of
 from .exceptions import InvalidTransition, Refusal
+from .names import check_name
 from .pauses import pause_point
 from .queues import frees_a_place
-from .signals import run_canceled, run_resumed, send_after_commit
+from .signals import run_canceled, run_rerun, run_resumed, send_after_commit
 from .subjects import content_type_of, subject_key
 from .tracing import resumed
 
 if TYPE_CHECKING:
-    from .models import WorkflowRun
+    from .models import StepAttempt, WorkflowRun, WorkflowRunEvent
     from .store import Store
 
 ACTIVE = ("pending", "running")
@@ -82,20 +99,26 @@ def _aware_deadline(value: Any) -> datetime | None:
     return value
 
 
-def _resume_refused(run: WorkflowRun, refusal: Refusal, deadline_at: datetime | None) -> str:
-    """The message of the ``InvalidTransition`` that ``resume()`` raises for ``refusal``."""
+ALLOWED = {  # what each verb's Refusal.STATUS message says may be done so
+    "resume": "only failed runs can be resumed",
+    "rerun": "only completed, failed or canceled runs can be rerun",
+}
+
+
+def _refused(verb: str, run: WorkflowRun, refusal: Refusal, deadline_at: datetime | None) -> str:
+    """The message of the ``InvalidTransition`` that ``resume()``/``rerun()`` raise."""
     if refusal is Refusal.STATUS:
-        return f"cannot resume run {run.pk}: it is {run.status}; only failed runs can be resumed"
+        return f"cannot {verb} run {run.pk}: it is {run.status}; {ALLOWED[verb]}"
     if refusal is Refusal.NEW_DEADLINE:
         assert deadline_at is not None
         return (
-            f"cannot resume run {run.pk}: the new deadline_at "
+            f"cannot {verb} run {run.pk}: the new deadline_at "
             f"{deadline_at.isoformat()} is not in the future"
         )
     assert run.deadline_at is not None
     return (
-        f"cannot resume run {run.pk}: its deadline_at {run.deadline_at.isoformat()} "
-        "has passed; pass a future deadline_at= to resume it"
+        f"cannot {verb} run {run.pk}: its deadline_at {run.deadline_at.isoformat()} "
+        f"has passed; pass a future deadline_at= to {verb} it"
     )
 
 
@@ -119,6 +142,13 @@ class WorkflowRunQuerySet(models.QuerySet["WorkflowRun"]):
         Failed, with no deadline or one still ahead (by the database clock).
         """
         return self.failed().filter(not_past_deadline())
+
+    def rerunnable(self) -> WorkflowRunQuerySet:
+        """Runs ``rerun()`` would rerun: ``WorkflowRun.can_rerun()`` in SQL.
+
+        Finished (completed, failed or canceled), with no deadline or one still ahead.
+        """
+        return self.finished().filter(not_past_deadline())
 
     def names_to_offer(
         self, field: str, known: Iterable[str], chosen: str | None = None
@@ -230,6 +260,11 @@ class WorkflowRunQuerySet(models.QuerySet["WorkflowRun"]):
         """Cancel every active run in the queryset; skip the others. Returns the canceled."""
         return self._each(self.model.objects.cancel, by)
 
+    def rerun(self, *, by: Any = None) -> list[WorkflowRun]:
+        """Rerun every finished run in the queryset from the start; skip the others (active,
+        or past their deadline). Returns the rerun."""
+        return self._each(self.model.objects.rerun, by)
+
     def _each(self, transition: Any, by: Any) -> list[WorkflowRun]:
         changed = []
         for pk in self.values_list("pk", flat=True):
@@ -240,162 +275,8 @@ class WorkflowRunQuerySet(models.QuerySet["WorkflowRun"]):
         return changed
 
 
-class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # type: ignore[misc]
-    # --- transitions asked for by people (views, admin, shell) -------------
-
-    def resume(self, run_or_id: Any, *, deadline_at: Any = None, by: Any = None) -> WorkflowRun:
-        """Send a failed run back to the queue; completed steps keep their results.
-
-        Locks the run row and decides from the status read under that lock.
-        Raises ``InvalidTransition`` for a run that is not ``failed`` (or whose
-        deadline has passed and no future ``deadline_at`` is given),
-        ``WorkflowRun.DoesNotExist`` for an unknown id (or one that is not a
-        UUID) and ``ValueError`` for a ``deadline_at`` that is not an aware
-        datetime. Waits in flight when the run failed are kept.
-        """
-        from .models import StepAttempt, WorkflowRunEvent
-
-        pk = _pk(run_or_id)
-        deadline_at = _aware_deadline(deadline_at)
-        with transaction.atomic(using=self.db):
-            run = self.select_for_update().annotate(db_now=Now()).get(pk=pk)
-            db_now = run.db_now
-            refusal = run.resume_refusal(db_now, deadline_at=deadline_at)
-            if refusal is not None:
-                raise InvalidTransition(
-                    _resume_refused(run, refusal, deadline_at),
-                    run_id=run.pk,
-                    status=run.status,
-                    reason=refusal,
-                )
-            if deadline_at is not None:
-                run.deadline_at = deadline_at
-            cleared = run.error
-            run.status = self.model.Status.PENDING
-            run.error = None
-            run.worker_id = None
-            run.claim_token = None
-            run.started_at = None
-            run.finished_at = None
-            run.attempts = 0
-            run.resume_generation += 1
-            run.available_at = db_now
-            run.updated_at = db_now
-            traced = resumed(run.trace_context, run.resume_generation)
-            if traced is not None:  # resumed inside a span: the next passes link to it
-                run.trace_context = traced
-            run.save(
-                update_fields=[
-                    *(["trace_context"] if traced is not None else []),
-                    "status",
-                    "error",
-                    "worker_id",
-                    "claim_token",
-                    "started_at",
-                    "finished_at",
-                    "attempts",
-                    "resume_generation",
-                    "available_at",
-                    "updated_at",
-                    "deadline_at",
-                ]
-            )
-            # Waits in flight when the run failed (its deadline passed while a child
-            # ran, say) go on in the new generation: the same child, the same signal.
-            StepAttempt.objects.using(self.db).filter(
-                workflow_run=run, status=StepAttempt.Status.RUNNING, kind__in=WAIT_KINDS
-            ).update(resume_generation=run.resume_generation)
-            WorkflowRunEvent.objects.using(self.db).create(
-                run=run, action=WorkflowRunEvent.Action.RESUME, by=by, cleared_error=cleared
-            )
-            self.store.notify(run.namespace)
-            send_after_commit(run_resumed, run, using=self.db, by=by)
-        return run
-
-    def cancel(self, run_or_id: Any, *, by: Any = None) -> WorkflowRun:
-        """Cancel a pending or running run and its unfinished descendant runs.
-
-        A worker executing one stops at its next step boundary and stores
-        nothing further as success. Raises ``InvalidTransition`` for a
-        finished run and ``WorkflowRun.DoesNotExist`` for an unknown id.
-        One transaction, locking in the lock order: the run's parent, the
-        run, then its descendants.
-        """
-        pk = _pk(run_or_id)
-        with transaction.atomic(using=self.db):
-            self.lock_parents([pk])
-            run = self.select_for_update().annotate(db_now=Now()).get(pk=pk)
-            refusal = run.cancel_refusal()
-            if refusal is not None:
-                raise InvalidTransition(
-                    f"cannot cancel run {run.pk}: it is {run.status}; "
-                    "only pending or running runs can be canceled",
-                    run_id=run.pk,
-                    status=run.status,
-                    reason=refusal,
-                )
-            self._mark_canceled(run, by)
-            pause_point("cancel.before-children", run_id=run.pk)
-            descendants = self._lock_active_descendants(run.pk)
-            ended = [run, *self.filter(pk__in=descendants).active().annotate(db_now=Now())]
-            for child in ended[1:]:
-                self._mark_canceled(child, by)
-            woken = run.parent_step_attempt_id is not None and self.store.wake_parents([run.pk])
-            if woken or any(frees_a_place(r) for r in ended):
-                self.store.notify(run.namespace)
-        return run
-
-    def _mark_canceled(self, run: WorkflowRun, by: Any) -> None:
-        """Inside ``cancel``'s transaction, with the row locked: cancel one run."""
-        from .models import StepAttempt, WorkflowRunEvent
-
-        run.status = self.model.Status.CANCELED
-        run.worker_id = None
-        run.claim_token = None
-        run.available_at = None
-        run.finished_at = run.updated_at = run.db_now  # type: ignore[attr-defined]
-        run.save(
-            update_fields=[
-                "status",
-                "worker_id",
-                "claim_token",
-                "available_at",
-                "finished_at",
-                "updated_at",
-            ]
-        )
-        StepAttempt.objects.using(self.db).filter(workflow_run=run, status="running").update(
-            status="failed", error=errors.CANCELED_ERROR, finished_at=Now()
-        )
-        WorkflowRunEvent.objects.using(self.db).create(
-            run=run, action=WorkflowRunEvent.Action.CANCEL, by=by
-        )
-        send_after_commit(run_canceled, run, using=self.db, by=by)
-
-    def _lock_active_descendants(self, root: Any) -> set[Any]:
-        """Lock the active runs below ``root`` (children, grandchildren, ...) in the lock order.
-
-        The whole family is read first and locked at once; a child started
-        meanwhile (its parent was not locked yet) is found by the next round.
-        """
-        locked: set[Any] = set()
-        while True:
-            family: set[Any] = set()
-            frontier = [root]
-            while frontier:  # through finished runs too: a child that failed may have
-                rows = list(  # active children of its own
-                    self.filter(parent_step_attempt__workflow_run_id__in=frontier).values_list(
-                        "pk", "status"
-                    )
-                )
-                frontier = [pk for pk, _ in rows]
-                family.update(pk for pk, status in rows if status in ACTIVE)
-            new = family - locked
-            if not new:
-                return locked
-            locked.update(self.lock(new))
-
-    # --- the lock order ---------------------------------------------------------
+class RunLocks(models.Manager.from_queryset(WorkflowRunQuerySet)):  # type: ignore[misc]
+    """The lock order (see the module's docstring): which rows a transition locks, and how."""
 
     def lock(self, ids: Iterable[Any]) -> list[Any]:
         """Lock these runs' rows in the lock order (oldest first); return their ids."""
@@ -434,6 +315,371 @@ class WorkflowRunManager(models.Manager.from_queryset(WorkflowRunQuerySet)):  # 
         from .store import get_store
 
         return get_store(self.db)
+
+    def _lock_one(self, pk: Any) -> WorkflowRun:
+        """Lock the run's row; the run carries ``db_now``, the database clock under the lock."""
+        return self.select_for_update().annotate(db_now=Now()).get(pk=pk)  # type: ignore[no-any-return]
+
+    def _lock_active_descendants(self, root: Any) -> set[Any]:
+        """Lock the active runs below ``root`` (children, grandchildren, ...) in the lock order."""
+        return self._lock_active_family(Q(parent_step_attempt__workflow_run_id=root))
+
+    def _lock_active_family(self, first: Q) -> set[Any]:
+        """Lock the active runs that ``first`` selects and their active descendants, in the
+        lock order; return their ids.
+
+        The whole family is read first and locked at once; a child started
+        meanwhile (its parent was not locked yet) is found by the next round.
+        """
+        locked: set[Any] = set()
+        while True:
+            family: set[Any] = set()
+            rows = list(self.filter(first).values_list("pk", "status"))
+            while rows:  # through finished runs too: a child that failed may have
+                family.update(pk for pk, status in rows if status in ACTIVE)  # active children
+                frontier = [pk for pk, _ in rows]
+                rows = list(
+                    self.filter(parent_step_attempt__workflow_run_id__in=frontier).values_list(
+                        "pk", "status"
+                    )
+                )
+            new = family - locked
+            if not new:
+                return locked
+            locked.update(self.lock(new))
+
+    @property
+    def _attempts(self) -> Any:
+        from .models import StepAttempt
+
+        return StepAttempt.objects.using(self.db)
+
+
+class RunWrites(RunLocks):
+    """What the transitions check and write, each under the row locks its transition holds."""
+
+    def _refuse(
+        self,
+        verb: str,
+        run: WorkflowRun,
+        expected: int | None,
+        deadline_at: datetime | None,
+        rule: Any,
+    ) -> None:
+        """Under the lock: raise ``InvalidTransition`` if ``verb`` may not go on."""
+        if expected is not None and run.resume_generation != expected:
+            raise InvalidTransition(
+                stale_message(run.pk, run.resume_generation, expected),
+                run_id=run.pk,
+                status=run.status,
+                reason=Refusal.STALE,
+            )
+        refusal = rule(run.db_now, deadline_at=deadline_at)  # type: ignore[attr-defined]
+        if refusal is not None:
+            raise InvalidTransition(
+                _refused(verb, run, refusal, deadline_at),
+                run_id=run.pk,
+                status=run.status,
+                reason=refusal,
+            )
+
+    def _attempts_of(self, run: WorkflowRun, *columns: str) -> list[Any]:
+        """Under the lock: the run's attempts, oldest first, without their outputs (nor
+        ``columns``)."""
+        attempts = self._attempts.filter(workflow_run=run).order_by("id")
+        return list(attempts.defer("output", *columns))
+
+    def _restart(self, run: WorkflowRun, deadline_at: datetime | None, also: list[str]) -> None:
+        """Under the lock: make the run pending in a new generation, due now; save it.
+
+        ``also``: fields the caller changed too. Waits in flight (its deadline
+        passed while a child ran, say) go on in the new generation: the same
+        child, the same signal; a rerun then closes those of steps it runs again.
+        """
+        from .models import StepAttempt
+
+        db_now = run.db_now  # type: ignore[attr-defined]
+        if deadline_at is not None:
+            run.deadline_at = deadline_at
+        run.status = self.model.Status.PENDING
+        run.error = None
+        run.worker_id = None
+        run.claim_token = None
+        run.started_at = None
+        run.finished_at = None
+        run.attempts = 0
+        run.resume_generation += 1
+        run.available_at = db_now
+        run.updated_at = db_now
+        traced = resumed(run.trace_context, run.resume_generation)
+        if traced is not None:  # resumed inside a span: the next passes link to it
+            run.trace_context = traced
+        run.save(
+            update_fields=[
+                *(["trace_context"] if traced is not None else []),
+                *also,
+                "status",
+                "error",
+                "worker_id",
+                "claim_token",
+                "started_at",
+                "finished_at",
+                "attempts",
+                "resume_generation",
+                "available_at",
+                "updated_at",
+                "deadline_at",
+            ]
+        )
+        self._attempts.filter(
+            workflow_run=run, status=StepAttempt.Status.RUNNING, kind__in=WAIT_KINDS
+        ).update(resume_generation=run.resume_generation)
+
+    def _record(
+        self, run: WorkflowRun, action: str, by: Any, cleared: Any, details: Any
+    ) -> WorkflowRunEvent:
+        """Under the lock: the run's event of a resume or rerun."""
+        from .models import WorkflowRunEvent
+
+        return WorkflowRunEvent.objects.using(self.db).create(  # type: ignore[no-any-return]
+            run=run, action=action, by=by, cleared_error=cleared, details=details
+        )
+
+    def _give_outputs(
+        self,
+        run: WorkflowRun,
+        event: WorkflowRunEvent,
+        failed: dict[str, StepAttempt],
+        outputs: dict[str, Any],
+    ) -> None:
+        """Under the lock, after the restart: complete the failed steps with the given
+        outputs, as attempts of the new generation (the kind and place of their failure)."""
+        from .models import StepAttempt
+
+        db_now = run.db_now  # type: ignore[attr-defined]
+        self._attempts.bulk_create(
+            StepAttempt(
+                workflow_run=run,
+                step_name=name,
+                kind=last.kind,
+                atomic=last.atomic,
+                position=last.position,
+                signal=last.signal,
+                status=StepAttempt.Status.COMPLETED,
+                output=outputs[name],
+                resume_generation=run.resume_generation,
+                started_at=db_now,
+                finished_at=db_now,
+                given_in=event,
+            )
+            for name, last in failed.items()
+        )
+
+    def _close_waits(self, run: WorkflowRun, plan: RerunPlan) -> None:
+        """Under the lock, before the restart: fail the open waits of the steps a rerun runs
+        again, in their own generation, so they never take a signal or a wake-up again."""
+        from .models import StepAttempt
+
+        if plan.close_waits:
+            error = errors.rerun_closed(run.pk, run.resume_generation + 1, plan.from_step)
+            self._attempts.filter(
+                pk__in=plan.close_waits, status=StepAttempt.Status.RUNNING
+            ).update(status=StepAttempt.Status.FAILED, error=error, finished_at=Now())
+
+    def _supersede(self, run: WorkflowRun, event: WorkflowRunEvent, plan: RerunPlan) -> None:
+        """Under the lock: the completed attempts that replay would serve, but for the steps
+        a rerun serves (``plan.supersede``), are superseded by its event (one UPDATE)."""
+        if plan.supersede:
+            served = self._attempts.filter(
+                workflow_run=run, status="completed", superseded_by__isnull=True
+            )
+            served.exclude(step_name__in=plan.served_steps).update(superseded_by=event)
+
+    def _mark_canceled(self, run: WorkflowRun, by: Any) -> None:
+        """Inside ``cancel``'s transaction, with the row locked: cancel one run."""
+        from .models import StepAttempt, WorkflowRunEvent
+
+        run.status = self.model.Status.CANCELED
+        run.worker_id = None
+        run.claim_token = None
+        run.available_at = None
+        run.finished_at = run.updated_at = run.db_now  # type: ignore[attr-defined]
+        run.save(
+            update_fields=[
+                "status",
+                "worker_id",
+                "claim_token",
+                "available_at",
+                "finished_at",
+                "updated_at",
+            ]
+        )
+        StepAttempt.objects.using(self.db).filter(workflow_run=run, status="running").update(
+            status="failed", error=errors.CANCELED_ERROR, finished_at=Now()
+        )
+        WorkflowRunEvent.objects.using(self.db).create(
+            run=run, action=WorkflowRunEvent.Action.CANCEL, by=by
+        )
+        send_after_commit(run_canceled, run, using=self.db, by=by)
+
+
+class WorkflowRunManager(RunWrites):
+    """``WorkflowRun.objects``: the transitions asked for by people (views, admin, shell)."""
+
+    def resume(
+        self,
+        run_or_id: Any,
+        *,
+        deadline_at: Any = None,
+        by: Any = None,
+        input: Any = NOT_GIVEN,
+        step_outputs: dict[str, Any] | None = None,
+        expected_generation: int | None = None,
+    ) -> WorkflowRun:
+        """Send a failed run back to the queue; completed steps keep their results.
+
+        Locks the run row and decides from the status read under that lock.
+        Raises ``InvalidTransition`` for a run that is not ``failed`` (or whose
+        deadline has passed and no future ``deadline_at`` is given, or whose
+        ``resume_generation`` is not ``expected_generation``),
+        ``WorkflowRun.DoesNotExist`` for an unknown id (or one that is not a
+        UUID) and ``ValueError`` for a ``deadline_at`` that is not an aware
+        datetime. Waits in flight when the run failed are kept.
+
+        With changes (``corrections.py``): ``input`` replaces the run's input;
+        ``step_outputs`` (``{"step": output}``) completes each named step that
+        failed in the current generation with that output, as a new attempt
+        of the new generation marked ``given_in`` the resume's event, which
+        replay serves instead of running the step. The values are checked
+        before the lock (``TypeError``/``ValueError``); a step that did not
+        fail is a ``ValueError``; a user ``by`` needs the permission
+        ``correct_workflowrun`` (``PermissionDenied``). The event's
+        ``details`` hold the old and new values, and a user's change is
+        written to the admin's history too. Any refusal changes nothing.
+        """
+        pk = _pk(run_or_id)
+        deadline_at = _aware_deadline(deadline_at)
+        expected = expected_generation_of(expected_generation)
+        correction = Correction.checked(pk, input, step_outputs)
+        if correction.given:
+            require_correct_permission(by, pk)
+        with transaction.atomic(using=self.db):
+            run = self._lock_one(pk)
+            pause_point("resume.locked", run_id=run.pk)
+            self._refuse("resume", run, expected, deadline_at, run.resume_refusal)
+            failed = {}
+            if correction.step_outputs:
+                failed = correction.failed_attempts(run.resume_generation, self._attempts_of(run))
+            details = correction.details(run.input, failed)
+            cleared = run.error
+            changed = []
+            if correction.input is not NOT_GIVEN:
+                run.input = correction.input
+                changed.append("input")
+            self._restart(run, deadline_at, changed)
+            event = self._record(run, "resume", by, cleared, details)
+            if failed:
+                self._give_outputs(run, event, failed, correction.step_outputs)
+            self.store.notify(run.namespace)
+            send_after_commit(run_resumed, run, using=self.db, by=by)
+            if correction.given:
+                log_run_change(run, by, correction.log_message(), using=self.db)
+        return run
+
+    def rerun(
+        self,
+        run_or_id: Any,
+        *,
+        from_step: str | None = None,
+        by: Any = None,
+        deadline_at: Any = None,
+        expected_generation: int | None = None,
+    ) -> WorkflowRun:
+        """Take a finished run back to ``pending`` in place: same id, a new generation.
+
+        The steps on the stored path (``WorkflowRun.stored_path()``) before
+        ``from_step`` are served from their stored results; ``from_step``
+        and everything after it run again (``None``: every step). Nothing is
+        deleted: the completed attempts of the steps that run again are
+        marked ``superseded_by`` the rerun's event, their open waits are
+        closed (failed, ``Rerun``) and the active child runs their attempts
+        started are canceled, with their descendants (the rerun starts new
+        ones). Raises ``InvalidTransition`` for an active run, a passed
+        deadline without a future ``deadline_at`` or a stale
+        ``expected_generation`` (as ``resume()``), ``ValueError`` for a
+        ``from_step`` not on the path and ``WorkflowRun.DoesNotExist`` for an
+        unknown id; any refusal changes nothing. A rerun of a child run does
+        not touch its parent.
+
+        The lock order: the run, then the child runs to cancel and their
+        descendants, oldest first.
+        """
+        pk = _pk(run_or_id)
+        deadline_at = _aware_deadline(deadline_at)
+        expected = expected_generation_of(expected_generation)
+        if from_step is not None:
+            check_name(from_step, "from_step", of=f" of the rerun of run {pk}")
+        with transaction.atomic(using=self.db):
+            run = self._lock_one(pk)
+            pause_point("rerun.locked", run_id=run.pk)
+            self._refuse("rerun", run, expected, deadline_at, run.rerun_refusal)
+            plan = RerunPlan.of(run, self._attempts_of(run, "error"), from_step)
+            # The child runs of the steps that run again (any of their attempts), with
+            # their descendants: no one waits for them any more.
+            started = Q(parent_step_attempt__workflow_run=run) & ~Q(
+                parent_step_attempt__step_name__in=plan.kept_steps
+            )
+            family = self._lock_active_family(started)
+            ended = list(self.filter(pk__in=family).active().annotate(db_now=Now()))
+            ended.sort(key=lambda r: (r.created_at, str(r.pk)))
+            cleared = run.error if run.status == self.model.Status.FAILED else None
+            self._close_waits(run, plan)  # before the restart moves the open waits on
+            run.output = None
+            self._restart(run, deadline_at, ["output"])
+            canceled = [r.pk for r in ended]
+            event = self._record(
+                run, "rerun", by, cleared, plan.details(run.resume_generation, canceled)
+            )
+            self._supersede(run, event, plan)
+            for child in ended:
+                self._mark_canceled(child, by)
+            self.store.notify(run.namespace)
+            send_after_commit(run_rerun, run, using=self.db, by=by, from_step=from_step)
+            log_run_change(run, by, plan.log_message(), using=self.db)
+        return run
+
+    def cancel(self, run_or_id: Any, *, by: Any = None) -> WorkflowRun:
+        """Cancel a pending or running run and its unfinished descendant runs.
+
+        A worker executing one stops at its next step boundary and stores
+        nothing further as success. Raises ``InvalidTransition`` for a
+        finished run and ``WorkflowRun.DoesNotExist`` for an unknown id.
+        One transaction, locking in the lock order: the run's parent, the
+        run, then its descendants.
+        """
+        pk = _pk(run_or_id)
+        with transaction.atomic(using=self.db):
+            self.lock_parents([pk])
+            run = self.select_for_update().annotate(db_now=Now()).get(pk=pk)
+            refusal = run.cancel_refusal()
+            if refusal is not None:
+                raise InvalidTransition(
+                    f"cannot cancel run {run.pk}: it is {run.status}; "
+                    "only pending or running runs can be canceled",
+                    run_id=run.pk,
+                    status=run.status,
+                    reason=refusal,
+                )
+            self._mark_canceled(run, by)
+            pause_point("cancel.before-children", run_id=run.pk)
+            descendants = self._lock_active_descendants(run.pk)
+            ended = [run, *self.filter(pk__in=descendants).active().annotate(db_now=Now())]
+            for child in ended[1:]:
+                self._mark_canceled(child, by)
+            woken = run.parent_step_attempt_id is not None and self.store.wake_parents([run.pk])
+            if woken or any(frees_a_place(r) for r in ended):
+                self.store.notify(run.namespace)
+        return run
 
 
 class StepAttemptQuerySet(models.QuerySet[Any]):

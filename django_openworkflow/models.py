@@ -368,7 +368,7 @@ class WorkflowRun(models.Model):
     def is_finished(self) -> bool:
         return self.status in self.FINISHED_STATUSES
 
-    # --- the rules of resume and cancel: the managers, the admin and the pages ask here
+    # --- the rules of resume, rerun and cancel: the managers, the admin and the pages ask here
 
     def resume_refusal(
         self, now: datetime | None = None, *, deadline_at: datetime | None = None
@@ -383,6 +383,33 @@ class WorkflowRun(models.Model):
         """
         if self.status != self.Status.FAILED:
             return Refusal.STATUS
+        return self._deadline_refusal(now, deadline_at)
+
+    def can_resume(self, now: datetime | None = None) -> bool:
+        """Whether ``WorkflowRun.objects.resume(run)`` would resume it (see ``resume_refusal``)."""
+        return self.resume_refusal(now) is None
+
+    def rerun_refusal(
+        self, now: datetime | None = None, *, deadline_at: datetime | None = None
+    ) -> Refusal | None:
+        """Why ``WorkflowRun.objects.rerun(run, deadline_at=...)`` would refuse it, or None.
+
+        Only a finished run (completed, failed or canceled) can be rerun, and
+        its deadline is judged as ``resume_refusal`` judges it: a passed
+        ``deadline_at`` needs a new, future one. ``QuerySet.rerunnable()`` is
+        the same rule in SQL.
+        """
+        if self.status in ACTIVE:
+            return Refusal.STATUS
+        return self._deadline_refusal(now, deadline_at)
+
+    def can_rerun(self, now: datetime | None = None) -> bool:
+        """Whether ``WorkflowRun.objects.rerun(run)`` would rerun it (see ``rerun_refusal``)."""
+        return self.rerun_refusal(now) is None
+
+    def _deadline_refusal(
+        self, now: datetime | None, deadline_at: datetime | None
+    ) -> Refusal | None:
         now = timezone.now() if now is None else now
         if deadline_at is not None:
             return None if deadline_at > now else Refusal.NEW_DEADLINE
@@ -390,9 +417,30 @@ class WorkflowRun(models.Model):
             return Refusal.DEADLINE
         return None
 
-    def can_resume(self, now: datetime | None = None) -> bool:
-        """Whether ``WorkflowRun.objects.resume(run)`` would resume it (see ``resume_refusal``)."""
-        return self.resume_refusal(now) is None
+    def correctable_steps(self) -> dict[str, StepAttempt]:
+        """The steps ``WorkflowRun.objects.resume(run, step_outputs=...)`` may give an output
+        (one query): those that failed in the run's current generation and have not
+        completed since, each with its last failed attempt (its ``error``), in the order
+        they first failed. Whether the run can be resumed at all is ``resume_refusal()``.
+        """
+        from .corrections import correctable_steps
+
+        attempts = self.step_attempts.defer("output").order_by("id")
+        return correctable_steps(self.resume_generation, attempts)
+
+    def stored_path(self) -> list[str]:
+        """The steps a replay of the run's generation meets, in call order (one query).
+
+        The completed steps and those the last generation called, by their
+        first place; what ``WorkflowRun.objects.rerun(run, from_step=...)``
+        accepts as ``from_step``.
+        """
+        from .engine.history import stored_path
+
+        attempts = self.step_attempts.only(
+            "step_name", "position", "resume_generation", "status", "superseded_by"
+        )
+        return [name for _, name in stored_path(attempts, self.resume_generation)]
 
     def cancel_refusal(self) -> Refusal | None:
         """Why ``WorkflowRun.objects.cancel(run)`` would refuse it, or None.

@@ -40,6 +40,9 @@ PAUSE_POINTS: dict[str, str] = {
     "signal.locked": "a delivery locked the waiting runs and found steps still waiting; not yet"
     " completed",
     "cancel.before-children": "a cancel changed its own run's row, not yet its children's",
+    "resume.locked": "a resume (with changes or not) locked the run's row and has read nothing"
+    " under the lock yet",
+    "rerun.locked": "a rerun locked the run's row and has read nothing under the lock yet",
     "schedule.before-start": "a worker holds a due schedule's row lock and chose the tick to"
     " start; it has inserted no run yet",
     "schedule.before-commit": "a worker inserted a tick's run and moved the schedule's"

@@ -6,6 +6,8 @@ Each is sent with ``sender=WorkflowRun`` and keyword arguments:
 - ``step_failed(run, step_name, error, attempt)``: a step attempt failed (it may be retried).
 - ``run_completed(run)``, ``run_failed(run)``: the run finished so.
 - ``run_resumed(run, by)``, ``run_canceled(run, by)``: a person (or code) resumed or canceled it.
+- ``run_rerun(run, by, from_step)``: a person (or code) reran it (``from_step``: the step it
+  runs again from, None for the start).
 
 Receivers run after the transaction that made the change has committed; an
 exception in a receiver is logged, never raised into the engine or the view.
@@ -27,6 +29,7 @@ run_completed = Signal()
 run_failed = Signal()
 run_resumed = Signal()
 run_canceled = Signal()
+run_rerun = Signal()
 
 
 def send_after_commit(signal: Signal, run: Any, *, using: str | None = None, **kwargs: Any) -> None:

@@ -15,7 +15,6 @@ from functools import wraps
 from typing import Any, cast
 
 from django import forms
-from django.apps import apps
 from django.contrib import messages
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
@@ -31,6 +30,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST, require_safe
 
+from .audit import log_run_change
 from .conf import app_settings
 from .display import duration_of, error_parts, refusal_text, timeline
 from .exceptions import InvalidTransition, Refusal
@@ -413,19 +413,8 @@ def _transition(
 
 def _log_admin_change(request: HttpRequest, run: WorkflowRun, message: str) -> None:
     """Write the change to the admin history too, as the admin actions do."""
-    if not apps.is_installed("django.contrib.admin"):
-        return
-    from django.contrib.admin.models import CHANGE, LogEntry
-
-    user_id = request.user.pk
-    assert user_id is not None  # the views require a logged-in user
-    LogEntry.objects.log_actions(
-        user_id=user_id,
-        queryset=[run],
-        action_flag=CHANGE,
-        change_message=message,
-        single_object=True,
-    )
+    assert request.user.pk is not None  # the views require a logged-in user
+    log_run_change(run, request.user, message, using=run._state.db or app_settings.DATABASE)
 
 
 @require_POST

@@ -132,3 +132,19 @@ def replay_positions(attempts: Iterable[StepAttempt], generation: int) -> dict[i
             if name in completed and (cut is None or position < cut):
                 expected[position] = name
     return expected
+
+
+def stored_path(attempts: Iterable[StepAttempt], generation: int) -> list[tuple[int, str]]:
+    """The steps that a replay of ``generation`` meets, in call order: ``(place, step)``.
+
+    ``replay_positions`` sorted by place; a step bound at several places is
+    listed once, at its first. What ``WorkflowRun.stored_path()`` shows and
+    ``rerun(from_step=...)`` chooses from.
+    """
+    seen: set[str] = set()
+    path = []
+    for position, name in sorted(replay_positions(attempts, generation).items()):
+        if name not in seen:
+            seen.add(name)
+            path.append((position, name))
+    return path

@@ -522,3 +522,66 @@ def reads_subject(ctx):
 @workflow(name="ignores-subject")
 def ignores_subject(ctx):
     return ctx.step.run("work", lambda: 1)
+
+
+# --- resume with changes and rerun (tests/test_corrections.py, tests/test_rerun.py) -------
+
+ONCE = RetryPolicy(maximum_attempts=1)
+
+
+@workflow(name="charge-card")
+def charge_card(ctx):
+    """'charge-card' declines the card "declined" (no retries); 'ship' ships what it charged.
+
+    With ``ship_fails`` in the input, 'ship' fails too (no retries)."""
+    ctx.step.run("reserve", lambda: effect(ctx, "reserve") or "reserved")
+
+    def charge():
+        effect(ctx, "charge-card")
+        if ctx.input["card"] == "declined":
+            raise RuntimeError(f"card {ctx.input['card']} was declined")
+        return {"card": ctx.input["card"]}
+
+    charged = ctx.step.run("charge-card", charge, retry_policy=ONCE)
+
+    def ship():
+        effect(ctx, "ship")
+        if ctx.input.get("ship_fails"):
+            raise RuntimeError("no courier")
+        return {"shipped": charged}
+
+    return ctx.step.run("ship", ship, retry_policy=ONCE)
+
+
+@workflow(name="recovers-then-fails")
+def recovers_then_fails(ctx):
+    """'wobbly' fails once, then succeeds on its retry; 'final' always fails (no retries)."""
+
+    def wobbly():
+        effect(ctx, "wobbly")
+        if SideEffect.objects.filter(run_id=ctx.run_id, step="wobbly").count() == 1:
+            raise RuntimeError("first try fails")
+        return "steady"
+
+    ctx.step.run("wobbly", wobbly, retry_policy=RetryPolicy(initial_interval=0))
+
+    def final():
+        effect(ctx, "final")
+        raise RuntimeError("always")
+
+    return ctx.step.run("final", final, retry_policy=ONCE)
+
+
+@workflow(name="counts-executions")
+def counts_executions(ctx):
+    """Each step returns how many times it has executed for this run (its output changes
+    when a rerun executes it again)."""
+
+    def counted(name):
+        def fn():
+            effect(ctx, name)
+            return SideEffect.objects.filter(run_id=ctx.run_id, step=name).count()
+
+        return fn
+
+    return {name: ctx.step.run(name, counted(name)) for name in ("a", "b", "c")}
