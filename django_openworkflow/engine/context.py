@@ -9,6 +9,7 @@ from ..durations import Duration, RetryPolicy
 
 if TYPE_CHECKING:
     from ..registry import Workflow
+    from ..replay import ReplayPass
     from .execution import Execution
 
 
@@ -17,10 +18,11 @@ class WorkflowContext:
 
     ``ctx.input``, ``ctx.run_id``, ``ctx.version``, ``ctx.scheduled_at`` (the
     schedule's tick, an aware datetime; None for a run no schedule started)
-    and ``ctx.step``.
+    and ``ctx.step``. The worker's pass gives it an ``Execution``; the replay
+    check (``replay.py``) a ``ReplayPass``, which only replays.
     """
 
-    def __init__(self, execution: Execution) -> None:
+    def __init__(self, execution: Execution | ReplayPass) -> None:
         run = execution.run
         self.input = run.input
         self.run_id = run.pk
@@ -35,7 +37,7 @@ class WorkflowContext:
 class StepApi:
     """``ctx.step``: the durable operations a workflow is made of."""
 
-    def __init__(self, execution: Execution) -> None:
+    def __init__(self, execution: Execution | ReplayPass) -> None:
         self._execution = execution
 
     def run(

@@ -508,3 +508,6 @@ def tick(ctx):
 )
 def declared_schedules(ctx):
     return ctx.scheduled_at.isoformat()
+
+
+from . import replaying  # noqa: E402, F401  (the replay check's workflows)
