@@ -81,7 +81,11 @@ class Finding:
 
 
 class UnstoredStep(Suspend):
-    """Ends a replay at the first step with no stored result: the run stands there."""
+    """Ends a replay at the first step with no stored result (``step``): the run stands there."""
+
+    def __init__(self, step: str) -> None:
+        super().__init__(step)
+        self.step = step
 
 
 class WriteRefused(Exception):
@@ -327,20 +331,19 @@ def _not_reached(
     """After the replay ended: a stored step the code did not reach, or what it raised."""
     position = replay.first_unreached()
     calls = len(replay.history.positions)
-    stopped = isinstance(raised, UnstoredStep)
     if position is None:
-        if raised is None or stopped:
+        if raised is None or isinstance(raised, UnstoredStep):
             return None
         message = (
             f"the workflow function raised {_error(raised)} after {plural(calls, 'step call')}"
         )
         return _finding(run, RAISED, None, None, None, message)
     stored = replay.history.bound[position]
-    if stopped:
-        step = str(raised)
-        at = replay.history.positions[step] + 1
+    if isinstance(raised, UnstoredStep):
+        at = replay.history.positions[raised.step] + 1
         ended = (
-            f'the replay stopped at step "{step}" (step call #{at}), which has no stored result,'
+            f'the replay stopped at step "{raised.step}" (step call #{at}), which has no '
+            "stored result,"
         )
     elif raised is None:
         ended = f"the workflow function returned after {plural(calls, 'step call')},"

@@ -488,6 +488,17 @@ def test_a_failed_step_of_the_current_generation_must_be_reached():
         assert replayed(run).stored_step == "b"
 
 
+def test_stored_steps_after_the_step_where_the_replay_stops_are_reported(order):
+    """Not a history the engine writes: "charge" running with "ship" done after it."""
+    StepAttempt.objects.filter(workflow_run=order, step_name="charge").update(status="running")
+    finding = replayed(order)
+    assert (finding.kind, finding.position, finding.stored_step) == ("not-reached", 2, "ship")
+    assert finding.message == (
+        f'run {order.pk} (replay-order): the replay stopped at step "charge" (step call #2), '
+        'which has no stored result, before reaching stored step "ship" (step call #3)'
+    )
+
+
 # --- the replay mirrors the worker's steps -----------------------------------------------
 
 
