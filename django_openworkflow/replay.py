@@ -330,27 +330,26 @@ def _not_reached(
 ) -> Finding | None:
     """After the replay ended: a stored step the code did not reach, or what it raised."""
     position = replay.first_unreached()
-    calls = len(replay.history.positions)
+    after = f"after {plural(len(replay.history.positions), 'step call')}"
+    error = "" if raised is None else f": {_error(raised)}"
     if position is None:
         if raised is None or isinstance(raised, UnstoredStep):
             return None
-        message = (
-            f"the workflow function raised {_error(raised)} after {plural(calls, 'step call')}"
+        return _finding(
+            run, RAISED, None, None, None, f"the workflow function raised {after}{error}"
         )
-        return _finding(run, RAISED, None, None, None, message)
-    stored = replay.history.bound[position]
+    stored = f'stored step "{replay.history.bound[position]}" (step call #{position + 1})'
     if isinstance(raised, UnstoredStep):
         at = replay.history.positions[raised.step] + 1
-        ended = (
+        message = (
             f'the replay stopped at step "{raised.step}" (step call #{at}), which has no '
-            "stored result,"
+            f"stored result, before reaching {stored}"
         )
     elif raised is None:
-        ended = f"the workflow function returned after {plural(calls, 'step call')},"
+        message = f"the workflow function returned {after}, before reaching {stored}"
     else:
-        ended = f"the workflow function raised {_error(raised)} after {plural(calls, 'step call')},"
-    message = f'{ended} before reaching stored step "{stored}" (step call #{position + 1})'
-    return _finding(run, NOT_REACHED, position, stored, None, message)
+        message = f"the workflow function raised {after}, before reaching {stored}{error}"
+    return _finding(run, NOT_REACHED, position, replay.history.bound[position], None, message)
 
 
 def _error(exc: BaseException) -> str:
