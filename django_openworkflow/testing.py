@@ -24,6 +24,11 @@ for.
 
 ``pause_at()`` stops a thread of the engine at a named pause point (see
 ``django_openworkflow.pauses``) so a test can force a race deterministically.
+
+``assert_replays(run)`` checks that the code still replays a run's stored
+history (running no step function): a run of the test's database, or one
+exported from production with ``manage.py export_run ID > run.json`` and read
+back with ``load_run(path)``, to pin a real history as a regression test.
 """
 
 from __future__ import annotations
@@ -40,10 +45,26 @@ from django.utils import timezone
 from .clock import Now
 from .conf import app_settings
 from .engine import Execution
+from .exports import LoadedRun, load_run
 from .models import QueueStart, StepAttempt, WorkflowRun
 from .pauses import add_hook, remove_hook
 from .registry import Workflow, get_workflow, workflow_names
+from .replay import replay_run
 from .store import get_store
+
+__all__ = [
+    "TEST_WORKER_ID",
+    "LoadedRun",
+    "Pause",
+    "assert_replays",
+    "drain",
+    "load_run",
+    "next_timer",
+    "pause_at",
+    "run_to_completion",
+    "skip_sleeps_and_retries",
+    "travel",
+]
 
 TEST_WORKER_ID = "django_openworkflow.testing"
 
@@ -223,3 +244,25 @@ def pause_at(
     finally:
         pause.release()
         remove_hook(name, pause._hook)
+
+
+def assert_replays(run: WorkflowRun | LoadedRun) -> None:
+    """Fail (``AssertionError``) unless the code replays ``run``'s stored history in order.
+
+    ``run``: a ``WorkflowRun`` (its attempts are read from the database) or a
+    ``LoadedRun`` from ``load_run()``. No step function runs and nothing is
+    written; the message is the finding's, as ``manage.py check_inflight_runs``
+    prints it.
+    """
+    __tracebackhide__ = True
+    if isinstance(run, LoadedRun):
+        model, attempts = run.to_models()
+        finding = replay_run(model, attempts)
+    elif isinstance(run, WorkflowRun):
+        using = run._state.db or app_settings.DATABASE
+        stored = StepAttempt.objects.using(using).filter(workflow_run_id=run.pk).order_by("id")
+        finding = replay_run(run, stored, using=using)
+    else:
+        raise TypeError(f"assert_replays() takes a WorkflowRun or a LoadedRun, not {run!r}")
+    if finding is not None:
+        raise AssertionError(finding.message)

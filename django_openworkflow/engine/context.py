@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from django.db import models
 
     from ..registry import Workflow
+    from ..replay import ReplayPass
     from .execution import Execution
 
 _UNREAD = object()  # ctx.subject not read yet in this pass
@@ -22,10 +23,12 @@ class WorkflowContext:
 
     ``ctx.input``, ``ctx.run_id``, ``ctx.version``, ``ctx.scheduled_at`` (the
     schedule's tick, an aware datetime; None for a run no schedule started),
-    ``ctx.subject`` and ``ctx.step``.
+    ``ctx.subject`` and ``ctx.step``. The worker's pass gives it an
+    ``Execution``; the replay check (``replay.py``) a ``ReplayPass``, which
+    only replays.
     """
 
-    def __init__(self, execution: Execution) -> None:
+    def __init__(self, execution: Execution | ReplayPass) -> None:
         run = execution.run
         self._run = run
         self._subject: object = _UNREAD
@@ -57,7 +60,7 @@ class WorkflowContext:
 class StepApi:
     """``ctx.step``: the durable operations a workflow is made of."""
 
-    def __init__(self, execution: Execution) -> None:
+    def __init__(self, execution: Execution | ReplayPass) -> None:
         self._execution = execution
 
     def run(

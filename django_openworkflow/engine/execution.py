@@ -325,12 +325,7 @@ class Execution:
                 f"{self.run.pk}: steps cannot be nested; call them from the workflow function",
                 TypeError,
             )
-        if len(self.store.connection.atomic_blocks) > self.atomic_depth:
-            raise TypeError(
-                f'step "{name}" of run {self.run.pk} was called inside a transaction.atomic() '
-                "block of the workflow function: steps commit on their own (use "
-                "ctx.step.atomic for database writes that must commit with a step)"
-            )
+        refuse_inside_transaction(name, self.run.pk, self.store.connection, self.atomic_depth)
         return self.history.name(name)
 
     def check_cap(self) -> None:
@@ -369,3 +364,14 @@ class Execution:
                 error=error,
                 attempt=attempt,
             )
+
+
+def refuse_inside_transaction(name: str, run_id: Any, connection: Any, depth: int) -> None:
+    """A step called deeper than ``depth`` transactions: inside a ``transaction.atomic()``
+    of the workflow function, which would hold (or roll back) what the step commits."""
+    if len(connection.atomic_blocks) > depth:
+        raise TypeError(
+            f'step "{name}" of run {run_id} was called inside a transaction.atomic() '
+            "block of the workflow function: steps commit on their own (use "
+            "ctx.step.atomic for database writes that must commit with a step)"
+        )

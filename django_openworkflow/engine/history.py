@@ -91,6 +91,19 @@ class History:
             raise StepFailed(name, failures[-1].error or {}, len(failures))
         return False, None
 
+    def replay_child(self, name: str) -> tuple[bool, Any]:
+        """``(True, output)`` for a child-workflow step that completed; ``StepFailed`` for one
+        that failed in this generation (the child has its own retry policy: the step is not
+        retried); ``(False, None)`` when the child must be started or waited for.
+        """
+        done = self.completed.get(name)
+        if done is not None:
+            return True, done.output
+        failures = self.failures.get(name, [])
+        if failures:
+            raise StepFailed(name, failures[-1].error or {}, len(failures))
+        return False, None
+
     def failed(self, attempt: StepAttempt) -> int:
         """Count a failure of ``attempt``; return the step's failures so far."""
         self.failures.setdefault(attempt.step_name, []).append(attempt)

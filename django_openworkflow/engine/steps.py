@@ -52,13 +52,8 @@ class Steps:
     def parallel(
         self, steps: Iterable[tuple[str, Callable[[], Any]]], policy: RetryPolicy | None
     ) -> list[Any]:
-        entries = []
+        entries = parallel_entries(steps, policy, self.x.step_name)
         step_policy = policy or DEFAULT_STEP_RETRY_POLICY
-        for entry in steps:
-            if not (isinstance(entry, tuple) and len(entry) == 2):
-                raise TypeError(f"parallel() takes (name, fn) pairs, not {entry!r}")
-            check_step_args(entry[0], entry[1], policy)
-            entries.append((self.x.step_name(entry[0]), entry[1]))
         results: list[Any] = [None] * len(entries)
         for index, (name, _fn) in enumerate(entries):
             replayed, value = self.history.replay(name, step_policy)
@@ -343,3 +338,18 @@ def check_step_args(name: Any, fn: Any, policy: RetryPolicy | None) -> RetryPoli
     if policy is not None and not isinstance(policy, RetryPolicy):
         raise TypeError(f"retry_policy of step {name!r} must be a RetryPolicy, not {policy!r}")
     return policy or DEFAULT_STEP_RETRY_POLICY
+
+
+def parallel_entries(
+    steps: Iterable[tuple[str, Callable[[], Any]]],
+    policy: RetryPolicy | None,
+    step_name: Callable[[str], str],
+) -> list[tuple[str, Callable[[], Any]]]:
+    """The checked ``(name, fn)`` pairs of ``parallel``, each named (in order) by ``step_name``."""
+    entries = []
+    for entry in steps:
+        if not (isinstance(entry, tuple) and len(entry) == 2):
+            raise TypeError(f"parallel() takes (name, fn) pairs, not {entry!r}")
+        check_step_args(entry[0], entry[1], policy)
+        entries.append((step_name(entry[0]), entry[1]))
+    return entries

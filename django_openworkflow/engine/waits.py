@@ -24,6 +24,7 @@ from ..tracing import current_context
 from .control import Suspend, WaitFailed
 
 if TYPE_CHECKING:
+    from ..registry import Workflow
     from .execution import Execution
 
 logger = logging.getLogger("django_openworkflow.engine")
@@ -78,28 +79,14 @@ class Waits:
         timeout: Duration | None,
         placement: tuple[str | None, int | None, str | None] = (None, None, None),
     ) -> Any:
-        from ..registry import Workflow, get_workflow
+        from ..registry import Workflow
 
-        known: Workflow | None
-        if isinstance(workflow, Workflow):
-            child_name, known = workflow.name, workflow
-        elif isinstance(workflow, str) and workflow:
-            child_name, known = workflow, get_workflow(workflow)
-        else:
-            raise TypeError(f"run_workflow() needs a workflow or its name, not {workflow!r}")
-        of_step = "" if name is None else f' of step "{name}"'
-        check_name(child_name, f"child workflow name{of_step}")
+        child_name, known, step, delta = child_call(workflow, input, name=name, timeout=timeout)
         version = known.version if known else None
-        step = child_name if name is None else name
-        delta = timeout_delta(timeout, step)
-        ensure_json(input, f'input of child workflow step "{step}"')
         step = self.x.step_name(step)
-        done = self.history.completed.get(step)
-        if done is not None:
-            return done.output
-        failures = self.history.failures.get(step, [])
-        if failures:  # the child has its own retry policy: the step is not retried
-            raise StepFailed(step, failures[-1].error or {}, len(failures))
+        replayed, output = self.history.replay_child(step)
+        if replayed:
+            return output
         waiting = self.history.waiting.get(step)
         if waiting is not None:
             return self.settle(waiting, lambda: self.child_outcome(waiting))
@@ -298,6 +285,28 @@ class Waits:
         self.history.completed[attempt.step_name] = attempt
         self.history.waiting.pop(attempt.step_name, None)
         return value
+
+
+def child_call(
+    workflow: Any, input: Any, *, name: str | None, timeout: Duration | None
+) -> tuple[str, Workflow | None, str, timedelta | None]:
+    """The checked arguments of ``run_workflow``: the child's name, its registered workflow
+    (None for a name this process does not know), the step's name and the timeout."""
+    from ..registry import Workflow, get_workflow
+
+    known: Workflow | None
+    if isinstance(workflow, Workflow):
+        child_name, known = workflow.name, workflow
+    elif isinstance(workflow, str) and workflow:
+        child_name, known = workflow, get_workflow(workflow)
+    else:
+        raise TypeError(f"run_workflow() needs a workflow or its name, not {workflow!r}")
+    of_step = "" if name is None else f' of step "{name}"'
+    check_name(child_name, f"child workflow name{of_step}")
+    step = child_name if name is None else name
+    delta = timeout_delta(timeout, step)
+    ensure_json(input, f'input of child workflow step "{step}"')
+    return child_name, known, step, delta
 
 
 def timeout_delta(timeout: Duration | None, step: str) -> timedelta | None:

@@ -585,3 +585,6 @@ def counts_executions(ctx):
         return fn
 
     return {name: ctx.step.run(name, counted(name)) for name in ("a", "b", "c")}
+
+
+from . import replaying  # noqa: E402, F401  (the replay check's workflows)
