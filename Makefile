@@ -116,6 +116,7 @@ test-lane-others:
 demo: install
 	$(PY) manage.py migrate --verbosity 0
 	$(PY) manage.py demo_seed
+	@$(PY) manage.py check_inflight_runs || echo "warning: the code no longer replays the runs above (docs/deploying.md)" >&2
 	@echo "Open http://$(DEMO_ADDR)/ (user admin, password admin). Ctrl-C stops the worker and the server."
 	@trap 'kill $$worker 2>/dev/null; wait $$worker' EXIT INT TERM; \
 		$(PY) manage.py runworker --reload --verbosity 1 & worker=$$!; \

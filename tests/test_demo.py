@@ -54,7 +54,7 @@ from django.contrib.auth import get_user_model
 from django_openworkflow.models import WorkflowRun
 from demo_project.orders.models import Card, Order, Product
 
-cards = {f"card-{card.pk}": card.last4 for card in Card.objects.all()}
+cards = {f"card-{card.token}": card.last4 for card in Card.objects.all()}
 orders = {}
 for order in Order.objects.all():
     run = WorkflowRun.objects.get(pk=order.run_id)
@@ -308,5 +308,5 @@ def test_demo_end_to_end(manage):
 def test_demo_own_test_suite(manage):
     """``manage.py test demo_project.orders``: the demo's tests are examples for users."""
     done = manage("test", "demo_project.orders", "--noinput")
-    assert "Ran 7 tests" in done.stderr
+    assert "Ran 8 tests" in done.stderr
     assert "\nOK\n" in done.stderr

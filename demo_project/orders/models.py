@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from django.db import models, transaction
 from django.urls import reverse
@@ -19,6 +20,9 @@ class Product(models.Model):
         return self.name
 
 
+TOKEN_PREFIX = "tok_"
+
+
 class Card(models.Model):
     """A fake payment card. Whether it is declined lives here, so every process sees it."""
 
@@ -33,6 +37,17 @@ class Card(models.Model):
 
     def __str__(self) -> str:
         return f"{self.holder} •••• {self.last4}"
+
+    @property
+    def token(self) -> str:
+        """What the (fake) payment provider knows the card by: ``tok_<last 4 digits>``."""
+        return f"{TOKEN_PREFIX}{self.last4}"
+
+    @classmethod
+    def for_token(cls, token: str) -> Card | None:
+        if not token.startswith(TOKEN_PREFIX):
+            return None
+        return cls.objects.filter(last4=token.removeprefix(TOKEN_PREFIX)).first()
 
 
 class OrderManager(models.Manager["Order"]):
@@ -93,9 +108,13 @@ class Order(models.Model):
         return f"{self.reference}: {self.quantity} x {self.product}"
 
     @property
-    def run_input(self) -> dict[str, int]:
-        """The input of the order's ``process-order`` run; the card keys its charge."""
-        return {"order_id": self.pk, "card_id": self.card_id}
+    def run_input(self) -> dict[str, Any]:
+        """The input of the order's ``process-order`` run: the card to charge, by its token.
+
+        A declined order's run can be resumed with another token ("Resume with
+        changes" on the run's page): the charge then uses that card.
+        """
+        return {"order_id": self.pk, "card_token": self.card.token}
 
     @property
     def awaits_warehouse(self) -> bool:

@@ -90,6 +90,23 @@ class ProcessOrderTests(TestCase):
         self.assertEqual(run.status, "completed")
         self.assert_order(order, Order.Status.SHIPPED, stock=8)  # reserved once
 
+    def test_declined_card_resumed_with_another_cards_token(self):
+        order = self.new_order(self.bad_card)
+        run = run_to_completion(process_order, order.run_input)
+        self.assertEqual(run.status, "failed")
+        self.assertEqual(run.input["card_token"], "tok_0002")
+
+        # What "Resume with changes" on the run's page does: the same input, another card.
+        corrected = {**run.input, "card_token": self.good_card.token}
+        WorkflowRun.objects.resume(run, input=corrected)
+        drain(time_travel=False)
+        order.refresh_from_db()
+        self.assertEqual(order.status, Order.Status.AWAITING_WAREHOUSE)
+        self.assertEqual(order.card, self.good_card)  # paid by the card of the new token
+        self.assert_order(order, Order.Status.AWAITING_WAREHOUSE, stock=8)  # reserved once
+        old = {"order_id": order.pk, "card_token": "tok_0002"}
+        self.assertEqual(run.events.get().details["input"], {"old": old, "new": corrected})
+
     def test_one_charge_at_a_time_per_card(self):
         # charge-card runs in the "payments" queue, keyed by the card (key_concurrency 1):
         # a declined charge waiting for its retry still holds its card's place, so the
@@ -106,7 +123,7 @@ class ProcessOrderTests(TestCase):
         charges = WorkflowRun.objects.filter(workflow_name="charge-card")
         self.assertEqual(
             {(run.input["order_id"], run.queue, run.concurrency_key) for run in charges},
-            {(order.pk, "payments", f"card-{self.bad_card.pk}") for order in (first, second)},
+            {(order.pk, "payments", f"card-{self.bad_card.token}") for order in (first, second)},
         )
         # Whichever order's charge came first is in progress, parked for a retry; the
         # other is held back: the same card.

@@ -26,7 +26,9 @@ Each step is stored once it finishes, so a worker that dies mid-order
 resumes at the first unfinished step, and an order whose card was declined
 can be resumed (``WorkflowRun.objects.resume(order.run_id)``, or the Resume
 button on the run's page) once the card is fixed: the stock is not reserved
-twice.
+twice. The charge uses the card token in the run's input, so the order can
+also be resumed with another card: "Resume with changes" on the run's page
+(``WorkflowRun.objects.resume(run, input={..., "card_token": "tok_4242"})``).
 
 If the warehouse does not confirm within an hour, ``fulfil-order`` fails and
 so does the order's run ("fulfilment failed"): a person should chase the
@@ -83,23 +85,30 @@ def reserve_stock(order_id: int) -> int:
     return product.stock
 
 
-def call_payment_provider(order_id: int) -> str:
+def call_payment_provider(order_id: int, card_token: str) -> str:
     """Stands in for a payment provider's API: an external call, not a database write.
 
-    The card is read from the database on every attempt, so fixing it (the
-    demo page's "Fix card" button) makes the next attempt, or a resume, succeed.
+    The provider knows cards by their token (``Card.token``). The card is read
+    from the database on every attempt, so fixing it (the demo page's "Fix
+    card" button) makes the next attempt, or a resume, succeed; so does a
+    resume with another card's token in the run's input ("Resume with changes").
     """
     order = Order.objects.get(pk=order_id)
-    card = Card.objects.get(pk=order.card_id)
+    card = Card.for_token(card_token)
+    if card is None:
+        raise CardDeclined(f"no card has the token {card_token!r}")
     if card.declined:
         raise CardDeclined(f"card ending {card.last4} ({card.holder}) was declined")
     charge_id = f"ch_{uuid.uuid4().hex[:16]}"
-    logger.info("card charged order=%s charge=%s", order.reference, charge_id)
+    logger.info("card charged order=%s card=%s charge=%s", order.reference, card.last4, charge_id)
     return charge_id
 
 
-def record_charge(order_id: int, charge_id: str) -> None:
-    Order.objects.filter(pk=order_id).update(status=Order.Status.PAID, charge_id=charge_id)
+def record_charge(order_id: int, charge_id: str, card_token: str) -> None:
+    """The order is paid, by the card charged (another one, after a corrected resume)."""
+    card = Card.for_token(card_token)
+    paid = {"status": Order.Status.PAID, "charge_id": charge_id}
+    Order.objects.filter(pk=order_id).update(**paid, **({"card": card} if card else {}))
 
 
 def await_warehouse(order_id: int) -> None:
@@ -117,9 +126,9 @@ def ship(order_id: int, packed_by: str) -> str:
 @workflow(name="charge-card", queue="payments")
 def charge_card(ctx):
     """Charge the order's card: 3 attempts, then this run fails, and so does the parent's step."""
-    order_id = ctx.input["order_id"]
+    order_id, card_token = ctx.input["order_id"], ctx.input["card_token"]
     return ctx.step.run(
-        "charge", lambda: call_payment_provider(order_id), retry_policy=CHARGE_RETRY
+        "charge", lambda: call_payment_provider(order_id, card_token), retry_policy=CHARGE_RETRY
     )
 
 
@@ -149,15 +158,17 @@ FAILED_STATUS = {
 
 @workflow(name="process-order")
 def process_order(ctx):
-    order_id = ctx.input["order_id"]
+    order_id, card_token = ctx.input["order_id"], ctx.input["card_token"]
     try:
         ctx.step.atomic("reserve-stock", lambda: reserve_stock(order_id), retry_policy=NO_RETRY)
         # A child run in the "payments" queue, one at a time per card: parks this run
         # until the charge ends; a failed charge raises StepFailed ("charge-card").
         charge_id = ctx.step.run_workflow(
-            charge_card, {"order_id": order_id}, concurrency_key=f"card-{ctx.input['card_id']}"
+            charge_card,
+            {"order_id": order_id, "card_token": card_token},
+            concurrency_key=f"card-{card_token}",
         )
-        ctx.step.atomic("record-charge", lambda: record_charge(order_id, charge_id))
+        ctx.step.atomic("record-charge", lambda: record_charge(order_id, charge_id, card_token))
         # Parks this run until the child ends; a failed child raises StepFailed.
         tracking_number = ctx.step.run_workflow(fulfil_order, {"order_id": order_id})
     except StepFailed as exc:
