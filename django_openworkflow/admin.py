@@ -1,9 +1,9 @@
-"""Admin for workflow runs: read-only records, with Resume and Cancel actions.
+"""Admin for workflow runs: read-only records, with Resume, Cancel and Rerun actions.
 
 Runs are owned by the engine: nobody adds or edits them here. State changes
-go through ``WorkflowRun.objects.resume()`` / ``.cancel()``, from the
-changelist actions or from the buttons on a run's change page (which post to
-the run pages' endpoints).
+go through ``WorkflowRun.objects.resume()`` / ``.cancel()`` / ``.rerun()``,
+from the changelist actions or from the buttons on a run's change page (which
+post to the run pages' endpoints).
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ from django.contrib.admin.views.main import ERROR_FLAG
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.urls import reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy, ngettext
 
 from .conf import app_settings
-from .display import attempt_status, error_summary, refusal_text
+from .display import attempt_note, attempt_status, error_summary, event_details, refusal_text
 from .exceptions import InvalidTransition
 from .managers import WorkflowRunQuerySet
 from .models import StepAttempt, WorkflowRun, WorkflowRunEvent, WorkflowSchedule
 from .queues import configured_queues
 from .registry import workflow_names
-from .views import can_view_runs, run_page_url
+from .views import can_correct_runs, can_view_runs, run_page_url
 
 
 class StepAttemptColumns:
@@ -80,8 +80,24 @@ class StepAttemptInline(StepAttemptColumns, ReadOnlyInline):
         "finished_at",
         "error_summary",
         "child_run",
+        "note",
     )
     ordering = ["id"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[StepAttempt]:
+        # The events that gave or superseded an attempt's output, with a join; their users
+        # with a prefetch (the users may live on another database than the events).
+        return (
+            super()
+            .get_queryset(request)
+            .select_related("given_in", "superseded_by")
+            .prefetch_related("given_in__by")
+        )
+
+    @admin.display(description=gettext_lazy("note"))
+    def note(self, attempt: StepAttempt) -> str:
+        """Who gave its output (resume with changes), or the rerun that superseded it."""
+        return attempt_note(attempt)
 
     @admin.display(description=gettext_lazy("error"))
     def error_summary(self, attempt: StepAttempt) -> str:
@@ -99,7 +115,7 @@ class StepAttemptInline(StepAttemptColumns, ReadOnlyInline):
 
 class WorkflowRunEventInline(ReadOnlyInline):
     model = WorkflowRunEvent
-    fields = readonly_fields = ("action", "by", "at", "cleared_error_summary")
+    fields = readonly_fields = ("action", "by", "at", "cleared_error_summary", "details_shown")
     verbose_name_plural = gettext_lazy("history")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[WorkflowRunEvent]:
@@ -109,6 +125,37 @@ class WorkflowRunEventInline(ReadOnlyInline):
     @admin.display(description=gettext_lazy("cleared error"))
     def cleared_error_summary(self, event: WorkflowRunEvent) -> str:
         return error_summary(event.cleared_error)
+
+    @admin.display(description=gettext_lazy("details"))
+    def details_shown(self, event: WorkflowRunEvent) -> str:
+        """A rerun's step and canceled children, or the values a correction replaced."""
+        shown = event_details(event)
+        if shown is None:
+            return "—"
+        if shown.rerun:
+            children = format_html_join(
+                ", ",
+                '<a href="{}">{}</a>',
+                (
+                    (reverse("admin:django_openworkflow_workflowrun_change", args=[pk]), pk)
+                    for pk in shown.canceled_children
+                ),
+            )
+            return format_html(
+                "{}{}{}",
+                shown.rerun_from,
+                format_html("; {} {}", _("steps run again:"), ", ".join(shown.rerun_steps))
+                if shown.rerun_steps
+                else "",
+                format_html("; {} {}", _("child runs canceled:"), children)
+                if shown.canceled_children
+                else "",
+            )
+        return format_html_join(
+            format_html("<br>"),
+            "{}: {} → {}",
+            ((change.what, change.old, change.new) for change in shown.changes),
+        )
 
 
 LATEST_FAILURES = 1000
@@ -253,7 +300,7 @@ class WorkflowRunAdmin(NulSafeChangelist):
         "A run id or its first characters, or part of the idempotency key or workflow name."
     )
     list_per_page = 50
-    actions = ["resume_runs", "cancel_runs", "delete_selected"]
+    actions = ["resume_runs", "cancel_runs", "rerun_runs", "delete_selected"]
     inlines = [StepAttemptInline, WorkflowRunEventInline]
     change_form_template = "django_openworkflow/admin/workflowrun_change_form.html"
     view_on_site = False  # the change page links to the run page itself
@@ -320,13 +367,14 @@ class WorkflowRunAdmin(NulSafeChangelist):
         form_url: str = "",
         obj: WorkflowRun | None = None,
     ) -> HttpResponse:
-        context["can_resume"] = context["can_cancel"] = False
+        context["can_resume"] = context["can_cancel"] = context["can_correct"] = False
         # The buttons post to the run pages' endpoints: without the pages, the
         # changelist actions are the way to resume or cancel.
         context["run_page_url"] = run_page_url(obj.pk) if obj is not None else None
         if obj is not None and context["run_page_url"] and self.has_change_permission(request, obj):
             context["can_resume"] = obj.can_resume()
             context["can_cancel"] = obj.can_cancel()
+            context["can_correct"] = context["can_resume"] and can_correct_runs(request.user)
         return super().render_change_form(request, context, add, change, form_url, obj)
 
     # --- columns and fields --------------------------------------------------
@@ -375,6 +423,20 @@ class WorkflowRunAdmin(NulSafeChangelist):
         )
 
     @admin.action(
+        permissions=["change"], description=gettext_lazy("Rerun selected runs from the start")
+    )
+    def rerun_runs(self, request: HttpRequest, queryset: QuerySet[WorkflowRun]) -> None:
+        self._transition_each(
+            request,
+            queryset,
+            WorkflowRun.objects.rerun,
+            log_message=None,  # the manager writes the admin history of a rerun
+            done=lambda n: ngettext(
+                "%(count)d run rerun from the start.", "%(count)d runs rerun from the start.", n
+            ),
+        )
+
+    @admin.action(
         permissions=["delete"], description=gettext_lazy("Delete selected %(verbose_name_plural)s")
     )
     def delete_selected(
@@ -401,10 +463,14 @@ class WorkflowRunAdmin(NulSafeChangelist):
         queryset: QuerySet[WorkflowRun],
         transition: Callable[..., WorkflowRun],
         *,
-        log_message: str,
+        log_message: str | None,
         done: Callable[[int], str],
     ) -> None:
-        """Apply ``transition`` to each run; count the changed and the skipped, by reason."""
+        """Apply ``transition`` to each run; count the changed and the skipped, by reason.
+
+        Each change is written to the admin history with ``log_message``, unless
+        it is None (the transition writes it itself).
+        """
         changed = 0
         skipped: Counter[str] = Counter()
         for run in queryset:
@@ -416,7 +482,8 @@ class WorkflowRunAdmin(NulSafeChangelist):
                 skipped[_("it no longer exists")] += 1
             else:
                 changed += 1
-                self.log_change(request, run, log_message)
+                if log_message is not None:
+                    self.log_change(request, run, log_message)
         self.message_user(
             request,
             done(changed) % {"count": changed},
