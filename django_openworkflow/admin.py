@@ -19,6 +19,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy, ngettext
 
@@ -152,7 +153,7 @@ class WorkflowRunEventInline(ReadOnlyInline):
                 else "",
             )
         return format_html_join(
-            format_html("<br>"),
+            mark_safe("<br>"),  # a literal tag; the values are escaped by format_html_join
             "{}: {} → {}",
             ((change.what, change.old, change.new) for change in shown.changes),
         )
