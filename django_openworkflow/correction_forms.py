@@ -141,7 +141,7 @@ class StepOutputForm(forms.Form):
         data = super().clean() or {}
         if not data.get("use") or "name" not in data:
             return data
-        what = _("The output of step “%(name)s”") % {"name": data["name"]}
+        what = _('The output of step "%(name)s"') % {"name": data["name"]}
         text = data.get("output") or ""
         if not text.strip():
             self.add_error(

@@ -457,7 +457,7 @@ def run_rerun(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
         if from_step is None:
             done = _("Run %(id)s rerun from the start.") % {"id": run_id}
         else:
-            done = _("Run %(id)s rerun from step “%(step)s”.") % {"id": run_id, "step": from_step}
+            done = _('Run %(id)s rerun from step "%(step)s".') % {"id": run_id, "step": from_step}
         messages.success(request, done)
     return _back(request, run_id)
 
@@ -538,7 +538,7 @@ def _unknown_steps_error(run: WorkflowRun, names: list[str]) -> str:
     return _(
         "Run %(id)s has no failed step %(steps)s in its current generation: it may have "
         "changed since this form was made."
-    ) % {"id": run.pk, "steps": ", ".join(f"“{name}”" for name in names)}
+    ) % {"id": run.pk, "steps": ", ".join(f'"{name}"' for name in names)}
 
 
 def _correct_page(

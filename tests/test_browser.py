@@ -292,7 +292,7 @@ def test_rerun_from_a_step_on_the_run_page(live_server, browser, worker, operato
     page.select_option("#owf-from-step", "s1")
     page.click("button.owf-button-rerun")
     page.wait_for_selector(".owf-message-success")
-    assert page.inner_text(".owf-message-success") == f"Run {run.pk} rerun from step “s1”."
+    assert page.inner_text(".owf-message-success") == f'Run {run.pk} rerun from step "s1".'
     assert questions == [
         "Rerun this run? The chosen step and every step after it run again; the steps before "
         "it keep their results."

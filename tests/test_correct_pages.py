@@ -440,7 +440,7 @@ def test_bad_json_in_a_step_output_is_a_form_error(corrector, action, text, prob
 
     [step_form] = response.context["formset"].forms
     assert step_form.errors["output"] == [
-        f"The output of step “charge” is not valid JSON: {problem}."
+        f'The output of step "charge" is not valid JSON: {problem}.'
     ]
     assert state_of(run) == before
 
@@ -455,7 +455,7 @@ def test_values_the_manager_would_refuse_are_form_errors(corrector, text, proble
 
     assert as_input.context["form"].errors["input"] == [f"The input {problem}"]
     assert as_output.context["formset"].forms[0].errors["output"] == [
-        f"The output of step “charge” {problem}"
+        f'The output of step "charge" {problem}'
     ]
     assert state_of(run) == before
 
@@ -467,7 +467,7 @@ def test_empty_fields_ask_for_json(corrector):
 
     assert response.context["form"].errors["input"] == ["Enter the input as JSON (null for none)."]
     assert response.context["formset"].forms[0].errors["output"] == [
-        "The output of step “charge” is empty: enter it as JSON (null for none)."
+        'The output of step "charge" is empty: enter it as JSON (null for none).'
     ]
 
 
@@ -482,13 +482,32 @@ def test_an_output_left_unused_is_not_read(corrector):
     assert [diff.title for diff in response.context["diffs"]] == ["Input"]
 
 
+@pytest.mark.parametrize("action", ["preview", "confirm", "edit"])
+@pytest.mark.parametrize("total", [None, "x", "1001"])
+def test_a_tampered_step_list_is_a_form_error_not_a_500(corrector, action, total):
+    run = failed_charge()
+    before = state_of(run)
+    data = form_data(run, action=action, **charge_given())
+    if total is None:
+        del data["step-TOTAL_FORMS"]
+    else:
+        data["step-TOTAL_FORMS"] = total
+
+    response = corrector.post(correct_url(run), data)
+
+    assert response.status_code == 200
+    assert response.context["formset"].non_form_errors()
+    assert 'class="owf-form-errors"' in response.content.decode()
+    assert state_of(run) == before
+
+
 def test_a_step_that_did_not_fail_is_refused_in_the_preview(corrector):
     run = failed_charge()
 
     response = corrector.post(correct_url(run), form_data(run, steps=[("reserve", True, "1")]))
 
     assert response.context["form"].non_field_errors() == [
-        f"Run {run.pk} has no failed step “reserve” in its current generation: it may have "
+        f'Run {run.pk} has no failed step "reserve" in its current generation: it may have '
         "changed since this form was made."
     ]
     assert response.context["diffs"] is None

@@ -146,8 +146,8 @@ def test_rerun_from_a_step_reruns_it_and_what_follows(staff_client):
 
     assert response.redirect_chain == [(detail_url(run), 302)]
     assert (
-        f'<li class="owf-message owf-message-success">Run {run.pk} rerun from step “s1”.</li>'
-        in response.content.decode()
+        f'<li class="owf-message owf-message-success">Run {run.pk} rerun from step '
+        "&quot;s1&quot;.</li>" in response.content.decode()
     )
     drain()
     run.refresh_from_db()
