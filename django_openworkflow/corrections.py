@@ -89,6 +89,25 @@ def quoted(names: Iterable[str]) -> str:
     return ", ".join(f'"{name}"' for name in names)
 
 
+def failed_in(generation: int, attempts: Iterable[StepAttempt]) -> dict[str, StepAttempt]:
+    """Each step that failed in ``generation``, with its last failed attempt (oldest first)."""
+    failed: dict[str, StepAttempt] = {}
+    for a in attempts:  # oldest first: the last failure wins
+        if a.status == "failed" and a.resume_generation == generation:
+            failed[a.step_name] = a
+    return failed
+
+
+def correctable_steps(generation: int, attempts: Iterable[StepAttempt]) -> dict[str, StepAttempt]:
+    """The steps a resume may give an output: failed in ``generation`` and not completed
+    since (no completed attempt that replay serves), each with its last failed attempt."""
+    from .engine.history import is_served
+
+    attempts = list(attempts)
+    served = {a.step_name for a in attempts if is_served(a)}
+    return {name: a for name, a in failed_in(generation, attempts).items() if name not in served}
+
+
 @dataclass(frozen=True)
 class Correction:
     """The changes of a resume: a new input (or ``NOT_GIVEN``) and outputs for failed steps."""
@@ -134,15 +153,9 @@ class Correction:
         for a step with no failed attempt in ``generation``, or with a
         completed attempt that replay serves (it failed, then succeeded).
         """
-        from .engine.history import is_served
-
         attempts = list(attempts)
-        served = {a.step_name for a in attempts if is_served(a)}
-        failed: dict[str, StepAttempt] = {}
-        for a in attempts:  # oldest first: the last failure wins
-            if a.status == "failed" and a.resume_generation == generation:
-                failed[a.step_name] = a
-        correctable = {name: a for name, a in failed.items() if name not in served}
+        failed = failed_in(generation, attempts)
+        correctable = correctable_steps(generation, attempts)
         for name in self.step_outputs:
             if name in correctable:
                 continue

@@ -323,6 +323,17 @@ class WorkflowRun(models.Model):
             return Refusal.DEADLINE
         return None
 
+    def correctable_steps(self) -> dict[str, StepAttempt]:
+        """The steps ``WorkflowRun.objects.resume(run, step_outputs=...)`` may give an output
+        (one query): those that failed in the run's current generation and have not
+        completed since, each with its last failed attempt (its ``error``), in the order
+        they first failed. Whether the run can be resumed at all is ``resume_refusal()``.
+        """
+        from .corrections import correctable_steps
+
+        attempts = self.step_attempts.defer("output").order_by("id")
+        return correctable_steps(self.resume_generation, attempts)
+
     def stored_path(self) -> list[str]:
         """The steps a replay of the run's generation meets, in call order (one query).
 

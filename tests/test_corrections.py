@@ -569,3 +569,17 @@ def test_two_corrections_at_once_exactly_one_wins(expected, refused):
     assert [a.output for a in given] == ["first"]
     assert run.events.count() == 1
     assert LogEntry.objects.count() == 1
+
+
+def test_the_steps_a_correction_may_give_an_output_to():
+    run = declined(ship_fails=True)
+    [failure] = StepAttempt.objects.filter(workflow_run=run, status="failed")
+    assert run.correctable_steps() == {"charge-card": failure}
+    assert run.correctable_steps()["charge-card"].error["message"] == "card declined was declined"
+    run = WorkflowRun.objects.resume(run, input={"card": "4242", "ship_fails": True})
+    assert run.correctable_steps() == {}  # nothing failed in the new generation yet
+    drain()
+    run.refresh_from_db()
+    assert list(run.correctable_steps()) == ["ship"]
+    assert run_to_completion(recovers_then_fails).correctable_steps().keys() == {"final"}
+    assert run_to_completion(charge_card, {"card": "4242"}).correctable_steps() == {}

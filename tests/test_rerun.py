@@ -17,6 +17,7 @@ from django_openworkflow.signals import run_rerun
 from django_openworkflow.store import get_store
 from django_openworkflow.testing import drain, pause_at, run_to_completion
 from tests.conftest import Backend, assert_no_stuck_runs, blocked_on_a_lock
+from tests.conftest import drain as work
 from tests.testapp.models import SideEffect
 from tests.testapp.workflows import (
     catches_step_failure,
@@ -641,3 +642,30 @@ def test_two_reruns_at_once_rerun_exactly_once():
     assert run.resume_generation == 1
     [event] = run.events.all()
     assert event.details["from_step"] == "s1"
+
+
+# --- on real workers ---------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rerun_runs_on_workers_in_threads():
+    run = fan_out.start({})  # its parallel steps meet at a barrier: they run at once
+    work()
+    WorkflowRun.objects.rerun(run)
+    work()
+    run.refresh_from_db()
+    assert (run.status, run.output) == ("completed", "ABC")
+    assert [effects(run, s) for s in "abc"] == [2, 2, 2]
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_rerun_run_is_picked_up_at_once_by_a_waiting_worker(worker_process):
+    run = three_steps.start({"i": 2})
+    work()
+    proc = worker_process("--poll-interval", "600")
+    proc.wait_until_idle()
+    WorkflowRun.objects.rerun(run)
+    run.refresh_from_db()
+    assert run.result(timeout=10) == {"total": 3}
+    assert effects(run, "s0") == 2

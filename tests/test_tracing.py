@@ -281,6 +281,32 @@ def test_a_resumed_run_goes_on_in_its_trace_with_a_link_to_the_resume(spans):
 
 
 @pytest.mark.django_db
+def test_a_rerun_run_goes_on_in_its_trace_with_a_link_to_the_rerun(spans):
+    with spans.tracer.start_as_current_span("request") as request:
+        run = get_workflow("three-steps").start({"i": 1})
+    drain()
+    with spans.tracer.start_as_current_span("rerun request") as rerunner:
+        WorkflowRun.objects.rerun(run.pk, from_step="s1")
+    run.refresh_from_db()
+    assert run.trace_context == {
+        "traceparent": traceparent(request),
+        "resumed": {"generation": 1, "traceparent": traceparent(rerunner)},
+    }
+    drain()
+    [first, second] = spans.named("workflow three-steps")
+    assert first.links == ()
+    assert second.attributes["openworkflow.resume_generation"] == 1
+    assert second.parent.span_id == request.context.span_id
+    [link] = second.links
+    assert link.context.span_id == rerunner.context.span_id
+    assert [s.attributes["openworkflow.resume_generation"] for s in spans.named("step s1")] == [
+        0,
+        1,
+    ]
+    assert len(spans.named("step s0")) == 1  # served
+
+
+@pytest.mark.django_db
 def test_a_resume_outside_any_span_keeps_the_trace_context_and_links_nothing(spans):
     with spans.tracer.start_as_current_span("request") as request:
         run = get_workflow("reserve-then-charge").start({"failures": 1})
