@@ -23,11 +23,10 @@ from django.utils.translation import gettext_lazy
 
 from .corrections import NOT_GIVEN
 from .display import error_summary, pretty_json
-from .engine.history import is_served
 from .serialization import ensure_json
 
 if TYPE_CHECKING:
-    from .models import StepAttempt, WorkflowRun
+    from .models import WorkflowRun
 
 MAX_STEP_FORMS = 1000  # a run stores at most 1000 attempts a generation
 DIFF_CONTEXT = 5  # unchanged lines shown around each change
@@ -49,23 +48,12 @@ class FailedStep:
         return error_summary(self.error)
 
 
-def failed_steps(run: WorkflowRun, attempts: list[StepAttempt] | None = None) -> list[FailedStep]:
-    """The run's failed steps, in the order they first failed.
-
-    A step counts when its last attempt of the current generation failed and
-    replay has no result for it (no served completed attempt, in any generation).
-    """
-    if attempts is None:
-        attempts = list(run.step_attempts.order_by("id"))
-    served = {a.step_name for a in attempts if is_served(a)}
-    last: dict[str, StepAttempt] = {}
-    for attempt in attempts:
-        if attempt.resume_generation == run.resume_generation:
-            last[attempt.step_name] = attempt
+def failed_steps(run: WorkflowRun) -> list[FailedStep]:
+    """The run's failed steps, in the order they first failed: the steps the manager lets
+    a resume give an output (``WorkflowRun.correctable_steps()``, one query)."""
     return [
         FailedStep(name=name, error=attempt.error)
-        for name, attempt in last.items()
-        if attempt.status == attempt.Status.FAILED and name not in served
+        for name, attempt in run.correctable_steps().items()
     ]
 
 
