@@ -1,12 +1,12 @@
-"""Admin for workflow runs: read-only records, with Resume and Cancel actions.
+"""Admin for workflow runs: read-only records, with Resume, Cancel and Rerun actions.
 
 ``WorkflowRunInline`` and ``WorkflowRunsMixin`` (``subject_admin.py``) are
 for the admin of the models runs are about (``start(..., subject=obj)``).
 
 Runs are owned by the engine: nobody adds or edits them here. State changes
-go through ``WorkflowRun.objects.resume()`` / ``.cancel()``, from the
-changelist actions or from the buttons on a run's change page (which post to
-the run pages' endpoints).
+go through ``WorkflowRun.objects.resume()`` / ``.cancel()`` / ``.rerun()``,
+from the changelist actions or from the buttons on a run's change page (which
+post to the run pages' endpoints).
 """
 
 from __future__ import annotations
@@ -20,20 +20,21 @@ from django.contrib.admin.views.main import ERROR_FLAG
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.urls import reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
-from .admin_actions import RunTransitions, canceled_message, resumed_message
+from .admin_actions import RunTransitions, canceled_message, rerun_message, resumed_message
 from .conf import app_settings
-from .display import attempt_status, error_summary
+from .display import attempt_note, attempt_status, error_summary, event_details
 from .managers import WorkflowRunQuerySet
 from .models import StepAttempt, WorkflowRun, WorkflowRunEvent, WorkflowSchedule
 from .queues import configured_queues
 from .registry import workflow_names
 from .subject_admin import WorkflowRunInline, WorkflowRunsMixin
 from .subjects import subject_shown
-from .views import can_view_runs, run_page_url
+from .views import can_correct_runs, can_view_runs, run_page_url
 
 __all__ = ["WorkflowRunAdmin", "WorkflowRunInline", "WorkflowRunsMixin"]
 
@@ -86,8 +87,24 @@ class StepAttemptInline(StepAttemptColumns, ReadOnlyInline):
         "finished_at",
         "error_summary",
         "child_run",
+        "note",
     )
     ordering = ["id"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[StepAttempt]:
+        # The events that gave or superseded an attempt's output, with a join; their users
+        # with a prefetch (the users may live on another database than the events).
+        return (
+            super()
+            .get_queryset(request)
+            .select_related("given_in", "superseded_by")
+            .prefetch_related("given_in__by")
+        )
+
+    @admin.display(description=gettext_lazy("note"))
+    def note(self, attempt: StepAttempt) -> str:
+        """Who gave its output (resume with changes), or the rerun that superseded it."""
+        return attempt_note(attempt)
 
     @admin.display(description=gettext_lazy("error"))
     def error_summary(self, attempt: StepAttempt) -> str:
@@ -105,7 +122,7 @@ class StepAttemptInline(StepAttemptColumns, ReadOnlyInline):
 
 class WorkflowRunEventInline(ReadOnlyInline):
     model = WorkflowRunEvent
-    fields = readonly_fields = ("action", "by", "at", "cleared_error_summary")
+    fields = readonly_fields = ("action", "by", "at", "cleared_error_summary", "details_shown")
     verbose_name_plural = gettext_lazy("history")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[WorkflowRunEvent]:
@@ -115,6 +132,37 @@ class WorkflowRunEventInline(ReadOnlyInline):
     @admin.display(description=gettext_lazy("cleared error"))
     def cleared_error_summary(self, event: WorkflowRunEvent) -> str:
         return error_summary(event.cleared_error)
+
+    @admin.display(description=gettext_lazy("details"))
+    def details_shown(self, event: WorkflowRunEvent) -> str:
+        """A rerun's step and canceled children, or the values a correction replaced."""
+        shown = event_details(event)
+        if shown is None:
+            return "—"
+        if shown.rerun:
+            children = format_html_join(
+                ", ",
+                '<a href="{}">{}</a>',
+                (
+                    (reverse("admin:django_openworkflow_workflowrun_change", args=[pk]), pk)
+                    for pk in shown.canceled_children
+                ),
+            )
+            return format_html(
+                "{}{}{}",
+                shown.rerun_from,
+                format_html("; {} {}", _("steps run again:"), ", ".join(shown.rerun_steps))
+                if shown.rerun_steps
+                else "",
+                format_html("; {} {}", _("child runs canceled:"), children)
+                if shown.canceled_children
+                else "",
+            )
+        return format_html_join(
+            mark_safe("<br>"),  # a literal tag; the values are escaped by format_html_join
+            "{}: {} → {}",
+            ((change.what, change.old, change.new) for change in shown.changes),
+        )
 
 
 LATEST_FAILURES = 1000
@@ -259,7 +307,7 @@ class WorkflowRunAdmin(RunTransitions, NulSafeChangelist):
         "A run id or its first characters, or part of the idempotency key or workflow name."
     )
     list_per_page = 50
-    actions = ["resume_runs", "cancel_runs", "delete_selected"]
+    actions = ["resume_runs", "cancel_runs", "rerun_runs", "delete_selected"]
     inlines = [StepAttemptInline, WorkflowRunEventInline]
     change_form_template = "django_openworkflow/admin/workflowrun_change_form.html"
     view_on_site = False  # the change page links to the run page itself
@@ -326,7 +374,7 @@ class WorkflowRunAdmin(RunTransitions, NulSafeChangelist):
         form_url: str = "",
         obj: WorkflowRun | None = None,
     ) -> HttpResponse:
-        context["can_resume"] = context["can_cancel"] = False
+        context["can_resume"] = context["can_cancel"] = context["can_correct"] = False
         context["subject"] = subject_shown(obj, request.user) if obj is not None else None
         # The buttons post to the run pages' endpoints: without the pages, the
         # changelist actions are the way to resume or cancel.
@@ -334,6 +382,7 @@ class WorkflowRunAdmin(RunTransitions, NulSafeChangelist):
         if obj is not None and context["run_page_url"] and self.has_change_permission(request, obj):
             context["can_resume"] = obj.can_resume()
             context["can_cancel"] = obj.can_cancel()
+            context["can_correct"] = context["can_resume"] and can_correct_runs(request.user)
         return super().render_change_form(request, context, add, change, form_url, obj)
 
     # --- columns and fields --------------------------------------------------
@@ -379,6 +428,18 @@ class WorkflowRunAdmin(RunTransitions, NulSafeChangelist):
             WorkflowRun.objects.cancel,
             log_message="Canceled",
             done=canceled_message,
+        )
+
+    @admin.action(
+        permissions=["change"], description=gettext_lazy("Rerun selected runs from the start")
+    )
+    def rerun_runs(self, request: HttpRequest, queryset: QuerySet[WorkflowRun]) -> None:
+        self._transition_each(
+            request,
+            queryset,
+            WorkflowRun.objects.rerun,
+            log_message=None,  # the manager writes the admin history of a rerun
+            done=rerun_message,
         )
 
     @admin.action(

@@ -30,6 +30,12 @@ def canceled_message(count: int) -> str:
     return ngettext("%(count)d run canceled.", "%(count)d runs canceled.", count)
 
 
+def rerun_message(count: int) -> str:
+    return ngettext(
+        "%(count)d run rerun from the start.", "%(count)d runs rerun from the start.", count
+    )
+
+
 if TYPE_CHECKING:
     _ModelAdmin = admin.ModelAdmin[Any]
 else:
@@ -48,10 +54,14 @@ class RunTransitions(_ModelAdmin):
         queryset: Iterable[WorkflowRun],
         transition: Callable[..., WorkflowRun],
         *,
-        log_message: str,
+        log_message: str | None,
         done: Callable[[int], str],
     ) -> None:
-        """Apply ``transition`` to each run; count the changed and the skipped, by reason."""
+        """Apply ``transition`` to each run; count the changed and the skipped, by reason.
+
+        Each change is written to the admin history with ``log_message``, unless
+        it is None (the transition writes it itself, as ``rerun()`` does).
+        """
         changed = 0
         skipped: Counter[str] = Counter()
         for run in queryset:
@@ -63,7 +73,8 @@ class RunTransitions(_ModelAdmin):
                 skipped[_("it no longer exists")] += 1
             else:
                 changed += 1
-                self.log_change(request, run, log_message)
+                if log_message is not None:
+                    self.log_change(request, run, log_message)
         self.message_user(
             request,
             done(changed) % {"count": changed},

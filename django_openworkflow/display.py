@@ -8,15 +8,19 @@ strings and dicts only: templates and ``format_html`` escape them.
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from django.utils import dateformat, timezone
 from django.utils.translation import gettext as _
 
 from .exceptions import Refusal
 
 if TYPE_CHECKING:
-    from .models import StepAttempt, WorkflowRun
+    from .models import StepAttempt, WorkflowRun, WorkflowRunEvent
 
 INTERRUPTED = "interrupted"  # the status shown for an attempt left running on a finished run
 
@@ -104,16 +108,23 @@ def attempt_status(attempt: StepAttempt, run: WorkflowRun | None = None) -> tupl
 
 
 def timeline(
-    run: WorkflowRun, attempts: list[StepAttempt], *, now: datetime
+    run: WorkflowRun,
+    attempts: list[StepAttempt],
+    *,
+    now: datetime,
+    events: Iterable[WorkflowRunEvent] = (),
 ) -> list[dict[str, Any]]:
     """Lay the step attempts out on the run's span, grouped by resume generation.
 
     Each attempt gets ``bar_left`` and ``bar_width``: percentages of the span
     from the run's creation to its end (now, while it is active); ``number``
     counts the attempts at the same step within a generation; ``elapsed``,
-    ``error_parts``, ``status_key`` and ``status_label`` are what the page shows.
+    ``error_parts``, ``status_key``, ``status_label`` and ``note`` (who gave its
+    output, or the rerun that superseded it: ``attempt_note``, from ``events``,
+    the run's events) are what the page shows.
     """
     active = not run.is_finished
+    events_by_id = {event.pk: event for event in events}
 
     def end_of(attempt: StepAttempt) -> datetime:
         if attempt.finished_at is not None:
@@ -147,14 +158,177 @@ def timeline(
         status_key, status_label = attempt_status(attempt, run)
         attempt.status_key = status_key  # type: ignore[attr-defined]
         attempt.status_label = status_label  # type: ignore[attr-defined]
+        attempt.note = attempt_note(attempt, events_by_id)  # type: ignore[attr-defined]
         group = generations.setdefault(
             attempt.resume_generation,
             {"number": attempt.resume_generation, "attempts": []},
         )
         group["attempts"].append(attempt)
+    started_by = generation_starts(events_by_id.values())
     for group in generations.values():
         group["current"] = group["number"] == run.resume_generation
+        group["after"] = started_by.get(group["number"], "resume")
     return [generations[number] for number in sorted(generations)]
+
+
+def generation_starts(events: Iterable[WorkflowRunEvent]) -> dict[int, str]:
+    """Which action began each generation after the first: ``{1: "resume", 2: "rerun"}``.
+
+    Each resume and rerun raises the generation by one and is recorded as an
+    event, so the k-th of them (in time order) began generation k; a rerun's
+    ``details`` also name its generation.
+    """
+    started: dict[int, str] = {}
+    number = 0
+    for event in sorted(events, key=lambda e: (e.at, e.pk)):
+        if event.action not in ("resume", "rerun"):
+            continue
+        number += 1
+        stated = event.details.get("generation") if isinstance(event.details, dict) else None
+        number = stated if isinstance(stated, int) and not isinstance(stated, bool) else number
+        started[number] = event.action
+    return started
+
+
+def shown_time(value: datetime) -> str:
+    """A moment as the pages show it: ``2026-11-03 14:05:09 UTC`` (the current time zone)."""
+    return dateformat.format(timezone.localtime(value), "Y-m-d H:i:s T")
+
+
+def attempt_note(attempt: StepAttempt, events: Mapping[Any, WorkflowRunEvent] | None = None) -> str:
+    """What people did to this attempt, or "": "output given by bob at …" (a resume with
+    changes gave its output), "superseded by the rerun at …" (replay no longer serves
+    it), or both, joined by "; ".
+
+    The events are looked up in ``events`` (the run's, by id) when given, else
+    read through the attempt's foreign keys (select them with the attempts).
+    """
+
+    def event_of(event_id: Any, relation: str) -> WorkflowRunEvent | None:
+        if events is not None:
+            return events.get(event_id)
+        return getattr(attempt, relation)  # type: ignore[no-any-return]
+
+    notes = []
+    if attempt.given_in_id is not None:
+        given = event_of(attempt.given_in_id, "given_in")
+        if given is None:
+            notes.append(_("output given in a resume with changes"))
+        elif given.by_id is None:
+            notes.append(_("output given in the shell at %(at)s") % {"at": shown_time(given.at)})
+        else:
+            notes.append(
+                _("output given by %(user)s at %(at)s")
+                % {"user": given.by, "at": shown_time(given.at)}
+            )
+    if attempt.superseded_by_id is not None:
+        rerun = event_of(attempt.superseded_by_id, "superseded_by")
+        if rerun is None:
+            notes.append(_("superseded by a rerun"))
+        else:
+            notes.append(_("superseded by the rerun at %(at)s") % {"at": shown_time(rerun.at)})
+    return "; ".join(notes)
+
+
+# --- what events changed -------------------------------------------------------
+
+DETAIL_LENGTH = 120  # characters of a value shown in the history
+
+
+def one_line(value: Any, limit: int = DETAIL_LENGTH) -> str:
+    """A JSON value on one line, cut at ``limit`` characters ("…" says it was cut)."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _cut(text: str, limit: int = DETAIL_LENGTH) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One value a resume with changes replaced: the input, or a step's error by an output."""
+
+    what: str
+    old: str
+    new: str
+
+
+@dataclass(frozen=True)
+class EventDetails:
+    """An event's ``details`` as the history shows them (plain strings, escaped where shown)."""
+
+    rerun: bool = False
+    from_step: str | None = None  # a rerun's step; None: from the start
+    generation: int | None = None
+    rerun_steps: list[str] = field(default_factory=list)
+    canceled_children: list[str] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)
+
+    @property
+    def rerun_from(self) -> str:
+        if self.from_step is None:
+            return _("from the start")
+        return _("from step “%(step)s”") % {"step": self.from_step}
+
+
+def event_details(event: WorkflowRunEvent) -> EventDetails | None:
+    """What a rerun or a resume with changes did, read from ``event.details``; None for the
+    others. Values are cut to one short line; an unexpected shape is shown as far as it
+    goes, never raised."""
+    details = event.details if isinstance(event.details, dict) else {}
+    if event.action == "rerun":
+        from_step = details.get("from_step")
+        generation = details.get("generation")
+        return EventDetails(
+            rerun=True,
+            from_step=str(from_step) if from_step is not None else None,
+            generation=generation if isinstance(generation, int) else None,
+            rerun_steps=[str(name) for name in _list(details.get("rerun_steps"))],
+            canceled_children=[
+                pk for pk in map(_uuid_text, _list(details.get("canceled_children"))) if pk
+            ],
+        )
+    changes = []
+    given_input = details.get("input")
+    if isinstance(given_input, dict):
+        changes.append(
+            Change(_("input"), one_line(given_input.get("old")), one_line(given_input.get("new")))
+        )
+    outputs = details.get("step_outputs")
+    for name, change in outputs.items() if isinstance(outputs, dict) else ():
+        change = change if isinstance(change, dict) else {}
+        changes.append(
+            Change(
+                _("step “%(name)s”") % {"name": name},
+                _cut(error_summary(change.get("old"))) or "—",
+                one_line(change.get("new")),
+            )
+        )
+    return EventDetails(changes=changes) if changes else None
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _uuid_text(value: Any) -> str | None:
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        return None
+
+
+def history(events: Iterable[WorkflowRunEvent]) -> list[WorkflowRunEvent]:
+    """The run's events, each with ``shown``: its ``event_details`` (or None)."""
+    shown = list(events)
+    for event in shown:
+        event.shown = event_details(event)  # type: ignore[attr-defined]
+    return shown
 
 
 # --- refused transitions -------------------------------------------------------

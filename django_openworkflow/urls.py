@@ -12,4 +12,6 @@ urlpatterns = [
     path("<uuid:run_id>/", views.run_detail, name="run-detail"),
     path("<uuid:run_id>/resume/", views.run_resume, name="run-resume"),
     path("<uuid:run_id>/cancel/", views.run_cancel, name="run-cancel"),
+    path("<uuid:run_id>/rerun/", views.run_rerun, name="run-rerun"),
+    path("<uuid:run_id>/resume-with-changes/", views.run_correct, name="run-correct"),
 ]

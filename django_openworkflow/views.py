@@ -1,16 +1,19 @@
-"""The run list, run-detail, Queues, Schedules and Workers pages, and the Resume and Cancel
-endpoints.
+"""The run list, run-detail, Queues, Schedules and Workers pages, the Resume, Cancel and
+Rerun endpoints, and the "Resume with changes" page.
 
 The pages need a logged-in staff user with ``view_workflowrun`` or
-``change_workflowrun``; Resume and Cancel need ``change_workflowrun``.
+``change_workflowrun``; Resume, Cancel and Rerun need ``change_workflowrun``;
+"Resume with changes" needs ``change_workflowrun`` and ``correct_workflowrun``.
 Anonymous users are sent to the login page, everyone else gets 403. State
-changes go through ``WorkflowRun.objects.resume()`` / ``.cancel()`` only.
+changes go through ``WorkflowRun.objects.resume()`` / ``.cancel()`` /
+``.rerun()`` only.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from functools import wraps
 from typing import Any, cast
 
@@ -28,11 +31,19 @@ from django.utils.functional import cached_property
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
-from django.views.decorators.http import require_POST, require_safe
+from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
 from .audit import log_run_change
 from .conf import app_settings
-from .display import duration_of, error_parts, refusal_text, timeline
+from .correction_forms import (
+    blank_forms,
+    correction_diffs,
+    failed_steps,
+    posted_forms,
+    read_correction,
+    unknown_steps,
+)
+from .display import duration_of, error_parts, history, refusal_text, timeline
 from .exceptions import InvalidTransition, Refusal
 from .managers import WorkflowRunQuerySet
 from .models import StepAttempt, WorkflowRun, WorkflowSchedule, WorkflowWorker
@@ -45,6 +56,7 @@ from .workers import LIVE, LiveWorker, live_q, live_window, unserved_reason
 
 VIEW_PERMISSION = "django_openworkflow.view_workflowrun"
 CHANGE_PERMISSION = "django_openworkflow.change_workflowrun"
+CORRECT_PERMISSION = "django_openworkflow.correct_workflowrun"
 
 RUNS_PER_PAGE = 50
 REFRESH_SECONDS = 3
@@ -84,14 +96,22 @@ def can_change_runs(user: Any) -> bool:
     return bool(user.is_active and user.is_staff and user.has_perm(CHANGE_PERMISSION))
 
 
-def run_permission_required(*, change: bool = False) -> Callable[[ViewFunc], ViewFunc]:
+def can_correct_runs(user: Any) -> bool:
+    """Staff with ``change_workflowrun`` and ``correct_workflowrun``: may resume with changes."""
+    return can_change_runs(user) and bool(user.has_perm(CORRECT_PERMISSION))
+
+
+def run_permission_required(
+    *, change: bool = False, correct: bool = False
+) -> Callable[[ViewFunc], ViewFunc]:
     """Send anonymous users to the login page and refuse (403) anyone else lacking access.
 
-    ``change=False`` asks for view access, ``change=True`` for change access.
-    After login, a refused POST leads back to the run's page (a GET of the
-    POST-only URL would only give 405).
+    ``change=False`` asks for view access, ``change=True`` for change access,
+    ``correct=True`` for change and correct access. After login, a refused
+    POST leads back to the run's page (a GET of the POST-only URL would only
+    give 405).
     """
-    allowed = can_change_runs if change else can_view_runs
+    allowed = can_correct_runs if correct else can_change_runs if change else can_view_runs
 
     def decorator(view: ViewFunc) -> ViewFunc:
         @wraps(view)
@@ -266,7 +286,7 @@ def run_detail(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
     run = get_object_or_404(WorkflowRun.objects.select_related("parent_step_attempt"), pk=run_id)
     attempts = list(run.step_attempts.order_by("id"))
     # prefetch, not a join: the users may live on another database than the events
-    events = list(run.events.prefetch_related("by").order_by("at", "id"))
+    events = history(run.events.prefetch_related("by").order_by("at", "id"))
     active = not run.is_finished
     can_change = can_change_runs(request.user)
     now = timezone.now()
@@ -274,7 +294,7 @@ def run_detail(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
     context = {
         "run": run,
         "duration": duration_of(run, now=now),
-        "generations": timeline(run, attempts, now=now),
+        "generations": timeline(run, attempts, now=now, events=events),
         "attempt_count": len(attempts),
         "failed_attempt_count": sum(a.status == StepAttempt.Status.FAILED for a in attempts),
         "waiting": waiting_for(run, attempts),
@@ -292,10 +312,36 @@ def run_detail(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
         else None,
         # A run waiting to start while its queue's limit is full: which limit holds it.
         "slot_wait": slot_wait(run),
+        **run_edits(request.user, run, resume_refusal, now),
         **run_workers(run),
         "refresh_seconds": REFRESH_SECONDS if active else None,
     }
     return render(request, "django_openworkflow/run_detail.html", context)
+
+
+def run_edits(
+    user: Any, run: WorkflowRun, resume_refusal: Refusal | None, now: datetime
+) -> dict[str, Any]:
+    """The run page's "Resume with changes" link and Rerun form, for those who may use them.
+
+    They follow the managers' rules (``resume_refusal``, ``WorkflowRun.rerun_refusal``):
+    ``can_correct``, a failed run Resume would resume, for a user who may
+    correct; ``can_rerun``, a finished run (completed, failed, canceled) before
+    its deadline, for a user who may change runs, with ``rerun_steps``, the
+    steps the chooser offers (the run's stored path). A finished run past its
+    deadline gets ``rerun_refused`` instead: why.
+    """
+    may_change = can_change_runs(user)
+    rerun_refusal = run.rerun_refusal(now) if may_change else Refusal.STATUS
+    can_rerun = rerun_refusal is None
+    return {
+        "can_correct": resume_refusal is None and can_correct_runs(user),
+        "can_rerun": can_rerun,
+        "rerun_steps": list(dict.fromkeys(run.stored_path())) if can_rerun else [],
+        "rerun_refused": refusal_text(rerun_refusal, run.status)
+        if rerun_refusal is Refusal.DEADLINE
+        else None,
+    }
 
 
 def run_workers(run: WorkflowRun) -> dict[str, Any]:
@@ -431,3 +477,133 @@ def run_cancel(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
     return _transition(
         request, run_id, WorkflowRun.objects.cancel, _("Run %(id)s canceled."), "Canceled"
     )
+
+
+@require_POST
+@run_permission_required(change=True)
+def run_rerun(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
+    """Rerun a finished run from the start, or from the step chosen (``from_step``)."""
+    from_step = request.POST.get("from_step") or None
+    try:
+        WorkflowRun.objects.rerun(run_id, from_step=from_step, by=request.user)
+    except WorkflowRun.DoesNotExist:
+        raise Http404(_("No workflow run with this id.")) from None
+    except (InvalidTransition, ValueError) as exc:  # active, past its deadline, unknown step
+        messages.error(request, str(exc))
+    else:
+        # (the manager writes the admin history of a rerun)
+        if from_step is None:
+            done = _("Run %(id)s rerun from the start.") % {"id": run_id}
+        else:
+            done = _('Run %(id)s rerun from step "%(step)s".') % {"id": run_id, "step": from_step}
+        messages.success(request, done)
+    return _back(request, run_id)
+
+
+# --- resume with changes ---------------------------------------------------------
+
+
+@require_http_methods(["GET", "HEAD", "POST"])
+@run_permission_required(correct=True)
+def run_correct(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
+    """The "Resume with changes" page: a form (GET), its diff ("preview"), then the resume
+    ("confirm"); "edit" goes back from the diff to the form as it was filled in.
+
+    Nothing changes before "confirm", which hands the values to
+    ``WorkflowRun.objects.resume(..., expected_generation=...)``: a run resumed
+    or rerun since the form was made is refused there, under the row lock.
+    """
+    run = get_object_or_404(WorkflowRun, pk=run_id)
+    failed = failed_steps(run)
+    if request.method == "POST" and "confirm" in request.POST:
+        return _correct_confirm(request, run, failed, *posted_forms(request.POST))
+    refused = _correct_refusal(run)
+    if refused is not None:
+        return _correct_page(request, run, failed, refused=refused)
+    if request.method != "POST":
+        return _correct_page(request, run, failed, *blank_forms(run, failed))
+    form, formset = posted_forms(request.POST)
+    if "edit" in request.POST:
+        return _correct_page(request, run, failed, form, formset)
+    if not (form.is_valid() and formset.is_valid()):
+        return _correct_page(request, run, failed, form, formset)
+    if form.cleaned_data["generation"] != run.resume_generation:
+        return _correct_page(
+            request, run, failed, *blank_forms(run, failed), stale=form.cleaned_data["generation"]
+        )
+    correction = read_correction(run, form, formset)
+    if correction is not None and (unknown := unknown_steps(correction, failed)):
+        form.add_error(None, _unknown_steps_error(run, unknown))
+        correction = None
+    if correction is None:
+        return _correct_page(request, run, failed, form, formset)
+    return _correct_page(
+        request, run, failed, form, formset, diffs=correction_diffs(run, correction, failed)
+    )
+
+
+def _correct_confirm(
+    request: HttpRequest, run: WorkflowRun, failed: list[Any], form: Any, formset: Any
+) -> HttpResponse:
+    """Resume the run with the posted values (checked again here and by the manager)."""
+    if not (form.is_valid() and formset.is_valid()):
+        refused = _correct_refusal(run)
+        return _correct_page(request, run, failed, form, formset, refused=refused)
+    correction = read_correction(run, form, formset)
+    if correction is None:
+        return _correct_page(request, run, failed, form, formset)
+    try:
+        WorkflowRun.objects.resume(run.pk, by=request.user, **correction.resume_kwargs())
+    except WorkflowRun.DoesNotExist:
+        raise Http404(_("No workflow run with this id.")) from None
+    except InvalidTransition as exc:  # not failed (any more), resumed or rerun meanwhile
+        messages.error(request, str(exc))
+    except (ValueError, TypeError) as exc:  # a value or a step the manager refused
+        form.add_error(None, str(exc))
+        return _correct_page(request, run, failed, form, formset)
+    else:  # (the manager writes the admin history of a correction)
+        messages.success(request, _("Run %(id)s resumed with changes.") % {"id": run.pk})
+    return HttpResponseRedirect(reverse("django_openworkflow:run-detail", args=[run.pk]))
+
+
+def _correct_refusal(run: WorkflowRun) -> str | None:
+    """Why the run cannot be resumed with changes now ("it is completed"), or None."""
+    refusal = run.resume_refusal()
+    return None if refusal is None else refusal_text(refusal, run.status)
+
+
+def _unknown_steps_error(run: WorkflowRun, names: list[str]) -> str:
+    return _(
+        "Run %(id)s has no failed step %(steps)s in its current generation: it may have "
+        "changed since this form was made."
+    ) % {"id": run.pk, "steps": ", ".join(f'"{name}"' for name in names)}
+
+
+def _correct_page(
+    request: HttpRequest,
+    run: WorkflowRun,
+    failed: list[Any],
+    form: Any = None,
+    formset: Any = None,
+    *,
+    refused: str | None = None,
+    stale: int | None = None,
+    diffs: list[Any] | None = None,
+) -> HttpResponse:
+    """The form (``diffs`` None), the diff with the confirm button, or why it cannot be."""
+    errors = {step.name: step.error_text for step in failed}
+    steps = (
+        [(step_form, errors.get(step_form["name"].value(), "")) for step_form in formset.forms]
+        if formset is not None
+        else []
+    )
+    context = {
+        "run": run,
+        "refused": refused,
+        "stale": stale,
+        "form": form,
+        "formset": formset,
+        "steps": steps,
+        "diffs": diffs,
+    }
+    return render(request, "django_openworkflow/run_correct.html", context)

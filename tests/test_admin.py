@@ -251,10 +251,11 @@ def test_actions_are_offered_to_change_users(client):
     page = client.get(CHANGELIST)
 
     choices = [value for value, _label in page.context["action_form"].fields["action"].choices]
-    assert choices == ["", "resume_runs", "cancel_runs"]
+    assert choices == ["", "resume_runs", "cancel_runs", "rerun_runs"]
     labels = dict(page.context["action_form"].fields["action"].choices)
     assert labels["resume_runs"] == "Resume selected failed runs"
     assert labels["cancel_runs"] == "Cancel selected runs"
+    assert labels["rerun_runs"] == "Rerun selected runs from the start"
 
 
 # --- change page -----------------------------------------------------------------
@@ -506,7 +507,11 @@ ACTION_MATRIX = {
 @pytest.mark.parametrize("kind", list(ROLES))
 @pytest.mark.parametrize(
     ("action", "status", "changed_status"),
-    [("resume_runs", "failed", "pending"), ("cancel_runs", "running", "canceled")],
+    [
+        ("resume_runs", "failed", "pending"),
+        ("cancel_runs", "running", "canceled"),
+        ("rerun_runs", "completed", "pending"),
+    ],
 )
 def test_admin_action_permissions(kind, action, status, changed_status):
     run = make_run(status)
@@ -574,6 +579,7 @@ def test_admin_change_page_post_changes_nothing_for_any_role(kind):
     [
         pytest.param(lambda c, run: run_action(c, "resume_runs", [run]), id="resume-action"),
         pytest.param(lambda c, run: run_action(c, "cancel_runs", [run]), id="cancel-action"),
+        pytest.param(lambda c, run: run_action(c, "rerun_runs", [run]), id="rerun-action"),
         pytest.param(
             lambda c, run: c.post(
                 CHANGELIST,
@@ -716,3 +722,114 @@ def test_delete_selected_of_only_active_runs_deletes_nothing(admin_client):
     assert response.status_code == 302
     assert messages_of(response) == [("warning", "1 run skipped: it is pending (cancel it first).")]
     assert WorkflowRun.objects.filter(pk=run.pk).exists()
+
+
+# --- rerun, corrections: the action, the marks and the details ---------------------------
+
+
+def test_rerun_action_with_a_mixed_selection(admin_client, superuser):
+    finished = [make_run("completed"), make_run("failed"), make_run("canceled")]
+    active = [make_run("pending"), make_run("running"), make_run("running")]
+
+    response = run_action(admin_client, "rerun_runs", [*finished, *active])
+
+    assert response.status_code == 302
+    assert messages_of(response) == [
+        ("success", "3 runs rerun from the start."),
+        ("warning", "1 run skipped: it is pending."),
+        ("warning", "2 runs skipped: it is running."),
+    ]
+    statuses = dict(WorkflowRun.objects.values_list("pk", "status"))
+    assert [statuses[run.pk] for run in finished] == ["pending"] * 3
+    assert [statuses[run.pk] for run in active] == ["pending", "running", "running"]
+    assert sorted(
+        WorkflowRunEvent.objects.filter(by=superuser).values_list("run_id", "action")
+    ) == sorted((run.pk, "rerun") for run in finished)
+    # One admin history entry per rerun: the manager's (the action writes none of its own).
+    assert sorted(LogEntry.objects.values_list("object_id", "change_message")) == sorted(
+        (str(run.pk), "Rerun from the start") for run in finished
+    )
+
+
+def test_rerun_action_skips_runs_past_their_deadline(admin_client):
+    late = make_run("completed", deadline_at=timezone.now() - timedelta(minutes=5))
+
+    response = run_action(admin_client, "rerun_runs", [late])
+
+    assert messages_of(response) == [
+        ("warning", "0 runs rerun from the start."),
+        ("warning", "1 run skipped: its deadline has passed."),
+    ]
+    late.refresh_from_db()
+    assert late.status == "completed"
+
+
+def test_change_page_shows_given_outputs_superseded_attempts_and_event_details(admin_client):
+    bob = create_user("bob", "change_workflowrun", "correct_workflowrun")
+    run = make_run("failed", input={"card": "tok_old"})
+    StepAttempt.objects.create(
+        workflow_run=run, step_name="reserve", status="completed", output="reserved", position=0
+    )
+    StepAttempt.objects.create(
+        workflow_run=run,
+        step_name="charge",
+        status="failed",
+        error={"type": "ValueError", "message": "card declined"},
+        position=1,
+    )
+    WorkflowRun.objects.resume(
+        run, input={"card": "tok_new"}, step_outputs={"charge": "paid"}, by=bob
+    )
+    WorkflowRun.objects.filter(pk=run.pk).update(status="completed")
+    WorkflowRun.objects.rerun(run, from_step="charge")
+    correction, rerun = run.events.order_by("id")
+    at = {
+        event.pk: timezone.localtime(event.at).strftime("%Y-%m-%d %H:%M:%S UTC")
+        for event in (correction, rerun)
+    }
+
+    html = admin_client.get(change_url(run)).content.decode()
+
+    # The output bob gave, then superseded by the rerun from its step.
+    assert (
+        f"<p>output given by bob at {at[correction.pk]}; superseded by the rerun at "
+        f"{at[rerun.pk]}</p>" in html
+    )
+    assert (
+        "<p>input: {&quot;card&quot;: &quot;tok_old&quot;} → {&quot;card&quot;: &quot;tok_new"
+        "&quot;}<br>step “charge”: ValueError: card declined → &quot;paid&quot;</p>" in html
+    )
+    assert "<p>from step “charge”; steps run again: charge</p>" in html
+
+
+def test_change_page_details_link_the_canceled_children(admin_client):
+    run = make_run("completed")
+    child = make_run("completed")
+    WorkflowRunEvent.objects.create(
+        run=run, action="rerun", details={"from_step": None, "canceled_children": [str(child.pk)]}
+    )
+
+    html = admin_client.get(change_url(run)).content.decode()
+
+    assert (
+        f'<p>from the start; child runs canceled: <a href="{change_url(child)}">{child.pk}</a></p>'
+        in html
+    )
+
+
+@pytest.mark.parametrize(
+    ("perms", "offered"),
+    [
+        (("view_workflowrun",), False),
+        (("change_workflowrun",), False),
+        (("view_workflowrun", "correct_workflowrun"), False),
+        (("change_workflowrun", "correct_workflowrun"), True),
+    ],
+)
+def test_change_page_links_resume_with_changes_for_those_who_may(client, perms, offered):
+    client.force_login(create_user("someone", *perms))
+    failed, completed = make_run("failed"), make_run("completed")
+    link = reverse("django_openworkflow:run-correct", args=[failed.pk])
+
+    assert (link in client.get(change_url(failed)).content.decode()) is offered
+    assert "resume-with-changes" not in client.get(change_url(completed)).content.decode()

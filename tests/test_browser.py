@@ -1,4 +1,5 @@
-"""Resume in a real browser: Playwright driving Debian's Chromium against a live server.
+"""Resume, Resume with changes and Rerun in a real browser: Playwright driving Debian's
+Chromium against a live server.
 
 A worker runs in-process on the test database. The screenshots of the run page
 and of the Workers page are saved under ``test-artifacts/``.
@@ -20,7 +21,7 @@ from django_openworkflow.clock import Now
 from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowWorker
 from django_openworkflow.worker import Worker
 from tests.testapp.models import SideEffect
-from tests.testapp.workflows import reserve_then_charge, waits_for_file
+from tests.testapp.workflows import reserve_then_charge, three_steps, waits_for_file
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -214,3 +215,95 @@ def test_the_workers_page_and_the_worker_holding_a_run(
 
     flag.touch()
     assert run.result(timeout=20) == 3
+
+
+@pytest.fixture
+def corrector(operator):
+    """The operator, who may also resume runs with changes (correct_workflowrun)."""
+    operator.user_permissions.add(
+        Permission.objects.get(
+            content_type__app_label="django_openworkflow", codename="correct_workflowrun"
+        )
+    )
+    return operator
+
+
+def test_resume_with_changes_from_the_run_page(live_server, browser, worker, corrector):
+    run = reserve_then_charge.start({"failures": 1})
+    with pytest.raises(WorkflowFailed):
+        run.result(timeout=20)
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    login(page, live_server, run.get_absolute_url())
+    page.click("a.owf-button-correct")
+    page.wait_for_url(f"**{run.get_absolute_url()}resume-with-changes/")
+    assert "RuntimeError: card declined" in page.inner_text("fieldset.owf-step-output")
+    page.fill("#id_input", '{\n  "failures": 1,\n  "note": "paid by phone"\n}')
+    page.check("#id_step-0-use")
+    page.fill("#id_step-0-output", '{"receipt": "phone-0042"}')
+    page.click("button[name=preview]")
+
+    diffs = page.locator("pre.owf-diff")
+    assert diffs.count() == 2
+    assert page.locator(".owf-diff-add").all_inner_texts() == [
+        '+  "failures": 1,',
+        '+  "note": "paid by phone"',
+        "+{",
+        '+  "receipt": "phone-0042"',
+        "+}",
+    ]
+    assert page.locator(".owf-diff-del").all_inner_texts() == [
+        '-  "failures": 1',
+        "-RuntimeError: card declined",
+    ]
+    run.refresh_from_db()
+    assert (run.status, run.input) == ("failed", {"failures": 1})  # nothing changed yet
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / f"run-page-correct-{connection.vendor}.png", full_page=True)
+
+    page.click("button[name=confirm]")
+    page.wait_for_url(f"{live_server.url}{run.get_absolute_url()}")
+    page.wait_for_selector("h1 .owf-status-completed", timeout=20_000)
+    [note] = page.locator(".owf-attempt-note").all_inner_texts()
+    assert note.startswith("output given by operator at ")
+    page.screenshot(path=ARTIFACTS / f"run-page-corrected-{connection.vendor}.png", full_page=True)
+
+    run.refresh_from_db()
+    assert (run.status, run.output) == ("completed", {"receipt": "phone-0042"})
+    assert run.input == {"failures": 1, "note": "paid by phone"}
+    assert SideEffect.objects.filter(run_id=run.pk, step="charge").count() == 1
+    [event] = run.events.all()
+    assert (event.action, event.by) == ("resume", corrector)
+
+
+def test_rerun_from_a_step_on_the_run_page(live_server, browser, worker, operator):
+    run = three_steps.start({"i": 1})
+    assert run.result(timeout=20) == {"total": 3}
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    login(page, live_server, run.get_absolute_url())
+    questions = []
+
+    def confirm(dialog):
+        questions.append(dialog.message)
+        dialog.accept()
+
+    page.on("dialog", confirm)
+    page.select_option("#owf-from-step", "s1")
+    page.click("button.owf-button-rerun")
+    page.wait_for_selector(".owf-message-success")
+    assert page.inner_text(".owf-message-success") == f'Run {run.pk} rerun from step "s1".'
+    assert questions == [
+        "Rerun this run? The chosen step and every step after it run again; the steps before "
+        "it keep their results."
+    ]
+    page.wait_for_selector("h1 .owf-status-completed", timeout=20_000)
+    assert "After rerun 1" in page.inner_text("body")
+    assert page.locator("tr.owf-attempt.owf-attempt-superseded").count() == 2
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / f"run-page-rerun-{connection.vendor}.png", full_page=True)
+
+    run.refresh_from_db()
+    assert (run.status, run.output, run.resume_generation) == ("completed", {"total": 3}, 1)
+    ran = SideEffect.objects.filter(run_id=run.pk)
+    assert [ran.filter(step=f"s{i}").count() for i in range(3)] == [1, 2, 2]

@@ -565,7 +565,7 @@ def test_run_detail_without_steps(staff_client):
     html = staff_client.get(detail_url(run)).content.decode()
 
     assert "No steps yet." in html
-    assert "Never resumed or canceled." in html
+    assert "Never resumed, rerun or canceled." in html
 
 
 def test_run_detail_shows_the_resume_and_cancel_history(staff_client):

@@ -16,6 +16,13 @@ ROLES: dict[str, dict[str, Any] | None] = {
     "staff_change": {"perms": ("change_workflowrun",)},
     "superuser": {"superuser": True},
 }
+# The roles of "Resume with changes", which asks for correct_workflowrun on top of
+# change_workflowrun: ROLES and two more (correct alone is not enough).
+CORRECT_ROLES: dict[str, dict[str, Any] | None] = {
+    **ROLES,
+    "staff_correct": {"perms": ("correct_workflowrun",)},
+    "staff_change_correct": {"perms": ("change_workflowrun", "correct_workflowrun")},
+}
 CSRF_SECRET = "owfcsrfsecret0123456789abcdefghi"  # 32 characters: a valid unmasked token
 
 
@@ -30,8 +37,9 @@ def create_user(username: str, *perms: str, staff: bool = True, superuser: bool 
 
 
 def login_as(client: Client, kind: str) -> Any:
-    """Log ``client`` in as one of ``ROLES``; return the user (None for anonymous)."""
-    spec = ROLES[kind]
+    """Log ``client`` in as one of ``CORRECT_ROLES`` (``ROLES`` and two more); return the
+    user (None for anonymous)."""
+    spec = CORRECT_ROLES[kind]
     if spec is None:
         return None
     spec = dict(spec)
