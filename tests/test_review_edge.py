@@ -181,3 +181,64 @@ def test_the_late_result_still_lands_when_the_run_stays_failed_in_its_generation
     release.set()
     old.finish()
     assert history(run) == [("a", 0, "completed", None)]
+
+
+# --- the in-flight replay check ---------------------------------------------------------
+
+
+@workflow(name="edge-reads-subject")
+def reads_subject(ctx):
+    subject = ctx.subject  # a read outside steps: allowed, in a pass and in a replay
+    ctx.step.run("a", lambda: str(subject))
+    ctx.step.wait_for_signal(f"end:{ctx.run_id}")
+
+
+def isolation_level():
+    variable = "tx_isolation" if connection.mysql_is_mariadb else "transaction_isolation"
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT @@SESSION.{variable}")
+        return cursor.fetchone()[0]
+
+
+def test_a_replay_that_opens_the_connection_replays_and_leaves_it_as_django_sets_it_up():
+    """The first read of a replay may open its connection (a test's load_run +
+    assert_replays, another database's subject, a connection closed since). Opening
+    it sends Django's own set-up statements (MySQL/MariaDB: ``SET SESSION TRANSACTION
+    ISOLATION LEVEL``, ``SET SQL_AUTO_IS_NULL``): refusing them as writes failed the
+    replay of code that is fine, and left the connection open without its set-up (on
+    MariaDB: REPEATABLE READ for the rest of the process, which the engine's locking
+    reads are not written for)."""
+    from django_openworkflow.replay import replay_run
+    from tests.testapp.models import Invoice
+
+    invoice = Invoice.objects.create(number="INV-1")
+    run = reads_subject.start(subject=invoice)
+    claim_and_execute()
+    run.refresh_from_db()
+    assert run.status == "pending"
+    attempts = list(StepAttempt.objects.filter(workflow_run=run).order_by("id"))
+    connection.close()
+    finding = replay_run(run, attempts)
+    if connection.vendor == "mysql":
+        assert isolation_level() == "READ-COMMITTED"
+    assert finding is None
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SET GLOBAL max_connections = 1",
+        "SET SQL_AUTO_IS_NULL = 0, GLOBAL max_connections = 1",
+        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED; DELETE FROM auth_user",
+        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED, GLOBAL max_connections = 1",
+    ],
+)
+def test_only_djangos_own_session_set_up_passes_the_replays_refusal(sql):
+    from django_openworkflow.replay import WriteRefused, refusing_writes
+
+    with (
+        refusing_writes("the test"),
+        pytest.raises(WriteRefused, match="SET was sent"),
+        connection.cursor() as cursor,
+    ):
+        cursor.execute(sql)
