@@ -52,6 +52,18 @@ KINDS = (REORDERED, REMOVED, RENAMED, NOT_REACHED, RAISED, UNREGISTERED)
 READS = frozenset(
     {"SELECT", "SHOW", "EXPLAIN", "VALUES", "BEGIN", "SAVEPOINT", "RELEASE", "ROLLBACK"}
 )
+# What Django itself sends through the connection's cursor when a read of the replay
+# opens a connection (MySQL/MariaDB's DatabaseWrapper.init_connection_state): settings of
+# the session, no write. Refused, the connection would stay open without them.
+SESSION_SETUP = frozenset(
+    {
+        "SET SQL_AUTO_IS_NULL = 0",
+        *(
+            f"SET SESSION TRANSACTION ISOLATION LEVEL {level}"
+            for level in ("READ UNCOMMITTED", "READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE")
+        ),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -411,7 +423,7 @@ def _refuse_writes(what: str, alias: str) -> Callable[..., Any]:
     def guard(execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any) -> Any:
         words = str(sql).lstrip(" \t\r\n(").split(None, 1)
         verb = words[0].upper() if words else ""
-        if verb not in READS:
+        if verb not in READS and not _session_setup(str(sql)):
             raise WriteRefused(
                 f"{what} writes nothing, but {verb or 'a statement'} was sent to database "
                 f'"{alias}": code outside steps must not write'
@@ -419,3 +431,9 @@ def _refuse_writes(what: str, alias: str) -> Callable[..., Any]:
         return execute(sql, params, many, context)
 
     return guard
+
+
+def _session_setup(sql: str) -> bool:
+    """Whether ``sql`` is Django's set-up of a new connection: ``SESSION_SETUP`` statements
+    only, joined by "; " (nothing else may ride along)."""
+    return all(part.strip().upper() in SESSION_SETUP for part in sql.split(";"))
