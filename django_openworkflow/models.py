@@ -111,8 +111,10 @@ class SubjectForeignKey(GenericForeignKey):
                     f"a run's subject must be a model instance, not {type(value).__name__} "
                     f"{value!r}"
                 )
-            content_type_id = subjects.content_type_of(type(value)).pk
-            subject_id = None if value.pk is None else str(value.pk)
+            if value.pk is None:  # as GenericForeignKey: the key is read when it is saved
+                content_type_id = subjects.content_type_of(type(value)).pk
+            else:  # a saved object's key is checked as start(subject=) checks it
+                content_type_id, subject_id = subjects.subject_key(value, " of a run")
         setattr(instance, self.ct_attname, content_type_id)
         setattr(instance, self.fk_field, subject_id)
         self.set_cached_value(instance, value)

@@ -11,8 +11,10 @@ exactly where a worker would find it (``NonDeterminism``).
 
 The answer is ``None`` when the code reaches the stored steps in their stored
 order, else a ``Finding`` saying how it does not. Nothing is written: while
-the workflow function runs, every database connection refuses statements
-other than reads (code outside steps must not write, for the worker either).
+the workflow function runs, every database connection of the replaying
+thread refuses statements other than reads (code outside steps must not
+write, for the worker either). A thread the function starts itself is not
+guarded (docs/deploying.md, Limits).
 """
 
 from __future__ import annotations

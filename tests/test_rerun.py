@@ -75,6 +75,16 @@ def test_the_stored_path_of_a_failed_run_ends_at_the_step_that_failed():
     assert run.stored_path() == ["reserve", "charge"]
 
 
+def test_a_run_resumed_then_canceled_before_a_step_keeps_the_path_it_failed_on():
+    run = run_to_completion(reserve_then_charge, {"failures": 1})
+    WorkflowRun.objects.resume(run)
+    WorkflowRun.objects.cancel(run)  # before any worker took the new generation
+
+    assert run.stored_path() == ["reserve", "charge"]
+    run = WorkflowRun.objects.rerun(run, from_step="charge")
+    assert run.events.last().details["rerun_steps"] == ["charge"]
+
+
 def test_the_stored_path_names_repeated_calls_as_stored():
     run = run_to_completion(repeated_names)
     assert run.stored_path() == ["x:1", "x", "x:2", "x:3", "x:2:1"]

@@ -295,6 +295,22 @@ def test_assigning_an_unsaved_object_refuses_the_save_as_a_generic_foreign_key_d
         run.save()
 
 
+def test_a_key_longer_than_the_column_is_refused_by_start_and_by_assignment():
+    coupon = Coupon(code="x" * 300)  # a key as text of 300 characters; subject_id holds 255
+    expected = (
+        "the primary key of Coupon <Coupon: Coupon " + "x" * 300 + "> is 300 characters as "
+        "text; at most 255"
+    )
+    with pytest.raises(ValueError) as info:
+        echo.start({}, subject=coupon)
+    assert str(info.value) == f'subject of workflow "echo": {expected}'
+    run = make_run("failed")
+    with pytest.raises(ValueError) as info:
+        run.subject = coupon
+    assert str(info.value) == f"subject of a run: {expected}"
+    assert WorkflowRun.objects.filter(subject_id__isnull=False).count() == 0
+
+
 def test_assigning_a_non_model_is_a_type_error():
     run = make_run("failed")
     with pytest.raises(TypeError) as info:

@@ -148,15 +148,26 @@ def replay_positions(attempts: Iterable[StepAttempt], generation: int) -> dict[i
 
 
 def stored_path(attempts: Iterable[StepAttempt], generation: int) -> list[tuple[int, str]]:
-    """The steps that a replay of ``generation`` meets, in call order: ``(place, step)``.
+    """The steps of the last path the run took, in call order: ``(place, step)``.
 
-    ``replay_positions`` sorted by place; a step bound at several places is
-    listed once, at its first. What ``WorkflowRun.stored_path()`` shows and
-    ``rerun(from_step=...)`` chooses from.
+    ``replay_positions`` of the last generation up to ``generation`` that
+    stored a step (a run resumed, then canceled before it ran a step, keeps
+    the path on which it failed), sorted by place; a step bound at several
+    places is listed once, at its first. What ``WorkflowRun.stored_path()``
+    shows and ``rerun(from_step=...)`` chooses from.
     """
+    attempts = list(attempts)
+    last = max(
+        (
+            a.resume_generation
+            for a in attempts
+            if a.position is not None and a.resume_generation <= generation
+        ),
+        default=generation,
+    )
     seen: set[str] = set()
     path = []
-    for position, name in sorted(replay_positions(attempts, generation).items()):
+    for position, name in sorted(replay_positions(attempts, last).items()):
         if name not in seen:
             seen.add(name)
             path.append((position, name))
