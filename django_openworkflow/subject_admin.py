@@ -16,6 +16,7 @@ The runs are those started with ``start(..., subject=order)``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode
 
@@ -182,6 +183,16 @@ class WorkflowRunsMixin(RunTransitions):
     """
 
     workflow_run_actions = ("resume_workflow_runs", "cancel_workflow_runs")
+    # The runs are read for this many selected objects at a time: one statement binds
+    # every key it looks for, and SQLite binds at most 32,766 values in one.
+    workflow_runs_chunk = 500
+
+    def runs_of_selected(self, queryset: QuerySet[Any]) -> Iterator[WorkflowRun]:
+        """The runs of the selected objects (``for_subjects()``), a chunk of objects at a time."""
+        keys = list(queryset.values_list("pk", flat=True))
+        for start in range(0, len(keys), self.workflow_runs_chunk):
+            chunk = [queryset.model(pk=pk) for pk in keys[start : start + self.workflow_runs_chunk]]
+            yield from WorkflowRun.objects.for_subjects(chunk)
 
     def get_actions(self, request: HttpRequest) -> dict[str, Any]:
         actions = super().get_actions(request)
@@ -204,7 +215,7 @@ class WorkflowRunsMixin(RunTransitions):
     def resume_workflow_runs(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
         self._transition_each(
             request,
-            WorkflowRun.objects.for_subjects(queryset),
+            self.runs_of_selected(queryset),
             WorkflowRun.objects.resume,
             log_message="Resumed",
             done=resumed_message,
@@ -216,7 +227,7 @@ class WorkflowRunsMixin(RunTransitions):
     def cancel_workflow_runs(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
         self._transition_each(
             request,
-            WorkflowRun.objects.for_subjects(queryset),
+            self.runs_of_selected(queryset),
             WorkflowRun.objects.cancel,
             log_message="Canceled",
             done=canceled_message,

@@ -26,6 +26,7 @@ from django.utils import timezone
 
 from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowRunEvent
 from django_openworkflow.testing import drain
+from tests.testapp.admin import InvoiceAdmin
 from tests.testapp.models import Coupon, Invoice, Parcel, SideEffect
 from tests.testapp.workflows import echo, ignores_subject, parent, reads_subject
 from tests.users import CSRF_SECRET, ROLES, create_user, login_as
@@ -744,6 +745,24 @@ def test_resume_failed_workflow_runs_of_the_selected_objects(admin_client, super
             "content_type", "object_id", "change_message"
         )
     ) == sorted((run_type.pk, str(run.pk), "Resumed") for run in failed)
+
+
+def test_the_actions_read_the_runs_a_chunk_of_selected_objects_at_a_time(admin_client, monkeypatch):
+    """One statement binds every key it looks for (SQLite: at most 32,766), so the runs of a
+    large selection are read in chunks of objects; every selected object's runs count."""
+    monkeypatch.setattr(InvoiceAdmin, "workflow_runs_chunk", 2)
+    invoices = [Invoice.objects.create(number=f"A-{i}") for i in range(5)]
+    failed = [make_run("failed", invoice) for invoice in invoices]
+
+    with CaptureQueriesContext(connection) as queries:
+        response = run_action(admin_client, "resume_workflow_runs", invoices)
+
+    assert messages_of(response) == [("success", "5 runs resumed.")]
+    assert set(
+        WorkflowRun.objects.filter(pk__in=[r.pk for r in failed]).values_list("status", flat=True)
+    ) == {"pending"}
+    run_reads = [q for q in queries if '"subject_id" IN (' in q["sql"]]
+    assert len(run_reads) == 3  # 2 + 2 + 1 objects
 
 
 def test_resume_skips_a_run_past_its_deadline(admin_client):
