@@ -463,7 +463,7 @@ def test_three_workers_start_each_tick_exactly_once():
     for thread in threads:
         thread.start()
     try:
-        for _ in range(200):
+        for _ in range(1200):  # up to a minute: a loaded machine (CI runs lanes side by side)
             runs = scheduled_runs("every-minute")
             if runs and all(run.status == WorkflowRun.Status.COMPLETED for run in runs):
                 break
