@@ -25,7 +25,13 @@ from django.utils.safestring import mark_safe
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
-from .admin_actions import RunTransitions, canceled_message, rerun_message, resumed_message
+from .admin_actions import (
+    RunTransitions,
+    ShownOnly,
+    canceled_message,
+    rerun_message,
+    resumed_message,
+)
 from .conf import app_settings
 from .display import attempt_note, attempt_status, error_summary, event_details
 from .managers import WorkflowRunQuerySet
@@ -52,24 +58,12 @@ class StepAttemptColumns:
         return attempt_status(attempt)[1]
 
 
-class ReadOnlyInline(admin.TabularInline):
+class ReadOnlyInline(ShownOnly, admin.TabularInline):
     """An inline of records that belong to the run: shown, never added, changed or deleted.
 
     Visible to whoever may view the run, without separate permissions on the
     inline's model (step attempts and events are part of the run).
     """
-
-    extra = 0
-    can_delete = False
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return can_view_runs(request.user)

@@ -1,9 +1,12 @@
-"""What the admin actions on runs share: apply a transition to each run, count, report.
+"""What the admin of runs and the admin of their subjects share.
 
-Used by ``WorkflowRunAdmin`` (the runs' own changelist) and by
+The actions (``RunTransitions``): apply a transition to each run, count,
+report. Used by ``WorkflowRunAdmin`` (the runs' own changelist) and by
 ``WorkflowRunsMixin`` (the changelist of the runs' subjects), so a resume or
 a cancel from either reads the same: "2 runs resumed.", "1 run skipped: it
-is completed.", and each change is in the run's admin history.
+is completed.", and each change is in the run's admin history. And
+``ShownOnly``: the inlines of records the engine owns (steps, events, an
+object's runs), which nobody adds, changes or deletes in the admin.
 """
 
 from __future__ import annotations
@@ -94,3 +97,19 @@ class RunTransitions(_ModelAdmin):
                 % {"count": count, "reason": reason},
                 messages.WARNING,
             )
+
+
+class ShownOnly:
+    """For an inline: its rows are shown, never added, changed or deleted."""
+
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

@@ -30,7 +30,7 @@ from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
 from django.utils.translation import gettext_lazy
 
-from .admin_actions import RunTransitions, canceled_message, resumed_message
+from .admin_actions import RunTransitions, ShownOnly, canceled_message, resumed_message
 from .managers import WorkflowRunQuerySet
 from .models import WorkflowRun
 from .subjects import filter_value
@@ -104,7 +104,7 @@ class SubjectRunsFormSet(BaseGenericInlineFormSet):
         return []
 
 
-class WorkflowRunInline(GenericTabularInline):
+class WorkflowRunInline(ShownOnly, GenericTabularInline):
     """An object's workflow runs on its admin change page, newest first (read-only).
 
     Status, workflow, current step, created and finished, and a link to each
@@ -127,8 +127,6 @@ class WorkflowRunInline(GenericTabularInline):
         "run_link",
     )
     ordering = ["-created_at", "-id"]
-    extra = 0
-    can_delete = False
     show_change_link = False
     view_on_site = False
     runs_shown = RUNS_SHOWN
@@ -146,15 +144,6 @@ class WorkflowRunInline(GenericTabularInline):
         formset = super().get_formset(request, obj, **kwargs)
         formset.runs_shown = self.runs_shown  # type: ignore[attr-defined]  # a new class each time
         return formset
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         # Not on the add page: a new object has no runs.
