@@ -76,6 +76,14 @@ class SubjectForeignKey(GenericForeignKey):
     instance (or None) sets both columns.
     """
 
+    def contribute_to_class(  # type: ignore[override]  # GenericForeignKey's own signature
+        self, cls: type[models.Model], name: str, **kwargs: Any
+    ) -> None:
+        super().contribute_to_class(cls, name, **kwargs)
+        # This field is its own descriptor, as GenericForeignKey is on Django 5.2 (6.1
+        # installs a GenericForeignKeyDescriptor, which would bypass __get__ and __set__).
+        setattr(cls, name, self)
+
     @property
     def ct_attname(self) -> str:
         return str(self.model._meta.get_field(self.ct_field).attname)

@@ -397,8 +397,17 @@ def test_nothing_to_change_is_a_form_error(corrector):
     assert not WorkflowRunEvent.objects.exists()
 
 
+def trailing_comma_problem() -> str:
+    """Python 3.13 words (and places) a trailing comma's error otherwise than 3.11 and 3.12."""
+    try:
+        json.loads('{"failures": 1,}')
+    except json.JSONDecodeError as exc:
+        return f"{exc.msg} (line {exc.lineno}, column {exc.colno})"
+    raise AssertionError("a trailing comma is not JSON")
+
+
 BAD_JSON = [
-    ('{"failures": 1,}', "Expecting property name enclosed in double quotes (line 1, column 16)"),
+    ('{"failures": 1,}', trailing_comma_problem()),
     ('{\n  "failures" 1\n}', "Expecting ':' delimiter (line 2, column 14)"),
     ("[1, 2", "Expecting ',' delimiter (line 1, column 6)"),
     ("'single'", "Expecting value (line 1, column 1)"),
