@@ -10,7 +10,7 @@ import pytest
 from django.contrib.admin.models import LogEntry
 from django.utils import timezone
 
-from django_openworkflow import InvalidTransition, send_signal
+from django_openworkflow import InvalidTransition, RetryPolicy, send_signal
 from django_openworkflow.exceptions import Refusal
 from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowRunEvent
 from django_openworkflow.signals import run_rerun
@@ -83,6 +83,30 @@ def test_a_run_resumed_then_canceled_before_a_step_keeps_the_path_it_failed_on()
     assert run.stored_path() == ["reserve", "charge"]
     run = WorkflowRun.objects.rerun(run, from_step="charge")
     assert run.events.last().details["rerun_steps"] == ["charge"]
+
+
+def test_replay_takes_a_superseded_result_for_neither_a_result_nor_an_open_wait():
+    """Pure History: whatever generation holds it, a superseded completed attempt runs again."""
+    from django_openworkflow.engine.history import History
+
+    def attempt(generation, superseded_by_id=None, status="completed"):
+        return StepAttempt(
+            step_name="s",
+            status=status,
+            output="old",
+            resume_generation=generation,
+            position=0,
+            superseded_by_id=superseded_by_id,
+        )
+
+    for generation in (0, 1):  # an earlier generation's, and (by hand) the current one's
+        history = History("run", 1)
+        history.load([attempt(generation, superseded_by_id=7)])
+        assert (history.completed, history.waiting) == ({}, {})
+        assert history.replay("s", RetryPolicy()) == (False, None)
+    history = History("run", 1)
+    history.load([attempt(0)])
+    assert history.replay("s", RetryPolicy()) == (True, "old")
 
 
 def test_the_stored_path_names_repeated_calls_as_stored():

@@ -46,7 +46,7 @@ class History:
             elif a.status == StepAttempt.Status.FAILED:
                 if current:
                     self.failures.setdefault(a.step_name, []).append(a)
-            elif current:
+            elif current and a.status == StepAttempt.Status.RUNNING:
                 self.waiting[a.step_name] = a
 
     def name(self, name: str) -> str:
