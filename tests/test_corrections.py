@@ -8,6 +8,7 @@ import uuid
 import pytest
 from django.contrib.admin.models import CHANGE, LogEntry
 from django.core.exceptions import PermissionDenied
+from django.db import OperationalError
 from django.test import override_settings
 from django.utils import timezone
 
@@ -508,17 +509,26 @@ def test_run_resumed_is_sent_after_the_commit(corrector, django_capture_on_commi
     assert received == [(run.pk, corrector, {"card": "1"})]
 
 
-def test_a_failure_inside_the_transaction_changes_nothing(corrector, monkeypatch):
+@pytest.mark.parametrize(
+    "fault",
+    [
+        RuntimeError("the admin history is down"),
+        KeyboardInterrupt(),  # a BaseException: the transaction rolls back all the same
+        OperationalError("server closed the connection unexpectedly"),  # a lost connection
+    ],
+    ids=["exception", "base-exception", "lost-connection"],
+)
+def test_a_failure_inside_the_transaction_changes_nothing(corrector, monkeypatch, fault):
     """The last write of the transaction (the admin history) fails: everything before it
     (the run, the event, the given attempt) is rolled back with it."""
     run = declined()
     before = snapshot(run)
 
     def broken(*args, **kwargs):
-        raise RuntimeError("the admin history is down")
+        raise fault
 
     monkeypatch.setattr("django_openworkflow.managers.log_run_change", broken)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(type(fault)):
         WorkflowRun.objects.resume(
             run, input={"card": "4242"}, step_outputs={"charge-card": 1}, by=corrector
         )

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 from django.contrib.admin.models import LogEntry
+from django.db import OperationalError
 from django.utils import timezone
 
 from django_openworkflow import InvalidTransition, RetryPolicy, send_signal
@@ -636,17 +637,26 @@ def test_bulk_rerun_reruns_finished_runs_from_the_start_and_skips_active_ones():
     assert WorkflowRunEvent.objects.count() == 2
 
 
-def test_a_failure_inside_the_transaction_changes_nothing(monkeypatch):
+@pytest.mark.parametrize(
+    "fault",
+    [
+        RuntimeError("the admin history is down"),
+        KeyboardInterrupt(),  # a BaseException: the transaction rolls back all the same
+        OperationalError("server closed the connection unexpectedly"),  # a lost connection
+    ],
+    ids=["exception", "base-exception", "lost-connection"],
+)
+def test_a_failure_inside_the_transaction_changes_nothing(monkeypatch, fault):
     run = parent.start({"child": "waiter", "child_input": {"signal": "rollback"}})
     drain(time_travel=False)
     failed_at_deadline(run)
     before = snapshot(run)
 
     def broken(*args, **kwargs):
-        raise RuntimeError("the admin history is down")
+        raise fault
 
     monkeypatch.setattr("django_openworkflow.managers.log_run_change", broken)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(type(fault)):
         WorkflowRun.objects.rerun(run, deadline_at=timezone.now() + timedelta(hours=1))
     assert snapshot(run) == before  # the child not canceled, the wait not closed
 
