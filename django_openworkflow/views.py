@@ -43,6 +43,7 @@ from .correction_forms import (
     read_correction,
     unknown_steps,
 )
+from .corrections import CORRECT_PERMISSION
 from .display import duration_of, error_parts, history, refusal_text, timeline
 from .exceptions import InvalidTransition, Refusal
 from .managers import WorkflowRunQuerySet
@@ -56,7 +57,6 @@ from .workers import LIVE, LiveWorker, live_q, live_window, unserved_reason
 
 VIEW_PERMISSION = "django_openworkflow.view_workflowrun"
 CHANGE_PERMISSION = "django_openworkflow.change_workflowrun"
-CORRECT_PERMISSION = "django_openworkflow.correct_workflowrun"
 
 RUNS_PER_PAGE = 50
 REFRESH_SECONDS = 3
@@ -337,7 +337,7 @@ def run_edits(
     return {
         "can_correct": resume_refusal is None and can_correct_runs(user),
         "can_rerun": can_rerun,
-        "rerun_steps": list(dict.fromkeys(run.stored_path())) if can_rerun else [],
+        "rerun_steps": run.stored_path() if can_rerun else [],  # each step once
         "rerun_refused": refusal_text(rerun_refusal, run.status)
         if rerun_refusal is Refusal.DEADLINE
         else None,
