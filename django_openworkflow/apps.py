@@ -17,3 +17,17 @@ class OpenWorkflowConfig(AppConfig):
         install()  # when opentelemetry-api is installed (it is imported on first use)
 
         autodiscover_modules("workflows")
+        if uses_task_backend():
+            from . import tasks  # noqa: F401  (registers the built-in workflow "django-task")
+
+
+def uses_task_backend() -> bool:
+    """Whether ``settings.TASKS`` names ``WorkflowTaskBackend`` (then its workflow is needed)."""
+    from django.conf import settings
+
+    tasks = getattr(settings, "TASKS", None)
+    return isinstance(tasks, dict) and any(
+        isinstance(params, dict)
+        and params.get("BACKEND") == "django_openworkflow.tasks.WorkflowTaskBackend"
+        for params in tasks.values()
+    )

@@ -168,8 +168,13 @@ def describe_exception(exc: BaseException) -> dict[str, Any]:
         trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     except Exception as broken:
         trace = f"<the traceback of the {kind} could not be formatted: {type(broken).__name__}>"
-    return {
+    error = {
         "type": storable_text(kind, MAX_NAME_LENGTH),
         "message": storable_text(message, MAX_ERROR_MESSAGE),
         "traceback": storable_text(trace, MAX_ERROR_TRACEBACK, keep_end=True),
     }
+    module = getattr(type(exc), "__module__", None)
+    if isinstance(module, str) and module != "builtins":  # the class's dotted path
+        path = f"{module}.{type(exc).__qualname__}"
+        error["path"] = storable_text(path, MAX_NAME_LENGTH)
+    return error

@@ -16,6 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import django
 import environ
 
 BASE_DIR = Path(__file__).resolve().parent
@@ -46,6 +47,19 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
 ]
+
+if django.VERSION < (6, 0):
+    INSTALLED_APPS.append("django_tasks")  # django.tasks' backport (the extra [tasks])
+
+# Django's task framework on durable runs (tests/test_tasks.py).
+TASKS = {
+    "default": {"BACKEND": "django_openworkflow.tasks.WorkflowTaskBackend", "QUEUES": []},
+    "retrying": {
+        "BACKEND": "django_openworkflow.tasks.WorkflowTaskBackend",
+        "QUEUES": [],
+        "OPTIONS": {"retry_policy": {"maximum_attempts": 3, "initial_interval": "1s"}},
+    },
+}
 
 ROOT_URLCONF = "tests.urls"
 
