@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import django
 import environ
 
 BASE_DIR = Path(__file__).resolve().parent
@@ -36,6 +37,14 @@ INSTALLED_APPS = [
     "django_openworkflow",
     "demo_project.orders",
 ]
+if django.VERSION < (6, 0):
+    INSTALLED_APPS.append("django_tasks")  # Django's task framework, backported to 5.2
+
+# Django's task framework, run as durable workflow runs: every @task's enqueue() starts a
+# run that `manage.py runworker` executes (orders/tasks.py sends the order confirmation).
+TASKS = {"default": {"BACKEND": "django_openworkflow.tasks.WorkflowTaskBackend"}}
+# The demo prints its emails on the worker's console.
+EMAIL_BACKEND = env.str("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from django.apps import AppConfig
-from django.utils.module_loading import autodiscover_modules
+from django.utils.module_loading import autodiscover_modules, import_string
 from django.utils.translation import gettext_lazy as _
 
 
@@ -22,12 +22,28 @@ class OpenWorkflowConfig(AppConfig):
 
 
 def uses_task_backend() -> bool:
-    """Whether ``settings.TASKS`` names ``WorkflowTaskBackend`` (then its workflow is needed)."""
+    """Whether ``settings.TASKS`` has a ``WorkflowTaskBackend`` (a subclass too): then the
+    workers need its workflow ``django-task``."""
     from django.conf import settings
 
     tasks = getattr(settings, "TASKS", None)
-    return isinstance(tasks, dict) and any(
-        isinstance(params, dict)
-        and params.get("BACKEND") == "django_openworkflow.tasks.WorkflowTaskBackend"
-        for params in tasks.values()
+    if not isinstance(tasks, dict):
+        return False
+    paths = {params.get("BACKEND") for params in tasks.values() if isinstance(params, dict)}
+    return any(isinstance(path, str) and is_task_backend(path) for path in paths)
+
+
+def is_task_backend(path: str) -> bool:
+    if path == TASK_BACKEND:
+        return True
+    try:  # Django's check_tasks imports every backend too
+        backend = import_string(path)
+    except ImportError:
+        return False  # Django reports a backend it cannot import
+    return any(
+        f"{cls.__module__}.{cls.__qualname__}" == TASK_BACKEND
+        for cls in getattr(backend, "__mro__", ())
     )
+
+
+TASK_BACKEND = "django_openworkflow.tasks.WorkflowTaskBackend"

@@ -170,7 +170,7 @@ class WorkflowTaskBackend(BaseTaskBackend):
                 f"TASKS[{self.alias!r}]['QUEUES'] names {name!r}, which is not a queue of "
                 "OPENWORKFLOW['QUEUES']",
                 hint=f"Add it to OPENWORKFLOW['QUEUES'] (known: {', '.join(sorted(known))}).",
-                id="openworkflow.E018",
+                id="django_openworkflow.E018",
             )
             for name in sorted(self.queues)
             if name not in known

@@ -11,15 +11,14 @@ from __future__ import annotations
 import datetime
 import uuid
 
+import django
 import pytest
 from asgiref.sync import async_to_sync
-from django.core.checks import run_checks
 from django.db import transaction
 from django.test import override_settings
 from django.utils import timezone
 
 from django_openworkflow.models import WorkflowRun
-from django_openworkflow.worker import Worker
 from django_openworkflow.tasks import (
     TASK_WORKFLOW,
     InvalidTask,
@@ -32,6 +31,7 @@ from django_openworkflow.tasks import (
     task_finished,
     task_started,
 )
+from django_openworkflow.worker import Worker
 from tests.conftest import drain, make_due
 from tests.testapp import tasks
 from tests.testapp.models import Ledger
@@ -399,6 +399,77 @@ def test_the_system_check_names_a_backend_queue_that_is_not_configured():
         }
     }
     with override_settings(TASKS=queues):
-        errors = [e for e in run_checks() if e.id == "openworkflow.E018"]
-    assert len(errors) == 1
+        errors = list(task_backends["default"].check())  # what Django's check_tasks runs
+    assert [e.id for e in errors] == ["django_openworkflow.E018"]
     assert "'reports'" in errors[0].msg
+
+
+def test_a_task_whose_code_is_gone_fails_its_run_with_an_error_naming_the_path():
+    gone = tasks.add.enqueue(1, 2)
+    plain = tasks.add.enqueue(1, 2)
+    WorkflowRun.objects.filter(pk=gone.id).update(
+        input={**run_of(gone).input, "task": "tests.testapp.tasks.removed"}
+    )
+    WorkflowRun.objects.filter(pk=plain.id).update(
+        input={**run_of(plain).input, "task": "tests.testapp.tasks.not_a_task"}
+    )
+    drain()
+
+    for result, problem in ((gone, "cannot be imported"), (plain, "is not a task")):
+        run = run_of(result)
+        assert run.status == WorkflowRun.Status.FAILED
+        assert problem in run.error["message"]
+        with pytest.raises(InvalidTask, match=problem):
+            default_task_backend.get_result(result.id)
+
+
+def test_a_task_whose_backend_was_removed_fails_with_the_invalid_backend():
+    result = tasks.add.enqueue(1, 2)
+    WorkflowRun.objects.filter(pk=result.id).update(
+        input={**run_of(result).input, "backend": "removed"}
+    )
+    drain()
+    run = run_of(result)
+    assert run.status == WorkflowRun.Status.FAILED
+    assert "removed" in run.error["message"]
+
+
+def test_a_subclass_of_the_backend_registers_the_task_workflow_too():
+    from django_openworkflow.apps import uses_task_backend
+
+    sub = {"default": {"BACKEND": "tests.testapp.tasks.SubclassBackend"}}
+    other = {"default": {"BACKEND": "django.core.mail.backends.locmem.EmailBackend"}}
+    missing = {"default": {"BACKEND": "nowhere.Backend"}}
+    with override_settings(TASKS=sub):
+        assert uses_task_backend()
+    with override_settings(TASKS=other):
+        assert not uses_task_backend()
+    with override_settings(TASKS=missing):
+        assert not uses_task_backend()
+
+
+def test_moving_from_the_immediate_backend_is_one_setting():
+    """docs/tasks.md: the same tasks and calls, only TASKS' BACKEND changed."""
+    immediate = (
+        "django.tasks.backends.immediate.ImmediateBackend"
+        if django.VERSION >= (6, 0)
+        else "django_tasks.backends.immediate.ImmediateBackend"
+    )
+    outcomes = {}
+    for backend in (immediate, "django_openworkflow.tasks.WorkflowTaskBackend"):
+        with override_settings(TASKS={"default": {"BACKEND": backend, "QUEUES": []}}):
+            result = tasks.add.enqueue(2, 3)
+            failed = tasks.failing_task_value_error.enqueue()
+            if backend != immediate:
+                assert not WorkflowRun.objects.filter(status="completed").exists()
+                drain()
+                result.refresh()
+                failed.refresh()
+            outcomes[backend] = (
+                result.status,
+                result.return_value,
+                failed.status,
+                failed.errors[0].exception_class,
+            )
+    assert outcomes[immediate] == ("SUCCESSFUL", 5, "FAILED", ValueError)
+    assert outcomes["django_openworkflow.tasks.WorkflowTaskBackend"] == outcomes[immediate]

@@ -14,14 +14,17 @@ from __future__ import annotations
 from unittest import mock
 
 from django.contrib.auth import get_user_model
+from django.core import mail
 from django.test import TestCase
 
 from django_openworkflow import RetryPolicy, send_signal
 from django_openworkflow.models import WorkflowRun
+from django_openworkflow.tasks import TASK_WORKFLOW
 from django_openworkflow.testing import drain, run_to_completion
 
 from . import workflows
 from .models import Card, Order, Product
+from .tasks import send_order_confirmation
 from .workflows import process_order, warehouse_signal
 
 SLOW_CHARGE_RETRY = RetryPolicy(maximum_attempts=3, initial_interval="1h")
@@ -106,6 +109,26 @@ class ProcessOrderTests(TestCase):
         self.assert_order(order, Order.Status.AWAITING_WAREHOUSE, stock=8)  # reserved once
         old = {"order_id": order.pk, "card_token": "tok_0002"}
         self.assertEqual(run.events.get().details["input"], {"old": old, "new": corrected})
+
+    def test_a_paid_order_sends_its_confirmation_email_once_through_a_task(self):
+        order = self.new_order(self.good_card)
+        run = run_to_completion(process_order, order.run_input, time_travel=False)
+        self.assertEqual(run.status, "pending")  # waiting for the warehouse
+        # The task's own run (Django's task framework), executed by drain() like any run.
+        email_run = WorkflowRun.objects.get(workflow_name=TASK_WORKFLOW)
+        self.assertEqual(email_run.status, "completed")
+        self.assertEqual(email_run.output, "ada@example.com")
+        result = send_order_confirmation.get_result(str(email_run.pk))
+        self.assertEqual(str(result.status), "SUCCESSFUL")
+        self.assertEqual(len(mail.outbox), 1)
+        self.assertEqual(mail.outbox[0].subject, "Order order-4242 is confirmed")
+        self.assertEqual(mail.outbox[0].to, ["ada@example.com"])
+
+        send_signal(warehouse_signal(order.pk), {"by": "wendy"})
+        drain()
+        run.refresh_from_db()
+        self.assertEqual(run.status, "completed")
+        self.assertEqual(len(mail.outbox), 1)  # the replays did not queue it again
 
     def test_one_charge_at_a_time_per_card(self):
         # charge-card runs in the "payments" queue, keyed by the card (key_concurrency 1):

@@ -12,6 +12,10 @@ for the first charge while other customers' charges go on. The parent,
 which waits for the charge, stays in the unlimited ``default`` queue: a
 waiting parent in a limited queue would hold a place its child needs.
 
+Once the order is paid, ``process-order`` enqueues the task
+``send_order_confirmation`` (orders/tasks.py), Django's task framework run
+durably by ``WorkflowTaskBackend``: the confirmation email is its own run.
+
 ``fulfil-order`` marks the order
 "awaiting warehouse" and waits for the warehouse's confirmation, the signal
 ``warehouse-confirmed:<order id>`` (the "Confirm packed" button on the orders
@@ -44,6 +48,7 @@ import uuid
 from django_openworkflow import RetryPolicy, StepFailed, workflow
 
 from .models import Card, Order, Product
+from .tasks import send_order_confirmation
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +174,11 @@ def process_order(ctx):
             concurrency_key=f"card-{card_token}",
         )
         ctx.step.atomic("record-charge", lambda: record_charge(order_id, charge_id, card_token))
+        # A task of Django's task framework (orders/tasks.py), enqueued in this step's
+        # transaction: queued exactly once, however often this run is replayed.
+        ctx.step.atomic(
+            "queue-confirmation-email", lambda: send_order_confirmation.enqueue(order_id).id
+        )
         # Parks this run until the child ends; a failed child raises StepFailed.
         tracking_number = ctx.step.run_workflow(fulfil_order, {"order_id": order_id})
     except StepFailed as exc:

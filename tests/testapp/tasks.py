@@ -10,6 +10,8 @@ try:
 except ImportError:  # Django 5.2: the backport
     from django_tasks import task
 
+from django_openworkflow.tasks import WorkflowTaskBackend
+
 from .models import Ledger
 
 
@@ -104,3 +106,11 @@ def needs_permission():
     if not Ledger.objects.filter(note="allowed").exists():
         raise PermissionError("not allowed yet")
     return "done"
+
+
+def not_a_task():
+    return "a plain function"
+
+
+class SubclassBackend(WorkflowTaskBackend):
+    """A project's own subclass (tests/test_tasks.py: it registers the task workflow too)."""
