@@ -33,34 +33,25 @@ try:  # Django 6
     from django.tasks.exceptions import InvalidTask, InvalidTaskBackend, TaskResultDoesNotExist
     from django.tasks.signals import task_enqueued, task_finished, task_started
     from django.utils.json import normalize_json
-except ImportError:  # Django 5.2 with the backport
+except ImportError:  # Django 5.2 with the backport (typed as django.tasks, which it mirrors)
     try:
-        from django_tasks import (  # type: ignore[no-redef]
-            TaskContext,
-            TaskResult,
-            TaskResultStatus,
-            task_backends,
-        )
+        import django_tasks as framework
     except ImportError as missing:
         raise ImproperlyConfigured(
             "django_openworkflow.tasks needs Django's task framework: Django 6, or on "
             'Django 5.2 the django-tasks backport (pip install "django-openworkflow[tasks]")'
         ) from missing
-    from django_tasks.backends.base import BaseTaskBackend  # type: ignore[no-redef]
-    from django_tasks.base import Task, TaskError  # type: ignore[no-redef]
-    from django_tasks.exceptions import (  # type: ignore[no-redef]
-        InvalidTaskBackendError as InvalidTaskBackend,
-    )
-    from django_tasks.exceptions import (  # type: ignore[no-redef]
-        InvalidTaskError as InvalidTask,
-    )
-    from django_tasks.exceptions import TaskResultDoesNotExist  # type: ignore[no-redef]
-    from django_tasks.signals import (  # type: ignore[no-redef]
-        task_enqueued,
-        task_finished,
-        task_started,
-    )
-    from django_tasks.utils import normalize_json  # type: ignore[no-redef]
+    from django_tasks import backends, exceptions, signals, utils
+
+    TaskContext, TaskResult = framework.TaskContext, framework.TaskResult  # type: ignore[misc,assignment]
+    TaskResultStatus, task_backends = framework.TaskResultStatus, framework.task_backends  # type: ignore[misc,assignment]
+    BaseTaskBackend = backends.base.BaseTaskBackend  # type: ignore[misc,assignment]
+    Task, TaskError = framework.base.Task, framework.base.TaskError  # type: ignore[misc,assignment]
+    InvalidTask = exceptions.InvalidTaskError  # type: ignore[misc,assignment]
+    InvalidTaskBackend = exceptions.InvalidTaskBackendError  # type: ignore[misc,assignment]
+    TaskResultDoesNotExist = exceptions.TaskResultDoesNotExist  # type: ignore[misc,assignment]
+    task_enqueued, task_started = signals.task_enqueued, signals.task_started
+    task_finished, normalize_json = signals.task_finished, utils.normalize_json
 
 from .durations import RetryPolicy
 from .models import StepAttempt, WorkflowRun
@@ -131,7 +122,7 @@ class WorkflowTaskBackend(BaseTaskBackend):
         run = task_workflow.start(
             spec, queue=task.queue_name, priority=task.priority, available_at=task.run_after
         )
-        result = TaskResult(
+        result: TaskResult = TaskResult(
             task=task,
             id=str(run.pk),
             status=TaskResultStatus.READY,
@@ -214,7 +205,7 @@ def task_workflow(ctx: Any) -> Any:
 def step_policy(alias: str | None) -> RetryPolicy:
     """The retry policy of the backend that enqueued the task (one attempt if it is gone)."""
     try:
-        backend = task_backends[alias]
+        backend = task_backends[str(alias)]
     except Exception:  # removed from TASKS: execute() reports it as the step's error
         return ONE_ATTEMPT
     return getattr(backend, "retry_policy", ONE_ATTEMPT)
@@ -272,7 +263,7 @@ def task_result(run: WorkflowRun, *, backend: Any) -> TaskResult:
     if run.status == WorkflowRun.Status.CANCELED:
         errors.append(TaskError(exception_class_path=CANCELED_PATH, traceback="canceled\n"))
     holder = run.worker_id or ""
-    result = TaskResult(
+    result: TaskResult = TaskResult(
         task=task,
         id=str(run.pk),
         status=status,
@@ -291,7 +282,7 @@ def task_result(run: WorkflowRun, *, backend: Any) -> TaskResult:
     return result
 
 
-STATUSES = {
+STATUSES: dict[str, TaskResultStatus] = {
     WorkflowRun.Status.PENDING: TaskResultStatus.READY,
     WorkflowRun.Status.RUNNING: TaskResultStatus.RUNNING,
     WorkflowRun.Status.COMPLETED: TaskResultStatus.SUCCESSFUL,
@@ -330,8 +321,8 @@ def finished(sender: Any, run: WorkflowRun, **kwargs: Any) -> None:
         return
     alias = (run.input or {}).get("backend")
     try:
-        backend = task_backends[alias]
-        result = backend.get_result(run.pk)
+        backend = task_backends[str(alias)]
+        result = backend.get_result(str(run.pk))
     except Exception as exc:
         logger.warning(
             "task_finished not sent run=%s error=%s", run.pk, type(exc).__name__, exc_info=True

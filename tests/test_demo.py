@@ -208,6 +208,7 @@ def test_demo_end_to_end(manage):
         "charge-card failed": 1,
         "fulfil-order pending": 2,
         "stock-report completed": 1,
+        "django-task completed": 2,  # the paid orders' confirmation emails (orders/tasks.py)
     }
     assert after["charges"] == {"payments 4242": 2, "payments 0002": 1}  # queue, key's card
     assert after["stock"] == {"Ceramic mug": 24, "Espresso beans, 1 kg": 38, "Pour-over kettle": 4}
