@@ -553,6 +553,13 @@ class StepAttempt(models.Model):
     started_at = models.DateTimeField(_("started at"), db_default=Now())
     finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
     created_at = models.DateTimeField(_("created at"), db_default=Now(), editable=False)
+    worker_id = ExactCharField(  # NULL: stored by no worker (a resume's given output)
+        _("worker"),
+        max_length=255,
+        null=True,
+        blank=True,
+        help_text=_("The worker whose claim stored this attempt."),
+    )
     # Marks of people's changes, pointing at the event that made them. The events go
     # with their run, as the attempts do: no constraint, no index, nothing to cascade.
     given_in = models.ForeignKey(

@@ -256,13 +256,12 @@ def task_result(run: WorkflowRun, *, backend: Any) -> TaskResult:
             given_in__isnull=True,  # an output given by a resume is no attempt
         )
         .order_by("id")
-        .values_list("status", "error", "started_at")
+        .values_list("status", "error", "started_at", "worker_id")
     )
-    errors = [task_error(error) for status, error, _ in attempts if status == "failed" and error]
+    errors = [task_error(error) for status, error, *_ in attempts if status == "failed" and error]
     status = STATUSES[run.status]
     if run.status == WorkflowRun.Status.CANCELED:
         errors.append(TaskError(exception_class_path=CANCELED_PATH, traceback="canceled\n"))
-    holder = run.worker_id or ""
     result: TaskResult = TaskResult(
         task=task,
         id=str(run.pk),
@@ -275,7 +274,7 @@ def task_result(run: WorkflowRun, *, backend: Any) -> TaskResult:
         kwargs=spec.get("kwargs", {}),
         backend=backend.alias,
         errors=errors,
-        worker_ids=[holder] * len(attempts),
+        worker_ids=[worker or "" for *_, worker in attempts],
     )
     if status == TaskResultStatus.SUCCESSFUL:
         object.__setattr__(result, "_return_value", run.output)

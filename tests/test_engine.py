@@ -647,3 +647,18 @@ def test_keyboard_interrupt_from_a_step_interrupts_the_pass_and_is_no_failure():
     run.refresh_from_db()
     assert run.status == WorkflowRun.Status.RUNNING  # as if the process had stopped here
     assert [a.status for a in attempts(run)] == ["running"]
+
+
+def test_each_attempt_records_the_worker_whose_claim_stored_it():
+    """StepAttempt.worker_id: the step's and the sleep's from one worker, the next from another
+    (the run page and the task backend's worker_ids read it)."""
+    run = get_workflow("sleeper").start({"sleep": "1h"})
+    claim_and_execute(worker_id="worker-a")
+    StepAttempt.objects.filter(workflow_run=run, step_name="nap").update(wake_at=Now())
+    make_due(run)  # time travel: the hour passed
+    claim_and_execute(worker_id="worker-b")
+
+    run.refresh_from_db()
+    assert run.status == WorkflowRun.Status.COMPLETED
+    stored = list(run.step_attempts.order_by("id").values_list("step_name", "worker_id"))
+    assert stored == [("before", "worker-a"), ("nap", "worker-a"), ("after", "worker-b")]

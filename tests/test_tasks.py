@@ -9,6 +9,7 @@ executed by real (in-process) workers.
 from __future__ import annotations
 
 import datetime
+import socket
 import uuid
 
 import django
@@ -170,6 +171,8 @@ def test_the_backends_retry_policy_retries_with_the_steps_attempt_number():
     assert succeeds.status == TaskResultStatus.SUCCESSFUL
     assert succeeds.return_value == 2  # TaskContext.attempt was the step's: 1, then 2
     assert succeeds.attempts == 2
+    assert len(succeeds.worker_ids) == 2
+    assert all(worker.startswith(f"{socket.gethostname()}:") for worker in succeeds.worker_ids)
     assert [e.exception_class for e in succeeds.errors] == [ConnectionError]
     gives_up.refresh()
     assert gives_up.status == TaskResultStatus.FAILED

@@ -900,3 +900,13 @@ def test_the_run_page_says_when_no_workflow_of_that_name_is_registered(staff_cli
     )
     WorkflowRun.objects.cancel(typo)  # a finished run of an unknown name needs no warning
     assert notice not in staff_client.get(detail_url(typo)).content.decode()
+
+
+def test_the_timeline_names_the_worker_of_each_attempt(staff_client):
+    run = make_run("failed")
+    StepAttempt.objects.create(
+        workflow_run=run, step_name="charge", status="failed", worker_id="host-1:42:ab12cd34"
+    )
+    StepAttempt.objects.create(workflow_run=run, step_name="charge", status="completed")
+    html = staff_client.get(detail_url(run)).content.decode()
+    assert html.count(" · host-1:42:ab12cd34") == 1  # the second attempt names no worker

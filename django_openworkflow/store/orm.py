@@ -415,7 +415,9 @@ class OrmStore(OrmWakeUps):
         return attempt.pk  # type: ignore[no-any-return]
 
     def insert_attempt(self, claim: Claim, **fields: Any) -> Any:
-        return self.attempts.create(workflow_run_id=claim.run_id, **fields)
+        return self.attempts.create(
+            workflow_run_id=claim.run_id, worker_id=claim.run.worker_id, **fields
+        )
 
     def complete_step(self, claim: Claim, attempt_id: int, output: Any) -> bool:
         if not self.fence(claim, renew=True):

@@ -50,7 +50,7 @@ CLAIM_PAUSES = ("claim.queue-locked", "claim.queue-counted", "claim.before-commi
 # runs, and the generic plan of the prepared statement, planned when statistics saw no
 # run active, scanned one of those (every active run) instead of the primary key.
 FENCE = f"""
-    SELECT id FROM {RUN}
+    SELECT id, worker_id FROM {RUN}
     WHERE id = %s AND claim_token = %s AND (status = 'running') IS TRUE
       AND (deadline_at IS NULL OR deadline_at > statement_timestamp())
     FOR NO KEY UPDATE
@@ -572,8 +572,8 @@ class PostgresStore(OrmStore):
     START_STEP = f"""
     WITH fence AS ({FENCE}), deferred AS ({STORE_DEFERRED})
     INSERT INTO {STEP} (workflow_run_id, step_name, kind, status, resume_generation, started_at,
-                        position, atomic)
-    SELECT id, %s, 'run', 'running', %s, %s, %s, %s FROM fence
+                        position, atomic, worker_id)
+    SELECT id, %s, 'run', 'running', %s, %s, %s, %s, worker_id FROM fence
     RETURNING id
     """
 
