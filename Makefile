@@ -19,7 +19,7 @@ PG_CTL ?= pg_ctlcluster --skip-systemctl-redirect $(shell ls /etc/postgresql 2>/
 
 
 .PHONY: test-setup test-lane-postgres test-lane-others
-.PHONY: install demo test test-sqlite test-postgres test-mariadb test-django6 lint format pg-up mariadb-up mysql-driver browser bench bench-db bench-queues bench-compare bench-ab chaos chaos-short chaos-db clean
+.PHONY: install demo test test-sqlite test-postgres test-mariadb test-django6 test-django6-postgres lint format pg-up mariadb-up mysql-driver browser bench bench-db bench-queues bench-compare bench-ab chaos chaos-short chaos-db clean
 
 install: $(VENV)/.installed
 
@@ -88,6 +88,13 @@ test-postgres: install browser pg-up
 # deprecation warnings as errors.
 test-django6: .nox/.django6-installed
 	env -u DATABASE_URL $(NOX_DJANGO6) -R -- -q
+
+# Django 6's own django.tasks and the async API on PostgreSQL too (SPEC section 14); the
+# Django 5.2 lane runs them there with the django-tasks backport (test-postgres).
+test-django6-postgres: .nox/.django6-installed pg-up
+	DATABASE_URL=$(PG_URL) OPENWORKFLOW_PG_TEST_NAME=test_django6 $(NOX_DJANGO6) -R -- -q \
+		$(DJANGO6_POSTGRES_TESTS)
+DJANGO6_POSTGRES_TESTS = tests/test_tasks.py
 test-mariadb: install browser mysql-driver mariadb-up
 	DATABASE_URL=$(MYSQL_URL) $(PY) -m pytest
 
@@ -104,6 +111,7 @@ test-lane-postgres:
 	@$(MAKE) --no-print-directory test-postgres
 	@$(MAKE) --no-print-directory chaos-short
 	@$(MAKE) --no-print-directory test-django6
+	@$(MAKE) --no-print-directory test-django6-postgres
 
 test-lane-others:
 	@$(MAKE) --no-print-directory lint
