@@ -6,6 +6,7 @@ import datetime
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from asgiref.sync import iscoroutinefunction
 from django.utils import timezone
 
 from .clock import Now
@@ -54,6 +55,8 @@ class Workflow:
     ) -> None:
         if not callable(fn):
             raise TypeError(f"workflow {name!r} must wrap a callable, not {fn!r}")
+        if is_async_function(fn):
+            raise TypeError(async_body_message(name, fn))
         check_name(name, "workflow name", blank=False)
         if version is not None and not isinstance(version, str):
             raise TypeError(f"version of workflow {name!r} must be a string, not {version!r}")
@@ -220,6 +223,22 @@ class Workflow:
             "priority": self.priority if priority is None else check_priority(priority, of),
             "concurrency_key": check_concurrency_key(concurrency_key, of),
         }
+
+
+def is_async_function(fn: Any) -> bool:
+    """Whether calling ``fn`` makes a coroutine: an ``async def`` function, a
+    ``functools.partial`` of one, or an object whose ``__call__`` is one."""
+    return iscoroutinefunction(fn) or iscoroutinefunction(type(fn).__call__)
+
+
+def async_body_message(name: str, fn: Any) -> str:
+    """Why a workflow function cannot be ``async def`` (docs/async.md)."""
+    return (
+        f"workflow {name!r} is an async function ({fn!r}): a workflow function is "
+        "replayed from the top on every pass and each of its steps is a durable call "
+        "that waits on the database, so it must be a plain def; make its steps async "
+        "instead: ctx.step.run(name, async_fn)"
+    )
 
 
 def _aware(value: Any, what: str, name: str) -> datetime.datetime | None:
