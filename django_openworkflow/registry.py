@@ -6,7 +6,7 @@ import datetime
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from asgiref.sync import iscoroutinefunction
+from asgiref.sync import iscoroutinefunction, sync_to_async
 from django.utils import timezone
 
 from .clock import Now
@@ -141,6 +141,10 @@ class Workflow:
                 return started(store.insert_run(**fields), store.using)
             return self.start_once(store, idempotency_key, fields)
 
+    async def astart(self, *args: Any, **kwargs: Any) -> WorkflowRun:
+        """``start()`` for async code (an async view): the same arguments, awaited."""
+        return await sync_to_async(self.start)(*args, **kwargs)
+
     def start_once(self, store: Store, idempotency_key: str, fields: dict[str, Any]) -> WorkflowRun:
         """``start()`` with a key: the run started with it in the last 24 hours, or a new one."""
         from .models import WorkflowRun
@@ -212,6 +216,10 @@ class Workflow:
                 if created:
                     store.notify(namespace)
         return created
+
+    async def astart_many(self, *args: Any, **kwargs: Any) -> list[WorkflowRun]:
+        """``start_many()`` for async code: the same arguments, awaited."""
+        return await sync_to_async(self.start_many)(*args, **kwargs)
 
     def placement(
         self, queue: str | None, priority: int | None, concurrency_key: str | None
