@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import time
 
 import pytest
@@ -152,4 +153,4 @@ def test_asend_signal_is_exported_with_send_signal():
 
     assert "asend_signal" in django_openworkflow.__all__
     assert django_openworkflow.asend_signal is asend_signal
-    assert asyncio.iscoroutinefunction(asend_signal)
+    assert inspect.iscoroutinefunction(asend_signal)

@@ -332,7 +332,8 @@ class Execution:
         """The stored name of a step call, refusing calls from where steps cannot run."""
         outer = getattr(self.in_step, "name", None)
         if outer is None and self.awaiting:  # from an async step's sync call, on its thread
-            outer = next(iter(self.awaiting.values()), None)
+            running = list(self.awaiting.values())  # a copy: parallel threads change it
+            outer = running[0] if running else None
         if outer is not None:  # its Suspend would unwind (or roll back) the outer step
             raise Refused(
                 f'step "{name}" was called inside the function of step "{outer}" of run '
