@@ -107,6 +107,18 @@ def test_a_slot_runs_its_async_steps_on_one_loop_and_their_orm_calls_on_one_comp
 
 
 @transactional
+def test_an_async_step_without_sync_calls_makes_no_companion_thread():
+    before = set(threading.enumerate())
+    run = execute(flows.async_sees_context.start({"n": 1}))
+    assert run.output == "req-1"
+    assert set(threading.enumerate()) == before
+    execute(flows.async_fails_until_told.start())  # its ORM call makes one
+    assert len(set(threading.enumerate()) - before) == 1
+    loops.close_thread_loop()
+    assert set(threading.enumerate()) == before
+
+
+@transactional
 @pytest.mark.parametrize(
     ("raised", "kind"),
     [
@@ -248,13 +260,18 @@ def test_a_failed_check_after_an_async_step_keeps_its_result_and_replaces_the_lo
 
     monkeypatch.setattr(loops, "check_connections", broken)
     caplog.set_level(logging.WARNING, logger="django_openworkflow")
-    run = execute(flows.async_leaves_a_task.start())
+    run = execute(flows.async_steps.start())
     assert run.status == "completed"
-    assert run.output["first"] != run.output["then"]["loop"]  # a new loop after the failure
-    assert attempts_of(run) == [("starts", "completed", None), ("counts", "completed", None)]
+    assert run.output["first"]["loop"] != run.output["second"]["loop"]  # a new loop
+    assert [s for s, status, _ in attempts_of(run) if status == "completed"] == [
+        "first",
+        "second",
+        "plain",
+    ]
+    assert len(attempts_of(run)) == 3  # none failed
     assert (
         "async step cleanup failed, the step's event loop is replaced "
-        f"run={run.pk} workflow=async-leaves-a-task step=starts error=RuntimeError"
+        f"run={run.pk} workflow=async-steps step=first error=RuntimeError"
     ) in [r.getMessage() for r in caplog.records]
 
 

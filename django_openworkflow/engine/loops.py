@@ -16,10 +16,11 @@ or else to one thread shared by the whole process. Each ``StepLoop`` enters
 one ``ThreadSensitiveContext`` of its own, once, in a ``contextvars.Context``
 it keeps, and runs every step in a copy of it: all the thread-sensitive calls
 of one slot's async steps run on one companion thread, with one database
-connection, never on asgiref's process-wide thread. After each step that
-connection is checked as the slot's own is between runs (a broken one is
-closed, an open transaction never leaks into the next step); ``close()``
-closes it and ends the companion thread.
+connection, never on asgiref's process-wide thread. The thread is made by
+the first such call (an async step that makes none costs no thread). After
+each step its connection is checked as the slot's own is between runs (a
+broken one is closed, an open transaction never leaks into the next step);
+``close()`` closes it and ends the companion thread.
 
 The testing helpers run a workflow inside the test's transaction, on the
 test's thread: ``run_in_caller()`` runs the coroutine on a loop of its own
@@ -36,7 +37,13 @@ import threading
 from collections.abc import Coroutine
 from typing import Any
 
-from asgiref.sync import AsyncToSync, ThreadSensitiveContext, async_to_sync, sync_to_async
+from asgiref.sync import (
+    AsyncToSync,
+    SyncToAsync,
+    ThreadSensitiveContext,
+    async_to_sync,
+    sync_to_async,
+)
 from django.db import connections
 
 logger = logging.getLogger("django_openworkflow.engine")
@@ -55,7 +62,7 @@ class StepLoop:
         self.loop = asyncio.new_event_loop()
         self.context = contextvars.Context()  # where the ThreadSensitiveContext is entered
         self.sensitive = ThreadSensitiveContext()
-        self.steps = 0  # steps run: the companion thread exists once one ran
+        self.steps = 0  # steps run
         self.closed = False
         self.loop.run_until_complete(
             self.loop.create_task(self.sensitive.__aenter__(), context=self.context)
@@ -107,7 +114,8 @@ class StepLoop:
             if not self.cancel_leftovers(label):
                 self.abandon()
                 return
-            self.in_context(sync_to_async(check_connections)())
+            if self.has_companion():
+                self.in_context(sync_to_async(check_connections)())
         except Exception as exc:
             logger.warning(
                 "async step cleanup failed, the step's event loop is replaced %s error=%s",
@@ -145,6 +153,16 @@ class StepLoop:
             )
         return not stuck
 
+    def has_companion(self) -> bool:
+        """Whether a thread-sensitive call made the companion thread (and so maybe a
+        connection): without one, an async step costs no thread hand-off to check it.
+
+        asgiref keeps the thread's executor in ``SyncToAsync.context_to_thread_executor``
+        (3.3 to 3.13); were that gone, this says yes and every step is checked.
+        """
+        executors = getattr(SyncToAsync, "context_to_thread_executor", None)
+        return executors is None or self.sensitive in executors
+
     def in_context(self, coro: Step) -> Any:
         """Run ``coro`` in a copy of the kept context: its sync calls go to the companion."""
         return self.loop.run_until_complete(
@@ -160,7 +178,7 @@ class StepLoop:
             self.loop = asyncio.new_event_loop()
         try:
             if self.cancel_leftovers("closing"):
-                if self.steps:
+                if self.has_companion():
                     self.in_context(sync_to_async(connections.close_all)())
                 self.loop.run_until_complete(
                     self.loop.create_task(
