@@ -62,6 +62,12 @@ def orm_threads():
     pre_save.disconnect(saved, sender=SideEffect)
 
 
+def threads():
+    """The threads alive, but asgiref's own short-lived ones that join an executor it
+    shuts down (ThreadSensitiveContext's exit): the executor's thread has ended then."""
+    return {t for t in threading.enumerate() if not t.name.endswith("(join)")}
+
+
 def execute(run, passes=20):
     """Execute passes of ``run`` on this thread until it is finished (parked runs made due)."""
     for _ in range(passes):
@@ -108,14 +114,14 @@ def test_a_slot_runs_its_async_steps_on_one_loop_and_their_orm_calls_on_one_comp
 
 @transactional
 def test_an_async_step_without_sync_calls_makes_no_companion_thread():
-    before = set(threading.enumerate())
+    before = threads()
     run = execute(flows.async_sees_context.start({"n": 1}))
     assert run.output == "req-1"
-    assert set(threading.enumerate()) == before
+    assert threads() == before
     execute(flows.async_fails_until_told.start())  # its ORM call makes one
-    assert len(set(threading.enumerate()) - before) == 1
+    [companion] = threads() - before
     loops.close_thread_loop()
-    assert set(threading.enumerate()) == before
+    assert not companion.is_alive()
 
 
 @transactional
@@ -160,7 +166,7 @@ def test_a_keyboard_interrupt_in_an_async_step_crashes_the_pass_as_in_a_sync_ste
 def test_parallel_async_steps_run_each_on_a_loop_of_their_thread_closed_after_the_call(
     orm_threads,
 ):
-    before = set(threading.enumerate())
+    before = threads()
     run = execute(flows.async_parallel.start())
     assert run.status == "completed"
     results = run.output[:3]
@@ -168,7 +174,7 @@ def test_parallel_async_steps_run_each_on_a_loop_of_their_thread_closed_after_th
     assert len({r["thread"] for r in results}) == len({r["loop"] for r in results}) == 3
     for name in ("a", "b", "c"):  # each ORM call on a companion thread, not the step's own
         assert orm_threads[name][0] not in {r["thread"] for r in results}
-    assert set(threading.enumerate()) == before  # the pool's threads and their companions
+    assert threads() == before  # the pool's threads and their companions ended
 
 
 # --- what a step leaves on its loop ----------------------------------------------------------
@@ -201,6 +207,34 @@ def test_a_task_that_ignores_its_cancellation_is_abandoned_with_its_loop(monkeyp
         "async step left tasks that ignored their cancellation, abandoning its event loop "
         f"run={run.pk} workflow=async-leaves-a-stubborn-task step=starts tasks=1 grace=0.05s"
     ) in [r.getMessage() for r in caplog.records]
+
+
+@transactional
+def test_an_abandoned_companion_closes_its_connections_once_its_stuck_call_returns(
+    monkeypatch, caplog
+):
+    """A canceled task's sync call runs on: the check after the step cannot reach the
+    companion thread, so the loop is abandoned and the next step gets a new one."""
+    monkeypatch.setattr(loops, "LEFTOVER_GRACE", 0.05)
+    caplog.set_level(logging.WARNING, logger="django_openworkflow")
+    for event in ("entered", "release"):
+        flows.stuck[event].clear()
+    try:
+        run = execute(flows.async_leaves_a_sync_call_running.start())
+        assert run.status == "completed"
+        assert run.output["then"] != run.output["first"]  # the loop was abandoned
+        companion = flows.stuck["thread"]
+        assert companion.is_alive()  # still in the stuck call
+        assert (
+            "async step left a sync call running on its companion thread, abandoning its "
+            f"event loop run={run.pk} workflow=async-leaves-a-sync-call-running step=starts "
+            "grace=0.05s"
+        ) in [r.getMessage() for r in caplog.records]
+    finally:
+        flows.stuck["release"].set()
+    companion.join(10)
+    assert not companion.is_alive()
+    assert flows.stuck["connection"].connection is None  # closed, not left to the GC
 
 
 @transactional

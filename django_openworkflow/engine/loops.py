@@ -34,7 +34,7 @@ import asyncio
 import contextvars
 import logging
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from asgiref.sync import (
@@ -106,16 +106,15 @@ class StepLoop:
     def after(self, label: str) -> None:
         """After a step: cancel and await the tasks it left, check the companion's connections.
 
-        A task that ignores its cancellation for ``LEFTOVER_GRACE`` seconds is
-        abandoned with the whole loop (and its companion thread): the next step
-        of this thread gets a new ``StepLoop``. Nothing here raises.
+        A task that ignores its cancellation for ``LEFTOVER_GRACE`` seconds, or a
+        companion thread still busy that long in a sync call of a canceled task,
+        makes the loop abandoned (with its companion thread): the next step of
+        this thread gets a new ``StepLoop``. Nothing here raises.
         """
         try:
-            if not self.cancel_leftovers(label):
+            if not self.cancel_leftovers(label) or not self.on_companion(check_connections, label):
                 self.abandon()
                 return
-            if self.has_companion():
-                self.in_context(sync_to_async(check_connections)())
         except Exception as exc:
             logger.warning(
                 "async step cleanup failed, the step's event loop is replaced %s error=%s",
@@ -123,7 +122,8 @@ class StepLoop:
                 type(exc).__name__,
                 exc_info=True,
             )
-            self.abandon()
+            self.drop()
+            self.close()
 
     def cancel_leftovers(self, label: str) -> bool:
         """Cancel the tasks still pending on the loop; False if some would not end."""
@@ -163,6 +163,24 @@ class StepLoop:
         executors = getattr(SyncToAsync, "context_to_thread_executor", None)
         return executors is None or self.sensitive in executors
 
+    def on_companion(self, fn: Callable[[], None], label: str) -> bool:
+        """Call ``fn`` on the companion thread, if there is one; False if it stayed busy
+        for ``LEFTOVER_GRACE`` seconds (in a sync call of a task the step left: a
+        canceled task's sync call runs on until it returns)."""
+        if not self.has_companion():
+            return True
+        try:
+            self.in_context(asyncio.wait_for(sync_to_async(fn)(), LEFTOVER_GRACE))
+        except asyncio.TimeoutError:
+            logger.warning(
+                "async step left a sync call running on its companion thread, abandoning "
+                "its event loop %s grace=%ss",
+                label,
+                LEFTOVER_GRACE,
+            )
+            return False
+        return True
+
     def in_context(self, coro: Step) -> Any:
         """Run ``coro`` in a copy of the kept context: its sync calls go to the companion."""
         return self.loop.run_until_complete(
@@ -177,9 +195,9 @@ class StepLoop:
         if self.loop.is_closed():  # by a step's code: a new one, to reach the companion
             self.loop = asyncio.new_event_loop()
         try:
-            if self.cancel_leftovers("closing"):
-                if self.has_companion():
-                    self.in_context(sync_to_async(connections.close_all)())
+            if self.cancel_leftovers("closing") and self.on_companion(
+                connections.close_all, "closing"
+            ):
                 self.loop.run_until_complete(
                     self.loop.create_task(
                         self.sensitive.__aexit__(None, None, None), context=self.context
@@ -195,14 +213,22 @@ class StepLoop:
     def abandon(self) -> None:
         """Drop this loop without waiting for anything: this thread makes a new one.
 
-        The companion thread is not asked to close its connections (it may be busy
-        in a sync call of a stuck task): it ends, and they close, once nothing refers
-        to its context any more.
+        The companion thread may be busy in a sync call of a stuck task: it is
+        asked to close its connections and end once that call returns.
         """
-        if getattr(_local, "step_loop", None) is self:
-            _local.step_loop = None
+        self.drop()
         self.closed = True
         self.loop.close()  # pending tasks are dropped (asyncio logs each one)
+        executors = getattr(SyncToAsync, "context_to_thread_executor", None)
+        executor = executors.get(self.sensitive) if executors is not None else None
+        if executor is not None:
+            executor.submit(connections.close_all)
+            executor.shutdown(wait=False)
+
+    def drop(self) -> None:
+        """No longer this thread's loop: its next async step makes a new one."""
+        if getattr(_local, "step_loop", None) is self:
+            _local.step_loop = None
 
 
 def check_connections() -> None:

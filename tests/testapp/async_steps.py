@@ -9,7 +9,7 @@ import sys
 import threading
 
 from asgiref.sync import sync_to_async
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 
 from django_openworkflow import RetryPolicy, workflow
 
@@ -344,3 +344,30 @@ def async_calls_the_orm_synchronously(ctx):
         return SideEffect.objects.count()  # a sync ORM call while the loop runs
 
     return ctx.step.run("count", step, retry_policy=ONCE)
+
+
+stuck = {"entered": threading.Event(), "release": threading.Event()}
+
+
+@workflow(name="async-leaves-a-sync-call-running")
+def async_leaves_a_sync_call_running(ctx):
+    """The first step leaves a task whose sync call (on the companion thread, with a
+    connection open) runs until the test releases it."""
+
+    def blocking():
+        SideEffect.objects.count()
+        stuck["thread"] = threading.current_thread()
+        stuck["connection"] = connections["default"]
+        stuck["entered"].set()
+        stuck["release"].wait(30)
+
+    async def starts():
+        asyncio.get_running_loop().create_task(sync_to_async(blocking)())
+        while not stuck["entered"].is_set():
+            await asyncio.sleep(0.001)
+        return loop_id()
+
+    async def after():
+        return loop_id()
+
+    return {"first": ctx.step.run("starts", starts), "then": ctx.step.run("after", after)}
