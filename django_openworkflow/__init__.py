@@ -25,6 +25,7 @@ __all__ = [
     "WorkflowCanceled",
     "WorkflowError",
     "WorkflowFailed",
+    "asend_signal",
     "send_signal",
     "workflow",
 ]
@@ -45,4 +46,8 @@ def __getattr__(name: str) -> Any:
         from .signaling import send_signal
 
         return send_signal
+    if name == "asend_signal":
+        from .signaling import asend_signal
+
+        return asend_signal
     raise AttributeError(f"module 'django_openworkflow' has no attribute {name!r}")

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from asgiref.sync import sync_to_async
 from django.db import models, transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -680,6 +681,20 @@ class WorkflowRunManager(RunWrites):
             if woken or any(frees_a_place(r) for r in ended):
                 self.store.notify(run.namespace)
         return run
+
+    # --- for async code (Django's "a" prefix): the same arguments, awaited ---------------
+
+    async def aresume(self, *args: Any, **kwargs: Any) -> WorkflowRun:
+        """``resume()`` for async code."""
+        return await sync_to_async(self.resume)(*args, **kwargs)
+
+    async def arerun(self, *args: Any, **kwargs: Any) -> WorkflowRun:
+        """``rerun()`` for async code."""
+        return await sync_to_async(self.rerun)(*args, **kwargs)
+
+    async def acancel(self, *args: Any, **kwargs: Any) -> WorkflowRun:
+        """``cancel()`` for async code."""
+        return await sync_to_async(self.cancel)(*args, **kwargs)
 
 
 class StepAttemptQuerySet(models.QuerySet[Any]):

@@ -474,6 +474,13 @@ class WorkflowRun(models.Model):
 
         return wait_for_result(self, timeout)
 
+    async def aresult(self, timeout: float | None = None) -> object:
+        """``result()`` for async code: the same answers and errors, and no thread
+        blocked while it waits (the pauses between reads are ``asyncio.sleep``)."""
+        from .results import await_result
+
+        return await await_result(self, timeout)
+
     def waiting_for(self) -> WaitingFor | None:
         """What this pending run waits for: a sleep, a retry, a child run or a signal.
 

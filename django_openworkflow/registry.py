@@ -6,6 +6,7 @@ import datetime
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from asgiref.sync import iscoroutinefunction, sync_to_async
 from django.utils import timezone
 
 from .clock import Now
@@ -54,6 +55,8 @@ class Workflow:
     ) -> None:
         if not callable(fn):
             raise TypeError(f"workflow {name!r} must wrap a callable, not {fn!r}")
+        if is_async_function(fn):
+            raise TypeError(async_body_message(name, fn))
         check_name(name, "workflow name", blank=False)
         if version is not None and not isinstance(version, str):
             raise TypeError(f"version of workflow {name!r} must be a string, not {version!r}")
@@ -138,6 +141,10 @@ class Workflow:
                 return started(store.insert_run(**fields), store.using)
             return self.start_once(store, idempotency_key, fields)
 
+    async def astart(self, *args: Any, **kwargs: Any) -> WorkflowRun:
+        """``start()`` for async code (an async view): the same arguments, awaited."""
+        return await sync_to_async(self.start)(*args, **kwargs)
+
     def start_once(self, store: Store, idempotency_key: str, fields: dict[str, Any]) -> WorkflowRun:
         """``start()`` with a key: the run started with it in the last 24 hours, or a new one."""
         from .models import WorkflowRun
@@ -210,6 +217,10 @@ class Workflow:
                     store.notify(namespace)
         return created
 
+    async def astart_many(self, *args: Any, **kwargs: Any) -> list[WorkflowRun]:
+        """``start_many()`` for async code: the same arguments, awaited."""
+        return await sync_to_async(self.start_many)(*args, **kwargs)
+
     def placement(
         self, queue: str | None, priority: int | None, concurrency_key: str | None
     ) -> dict[str, Any]:
@@ -220,6 +231,22 @@ class Workflow:
             "priority": self.priority if priority is None else check_priority(priority, of),
             "concurrency_key": check_concurrency_key(concurrency_key, of),
         }
+
+
+def is_async_function(fn: Any) -> bool:
+    """Whether calling ``fn`` makes a coroutine: an ``async def`` function, a
+    ``functools.partial`` of one, or an object whose ``__call__`` is one."""
+    return iscoroutinefunction(fn) or iscoroutinefunction(type(fn).__call__)
+
+
+def async_body_message(name: str, fn: Any) -> str:
+    """Why a workflow function cannot be ``async def`` (docs/async.md)."""
+    return (
+        f"workflow {name!r} is an async function ({fn!r}): a workflow function is "
+        "replayed from the top on every pass and each of its steps is a durable call "
+        "that waits on the database, so it must be a plain def; make its steps async "
+        "instead: ctx.step.run(name, async_fn)"
+    )
 
 
 def _aware(value: Any, what: str, name: str) -> datetime.datetime | None:

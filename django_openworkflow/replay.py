@@ -30,7 +30,7 @@ from .conf import app_settings
 from .durations import DEFAULT_STEP_RETRY_POLICY, Duration, RetryPolicy, parse_duration
 from .engine import MAX_STEP_ATTEMPTS, History, NonDeterminism, Suspend, WorkflowContext
 from .engine.execution import refuse_inside_transaction
-from .engine.steps import check_step_args, parallel_entries
+from .engine.steps import check_step_args, parallel_entries, refuse_async_atomic
 from .engine.waits import child_call, timeout_delta
 from .logfields import first_line
 from .names import check_name
@@ -186,6 +186,8 @@ class ReplaySteps:
         self, name: str, fn: Callable[[], Any], policy: RetryPolicy | None, *, atomic: bool
     ) -> Any:
         policy = check_step_args(name, fn, policy)
+        if atomic:
+            refuse_async_atomic(name, fn, self.x.run.pk)
         name = self.x.step_name(name)
         replayed, value = self.history.replay(name, policy)
         return value if replayed else self.x.unstored(name)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from asgiref.sync import sync_to_async
+
 from .clock import Now
 from .conf import app_settings
 from .models import WorkflowSignal
@@ -58,3 +60,8 @@ def send_signal(signal: str, data: Any = None, *, idempotency_key: str | None = 
                 delivered_to=[str(run_id) for run_id in woken],
             )
     return [str(run_id) for run_id in woken]
+
+
+async def asend_signal(*args: Any, **kwargs: Any) -> list[str]:
+    """``send_signal()`` for async code (an async view): the same arguments, awaited."""
+    return await sync_to_async(send_signal)(*args, **kwargs)

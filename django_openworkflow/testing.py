@@ -9,7 +9,8 @@ def test_order_ships(db):
 ```
 
 ``drain()`` executes every due run on the calling thread (so it works inside
-a test's transaction: ``TestCase``, or pytest-django's ``db``), and when
+a test's transaction: ``TestCase``, or pytest-django's ``db``; an async step
+runs on an event loop of its own, its ORM calls on the calling thread), and when
 nothing is due it *travels in time*: every timer of the active runs (sleeps,
 retry delays, wait timeouts, deadlines) is moved closer by the same amount,
 so the next one is due at once. Runs waiting for a signal without a timeout
@@ -45,6 +46,7 @@ from django.utils import timezone
 from .clock import Now
 from .conf import app_settings
 from .engine import Execution
+from .engine.loops import run_in_caller
 from .exports import LoadedRun, load_run
 from .models import QueueStart, StepAttempt, WorkflowRun
 from .pauses import add_hook, remove_hook
@@ -96,7 +98,9 @@ def drain(*, time_travel: bool | Literal["sleeps"] = True, max_passes: int = 10_
             idle = False
             workflow = get_workflow(claimed[0].run.workflow_name)
             assert workflow is not None  # claims only ask for registered names
-            Execution(claimed[0], workflow, store=store, max_parallel=1).execute()
+            Execution(
+                claimed[0], workflow, store=store, max_parallel=1, run_coroutine=run_in_caller
+            ).execute()
             passes += 1
             if passes >= max_passes:
                 raise RuntimeError(f"drain() stopped after {max_passes} passes; a run never ends")

@@ -29,6 +29,7 @@ from . import instruments
 from .checks import SQLITE_LOCKED_HINT
 from .conf import app_settings
 from .engine import Execution
+from .engine.loops import close_thread_loop
 from .logfields import failure, failure_text
 from .models import WorkflowRun, WorkflowSchedule
 from .names import check_name
@@ -341,7 +342,8 @@ class Worker:
         self._queue.put(claim)
 
     def _slot_loop(self) -> None:
-        """One execution slot: a thread with its own database connection.
+        """One execution slot: a thread with its own database connection (and, once it
+        runs an async step, its own event loop: ``engine/loops.py``).
 
         It survives anything a run raises (an engine bug, a ``KeyboardInterrupt``
         from a step): the run's claim is released so it is replayed after
@@ -367,6 +369,7 @@ class Worker:
                 finally:
                     self._done(claim)
         finally:
+            close_thread_loop()  # the event loop of its async steps, if one ran
             connections.close_all()
 
     def _execute(self, claim: Claim) -> None:

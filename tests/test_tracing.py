@@ -15,6 +15,7 @@ import sys
 from datetime import timedelta
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.db import connection
 from django.test import override_settings
 from django.utils import timezone
@@ -27,12 +28,13 @@ from opentelemetry.trace import SpanKind, StatusCode
 from django_openworkflow import instruments, tracing, workflow
 from django_openworkflow.checks import check_settings
 from django_openworkflow.clock import Now
+from django_openworkflow.engine import loops
 from django_openworkflow.engine.control import ClaimLost, Suspend
 from django_openworkflow.models import StepAttempt, WorkflowRun, WorkflowSchedule
 from django_openworkflow.pauses import add_hook, remove_hook
 from django_openworkflow.registry import get_workflow
 from django_openworkflow.testing import drain
-from tests.conftest import ROOT
+from tests.conftest import ROOT, claim_and_execute
 from tests.conftest import drain as drain_with_workers
 
 seen: dict[str, trace.SpanContext] = {}  # what workflow code saw as its current span
@@ -45,6 +47,18 @@ def sees_its_span(ctx):
     def step():
         seen["step"] = trace.get_current_span().get_span_context()
         return str(get_workflow("echo").start("from a step").pk)
+
+    return ctx.step.run("look", step)
+
+
+@workflow(name="traced-async-step")
+def traced_async_step(ctx):
+    async def step():
+        seen["async step"] = trace.get_current_span().get_span_context()
+        seen["its sync call"] = await sync_to_async(
+            lambda: trace.get_current_span().get_span_context()
+        )()
+        return 1
 
     return ctx.step.run("look", step)
 
@@ -144,6 +158,24 @@ def test_the_pass_span_is_current_in_workflow_code_and_the_step_span_in_the_step
     started = WorkflowRun.objects.get(pk=run.output)
     assert started.trace_context == {"traceparent": traceparent(step)}
     assert spans.one("workflow echo").parent.span_id == step.context.span_id
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("runner", ["worker", "testing"])
+def test_the_step_span_is_current_in_an_async_step_and_its_sync_calls(spans, runner):
+    seen.clear()
+    run = get_workflow("traced-async-step").start()
+    try:
+        if runner == "worker":  # the worker's own way: this thread's StepLoop
+            claim_and_execute()
+        else:
+            drain()
+    finally:
+        loops.close_thread_loop()
+    run.refresh_from_db()
+    assert (run.status, run.output) == ("completed", 1)
+    step = spans.one("step look")
+    assert seen == {"async step": step.context, "its sync call": step.context}
 
 
 @pytest.mark.django_db

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 from django.utils import timezone
@@ -39,12 +41,14 @@ from ..exceptions import StepFailed
 from ..instruments import NOTHING, ExecutionObserver
 from ..instruments import execution as observe
 from ..models import StepAttempt, WorkflowRun
+from ..registry import async_body_message
 from ..serialization import describe_exception, ensure_json
 from ..signals import run_completed, run_failed, send_after_commit, step_failed
 from ..store import Claim, Deferred, Store, get_store
 from .context import WorkflowContext
 from .control import ClaimLost, NonDeterminism, Suspend
 from .history import History
+from .loops import Step, run_on_thread_loop
 from .steps import Steps
 from .waits import Waits
 
@@ -66,6 +70,7 @@ class Execution:
         *,
         store: Store | None = None,
         max_parallel: int = 8,
+        run_coroutine: Callable[[Step, str], Any] = run_on_thread_loop,
     ) -> None:
         self.claim = claim
         self.run = claim.run
@@ -77,6 +82,10 @@ class Execution:
         self.history = History(claim.run.pk, self.generation)
         self.atomic_depth = 0  # the transaction depth of the workflow thread (execute())
         self.in_step = threading.local()  # .name: the step whose fn this thread is running
+        # How an async step's coroutine is run (loops.py): on this thread's event loop
+        # (the worker), or with its sync calls on this thread (the testing helper).
+        self.run_coroutine = run_coroutine
+        self.awaiting: dict[Any, str] = {}  # attempt id -> name of the async steps running
         # Threads for ctx.step.parallel(); 1 runs the steps one after another
         # on this thread (the testing helper does, to stay in the test's transaction).
         self.max_parallel = max_parallel
@@ -229,6 +238,9 @@ class Execution:
             self.workflow_error(exc)
             return
         try:
+            if type(output) is CoroutineType:  # a plain callable around an async body
+                output.close()  # never awaited: no warning about it
+                raise TypeError(async_body_message(self.workflow.name, output))
             ensure_json(output, f'output of workflow "{self.workflow.name}" (run {self.run.pk})')
         except (TypeError, ValueError) as refused:
             error = describe_exception(refused)
@@ -319,6 +331,9 @@ class Execution:
     def step_name(self, name: str) -> str:
         """The stored name of a step call, refusing calls from where steps cannot run."""
         outer = getattr(self.in_step, "name", None)
+        if outer is None and self.awaiting:  # from an async step's sync call, on its thread
+            running = list(self.awaiting.values())  # a copy: parallel threads change it
+            outer = running[0] if running else None
         if outer is not None:  # its Suspend would unwind (or roll back) the outer step
             raise Refused(
                 f'step "{name}" was called inside the function of step "{outer}" of run '

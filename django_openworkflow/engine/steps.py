@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 from django.db import connections
@@ -14,8 +16,10 @@ from ..errors import Refused, deadline_error, refused_again, step_error
 from ..exceptions import StepFailed
 from ..models import StepAttempt, WorkflowRun
 from ..pauses import pause_point
+from ..registry import is_async_function
 from ..serialization import json_problem, size_problem, to_json
 from .control import ClaimLost, Suspend
+from .loops import Step, close_thread_loop
 
 if TYPE_CHECKING:
     from .execution import Execution
@@ -37,6 +41,8 @@ class Steps:
         self, name: str, fn: Callable[[], Any], policy: RetryPolicy | None, *, atomic: bool
     ) -> Any:
         policy = check_step_args(name, fn, policy)
+        if atomic:
+            refuse_async_atomic(name, fn, self.x.run.pk)
         name = self.x.step_name(name)
         replayed, value = self.history.replay(name, policy)
         if replayed:
@@ -162,7 +168,7 @@ class Steps:
         stored = False
         try:
             with self.store.atomic():
-                result = self.call(attempt, fn)
+                result = self.call_atomic(attempt, fn)
                 self.check_result(attempt.step_name, result)
                 self.complete(attempt, result)
                 stored = True
@@ -198,11 +204,45 @@ class Steps:
         return result, None
 
     def call(self, attempt: StepAttempt, fn: Callable[[], Any]) -> Any:
+        """``fn()``; a coroutine it returns (an ``async def`` function's) is run to completion."""
         self.x.in_step.name = attempt.step_name
         try:
-            return fn()
+            result = fn()
+            if type(result) is CoroutineType:  # the one check the sync path pays
+                return self.await_step(attempt, result)
+            return result
         finally:
             self.x.in_step.name = None
+
+    def await_step(self, attempt: StepAttempt, coro: Step) -> Any:
+        """Run an async step's coroutine on this thread's event loop (``loops.py``).
+
+        While it runs, ``Execution.awaiting`` names the step: a step called from
+        its sync calls, which run on another thread, is refused as nested.
+        """
+        x = self.x
+        label = f"run={x.run.pk} workflow={x.run.workflow_name} step={attempt.step_name}"
+        x.awaiting[attempt.pk] = attempt.step_name
+        try:
+            return x.run_coroutine(coro, label)
+        finally:
+            del x.awaiting[attempt.pk]
+
+    def call_atomic(self, attempt: StepAttempt, fn: Callable[[], Any]) -> Any:
+        """``fn()`` of ``step.atomic``, inside its transaction: a coroutine is refused.
+
+        (``refuse_async_atomic`` refuses async functions before the step starts;
+        this catches a plain callable that returns a coroutine.)
+        """
+        self.x.in_step.name = attempt.step_name
+        try:
+            result = fn()
+        finally:
+            self.x.in_step.name = None
+        if type(result) is CoroutineType:
+            result.close()  # never awaited: no warning about it
+            raise Refused(async_atomic_message(attempt.step_name, self.x.run.pk, fn), TypeError)
+        return result
 
     def committed(self, attempt: StepAttempt) -> bool:
         """After an error at or after a commit: did the attempt's completion commit?"""
@@ -232,6 +272,7 @@ class Steps:
             try:
                 return self.invoke(attempt, fn, atomic=False)
             finally:
+                close_thread_loop()  # the event loop of an async step, made for this call
                 connections[using].close()  # this thread's own connection
 
         workers = min(self.x.max_parallel, len(calls))
@@ -243,6 +284,14 @@ class Steps:
         """The result's JSON text, as stored; ``Refused`` when it cannot be stored."""
         run_id = self.x.run.pk
         problem = json_problem(result)
+        if problem and inspect.isawaitable(result):
+            raise Refused(
+                f'step "{name}" of run {run_id} returned an awaitable that is not a coroutine '
+                f"({type(result).__qualname__}): a step awaits "
+                "what an async def function returns; await this one inside an async def "
+                "step function and return its result",
+                TypeError,
+            )
         if problem:
             raise Refused(
                 f'step "{name}" of run {run_id} returned a value that is not JSON: {problem}',
@@ -334,10 +383,32 @@ class Steps:
 
 def check_step_args(name: Any, fn: Any, policy: RetryPolicy | None) -> RetryPolicy:
     if not callable(fn):
+        if type(fn) is CoroutineType:
+            fn.close()  # never awaited: no warning about it
+            raise TypeError(
+                f"step {name!r} needs a callable, not the coroutine {fn!r}: pass the async "
+                "function itself (or a lambda or functools.partial calling it), which the "
+                "step calls once, and not on replay"
+            )
         raise TypeError(f"step {name!r} needs a callable, not {fn!r}")
     if policy is not None and not isinstance(policy, RetryPolicy):
         raise TypeError(f"retry_policy of step {name!r} must be a RetryPolicy, not {policy!r}")
     return policy or DEFAULT_STEP_RETRY_POLICY
+
+
+def refuse_async_atomic(name: str, fn: Callable[[], Any], run_id: Any) -> None:
+    """``step.atomic`` takes no async function: ``TypeError`` naming the step and the run."""
+    if is_async_function(fn):
+        raise TypeError(async_atomic_message(name, run_id, fn))
+
+
+def async_atomic_message(name: str, run_id: Any, fn: Any) -> str:
+    return (
+        f'step.atomic "{name}" of run {run_id} was given an async function ({fn!r}): '
+        "Django's transaction.atomic() is synchronous, and the ORM calls of an async "
+        "function run on another connection, outside the step's transaction; use a sync "
+        "function here, or ctx.step.run for the async one"
+    )
 
 
 def parallel_entries(

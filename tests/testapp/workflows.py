@@ -587,4 +587,4 @@ def counts_executions(ctx):
     return {name: ctx.step.run(name, counted(name)) for name in ("a", "b", "c")}
 
 
-from . import replaying  # noqa: E402, F401  (the replay check's workflows)
+from . import async_steps, replaying  # noqa: E402, F401  (their @workflow definitions)
