@@ -14,6 +14,7 @@ See docs/tasks.md.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import functools
 import logging
@@ -54,6 +55,7 @@ except ImportError:  # Django 5.2 with the backport (typed as django.tasks, whic
     task_finished, normalize_json = signals.task_finished, utils.normalize_json
 
 from .durations import RetryPolicy
+from .errors import WORKFLOW_CANCELED
 from .models import StepAttempt, WorkflowRun
 from .names import MAX_NAME_LENGTH
 from .queues import configured_queues
@@ -69,6 +71,7 @@ logger = logging.getLogger("django_openworkflow.tasks")
 TASK_WORKFLOW = "django-task"  # the built-in workflow every task run is a run of
 ONE_ATTEMPT = RetryPolicy(maximum_attempts=1)  # Django's tasks promise no retries
 CANCELED_PATH = "django_openworkflow.exceptions.WorkflowCanceled"
+ENGINE_ERROR_PATH = "django_openworkflow.exceptions.WorkflowError"
 
 
 class WorkflowTaskBackend(BaseTaskBackend):
@@ -256,12 +259,21 @@ def task_result(run: WorkflowRun, *, backend: Any) -> TaskResult:
             given_in__isnull=True,  # an output given by a resume is no attempt
         )
         .order_by("id")
-        .values_list("status", "error", "started_at", "worker_id")
+        .values_list("status", "error", "started_at", "worker_id", "resume_generation")
     )
     errors = [task_error(error) for status, error, *_ in attempts if status == "failed" and error]
     status = STATUSES[run.status]
-    if run.status == WorkflowRun.Status.CANCELED:
-        errors.append(TaskError(exception_class_path=CANCELED_PATH, traceback="canceled\n"))
+    if run.status == WorkflowRun.Status.CANCELED and not any(
+        status == "failed" and (error or {}).get("type") == WORKFLOW_CANCELED
+        for status, error, *_, generation in attempts
+        if generation == run.resume_generation  # a cancel of the running attempt says it
+    ):
+        errors.append(
+            TaskError(
+                exception_class_path=CANCELED_PATH,
+                traceback=f"{WORKFLOW_CANCELED}: run {run.pk} was canceled\n",
+            )
+        )
     result: TaskResult = TaskResult(
         task=task,
         id=str(run.pk),
@@ -274,7 +286,7 @@ def task_result(run: WorkflowRun, *, backend: Any) -> TaskResult:
         kwargs=spec.get("kwargs", {}),
         backend=backend.alias,
         errors=errors,
-        worker_ids=[worker or "" for *_, worker in attempts],
+        worker_ids=[worker or "" for *_, worker, _ in attempts],
     )
     if status == TaskResultStatus.SUCCESSFUL:
         object.__setattr__(result, "_return_value", run.output)
@@ -309,9 +321,20 @@ def with_placement(task: Task, run: WorkflowRun, spec: dict[str, Any], alias: st
 def task_error(error: dict[str, Any]) -> TaskError:
     """A stored step error as Django's ``TaskError`` (the class's dotted path and traceback)."""
     kind = str(error.get("type") or "Exception")
-    path = error.get("path") or f"builtins.{kind}"
+    path = error.get("path") or class_path(kind)
     trace = error.get("traceback") or f"{kind}: {error.get('message', '')}\n"
     return TaskError(exception_class_path=path, traceback=trace)
+
+
+def class_path(kind: str) -> str:
+    """The dotted path of an error class stored without one, so that ``exception_class``
+    imports it: a builtin's, or for the engine's own errors (``WorkerLost``: the worker
+    stopped mid-attempt, ``DeadlineExceeded``, ...) ``WorkflowError``, and
+    ``WorkflowCanceled`` for a cancel. The traceback's last line names the type."""
+    builtin = getattr(builtins, kind, None)
+    if isinstance(builtin, type) and issubclass(builtin, BaseException):
+        return f"builtins.{kind}"
+    return CANCELED_PATH if kind == WORKFLOW_CANCELED else ENGINE_ERROR_PATH
 
 
 def finished(sender: Any, run: WorkflowRun, **kwargs: Any) -> None:

@@ -1,0 +1,166 @@
+"""Adversarial review of ``WorkflowTaskBackend`` (django_openworkflow/tasks.py).
+
+Each test is a case tried against the backend: hostile task code (exceptions,
+return values, arguments), every state a result can be read in, the write
+paths' transactions and faults, Django's signals, real worker processes, the
+pages. The tasks are in tests/testapp/review_tasks.py, which no start-up code
+imports.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from django_openworkflow.exceptions import WorkflowCanceled, WorkflowError
+from django_openworkflow.models import StepAttempt, WorkflowRun
+from django_openworkflow.tasks import TaskResultStatus
+from tests.conftest import drain
+from tests.testapp import review_tasks as rt
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CANCELED_PATH = "django_openworkflow.exceptions.WorkflowCanceled"
+
+
+def finished(result):
+    """Run the queued tasks (in-process workers), then refresh ``result``."""
+    drain()
+    result.refresh()
+    return result
+
+
+@pytest.fixture
+def held_task():
+    """Run ``review_tasks.held`` on a worker thread; yields once the function is running."""
+    rt.running.clear()
+    rt.let_go.clear()
+    result = rt.held.enqueue()
+    worker = threading.Thread(target=drain)
+    worker.start()
+    assert rt.running.wait(10), "the held task did not start"
+    try:
+        yield result
+    finally:
+        rt.let_go.set()
+        worker.join(30)
+
+
+# --- errors --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "exception", "last_line"),
+    [
+        ("nan", TypeError, "is nan, which JSON cannot hold"),
+        ("int keys", TypeError, "has the key 1 of type int; JSON keys are strings"),
+        ("nul", TypeError, "contains the character U+0000 (NUL)"),
+    ],
+)
+def test_a_refused_return_value_is_the_builtin_error_not_the_engines_refusal(
+    kind, exception, last_line
+):
+    # Found: the stored error's path named django_openworkflow.errors.Refused (an internal
+    # class) while its type said TypeError/ValueError; exception_class was Refused.
+    result = finished(rt.returns.enqueue(kind))
+    assert result.status == TaskResultStatus.FAILED
+    assert [e.exception_class for e in result.errors] == [exception]
+    assert last_line in result.errors[0].traceback
+    attempt = StepAttempt.objects.get(workflow_run_id=result.id)
+    assert attempt.error["type"] == exception.__name__
+    assert "path" not in attempt.error
+
+
+def test_a_return_value_too_large_is_a_value_error():
+    from django.conf import settings
+    from django.test import override_settings
+
+    with override_settings(OPENWORKFLOW={**settings.OPENWORKFLOW, "MAX_PAYLOAD_BYTES": 1000}):
+        result = finished(rt.big_return.enqueue(5000))
+    assert [e.exception_class for e in result.errors] == [ValueError]
+    assert "returned a value that is too large: it is 5,002 bytes" in result.errors[0].traceback
+
+
+def test_a_task_canceled_while_running_has_one_canceled_error_that_imports(held_task):
+    # Found: the running attempt's error (stored by the cancel, with no path) was
+    # "builtins.WorkflowCanceled", whose exception_class raised ImportError, and the
+    # result added a second WorkflowCanceled after it.
+    WorkflowRun.objects.cancel(held_task.id)
+    held_task.refresh()
+    assert held_task.status == TaskResultStatus.FAILED
+    assert [e.exception_class for e in held_task.errors] == [WorkflowCanceled]
+    assert held_task.errors[0].traceback == (
+        "WorkflowCanceled: canceled while the step was running\n"
+    )
+    rt.let_go.set()
+    drain()
+    held_task.refresh()  # the function's late return changes nothing
+    assert (held_task.status, len(held_task.errors)) == (TaskResultStatus.FAILED, 1)
+
+
+def test_a_task_canceled_before_it_ran_has_one_canceled_error_naming_the_run():
+    result = rt.args_back.enqueue()
+    WorkflowRun.objects.cancel(result.id)
+    result.refresh()
+    assert [e.exception_class_path for e in result.errors] == [CANCELED_PATH]
+    assert result.errors[0].exception_class is WorkflowCanceled
+    assert result.errors[0].traceback == f"WorkflowCanceled: run {result.id} was canceled\n"
+
+
+def test_a_keyboard_interrupt_in_a_task_fails_it_with_an_error_that_imports():
+    # The slot survives (the run is released and replayed); the interrupted attempt is
+    # then WorkerLost, which used to be "builtins.WorkerLost" (ImportError on access).
+    result = finished(rt.interrupts.enqueue())
+    assert result.status == TaskResultStatus.FAILED
+    assert result.attempts == 1  # one attempt: Django's tasks promise no retries
+    (error,) = result.errors
+    assert error.exception_class is WorkflowError
+    assert error.traceback.startswith("WorkerLost: the worker executing this step stopped")
+
+
+@pytest.mark.parametrize(
+    ("task", "path", "last_line"),
+    [
+        (rt.generator_exit, "builtins.GeneratorExit", "GeneratorExit: closed"),
+        (
+            rt.nul_and_surrogate,
+            "builtins.ValueError",
+            "ValueError: nul \\x00 and a lone surrogate \\ud800 here",
+        ),
+        (
+            rt.unprintable,
+            "tests.testapp.review_tasks.UnprintableError",
+            "tests.testapp.review_tasks.UnprintableError: <exception str() failed>",
+        ),
+    ],
+)
+def test_hostile_exceptions_are_stored_and_read_back(task, path, last_line):
+    result = finished(task.enqueue())
+    assert result.status == TaskResultStatus.FAILED
+    (error,) = result.errors
+    assert error.exception_class_path == path
+    assert issubclass(error.exception_class, BaseException)
+    assert error.traceback.splitlines()[-1] == last_line
+
+
+def test_a_huge_message_is_cut_and_the_raise_site_kept():
+    result = finished(rt.huge_message.enqueue())
+    (error,) = result.errors
+    assert error.exception_class is ValueError
+    assert error.traceback.startswith("… [")  # the start is cut, the end kept
+    assert len(error.traceback) < 50_100
+    run = WorkflowRun.objects.get(pk=result.id)
+    assert len(run.error["message"]) < 5_000
+
+
+def test_an_exception_class_defined_in_a_function_is_named_as_django_names_it():
+    """Held, as Django's own backends do: the path has ``<locals>`` and cannot be imported."""
+    result = finished(rt.local_class.enqueue())
+    (error,) = result.errors
+    assert error.exception_class_path == (
+        "tests.testapp.review_tasks.local_class.<locals>.LocalError"
+    )
+    with pytest.raises(ImportError):
+        error.exception_class  # noqa: B018
+    assert error.traceback.endswith("LocalError: defined in the function\n")
