@@ -112,18 +112,19 @@ class WorkflowTaskBackend(BaseTaskBackend):
         """Start a run of the task; inside ``transaction.atomic()`` it exists once that commits."""
         self.validate_task(task)
         path = task.module_path
-        args, kwargs = list(args), dict(kwargs)
-        ensure_json(args, f'arguments of task "{path}"')
-        ensure_json(kwargs, f'keyword arguments of task "{path}"')
+        arguments = json_arguments(path, list(args), dict(kwargs))
+        args, kwargs = arguments["args"], arguments["kwargs"]
         spec = {
             "task": path,
-            "args": args,
-            "kwargs": kwargs,
+            **arguments,
             "backend": self.alias,
             "run_after": task.run_after.isoformat() if task.run_after else None,
         }
         run = task_workflow.start(
-            spec, queue=task.queue_name, priority=task.priority, available_at=task.run_after
+            spec,
+            queue=task.queue_name,
+            priority=int(task.priority),  # Django allows a whole float (5.0)
+            available_at=task.run_after,
         )
         result: TaskResult = TaskResult(
             task=task,
@@ -169,6 +170,19 @@ class WorkflowTaskBackend(BaseTaskBackend):
             for name in sorted(self.queues)
             if name not in known
         ]
+
+
+def json_arguments(path: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The task's arguments as Django's backends store them (``normalize_json``: tuples
+    become lists, bytes text), checked as JSON and, together, against ``MAX_PAYLOAD_BYTES``:
+    ``TypeError``/``ValueError`` naming the task."""
+    arguments: dict[str, Any] = {"args": args, "kwargs": kwargs}
+    try:
+        arguments = normalize_json(arguments)
+    except (TypeError, ValueError, RecursionError):
+        pass  # ensure_json says what is wrong, and where
+    ensure_json(arguments, f'arguments of task "{path}"')
+    return arguments
 
 
 def retry_policy_of(alias: str, options: dict[str, Any]) -> RetryPolicy:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import threading
 
+import django
 import pytest
+from django.conf import settings
+from django.test import override_settings
 
 from django_openworkflow.exceptions import WorkflowCanceled, WorkflowError
 from django_openworkflow.models import StepAttempt, WorkflowRun
-from django_openworkflow.tasks import TaskResultStatus
+from django_openworkflow.tasks import InvalidTask, TaskResultStatus
 from tests.conftest import drain
 from tests.testapp import review_tasks as rt
 
@@ -164,3 +167,82 @@ def test_an_exception_class_defined_in_a_function_is_named_as_django_names_it():
     with pytest.raises(ImportError):
         error.exception_class  # noqa: B018
     assert error.traceback.endswith("LocalError: defined in the function\n")
+
+
+# --- arguments and priorities at enqueue -----------------------------------------------
+
+
+def immediate_backend() -> str:
+    return (
+        "django.tasks.backends.immediate.ImmediateBackend"
+        if django.VERSION >= (6, 0)
+        else "django_tasks.backends.immediate.ImmediateBackend"
+    )
+
+
+def test_arguments_are_normalized_as_djangos_backends_normalize_them():
+    # Found: a tuple or bytes in the arguments was a TypeError here, where Django's
+    # backends (immediate, django-tasks-db) store them as lists and text: moving "by one
+    # setting" broke such calls.
+    call = ((1, (2, 3)), b"text"), {"when": {"pair": ("a", "b")}}
+    expected = [[[1, [2, 3]], "text"], {"when": {"pair": ["a", "b"]}}]
+    with override_settings(TASKS={"default": {"BACKEND": immediate_backend(), "QUEUES": []}}):
+        immediate = rt.args_back.enqueue(*call[0], **call[1])
+    result = rt.args_back.enqueue(*call[0], **call[1])
+    assert (result.args, result.kwargs) == (immediate.args, immediate.kwargs)
+    assert WorkflowRun.objects.get(pk=result.id).input["args"] == [[1, [2, 3]], "text"]
+    assert finished(result).return_value == immediate.return_value == expected
+
+
+def loop() -> list:
+    itself: list = []
+    itself.append(itself)
+    return itself
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "problem"),
+    [
+        ((object(),), {}, r"\$\['args'\]\[0\] is a builtins\.object"),
+        (({1, 2},), {}, r"\$\['args'\]\[0\] is a builtins\.set"),
+        ((float("nan"),), {}, r"\$\['args'\]\[0\] is nan"),
+        ((), {"k": "a\x00b"}, r"\$\['kwargs'\]\['k'\] contains the character U\+0000"),
+        ((b"\xff",), {}, r"\$\['args'\]\[0\] is a builtins\.bytes"),
+        ((loop(),), {}, "nested too deeply for JSON"),
+    ],
+)
+def test_arguments_that_are_not_json_are_refused_naming_the_task_and_the_value(
+    args, kwargs, problem
+):
+    with pytest.raises(TypeError, match=problem) as refused:
+        rt.args_back.enqueue(*args, **kwargs)
+    assert 'arguments of task "tests.testapp.review_tasks.args_back"' in str(refused.value)
+    assert not WorkflowRun.objects.exists()
+
+
+def test_arguments_too_large_together_are_refused_naming_the_task():
+    # Found: args and kwargs each under MAX_PAYLOAD_BYTES but over it together were refused
+    # as the input of workflow "django-task", naming no task.
+    with (
+        override_settings(OPENWORKFLOW={**settings.OPENWORKFLOW, "MAX_PAYLOAD_BYTES": 1000}),
+        pytest.raises(ValueError, match="more than OPENWORKFLOW") as refused,
+    ):
+        rt.args_back.enqueue("x" * 600, k="y" * 600)
+    assert str(refused.value).startswith(
+        'arguments of task "tests.testapp.review_tasks.args_back" is too large: it is 1,2'
+    )
+    assert not WorkflowRun.objects.exists()
+
+
+@pytest.mark.parametrize(("priority", "stored"), [(5.0, 5), (-100.0, -100), (True, 1)])
+def test_a_priority_django_accepts_is_the_runs_priority(priority, stored):
+    # Found: 5.0, which Django's validation accepts (a whole number), was a TypeError
+    # naming the workflow "django-task".
+    result = rt.args_back.using(priority=priority).enqueue()
+    assert WorkflowRun.objects.get(pk=result.id).priority == stored
+
+
+@pytest.mark.parametrize("priority", [101, -101, 1.5])
+def test_a_priority_out_of_range_is_djangos_invalid_task(priority):
+    with pytest.raises(InvalidTask, match="priority must be a whole number between -100 and 100"):
+        rt.args_back.using(priority=priority)
