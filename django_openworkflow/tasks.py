@@ -57,6 +57,7 @@ except ImportError:  # Django 5.2 with the backport (typed as django.tasks, whic
 from .durations import RetryPolicy
 from .errors import WORKFLOW_CANCELED
 from .models import StepAttempt, WorkflowRun
+from .conf import app_settings
 from .names import MAX_NAME_LENGTH
 from .queues import configured_queues
 from .registry import workflow
@@ -144,19 +145,15 @@ class WorkflowTaskBackend(BaseTaskBackend):
         return result
 
     def get_result(self, result_id: Any) -> TaskResult:
-        """The task's run as a ``TaskResult``; ``TaskResultDoesNotExist`` for an unknown id."""
-        using = get_store().using
+        """The task's run as a ``TaskResult``; ``TaskResultDoesNotExist`` for an id that is
+        no task run of this project (``OPENWORKFLOW["NAMESPACE"]``)."""
         try:
-            run = (
-                WorkflowRun.objects.using(using)
-                .filter(pk=result_id, workflow_name=TASK_WORKFLOW)
-                .first()
-            )
+            run = task_runs().filter(pk=result_id, namespace=app_settings.NAMESPACE).first()
         except (ValidationError, ValueError, TypeError):
             run = None
         if run is None:
             raise TaskResultDoesNotExist(result_id)
-        return task_result(run, backend=self)
+        return task_result(run, alias=self.alias)
 
     def check(self, **kwargs: Any) -> list[checks.CheckMessage]:
         known = configured_queues()
@@ -211,7 +208,7 @@ def retry_policy_of(alias: str, options: dict[str, Any]) -> RetryPolicy:
 @workflow(name=TASK_WORKFLOW, retry_policy=ONE_ATTEMPT)
 def task_workflow(ctx: Any) -> Any:
     """Call the task function as one step; its result is the run's output."""
-    spec = ctx.input
+    spec = task_spec(ctx.run_id, ctx.input)
     return ctx.step.run(
         spec["task"],
         functools.partial(execute, ctx.run_id, spec),
@@ -232,13 +229,14 @@ def execute(run_id: Any, spec: dict[str, Any]) -> Any:
     """The step: call the task function (an async one returns its coroutine to the engine)."""
     task = load_task(spec["task"])
     backend = task_backends[spec["backend"]]
-    result = backend.get_result(run_id)
+    result = result_of(run_id, backend.alias)  # the worker's namespace may be another
     args = [TaskContext(task_result=result)] if task.takes_context else []
-    args += spec["args"]
+    args += spec.get("args", [])
+    kwargs = spec.get("kwargs", {})
     if iscoroutinefunction(task.func):
-        return call_async(task, backend, result, args, spec["kwargs"])
+        return call_async(task, backend, result, args, kwargs)
     task_started.send(type(backend), task_result=result)
-    return normalize_json(task.func(*args, **spec["kwargs"]))
+    return normalize_json(task.func(*args, **kwargs))
 
 
 async def call_async(
@@ -259,11 +257,51 @@ def load_task(path: str) -> Task:
     return found
 
 
-def task_result(run: WorkflowRun, *, backend: Any) -> TaskResult:
+def task_runs() -> Any:
+    """The runs of tasks, of every namespace, on the engine's database."""
+    return WorkflowRun.objects.using(get_store().using).filter(workflow_name=TASK_WORKFLOW)
+
+
+def result_of(run_id: Any, alias: str) -> TaskResult:
+    """The result of the task run ``run_id`` in any namespace (a worker's, say)."""
+    return task_result(task_runs().get(pk=run_id), alias=alias)
+
+
+def task_spec(run_id: Any, spec: Any) -> dict[str, Any]:
+    """A task run's input, checked: "Resume with changes" may have made it anything."""
+    if not (
+        isinstance(spec, dict)
+        and isinstance(spec.get("task"), str)
+        and isinstance(spec.get("args", []), list)
+        and isinstance(spec.get("kwargs", {}), dict)
+    ):
+        raise InvalidTask(
+            f"run {run_id} is no task that can be run or read: its input must be an object "
+            'of "task" (the task\'s module path), "args" (a list) and "kwargs" (an object), '
+            f"not {spec!r:.200}"
+        )
+    return spec
+
+
+def enqueued_by(spec: dict[str, Any], asked: str) -> str:
+    """The alias of the backend that enqueued the task, if it is still one of ours; else
+    the alias asked (as Django's database backend, a result names the backend stored)."""
+    alias = spec.get("backend")
+    if not isinstance(alias, str) or alias == asked:
+        return asked
+    try:
+        ours = isinstance(task_backends[alias], WorkflowTaskBackend)
+    except InvalidTaskBackend:  # removed from TASKS
+        return asked
+    return alias if ours else asked
+
+
+def task_result(run: WorkflowRun, *, alias: str) -> TaskResult:
     """What the run of a task says as Django's ``TaskResult``."""
-    spec = run.input or {}
-    task = load_task(spec.get("task", ""))
-    task = with_placement(task, run, spec, backend.alias)
+    spec = task_spec(run.pk, run.input)
+    alias = enqueued_by(spec, alias)
+    task = load_task(spec["task"])
+    task = with_placement(task, run, spec, alias)
     attempts = list(
         StepAttempt.objects.using(run._state.db)
         .filter(
@@ -298,7 +336,7 @@ def task_result(run: WorkflowRun, *, backend: Any) -> TaskResult:
         finished_at=run.finished_at if status in FINISHED else None,
         args=spec.get("args", []),
         kwargs=spec.get("kwargs", {}),
-        backend=backend.alias,
+        backend=alias,
         errors=errors,
         worker_ids=[worker or "" for *_, worker, _ in attempts],
     )
@@ -355,10 +393,10 @@ def finished(sender: Any, run: WorkflowRun, **kwargs: Any) -> None:
     """``task_finished`` once a task's run has finished (after its commit)."""
     if run.workflow_name != TASK_WORKFLOW or not task_finished.has_listeners():
         return
-    alias = (run.input or {}).get("backend")
+    alias = (run.input or {}).get("backend") if isinstance(run.input, dict) else None
     try:
         backend = task_backends[str(alias)]
-        result = backend.get_result(str(run.pk))
+        result = result_of(run.pk, backend.alias)
     except Exception as exc:
         logger.warning(
             "task_finished not sent run=%s error=%s", run.pk, type(exc).__name__, exc_info=True

@@ -9,7 +9,9 @@ imports.
 
 from __future__ import annotations
 
+import re
 import threading
+import uuid
 
 import django
 import pytest
@@ -18,9 +20,16 @@ from django.test import override_settings
 
 from django_openworkflow.exceptions import WorkflowCanceled, WorkflowError
 from django_openworkflow.models import StepAttempt, WorkflowRun
-from django_openworkflow.tasks import InvalidTask, TaskResultStatus
+from django_openworkflow.tasks import InvalidTask, TaskResultDoesNotExist, TaskResultStatus
+from django_openworkflow.worker import Worker
 from tests.conftest import drain
 from tests.testapp import review_tasks as rt
+from tests.testapp import tasks
+
+try:
+    from django.tasks import default_task_backend
+except ImportError:  # Django 5.2: the backport
+    from django_tasks import default_task_backend
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -246,3 +255,119 @@ def test_a_priority_django_accepts_is_the_runs_priority(priority, stored):
 def test_a_priority_out_of_range_is_djangos_invalid_task(priority):
     with pytest.raises(InvalidTask, match="priority must be a whole number between -100 and 100"):
         rt.args_back.using(priority=priority)
+
+
+# --- reading results: ids, namespaces, backends, inputs changed by people ---------------
+
+
+def test_a_task_of_another_namespace_is_no_result_here_and_its_worker_runs_it():
+    # Found: get_result() read runs of every namespace, so a project sharing the database
+    # saw (and imported the task paths of) another project's tasks.
+    other = {**settings.OPENWORKFLOW, "NAMESPACE": "other-project"}
+    with override_settings(OPENWORKFLOW=other):
+        theirs = tasks.get_task_id.enqueue()
+    ours = tasks.get_task_id.enqueue()
+    assert WorkflowRun.objects.get(pk=theirs.id).namespace == "other-project"
+    with pytest.raises(TaskResultDoesNotExist):
+        default_task_backend.get_result(theirs.id)
+    with pytest.raises(TaskResultDoesNotExist):
+        theirs.refresh()
+
+    # A worker of that namespace (runworker --namespace, settings unchanged) executes it:
+    # the task's own context reads its run whatever the namespace.
+    Worker(namespace="other-project", burst=True, poll_interval=0.02).run()
+    run = WorkflowRun.objects.get(pk=theirs.id)
+    assert (run.status, run.output) == ("completed", theirs.id)
+    with override_settings(OPENWORKFLOW=other):
+        theirs.refresh()
+    assert theirs.return_value == theirs.id
+    assert default_task_backend.get_result(ours.id).status == TaskResultStatus.READY
+
+
+@pytest.mark.parametrize(
+    "result_id",
+    [
+        lambda r: uuid.UUID(r.id),
+        lambda r: r.id.upper(),
+        lambda r: r.id.replace("-", ""),
+    ],
+)
+def test_ids_django_reads_as_the_uuid_find_the_result(result_id):
+    result = rt.args_back.enqueue()
+    assert default_task_backend.get_result(result_id(result)).id == result.id
+
+
+@pytest.mark.parametrize(
+    "result_id", [None, "", " x", "\x00", "x" * 10_000, 1.5, b"id", ["id"], {"id": 1}]
+)
+def test_ids_that_are_no_uuid_do_not_exist(result_id):
+    rt.args_back.enqueue()
+    with pytest.raises(TaskResultDoesNotExist):
+        default_task_backend.get_result(result_id)
+
+
+def test_the_result_names_the_backend_that_enqueued_the_task():
+    # Found: read through another alias, the result (and its task) named that alias.
+    result = tasks.flaky.enqueue(1)
+    assert result.backend == "retrying"
+    fetched = default_task_backend.get_result(result.id)
+    assert (fetched.backend, fetched.task.backend) == ("retrying", "retrying")
+    plain = rt.args_back.using(backend="retrying").enqueue()
+    assert default_task_backend.get_result(plain.id).backend == "retrying"
+
+
+def test_one_task_on_two_aliases_with_two_retry_policies():
+    once = rt.always_fails.enqueue()
+    thrice = rt.always_fails.using(backend="retrying").enqueue()
+    drain()  # waits out the retrying backend's 1 s and 2 s backoff
+    once.refresh()
+    thrice.refresh()
+    assert [e.traceback.splitlines()[-1] for e in once.errors] == ["PermissionError: attempt 1"]
+    assert [e.traceback.splitlines()[-1] for e in thrice.errors] == [
+        f"PermissionError: attempt {n}" for n in (1, 2, 3)
+    ]
+
+
+@pytest.mark.parametrize(
+    "bad_input",
+    [
+        [1, 2],
+        "text",
+        None,
+        {"args": []},
+        {
+            "task": "tests.testapp.review_tasks.args_back",
+            "args": {"a": 1},
+            "kwargs": {},
+            "backend": "default",
+        },
+        {"task": "tests.testapp.review_tasks.args_back", "kwargs": [1], "backend": "default"},
+    ],
+)
+def test_an_input_resumed_with_changes_into_no_task_fails_the_run_naming_it(bad_input):
+    # Found: "Resume with changes" can make a task run's input anything. A list made
+    # get_result() raise AttributeError (a 500 where a view reads it) and task_finished
+    # was lost; "args": {"a": 1} called the task with the dict's keys.
+    result = finished(rt.always_fails.enqueue())
+    WorkflowRun.objects.resume(result.id, input=bad_input)
+    drain()
+    run = WorkflowRun.objects.get(pk=result.id)
+    assert run.status == "failed"
+    problem = f"run {result.id} is no task that can be run or read: its input must be"
+    assert problem in run.error["message"]
+    with pytest.raises(InvalidTask, match=re.escape(problem)):
+        default_task_backend.get_result(result.id)
+    assert StepAttempt.objects.filter(workflow_run_id=result.id).count() == 1  # not called
+
+
+def test_a_task_queued_before_its_alias_moved_to_another_backend_still_runs():
+    # Found: the step read its own result through the alias's backend of the moment; once
+    # TASKS named the immediate backend for it, every queued task failed with
+    # NotImplementedError ("does not support retrieving or refreshing results").
+    result = tasks.get_task_id.enqueue()
+    with override_settings(TASKS={"default": {"BACKEND": immediate_backend(), "QUEUES": []}}):
+        drain()
+    run = WorkflowRun.objects.get(pk=result.id)
+    assert (run.status, run.output) == ("completed", result.id)
+    result.refresh()
+    assert result.return_value == result.id
