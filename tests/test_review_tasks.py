@@ -9,6 +9,7 @@ imports.
 
 from __future__ import annotations
 
+import datetime
 import re
 import threading
 import uuid
@@ -17,6 +18,7 @@ import django
 import pytest
 from django.conf import settings
 from django.test import override_settings
+from django.utils import timezone
 
 from django_openworkflow.exceptions import WorkflowCanceled, WorkflowError
 from django_openworkflow.models import StepAttempt, WorkflowRun
@@ -371,3 +373,99 @@ def test_a_task_queued_before_its_alias_moved_to_another_backend_still_runs():
     assert (run.status, run.output) == ("completed", result.id)
     result.refresh()
     assert result.return_value == result.id
+
+
+# --- every state a result is read in ------------------------------------------------------
+
+
+def test_a_pending_task_is_ready_with_nothing_started():
+    result = default_task_backend.get_result(rt.args_back.enqueue(1).id)
+    assert (result.status, result.attempts, result.errors) == (TaskResultStatus.READY, 0, [])
+    assert (result.started_at, result.last_attempted_at, result.finished_at) == (None,) * 3
+    assert result.enqueued_at == WorkflowRun.objects.get(pk=result.id).created_at
+    with pytest.raises(ValueError, match="Task has not finished yet"):
+        result.return_value  # noqa: B018
+
+
+def test_a_task_parked_for_its_retry_is_ready_with_its_error(monkeypatch):
+    result = rt.always_fails.using(backend="retrying").enqueue()
+    Worker(burst=True, poll_interval=0.02).run()  # the first attempt; the retry waits 1 s
+    result.refresh()
+    run = WorkflowRun.objects.get(pk=result.id)
+    assert (run.status, run.available_at > run.started_at) == ("pending", True)
+    assert (result.status, result.attempts, result.finished_at) == (TaskResultStatus.READY, 1, None)
+    assert result.started_at == run.started_at
+    assert [e.exception_class for e in result.errors] == [PermissionError]
+
+
+def test_a_running_task_is_running_with_its_worker(held_task):
+    result = default_task_backend.get_result(held_task.id)
+    assert (result.status, result.attempts, result.finished_at) == (TaskResultStatus.RUNNING, 1, None)
+    assert result.worker_ids == [WorkflowRun.objects.get(pk=result.id).worker_id]
+    assert result.started_at <= result.last_attempted_at
+
+
+def test_a_resumed_task_is_ready_again_and_counts_every_attempt():
+    result = finished(rt.always_fails.enqueue())
+    assert result.finished_at is not None
+    WorkflowRun.objects.resume(result.id)
+    result.refresh()
+    assert (result.status, result.finished_at, result.attempts) == (TaskResultStatus.READY, None, 1)
+    finished(result)
+    # TaskContext.attempt is Django's task_result.attempts: the attempts before the resume
+    # count too (docs/tasks.md says so).
+    assert [e.traceback.splitlines()[-1] for e in result.errors] == [
+        "PermissionError: attempt 1",
+        "PermissionError: attempt 2",
+    ]
+
+
+def test_a_task_resumed_with_a_given_output_succeeds_with_it_and_no_new_attempt():
+    result = finished(rt.always_fails.enqueue())
+    step = "tests.testapp.review_tasks.always_fails"
+    WorkflowRun.objects.resume(result.id, step_outputs={step: {"given": [1, 2]}})
+    finished(result)
+    assert (result.status, result.return_value) == (TaskResultStatus.SUCCESSFUL, {"given": [1, 2]})
+    assert result.attempts == 1  # the given output is no attempt
+    assert [e.exception_class for e in result.errors] == [PermissionError]
+    assert result.last_attempted_at == StepAttempt.objects.get(
+        workflow_run_id=result.id, given_in__isnull=True
+    ).started_at
+
+
+def test_a_rerun_task_is_ready_again_then_reports_the_new_outcome():
+    result = finished(rt.args_back.enqueue("a"))
+    first_finish = result.finished_at
+    WorkflowRun.objects.rerun(result.id)
+    result.refresh()
+    assert (result.status, result.finished_at) == (TaskResultStatus.READY, None)
+    with pytest.raises(ValueError, match="not finished"):
+        result.return_value  # noqa: B018
+    finished(result)
+    assert (result.status, result.return_value, result.attempts) == ("SUCCESSFUL", [["a"], {}], 2)
+    assert result.finished_at > first_finish
+
+
+def test_a_purged_or_deleted_task_run_no_longer_exists():
+    from django_openworkflow.retention import purge
+
+    purged = finished(rt.args_back.enqueue())
+    deleted = rt.args_back.enqueue()
+    two_hours_ago = timezone.now() - datetime.timedelta(hours=2)
+    WorkflowRun.objects.filter(pk=purged.id).update(
+        created_at=two_hours_ago, finished_at=two_hours_ago
+    )
+    purge({"completed": datetime.timedelta(hours=1)})
+    WorkflowRun.objects.filter(pk=deleted.id).delete()
+    for result in (purged, deleted):
+        with pytest.raises(TaskResultDoesNotExist):
+            result.refresh()
+        with pytest.raises(TaskResultDoesNotExist):
+            default_task_backend.get_result(result.id)
+
+
+def test_takes_context_after_a_resume_counts_the_attempts_before_it():
+    result = finished(tasks.context_attempt.enqueue())
+    assert result.return_value == {"attempt": 1, "status": "RUNNING"}
+    WorkflowRun.objects.rerun(result.id)
+    assert finished(result).return_value == {"attempt": 2, "status": "RUNNING"}
