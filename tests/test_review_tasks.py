@@ -17,16 +17,27 @@ import uuid
 import django
 import pytest
 from django.conf import settings
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from django_openworkflow.exceptions import WorkflowCanceled, WorkflowError
 from django_openworkflow.models import StepAttempt, WorkflowRun
-from django_openworkflow.tasks import InvalidTask, TaskResultDoesNotExist, TaskResultStatus
+from django_openworkflow.tasks import (
+    InvalidTask,
+    TaskResultDoesNotExist,
+    TaskResultStatus,
+    task_enqueued,
+    task_finished,
+    task_started,
+)
 from django_openworkflow.worker import Worker
-from tests.conftest import drain
+from tests.conftest import backend_pid, drain
 from tests.testapp import review_tasks as rt
 from tests.testapp import tasks
+from tests.testapp.models import Ledger
+from tests.testapp.workflows import three_steps
 
 try:
     from django.tasks import default_task_backend
@@ -469,3 +480,183 @@ def test_takes_context_after_a_resume_counts_the_attempts_before_it():
     assert result.return_value == {"attempt": 1, "status": "RUNNING"}
     WorkflowRun.objects.rerun(result.id)
     assert finished(result).return_value == {"attempt": 2, "status": "RUNNING"}
+
+
+# --- the write paths: transactions and faults ----------------------------------------------
+
+
+def test_a_rolled_back_savepoint_drops_only_the_tasks_enqueued_inside_it():
+    with transaction.atomic():
+        kept = rt.writes.enqueue("kept")
+        with pytest.raises(RuntimeError), transaction.atomic():
+            dropped = rt.writes.enqueue("dropped")
+            raise RuntimeError("roll the savepoint back")
+        after = rt.writes.enqueue("after")
+    drain()
+    with pytest.raises(TaskResultDoesNotExist):
+        dropped.refresh()
+    assert [finished(r).return_value for r in (kept, after)] == ["kept", "after"]
+    assert sorted(Ledger.objects.values_list("note", flat=True)) == ["after", "kept"]
+
+
+def test_a_task_enqueued_receiver_that_raises_inside_atomic_rolls_the_task_back():
+    """As in Django's backends, task_enqueued is sent (and may raise) once the run is
+    stored: inside transaction.atomic the exception rolls it back with everything else;
+    outside one the task stays queued and runs (docs/tasks.md says so)."""
+
+    def broken(sender, task_result, **kwargs):
+        raise RuntimeError("receiver broke")
+
+    task_enqueued.connect(broken)
+    try:
+        with pytest.raises(RuntimeError, match="receiver broke"), transaction.atomic():
+            rt.writes.enqueue("rolled back")
+        assert not WorkflowRun.objects.exists()
+        with pytest.raises(RuntimeError, match="receiver broke"):
+            rt.writes.enqueue("stays")
+    finally:
+        task_enqueued.disconnect(broken)
+    (run,) = WorkflowRun.objects.all()
+    drain()
+    run.refresh_from_db()
+    assert (run.status, run.output) == ("completed", "stays")
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="terminates its own backend")
+def test_a_lost_connection_at_enqueue_stores_nothing_and_the_next_enqueue_works():
+    pid = backend_pid()
+    killer = connection.copy()
+    try:
+        with killer.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    finally:
+        killer.close()
+    with pytest.raises((OperationalError, InterfaceError)):
+        rt.args_back.enqueue("lost")
+    connection.close()  # what close_old_connections() does with a broken connection
+    assert not WorkflowRun.objects.exists()
+    assert finished(rt.args_back.enqueue("next")).return_value == [["next"], {}]
+
+
+# --- Django's signals --------------------------------------------------------------------
+
+
+@pytest.fixture
+def signals_seen():
+    seen: list[tuple[str, str, str, int]] = []
+
+    def record(name):
+        def receiver(sender, task_result, **kwargs):
+            seen.append((name, task_result.id, str(task_result.status), task_result.attempts))
+
+        return receiver
+
+    receivers = {
+        task_enqueued: record("enqueued"),
+        task_started: record("started"),
+        task_finished: record("finished"),
+    }
+    for signal, receiver in receivers.items():
+        signal.connect(receiver)
+    yield seen
+    for signal, receiver in receivers.items():
+        signal.disconnect(receiver)
+
+
+def test_a_retried_then_successful_task_finishes_once(signals_seen):
+    result = tasks.flaky.enqueue(2)
+    drain()
+    assert [s for s in signals_seen if s[1] == result.id] == [
+        ("enqueued", result.id, "READY", 0),
+        ("started", result.id, "RUNNING", 1),
+        ("started", result.id, "RUNNING", 2),
+        ("finished", result.id, "SUCCESSFUL", 2),
+    ]
+
+
+def test_a_task_canceled_before_it_ran_finishes_once_and_never_starts(signals_seen):
+    result = rt.args_back.enqueue()
+    WorkflowRun.objects.cancel(result.id)
+    drain()
+    assert signals_seen == [
+        ("enqueued", result.id, "READY", 0),
+        ("finished", result.id, "FAILED", 0),
+    ]
+
+
+def test_a_task_canceled_while_running_finishes_once(signals_seen, held_task):
+    WorkflowRun.objects.cancel(held_task.id)
+    rt.let_go.set()
+    drain()
+    assert [s[0] for s in signals_seen if s[1] == held_task.id] == [
+        "enqueued",
+        "started",
+        "finished",
+    ]
+
+
+def test_a_task_started_receiver_that_raises_fails_the_task_as_django_tasks_db_does():
+    def broken(sender, task_result, **kwargs):
+        raise RuntimeError("started receiver broke")
+
+    task_started.connect(broken)
+    try:
+        result = finished(rt.writes.enqueue("never"))
+    finally:
+        task_started.disconnect(broken)
+    assert result.status == TaskResultStatus.FAILED
+    assert result.errors[0].traceback.endswith("RuntimeError: started receiver broke\n")
+    assert not Ledger.objects.exists()  # the function was not called
+
+
+def test_a_task_finished_receiver_that_raises_breaks_no_run(caplog):
+    def broken(sender, task_result, **kwargs):
+        raise RuntimeError("finished receiver broke")
+
+    task_finished.connect(broken)
+    try:
+        result = rt.args_back.enqueue("ok")
+        other = three_steps.start({"i": 1})
+        drain()
+    finally:
+        task_finished.disconnect(broken)
+    assert finished(result).status == TaskResultStatus.SUCCESSFUL
+    other.refresh_from_db()
+    assert other.status == "completed"
+    assert "signal receiver failed receiver=finished" in caplog.text
+
+
+def test_the_finished_receiver_costs_other_workflows_no_query():
+    from django_openworkflow.tasks import finished as task_finished_receiver
+
+    run = three_steps.start({"i": 1})
+    drain()
+    run.refresh_from_db()
+    with CaptureQueriesContext(connection) as queries:
+        task_finished_receiver(sender=WorkflowRun, run=run)
+    assert len(queries) == 0
+
+
+@pytest.mark.django_db(databases=["default", "workflows"], transaction=True)
+def test_with_the_engine_on_another_database_enqueue_is_atomic_with_that_databases_transaction():
+    """OPENWORKFLOW["DATABASE"] = "workflows": as start() (docs/settings.md), enqueue() is
+    atomic with a transaction on the engine's database, not with one on "default"."""
+    engine = {**settings.OPENWORKFLOW, "DATABASE": "workflows"}
+    with override_settings(
+        OPENWORKFLOW=engine, DATABASE_ROUTERS=["django_openworkflow.routers.WorkflowRouter"]
+    ):
+        with pytest.raises(RuntimeError), transaction.atomic(using="workflows"):
+            dropped = rt.args_back.enqueue("dropped")
+            raise RuntimeError("roll back")
+        with pytest.raises(RuntimeError), transaction.atomic():  # "default": not the engine's
+            kept = tasks.get_task_id.enqueue()
+            raise RuntimeError("roll back")
+        with pytest.raises(TaskResultDoesNotExist):
+            dropped.refresh()
+        drain()
+        kept.refresh()
+        assert kept.return_value == kept.id
+        assert kept.worker_ids == [
+            StepAttempt.objects.using("workflows").get(workflow_run_id=kept.id).worker_id
+        ]
+    assert not WorkflowRun.objects.using("default").exists()
