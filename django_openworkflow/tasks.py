@@ -15,6 +15,7 @@ See docs/tasks.md.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -54,10 +55,10 @@ except ImportError:  # Django 5.2 with the backport (typed as django.tasks, whic
     task_enqueued, task_started = signals.task_enqueued, signals.task_started
     task_finished, normalize_json = signals.task_finished, utils.normalize_json
 
+from .conf import app_settings
 from .durations import RetryPolicy
 from .errors import WORKFLOW_CANCELED
 from .models import StepAttempt, WorkflowRun
-from .conf import app_settings
 from .names import MAX_NAME_LENGTH
 from .queues import configured_queues
 from .registry import workflow
@@ -173,11 +174,9 @@ def json_arguments(path: str, args: list[Any], kwargs: dict[str, Any]) -> dict[s
     """The task's arguments as Django's backends store them (``normalize_json``: tuples
     become lists, bytes text), checked as JSON and, together, against ``MAX_PAYLOAD_BYTES``:
     ``TypeError``/``ValueError`` naming the task."""
-    arguments: dict[str, Any] = {"args": args, "kwargs": kwargs}
-    try:
+    arguments: Any = {"args": args, "kwargs": kwargs}
+    with contextlib.suppress(TypeError, ValueError, RecursionError):  # ensure_json says why
         arguments = normalize_json(arguments)
-    except (TypeError, ValueError, RecursionError):
-        pass  # ensure_json says what is wrong, and where
     ensure_json(arguments, f'arguments of task "{path}"')
     return arguments
 
@@ -230,7 +229,7 @@ def execute(run_id: Any, spec: dict[str, Any]) -> Any:
     task = load_task(spec["task"])
     backend = task_backends[spec["backend"]]
     result = result_of(run_id, backend.alias)  # the worker's namespace may be another
-    args = [TaskContext(task_result=result)] if task.takes_context else []
+    args: list[Any] = [TaskContext(task_result=result)] if task.takes_context else []
     args += spec.get("args", [])
     kwargs = spec.get("kwargs", {})
     if iscoroutinefunction(task.func):

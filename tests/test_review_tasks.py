@@ -9,8 +9,11 @@ imports.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import json
 import re
+import socket
 import threading
 import uuid
 
@@ -20,9 +23,10 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, transaction
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
 from django.utils import timezone
 
-from django_openworkflow.exceptions import WorkflowCanceled, WorkflowError
+from django_openworkflow.exceptions import WorkflowCanceled, WorkflowError, WorkflowFailed
 from django_openworkflow.models import StepAttempt, WorkflowRun
 from django_openworkflow.tasks import (
     InvalidTask,
@@ -33,7 +37,7 @@ from django_openworkflow.tasks import (
     task_started,
 )
 from django_openworkflow.worker import Worker
-from tests.conftest import backend_pid, drain
+from tests.conftest import backend_pid, claim, drain
 from tests.testapp import review_tasks as rt
 from tests.testapp import tasks
 from tests.testapp.models import Ledger
@@ -47,6 +51,7 @@ except ImportError:  # Django 5.2: the backport
 pytestmark = pytest.mark.django_db(transaction=True)
 
 CANCELED_PATH = "django_openworkflow.exceptions.WorkflowCanceled"
+HOUR = datetime.timedelta(hours=1)
 
 
 def finished(result):
@@ -58,11 +63,13 @@ def finished(result):
 
 @pytest.fixture
 def held_task():
-    """Run ``review_tasks.held`` on a worker thread; yields once the function is running."""
+    """Run ``review_tasks.held`` on a worker thread; yields once the function is running.
+
+    The worker has one slot, which the held task fills: it takes no other run meanwhile."""
     rt.running.clear()
     rt.let_go.clear()
     result = rt.held.enqueue()
-    worker = threading.Thread(target=drain)
+    worker = threading.Thread(target=Worker(concurrency=1, burst=True, poll_interval=0.02).run)
     worker.start()
     assert rt.running.wait(10), "the held task did not start"
     try:
@@ -411,7 +418,8 @@ def test_a_task_parked_for_its_retry_is_ready_with_its_error(monkeypatch):
 
 def test_a_running_task_is_running_with_its_worker(held_task):
     result = default_task_backend.get_result(held_task.id)
-    assert (result.status, result.attempts, result.finished_at) == (TaskResultStatus.RUNNING, 1, None)
+    assert (result.status, result.attempts) == (TaskResultStatus.RUNNING, 1)
+    assert result.finished_at is None
     assert result.worker_ids == [WorkflowRun.objects.get(pk=result.id).worker_id]
     assert result.started_at <= result.last_attempted_at
 
@@ -439,9 +447,10 @@ def test_a_task_resumed_with_a_given_output_succeeds_with_it_and_no_new_attempt(
     assert (result.status, result.return_value) == (TaskResultStatus.SUCCESSFUL, {"given": [1, 2]})
     assert result.attempts == 1  # the given output is no attempt
     assert [e.exception_class for e in result.errors] == [PermissionError]
-    assert result.last_attempted_at == StepAttempt.objects.get(
-        workflow_run_id=result.id, given_in__isnull=True
-    ).started_at
+    assert (
+        result.last_attempted_at
+        == StepAttempt.objects.get(workflow_run_id=result.id, given_in__isnull=True).started_at
+    )
 
 
 def test_a_rerun_task_is_ready_again_then_reports_the_new_outcome():
@@ -660,3 +669,120 @@ def test_with_the_engine_on_another_database_enqueue_is_atomic_with_that_databas
             StepAttempt.objects.using("workflows").get(workflow_run_id=kept.id).worker_id
         ]
     assert not WorkflowRun.objects.using("default").exists()
+
+
+def test_a_task_enqueued_in_a_step_atomic_that_fails_once_is_queued_once():
+    run = rt.enqueue_in_step_atomic.start()
+    drain()  # the step's retry waits out its backoff
+    run.refresh_from_db()
+    assert run.status == "completed"
+    (task_run,) = WorkflowRun.objects.filter(workflow_name="django-task")
+    assert run.output == str(task_run.pk)
+    assert task_run.status == "completed"
+
+
+# --- real worker processes ------------------------------------------------------------------
+
+
+def test_a_worker_process_runs_tasks_of_a_module_it_never_imported(worker_process):
+    ok = rt.args_back.enqueue((1, 2), key="value")
+    failing = rt.always_fails.enqueue()
+    context = tasks.get_task_id.enqueue()
+    proc = worker_process("--concurrency", "2")
+    for result in (ok, failing, context):
+        with contextlib.suppress(WorkflowFailed):
+            WorkflowRun.objects.get(pk=result.id).result(timeout=60)
+    assert ok.status == TaskResultStatus.READY  # until refreshed
+    ok.refresh()
+    failing.refresh()
+    context.refresh()
+    assert ok.return_value == [[[1, 2]], {"key": "value"}]
+    assert context.return_value == context.id
+    assert failing.status == TaskResultStatus.FAILED
+    assert failing.errors[0].exception_class is PermissionError
+    assert failing.errors[0].traceback.endswith("PermissionError: attempt 1\n")
+    workers = {*ok.worker_ids, *failing.worker_ids, *context.worker_ids}
+    assert len(workers) == 1
+    assert next(iter(workers)).startswith(f"{socket.gethostname()}:{proc.pid}:")
+
+
+# --- the pages -------------------------------------------------------------------------------
+
+
+def run_due() -> None:
+    """Execute the due runs once (a burst worker): unlike drain(), a running run may stay."""
+    Worker(burst=True, poll_interval=0.02).run()
+
+
+def pages_of(run_id) -> list[str]:
+    return [
+        reverse("django_openworkflow:run-detail", args=[run_id]),
+        reverse("django_openworkflow:run-correct", args=[run_id]),
+        reverse("admin:django_openworkflow_workflowrun_change", args=[run_id]),
+        reverse("django_openworkflow:run-list"),
+        reverse("admin:django_openworkflow_workflowrun_changelist"),
+    ]
+
+
+def test_the_pages_of_task_runs_in_every_state_and_their_buttons(admin_client, held_task):
+    xss = "<script>alert('task')</script>"
+    pending = rt.args_back.enqueue(xss, key=xss)
+    WorkflowRun.objects.filter(pk=pending.id).update(available_at=timezone.now() + HOUR)
+    failed = rt.always_fails.using(priority=3).enqueue()
+    done = rt.args_back.enqueue("done")
+    canceled = rt.args_back.enqueue("canceled")
+    WorkflowRun.objects.cancel(canceled.id)
+    run_due()
+    claimed = rt.args_back.enqueue("claimed, no attempt yet")
+    assert claim("django-task")
+    states = dict(WorkflowRun.objects.values_list("pk", "status"))
+    assert sorted(states.values()) == [
+        "canceled",
+        "completed",
+        "failed",
+        "pending",
+        "running",
+        "running",
+    ]
+    for result in (pending, held_task, claimed, failed, done, canceled):
+        for url in pages_of(result.id):
+            response = admin_client.get(url)
+            assert response.status_code == 200, (url, states[uuid.UUID(result.id)])
+            assert xss not in response.content.decode()
+
+    step = "tests.testapp.review_tasks.always_fails"
+    correct = reverse("django_openworkflow:run-correct", args=[failed.id])
+    run = WorkflowRun.objects.get(pk=failed.id)
+    form = {
+        "input": json.dumps(run.input),
+        "generation": str(run.resume_generation),
+        "step-TOTAL_FORMS": "1",
+        "step-INITIAL_FORMS": "1",
+        "step-MIN_NUM_FORMS": "0",
+        "step-MAX_NUM_FORMS": "1000",
+        "step-0-name": step,
+        "step-0-use": "on",
+        "step-0-output": '"given"',
+    }
+    assert admin_client.post(correct, {**form, "preview": "1"}).status_code == 200
+    assert admin_client.post(correct, {**form, "confirm": "1"}).status_code == 302
+    for result, action in ((pending, "run-cancel"), (done, "run-rerun")):
+        url = reverse(f"django_openworkflow:{action}", args=[result.id])
+        assert admin_client.post(url).status_code == 302
+    run_due()
+    failed.refresh()
+    assert (failed.status, failed.return_value) == (TaskResultStatus.SUCCESSFUL, "given")
+    pending.refresh()
+    assert pending.status == TaskResultStatus.FAILED  # canceled
+    done.refresh()
+    assert (done.status, done.return_value) == (TaskResultStatus.SUCCESSFUL, [["done"], {}])
+    for result in (failed, pending, done):
+        assert admin_client.get(pages_of(result.id)[0]).status_code == 200
+
+
+def test_resume_from_the_run_page_of_a_failed_task(admin_client):
+    result = finished(rt.always_fails.enqueue())
+    response = admin_client.post(reverse("django_openworkflow:run-resume", args=[result.id]))
+    assert response.status_code == 302
+    result.refresh()
+    assert result.status == TaskResultStatus.READY

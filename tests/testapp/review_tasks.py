@@ -99,3 +99,23 @@ def always_fails(context):
 def writes(note):
     Ledger.objects.create(run_id="00000000-0000-0000-0000-000000000000", note=note)
     return note
+
+
+# A workflow whose step.atomic enqueues a task, then fails once (docs/tasks.md: a task
+# enqueued in a step.atomic is queued exactly once). Here, not in workflows.py: only the
+# review's tests use it, and in-process workers know it once this module is imported.
+from django_openworkflow import workflow  # noqa: E402
+
+_passes: dict[str, int] = {}
+
+
+@workflow(name="review-enqueue-in-step-atomic")
+def enqueue_in_step_atomic(ctx):
+    def enqueue():
+        result = args_back.enqueue("once")
+        _passes[str(ctx.run_id)] = _passes.get(str(ctx.run_id), 0) + 1
+        if _passes[str(ctx.run_id)] == 1:
+            raise ConnectionError("failed after the enqueue")
+        return result.id
+
+    return ctx.step.atomic("enqueue", enqueue)
