@@ -44,9 +44,9 @@ from tests.testapp.models import Ledger
 from tests.testapp.workflows import three_steps
 
 try:
-    from django.tasks import default_task_backend
+    from django.tasks import default_task_backend, task
 except ImportError:  # Django 5.2: the backport
-    from django_tasks import default_task_backend
+    from django_tasks import default_task_backend, task
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -786,3 +786,59 @@ def test_resume_from_the_run_page_of_a_failed_task(admin_client):
     assert response.status_code == 302
     result.refresh()
     assert result.status == TaskResultStatus.READY
+
+
+# --- placement: run_after, queues, names -------------------------------------------------------
+
+
+def test_a_naive_run_after_is_djangos_invalid_task():
+    naive = datetime.datetime(2030, 1, 1, 12, 0)
+    with pytest.raises(InvalidTask, match="run_after must be an aware datetime"):
+        rt.args_back.using(run_after=naive)
+
+
+def test_a_run_after_in_the_past_runs_at_once_and_is_reported_as_given():
+    past = timezone.now() - datetime.timedelta(days=3)
+    result = rt.args_back.using(run_after=past).enqueue("late")
+    run_due()  # no time travel: it is due
+    result.refresh()
+    assert result.return_value == [["late"], {}]
+    assert result.task.run_after == past
+
+
+def test_a_backend_limited_to_a_queue_puts_its_tasks_there_for_the_workers_of_that_queue():
+    queues = {"default": {}, "emails": {"concurrency": 1}}
+    backend = {"BACKEND": "django_openworkflow.tasks.WorkflowTaskBackend", "QUEUES": ["emails"]}
+    with override_settings(
+        OPENWORKFLOW={**settings.OPENWORKFLOW, "QUEUES": queues}, TASKS={"default": backend}
+    ):
+        with pytest.raises(InvalidTask, match="Queue 'default' is not valid for backend"):
+            rt.args_back.enqueue()
+        result = rt.args_back.using(queue_name="emails").enqueue("mail")
+        Worker(burst=True, poll_interval=0.02, queues=["default"]).run()
+        assert WorkflowRun.objects.get(pk=result.id).status == "pending"
+        Worker(burst=True, poll_interval=0.02, queues=["emails"]).run()
+        result.refresh()
+        assert (result.return_value, result.task.queue_name) == ([["mail"], {}], "emails")
+
+
+def test_a_task_whose_module_path_cannot_name_a_step_is_refused_when_defined():
+    def long_named():
+        return None
+
+    long_named.__qualname__ = "f" * 300
+    with pytest.raises(InvalidTask, match="longer than 255 characters, which cannot name its step"):
+        task(long_named)
+
+
+@pytest.mark.django_db  # docs/tasks.md: drain() runs queued tasks in the test's transaction
+def test_testing_drain_runs_queued_tasks_inside_the_tests_transaction():
+    from django_openworkflow.testing import drain as testing_drain
+
+    result = rt.always_fails.using(backend="retrying").enqueue()
+    ok = rt.args_back.using(run_after=timezone.now() + HOUR).enqueue("later")
+    testing_drain()  # travels past the retries' backoff and the run_after
+    result.refresh()
+    ok.refresh()
+    assert (result.status, result.attempts) == (TaskResultStatus.FAILED, 3)
+    assert ok.return_value == [["later"], {}]
