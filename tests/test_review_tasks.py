@@ -13,8 +13,10 @@ import contextlib
 import datetime
 import json
 import re
+import signal
 import socket
 import threading
+import time
 import uuid
 
 import django
@@ -568,11 +570,11 @@ def signals_seen():
         task_started: record("started"),
         task_finished: record("finished"),
     }
-    for signal, receiver in receivers.items():
-        signal.connect(receiver)
+    for django_signal, receiver in receivers.items():
+        django_signal.connect(receiver)
     yield seen
-    for signal, receiver in receivers.items():
-        signal.disconnect(receiver)
+    for django_signal, receiver in receivers.items():
+        django_signal.disconnect(receiver)
 
 
 def test_a_retried_then_successful_task_finishes_once(signals_seen):
@@ -845,3 +847,32 @@ def test_testing_drain_runs_queued_tasks_inside_the_tests_transaction():
     ok.refresh()
     assert (result.status, result.attempts) == (TaskResultStatus.FAILED, 3)
     assert ok.return_value == [["later"], {}]
+
+
+@pytest.mark.row_locks
+def test_a_task_whose_worker_is_killed_fails_unless_its_backend_retries(worker_process, tmp_path):
+    """docs/tasks.md: a task survives its worker's crash as a run does, with one attempt by
+    default: the killed attempt is WorkerLost, which fails the task (to be resumed); a
+    backend with a retry_policy runs it again on another worker."""
+    flag = tmp_path / "go"
+    once = rt.waits_for_file.enqueue(str(flag))
+    retried = rt.waits_for_file.using(backend="retrying").enqueue(str(flag))
+    first = worker_process("--lease", "1", "--concurrency", "2")
+    end = time.monotonic() + 30
+    while StepAttempt.objects.filter(status="running").count() < 2:
+        assert time.monotonic() < end, first.output()[-3000:]
+        time.sleep(0.05)
+    first.signal(signal.SIGKILL)
+    first.wait()
+    flag.touch()
+    second = worker_process("--lease", "1")
+    for result in (once, retried):
+        with contextlib.suppress(WorkflowFailed):
+            WorkflowRun.objects.get(pk=result.id).result(timeout=60)
+        result.refresh()
+
+    assert once.status == TaskResultStatus.FAILED
+    assert [e.exception_class for e in once.errors] == [WorkflowError]
+    assert once.errors[0].traceback.startswith("WorkerLost: the worker executing this step")
+    assert (retried.status, retried.return_value) == (TaskResultStatus.SUCCESSFUL, "done")
+    assert [w.split(":")[1] for w in retried.worker_ids] == [str(first.pid), str(second.pid)]

@@ -6,7 +6,9 @@ executes one of its tasks.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 
 try:
     from django.tasks import task
@@ -25,6 +27,14 @@ def held():
     running.set()
     let_go.wait(30)
     return "let go"
+
+
+@task
+def waits_for_file(path):
+    """Runs until ``path`` exists (a worker process can be killed meanwhile)."""
+    while not os.path.exists(path):
+        time.sleep(0.05)
+    return "done"
 
 
 @task
