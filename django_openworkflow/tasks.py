@@ -57,7 +57,12 @@ except ImportError:  # Django 5.2 with the backport (typed as django.tasks, whic
 
 from .conf import app_settings
 from .durations import RetryPolicy
-from .errors import WORKFLOW_CANCELED
+from .errors import (
+    ATTEMPT_CAP_EXCEEDED,
+    DEADLINE_EXCEEDED,
+    NON_DETERMINISTIC,
+    WORKFLOW_CANCELED,
+)
 from .models import StepAttempt, WorkflowRun
 from .names import MAX_NAME_LENGTH
 from .queues import configured_queues
@@ -314,6 +319,8 @@ def task_result(run: WorkflowRun, *, alias: str) -> TaskResult:
     )
     errors = [task_error(error) for status, error, *_ in attempts if status == "failed" and error]
     status = STATUSES[run.status]
+    if run_failed_itself(run, errors):  # a deadline, say: the run's own error says why
+        errors.append(task_error({"type": run.error["type"], "message": run.error.get("message")}))
     if run.status == WorkflowRun.Status.CANCELED and not any(
         status == "failed" and (error or {}).get("type") == WORKFLOW_CANCELED
         for status, error, *_, generation in attempts
@@ -352,6 +359,16 @@ STATUSES: dict[str, TaskResultStatus] = {
     WorkflowRun.Status.CANCELED: TaskResultStatus.FAILED,
 }
 FINISHED = {TaskResultStatus.SUCCESSFUL, TaskResultStatus.FAILED}
+# The engine's reasons to fail a run that no failed attempt of its step states.
+RUN_ERRORS = {DEADLINE_EXCEEDED, ATTEMPT_CAP_EXCEEDED, NON_DETERMINISTIC}
+
+
+def run_failed_itself(run: WorkflowRun, errors: list[TaskError]) -> bool:
+    """Whether the failed run's own error belongs in ``errors``: every failed result has
+    one, and the engine's own reasons are not its step's (a step's failure is)."""
+    if run.status != WorkflowRun.Status.FAILED or not isinstance(run.error, dict):
+        return False
+    return not errors or run.error.get("type") in RUN_ERRORS
 
 
 def with_placement(task: Task, run: WorkflowRun, spec: dict[str, Any], alias: str) -> Task:

@@ -23,6 +23,7 @@ import django
 import pytest
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, transaction
+from django.db.models.functions import Now
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
@@ -876,3 +877,36 @@ def test_a_task_whose_worker_is_killed_fails_unless_its_backend_retries(worker_p
     assert once.errors[0].traceback.startswith("WorkerLost: the worker executing this step")
     assert (retried.status, retried.return_value) == (TaskResultStatus.SUCCESSFUL, "done")
     assert [w.split(":")[1] for w in retried.worker_ids] == [str(first.pid), str(second.pid)]
+
+
+def test_a_task_failed_by_its_deadline_before_it_ran_has_that_error():
+    # Found: a run failed by the deadline sweep before its step started was a FAILED
+    # result with no error at all.
+    result = rt.args_back.enqueue()
+    WorkflowRun.objects.filter(pk=result.id).update(deadline_at=Now())
+    finished(result)
+    assert result.status == TaskResultStatus.FAILED
+    assert [e.exception_class for e in result.errors] == [WorkflowError]
+    assert result.errors[0].traceback == (
+        "DeadlineExceeded: deadline passed: the run did not finish before its deadline_at\n"
+    )
+
+
+def test_a_task_failed_by_its_deadline_while_waiting_to_retry_ends_with_that_error():
+    result = rt.always_fails.using(backend="retrying").enqueue()
+    run_due()  # the first attempt fails; the retry waits a second
+    WorkflowRun.objects.filter(pk=result.id).update(deadline_at=Now())
+    finished(result)
+    assert [e.traceback.splitlines()[-1] for e in result.errors] == [
+        "PermissionError: attempt 1",
+        "DeadlineExceeded: deadline passed: the run did not finish before its deadline_at",
+    ]
+
+
+def test_a_task_failed_by_its_step_has_only_the_steps_errors():
+    """The run's own error (StepFailed, or the TypeError of a refused result) repeats the
+    step's: it is not added."""
+    failed = finished(rt.always_fails.enqueue())
+    refused = finished(rt.returns.enqueue("nan"))
+    assert [e.exception_class for e in failed.errors] == [PermissionError]
+    assert [e.exception_class for e in refused.errors] == [TypeError]
