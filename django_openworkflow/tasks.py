@@ -320,7 +320,8 @@ def task_result(run: WorkflowRun, *, alias: str) -> TaskResult:
     errors = [task_error(error) for status, error, *_ in attempts if status == "failed" and error]
     status = STATUSES[run.status]
     if run_failed_itself(run, errors):  # a deadline, say: the run's own error says why
-        errors.append(task_error({"type": run.error["type"], "message": run.error.get("message")}))
+        own = run.error or {}
+        errors.append(task_error({"type": own.get("type"), "message": own.get("message")}))
     if run.status == WorkflowRun.Status.CANCELED and not any(
         status == "failed" and (error or {}).get("type") == WORKFLOW_CANCELED
         for status, error, *_, generation in attempts
