@@ -1,8 +1,9 @@
 """The errors the engine stores: every ``type`` a stored error can have, in one place.
 
 A stored error is a JSON object: ``type`` and ``message``, and where it
-applies ``traceback``, ``step`` (the step that failed a run), ``child_run``
-and ``retryable`` (``False``: the step is not retried). A failure of user
+applies ``traceback``, ``path`` (the dotted path of an exception class that
+is not a builtin), ``step`` (the step that failed a run), ``child_run`` and
+``retryable`` (``False``: the step is not retried). A failure of user
 code is stored by ``serialization.describe_exception`` with the exception's
 own type; the engine's own reasons are these.
 """
@@ -48,6 +49,7 @@ def step_error(exc: BaseException) -> dict[str, Any]:
     error = describe_exception(exc)
     if isinstance(exc, Refused):
         error["type"] = exc.kind.__name__
+        error.pop("path", None)  # a builtin's (TypeError, ValueError): not the engine's Refused
         error["retryable"] = False
     return error
 

@@ -14,6 +14,8 @@ See docs/tasks.md.
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -53,7 +55,14 @@ except ImportError:  # Django 5.2 with the backport (typed as django.tasks, whic
     task_enqueued, task_started = signals.task_enqueued, signals.task_started
     task_finished, normalize_json = signals.task_finished, utils.normalize_json
 
+from .conf import app_settings
 from .durations import RetryPolicy
+from .errors import (
+    ATTEMPT_CAP_EXCEEDED,
+    DEADLINE_EXCEEDED,
+    NON_DETERMINISTIC,
+    WORKFLOW_CANCELED,
+)
 from .models import StepAttempt, WorkflowRun
 from .names import MAX_NAME_LENGTH
 from .queues import configured_queues
@@ -69,6 +78,7 @@ logger = logging.getLogger("django_openworkflow.tasks")
 TASK_WORKFLOW = "django-task"  # the built-in workflow every task run is a run of
 ONE_ATTEMPT = RetryPolicy(maximum_attempts=1)  # Django's tasks promise no retries
 CANCELED_PATH = "django_openworkflow.exceptions.WorkflowCanceled"
+ENGINE_ERROR_PATH = "django_openworkflow.exceptions.WorkflowError"
 
 
 class WorkflowTaskBackend(BaseTaskBackend):
@@ -109,18 +119,19 @@ class WorkflowTaskBackend(BaseTaskBackend):
         """Start a run of the task; inside ``transaction.atomic()`` it exists once that commits."""
         self.validate_task(task)
         path = task.module_path
-        args, kwargs = list(args), dict(kwargs)
-        ensure_json(args, f'arguments of task "{path}"')
-        ensure_json(kwargs, f'keyword arguments of task "{path}"')
+        arguments = json_arguments(path, list(args), dict(kwargs))
+        args, kwargs = arguments["args"], arguments["kwargs"]
         spec = {
             "task": path,
-            "args": args,
-            "kwargs": kwargs,
+            **arguments,
             "backend": self.alias,
             "run_after": task.run_after.isoformat() if task.run_after else None,
         }
         run = task_workflow.start(
-            spec, queue=task.queue_name, priority=task.priority, available_at=task.run_after
+            spec,
+            queue=task.queue_name,
+            priority=int(task.priority),  # Django allows a whole float (5.0)
+            available_at=task.run_after,
         )
         result: TaskResult = TaskResult(
             task=task,
@@ -140,19 +151,15 @@ class WorkflowTaskBackend(BaseTaskBackend):
         return result
 
     def get_result(self, result_id: Any) -> TaskResult:
-        """The task's run as a ``TaskResult``; ``TaskResultDoesNotExist`` for an unknown id."""
-        using = get_store().using
+        """The task's run as a ``TaskResult``; ``TaskResultDoesNotExist`` for an id that is
+        no task run of this project (``OPENWORKFLOW["NAMESPACE"]``)."""
         try:
-            run = (
-                WorkflowRun.objects.using(using)
-                .filter(pk=result_id, workflow_name=TASK_WORKFLOW)
-                .first()
-            )
+            run = task_runs().filter(pk=result_id, namespace=app_settings.NAMESPACE).first()
         except (ValidationError, ValueError, TypeError):
             run = None
         if run is None:
             raise TaskResultDoesNotExist(result_id)
-        return task_result(run, backend=self)
+        return task_result(run, alias=self.alias)
 
     def check(self, **kwargs: Any) -> list[checks.CheckMessage]:
         known = configured_queues()
@@ -166,6 +173,17 @@ class WorkflowTaskBackend(BaseTaskBackend):
             for name in sorted(self.queues)
             if name not in known
         ]
+
+
+def json_arguments(path: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The task's arguments as Django's backends store them (``normalize_json``: tuples
+    become lists, bytes text), checked as JSON and, together, against ``MAX_PAYLOAD_BYTES``:
+    ``TypeError``/``ValueError`` naming the task."""
+    arguments: Any = {"args": args, "kwargs": kwargs}
+    with contextlib.suppress(TypeError, ValueError, RecursionError):  # ensure_json says why
+        arguments = normalize_json(arguments)
+    ensure_json(arguments, f'arguments of task "{path}"')
+    return arguments
 
 
 def retry_policy_of(alias: str, options: dict[str, Any]) -> RetryPolicy:
@@ -194,7 +212,7 @@ def retry_policy_of(alias: str, options: dict[str, Any]) -> RetryPolicy:
 @workflow(name=TASK_WORKFLOW, retry_policy=ONE_ATTEMPT)
 def task_workflow(ctx: Any) -> Any:
     """Call the task function as one step; its result is the run's output."""
-    spec = ctx.input
+    spec = task_spec(ctx.run_id, ctx.input)
     return ctx.step.run(
         spec["task"],
         functools.partial(execute, ctx.run_id, spec),
@@ -215,13 +233,14 @@ def execute(run_id: Any, spec: dict[str, Any]) -> Any:
     """The step: call the task function (an async one returns its coroutine to the engine)."""
     task = load_task(spec["task"])
     backend = task_backends[spec["backend"]]
-    result = backend.get_result(run_id)
-    args = [TaskContext(task_result=result)] if task.takes_context else []
-    args += spec["args"]
+    result = result_of(run_id, backend.alias)  # the worker's namespace may be another
+    args: list[Any] = [TaskContext(task_result=result)] if task.takes_context else []
+    args += spec.get("args", [])
+    kwargs = spec.get("kwargs", {})
     if iscoroutinefunction(task.func):
-        return call_async(task, backend, result, args, spec["kwargs"])
+        return call_async(task, backend, result, args, kwargs)
     task_started.send(type(backend), task_result=result)
-    return normalize_json(task.func(*args, **spec["kwargs"]))
+    return normalize_json(task.func(*args, **kwargs))
 
 
 async def call_async(
@@ -242,11 +261,51 @@ def load_task(path: str) -> Task:
     return found
 
 
-def task_result(run: WorkflowRun, *, backend: Any) -> TaskResult:
+def task_runs() -> Any:
+    """The runs of tasks, of every namespace, on the engine's database."""
+    return WorkflowRun.objects.using(get_store().using).filter(workflow_name=TASK_WORKFLOW)
+
+
+def result_of(run_id: Any, alias: str) -> TaskResult:
+    """The result of the task run ``run_id`` in any namespace (a worker's, say)."""
+    return task_result(task_runs().get(pk=run_id), alias=alias)
+
+
+def task_spec(run_id: Any, spec: Any) -> dict[str, Any]:
+    """A task run's input, checked: "Resume with changes" may have made it anything."""
+    if not (
+        isinstance(spec, dict)
+        and isinstance(spec.get("task"), str)
+        and isinstance(spec.get("args", []), list)
+        and isinstance(spec.get("kwargs", {}), dict)
+    ):
+        raise InvalidTask(
+            f"run {run_id} is no task that can be run or read: its input must be an object "
+            'of "task" (the task\'s module path), "args" (a list) and "kwargs" (an object), '
+            f"not {spec!r:.200}"
+        )
+    return spec
+
+
+def enqueued_by(spec: dict[str, Any], asked: str) -> str:
+    """The alias of the backend that enqueued the task, if it is still one of ours; else
+    the alias asked (as Django's database backend, a result names the backend stored)."""
+    alias = spec.get("backend")
+    if not isinstance(alias, str) or alias == asked:
+        return asked
+    try:
+        ours = isinstance(task_backends[alias], WorkflowTaskBackend)
+    except InvalidTaskBackend:  # removed from TASKS
+        return asked
+    return alias if ours else asked
+
+
+def task_result(run: WorkflowRun, *, alias: str) -> TaskResult:
     """What the run of a task says as Django's ``TaskResult``."""
-    spec = run.input or {}
-    task = load_task(spec.get("task", ""))
-    task = with_placement(task, run, spec, backend.alias)
+    spec = task_spec(run.pk, run.input)
+    alias = enqueued_by(spec, alias)
+    task = load_task(spec["task"])
+    task = with_placement(task, run, spec, alias)
     attempts = list(
         StepAttempt.objects.using(run._state.db)
         .filter(
@@ -256,12 +315,24 @@ def task_result(run: WorkflowRun, *, backend: Any) -> TaskResult:
             given_in__isnull=True,  # an output given by a resume is no attempt
         )
         .order_by("id")
-        .values_list("status", "error", "started_at", "worker_id")
+        .values_list("status", "error", "started_at", "worker_id", "resume_generation")
     )
     errors = [task_error(error) for status, error, *_ in attempts if status == "failed" and error]
     status = STATUSES[run.status]
-    if run.status == WorkflowRun.Status.CANCELED:
-        errors.append(TaskError(exception_class_path=CANCELED_PATH, traceback="canceled\n"))
+    if run_failed_itself(run, errors):  # a deadline, say: the run's own error says why
+        own = run.error or {}
+        errors.append(task_error({"type": own.get("type"), "message": own.get("message")}))
+    if run.status == WorkflowRun.Status.CANCELED and not any(
+        status == "failed" and (error or {}).get("type") == WORKFLOW_CANCELED
+        for status, error, *_, generation in attempts
+        if generation == run.resume_generation  # a cancel of the running attempt says it
+    ):
+        errors.append(
+            TaskError(
+                exception_class_path=CANCELED_PATH,
+                traceback=f"{WORKFLOW_CANCELED}: run {run.pk} was canceled\n",
+            )
+        )
     result: TaskResult = TaskResult(
         task=task,
         id=str(run.pk),
@@ -272,9 +343,9 @@ def task_result(run: WorkflowRun, *, backend: Any) -> TaskResult:
         finished_at=run.finished_at if status in FINISHED else None,
         args=spec.get("args", []),
         kwargs=spec.get("kwargs", {}),
-        backend=backend.alias,
+        backend=alias,
         errors=errors,
-        worker_ids=[worker or "" for *_, worker in attempts],
+        worker_ids=[worker or "" for *_, worker, _ in attempts],
     )
     if status == TaskResultStatus.SUCCESSFUL:
         object.__setattr__(result, "_return_value", run.output)
@@ -289,6 +360,16 @@ STATUSES: dict[str, TaskResultStatus] = {
     WorkflowRun.Status.CANCELED: TaskResultStatus.FAILED,
 }
 FINISHED = {TaskResultStatus.SUCCESSFUL, TaskResultStatus.FAILED}
+# The engine's reasons to fail a run that no failed attempt of its step states.
+RUN_ERRORS = {DEADLINE_EXCEEDED, ATTEMPT_CAP_EXCEEDED, NON_DETERMINISTIC}
+
+
+def run_failed_itself(run: WorkflowRun, errors: list[TaskError]) -> bool:
+    """Whether the failed run's own error belongs in ``errors``: every failed result has
+    one, and the engine's own reasons are not its step's (a step's failure is)."""
+    if run.status != WorkflowRun.Status.FAILED or not isinstance(run.error, dict):
+        return False
+    return not errors or run.error.get("type") in RUN_ERRORS
 
 
 def with_placement(task: Task, run: WorkflowRun, spec: dict[str, Any], alias: str) -> Task:
@@ -309,19 +390,30 @@ def with_placement(task: Task, run: WorkflowRun, spec: dict[str, Any], alias: st
 def task_error(error: dict[str, Any]) -> TaskError:
     """A stored step error as Django's ``TaskError`` (the class's dotted path and traceback)."""
     kind = str(error.get("type") or "Exception")
-    path = error.get("path") or f"builtins.{kind}"
+    path = error.get("path") or class_path(kind)
     trace = error.get("traceback") or f"{kind}: {error.get('message', '')}\n"
     return TaskError(exception_class_path=path, traceback=trace)
+
+
+def class_path(kind: str) -> str:
+    """The dotted path of an error class stored without one, so that ``exception_class``
+    imports it: a builtin's, or for the engine's own errors (``WorkerLost``: the worker
+    stopped mid-attempt, ``DeadlineExceeded``, ...) ``WorkflowError``, and
+    ``WorkflowCanceled`` for a cancel. The traceback's last line names the type."""
+    builtin = getattr(builtins, kind, None)
+    if isinstance(builtin, type) and issubclass(builtin, BaseException):
+        return f"builtins.{kind}"
+    return CANCELED_PATH if kind == WORKFLOW_CANCELED else ENGINE_ERROR_PATH
 
 
 def finished(sender: Any, run: WorkflowRun, **kwargs: Any) -> None:
     """``task_finished`` once a task's run has finished (after its commit)."""
     if run.workflow_name != TASK_WORKFLOW or not task_finished.has_listeners():
         return
-    alias = (run.input or {}).get("backend")
+    alias = (run.input or {}).get("backend") if isinstance(run.input, dict) else None
     try:
         backend = task_backends[str(alias)]
-        result = backend.get_result(str(run.pk))
+        result = result_of(run.pk, backend.alias)
     except Exception as exc:
         logger.warning(
             "task_finished not sent run=%s error=%s", run.pk, type(exc).__name__, exc_info=True
