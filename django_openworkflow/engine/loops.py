@@ -233,11 +233,24 @@ class StepLoop:
 
 def check_connections() -> None:
     """On the companion thread, after a step: keep its connections, unless one is broken
-    or inside a transaction the step left open (``worker.check_connection``)."""
+    or inside a transaction the step left open (``worker.check_connection``).
+
+    A connection kept is checked again at its next use, by Django's own health
+    check (``CONN_HEALTH_CHECKS``, turned on here for the companion's connections:
+    once per step, as Django does once per request). It may idle for hours until
+    the slot's next async step, and unlike the slot's own connection, which the
+    engine's write before each step would find broken (the run is then released),
+    nothing but the step's own first query reaches it: a connection the database
+    ended meanwhile (a restart, a failover, an idle timeout) would fail that step.
+    """
     from ..worker import check_connection
 
     for connection in connections.all(initialized_only=True):
         check_connection(connection.alias)
+        if connection.connection is not None:
+            kept: Any = connection  # (the stubs lack the health check's attributes)
+            kept.health_check_enabled = True
+            kept.health_check_done = False
 
 
 _local = threading.local()
