@@ -94,7 +94,8 @@ test-django6: .nox/.django6-installed
 test-django6-postgres: .nox/.django6-installed pg-up
 	DATABASE_URL=$(PG_URL) OPENWORKFLOW_PG_TEST_NAME=test_django6 $(NOX_DJANGO6) -R -- -q \
 		$(DJANGO6_POSTGRES_TESTS)
-DJANGO6_POSTGRES_TESTS = tests/test_tasks.py tests/test_async.py tests/test_async_steps.py
+DJANGO6_POSTGRES_TESTS = tests/test_tasks.py tests/test_review_tasks.py tests/test_async.py \
+	tests/test_async_steps.py tests/test_review_async.py
 test-mariadb: install browser mysql-driver mariadb-up
 	DATABASE_URL=$(MYSQL_URL) $(PY) -m pytest
 
