@@ -26,7 +26,8 @@ from django_openworkflow import InvalidTransition, RetryPolicy, WorkflowFailed, 
 from django_openworkflow.engine import loops
 from django_openworkflow.models import StepAttempt, WorkflowRun
 from django_openworkflow.pauses import add_hook, remove_hook
-from tests.conftest import WorkerThreads, backend_pid, claim_and_execute, make_due
+from tests.conftest import WorkerThreads, backend_pid
+from tests.test_async_steps import attempts_of, execute
 from tests.testapp.models import SideEffect
 from tests.testapp.workflows import three_steps
 
@@ -52,23 +53,6 @@ def workers():
     started = WorkerThreads(poll_interval=0.05)
     yield started
     started.stop_all()
-
-
-def execute(run, passes=20):
-    for _ in range(passes):
-        make_due(run)
-        claim_and_execute()
-        run.refresh_from_db()
-        if run.is_finished:
-            return run
-    raise AssertionError(f"run {run.pk} is still {run.status}")
-
-
-def attempts_of(run):
-    return [
-        (a.step_name, a.status, (a.error or {}).get("type"))
-        for a in StepAttempt.objects.filter(workflow_run=run).order_by("id")
-    ]
 
 
 def threads():
