@@ -20,6 +20,7 @@ from hypothesis import settings as hypothesis_settings
 
 from django_openworkflow.diagnostics import stuck_runs
 from django_openworkflow.engine import Execution
+from django_openworkflow.engine.loops import close_thread_loop
 from django_openworkflow.models import WorkflowRun
 from django_openworkflow.registry import get_workflow, workflow_names
 from django_openworkflow.store import Claim, get_store
@@ -80,6 +81,23 @@ class WorkerThreads:
             worker.stop()
             thread.join(20)
             assert not thread.is_alive()
+
+
+@pytest.fixture
+def workers():
+    """``WorkerThreads`` polling every 50 ms, stopped (and checked) after the test."""
+    started = WorkerThreads(poll_interval=0.05)
+    yield started
+    started.stop_all()
+
+
+@pytest.fixture
+def close_this_threads_loop():
+    """For tests that execute runs with async steps on their own thread: that thread's
+    StepLoop is closed afterwards, so its companion thread's connection never outlives
+    the test (``pytestmark = pytest.mark.usefixtures("close_this_threads_loop")``)."""
+    yield
+    close_thread_loop()
 
 
 def claim_and_execute(*, worker_id: str = "test-worker", lease: float = 30.0) -> WorkflowRun | None:

@@ -26,7 +26,7 @@ from django_openworkflow.registry import (
 )
 from django_openworkflow.replay import replay_run
 from django_openworkflow.testing import assert_replays, drain, run_to_completion
-from tests.conftest import WorkerThreads, claim_and_execute, make_due
+from tests.conftest import claim_and_execute, make_due
 from tests.testapp import async_steps as flows
 from tests.testapp.models import SideEffect
 from tests.testapp.workflows import echo
@@ -34,19 +34,8 @@ from tests.testapp.workflows import echo
 transactional = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture(autouse=True)
-def close_this_threads_loop():
-    """Tests that execute runs on their own thread leave that thread's StepLoop: closed
-    here, so its companion thread's connection never outlives the test."""
-    yield
-    loops.close_thread_loop()
-
-
-@pytest.fixture
-def workers():
-    started = WorkerThreads(poll_interval=0.05)
-    yield started
-    started.stop_all()
+# Tests that execute runs on their own thread leave that thread's StepLoop: closed after each.
+pytestmark = pytest.mark.usefixtures("close_this_threads_loop")
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from django_openworkflow import InvalidTransition, RetryPolicy, WorkflowFailed, 
 from django_openworkflow.engine import loops
 from django_openworkflow.models import StepAttempt, WorkflowRun
 from django_openworkflow.pauses import add_hook, remove_hook
-from tests.conftest import WorkerThreads, backend_pid
+from tests.conftest import backend_pid
 from tests.test_async_steps import attempts_of, execute
 from tests.testapp.models import SideEffect
 from tests.testapp.workflows import three_steps
@@ -42,17 +42,7 @@ ONCE = RetryPolicy(maximum_attempts=1)
 TWO_TRIES = RetryPolicy(maximum_attempts=2, initial_interval="10ms")
 
 
-@pytest.fixture(autouse=True)
-def close_this_threads_loop():
-    yield
-    loops.close_thread_loop()
-
-
-@pytest.fixture
-def workers():
-    started = WorkerThreads(poll_interval=0.05)
-    yield started
-    started.stop_all()
+pytestmark = pytest.mark.usefixtures("close_this_threads_loop")
 
 
 def threads():
