@@ -37,6 +37,9 @@ DEFAULTS: dict[str, Any] = {
     "RETENTION": None,
     # OpenTelemetry spans and trace context, when opentelemetry-api is installed (tracing.py).
     "TRACING": True,
+    # PostgreSQL: is DATABASE reached through a pooler in transaction mode (PgBouncer)?
+    # None: the worker finds out (pooler.py); True or False: as you say.
+    "POOLER": None,
 }
 
 
@@ -91,6 +94,11 @@ class Settings:
     @property
     def TRACING(self) -> bool:
         return self._get("TRACING") is True
+
+    @property
+    def POOLER(self) -> bool | None:
+        value = self._get("POOLER")
+        return None if value is None else bool(value)
 
     @property
     def RETENTION(self) -> dict[str, timedelta] | None:
