@@ -434,3 +434,24 @@ def test_a_free_run_is_resumed_with_a_lock_timeout():
     WorkflowRun.objects.resume(run, lock_timeout=0.5)
     assert WorkflowRun.objects.get(pk=run.pk).status == "pending"
     assert WorkflowRunEvent.objects.filter(run=run, action="resume").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+@sqlite_only
+def test_sqlite_deleting_runs_while_the_database_is_locked_deletes_nothing_and_says_so():
+    client = superuser_client()
+    run = WorkflowRun.objects.create(workflow_name="charge-order", status="completed")
+    delete = {"action": "delete_selected", "_selected_action": [run.pk], "post": "yes"}
+    with database_write_locked():
+        response = client.post(CHANGELIST, delete)
+
+        assert response.status_code == 302
+        assert admin_messages(response) == [
+            ("warning", "No run deleted: a run they lock is busy in a step; try again in a moment.")
+        ]
+        assert WorkflowRun.objects.filter(pk=run.pk).exists()
+
+    response = client.post(CHANGELIST, delete)
+
+    assert admin_messages(response) == [("success", "Successfully deleted 1 workflow run.")]
+    assert not WorkflowRun.objects.filter(pk=run.pk).exists()
