@@ -11,6 +11,7 @@ from typing import Any
 from .durations import RetryPolicy
 from .exceptions import (
     InvalidTransition,
+    RunBusy,
     StepFailed,
     WorkflowCanceled,
     WorkflowError,
@@ -20,6 +21,7 @@ from .exceptions import (
 __all__ = [
     "InvalidTransition",
     "RetryPolicy",
+    "RunBusy",
     "Schedule",
     "StepFailed",
     "WorkflowCanceled",

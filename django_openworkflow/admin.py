@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, cast
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.admin.actions import delete_selected as django_delete_selected
 from django.contrib.admin.views.main import ERROR_FLAG
 from django.db.models import QuerySet
@@ -38,6 +38,7 @@ from .managers import WorkflowRunQuerySet
 from .models import StepAttempt, WorkflowRun, WorkflowRunEvent, WorkflowSchedule
 from .queues import configured_queues
 from .registry import workflow_names
+from .store import LockWaitExpired, get_store
 from .subject_admin import WorkflowRunInline, WorkflowRunsMixin
 from .subjects import subject_shown
 from .views import can_correct_runs, can_view_runs, run_page_url
@@ -442,7 +443,12 @@ class WorkflowRunAdmin(RunTransitions, NulSafeChangelist):
     def delete_selected(
         self, request: HttpRequest, queryset: QuerySet[WorkflowRun]
     ) -> HttpResponse | None:
-        """Django's delete action for finished runs; active runs are skipped and counted."""
+        """Django's delete action for finished runs; active runs are skipped and counted.
+
+        The deletion (the confirmed POST) waits ``PAGE_LOCK_TIMEOUT`` at most for
+        the rows it locks (the runs' parents and children may be busy in a step):
+        then nothing is deleted and the message says so.
+        """
         active = cast(WorkflowRunQuerySet, queryset).active()
         self._report_skipped(
             request,
@@ -455,7 +461,18 @@ class WorkflowRunAdmin(RunTransitions, NulSafeChangelist):
         finished = cast(WorkflowRunQuerySet, queryset).finished()
         if not finished.exists():
             return None
-        return django_delete_selected(self, request, finished)  # type: ignore[no-any-return]
+        if not request.POST.get("post"):  # the confirmation page
+            return django_delete_selected(self, request, finished)  # type: ignore[no-any-return]
+        try:
+            with get_store(finished.db).atomic_with_lock_timeout(app_settings.PAGE_LOCK_TIMEOUT):
+                return django_delete_selected(self, request, finished)  # type: ignore[no-any-return]
+        except LockWaitExpired:
+            self.message_user(
+                request,
+                _("No run deleted: a run they lock is busy in a step; try again in a moment."),
+                messages.WARNING,
+            )
+            return None
 
 
 @admin.register(StepAttempt)

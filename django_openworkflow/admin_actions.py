@@ -4,9 +4,10 @@ The actions (``RunTransitions``): apply a transition to each run, count,
 report. Used by ``WorkflowRunAdmin`` (the runs' own changelist) and by
 ``WorkflowRunsMixin`` (the changelist of the runs' subjects), so a resume or
 a cancel from either reads the same: "2 runs resumed.", "1 run skipped: it
-is completed.", and each change is in the run's admin history. And
-``ShownOnly``: the inlines of records the engine owns (steps, events, an
-object's runs), which nobody adds, changes or deletes in the admin.
+is completed.", "1 run skipped: it is busy in a step.", and each change is in
+the run's admin history. And ``ShownOnly``: the inlines of records the engine
+owns (steps, events, an object's runs), which nobody adds, changes or deletes
+in the admin.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from django.http import HttpRequest
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 
+from .conf import app_settings
 from .display import refusal_text
 from .exceptions import InvalidTransition
 from .models import WorkflowRun
@@ -63,13 +65,16 @@ class RunTransitions(_ModelAdmin):
         """Apply ``transition`` to each run; count the changed and the skipped, by reason.
 
         Each change is written to the admin history with ``log_message``, unless
-        it is None (the transition writes it itself, as ``rerun()`` does).
+        it is None (the transition writes it itself, as ``rerun()`` does). A run
+        whose row a step holds longer than ``OPENWORKFLOW["PAGE_LOCK_TIMEOUT"]``
+        is skipped as "busy in a step" (``RunBusy``), and the others go on.
         """
         changed = 0
         skipped: Counter[str] = Counter()
+        lock_timeout = app_settings.PAGE_LOCK_TIMEOUT
         for run in queryset:
             try:
-                run = transition(run, by=request.user)
+                run = transition(run, by=request.user, lock_timeout=lock_timeout)
             except InvalidTransition as exc:  # why, from the manager's own decision
                 skipped[refusal_text(exc.reason, exc.status)] += 1
             except WorkflowRun.DoesNotExist:

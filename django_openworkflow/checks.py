@@ -36,7 +36,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                 id="django_openworkflow.E002",
             )
         )
-    positive = {"LEASE_SECONDS", "POLL_INTERVAL", "CONCURRENCY"}
+    positive = {"LEASE_SECONDS", "POLL_INTERVAL", "CONCURRENCY", "PAGE_LOCK_TIMEOUT"}
     for key in sorted(positive & set(user)):
         value = user[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:

@@ -40,6 +40,9 @@ DEFAULTS: dict[str, Any] = {
     # PostgreSQL: is DATABASE reached through a pooler in transaction mode (PgBouncer)?
     # None: the worker finds out (pooler.py); True or False: as you say.
     "POOLER": None,
+    # How long the run pages and the admin wait for a run's row lock (a step holding it)
+    # before they answer "busy in a step" (seconds).
+    "PAGE_LOCK_TIMEOUT": 2.0,
 }
 
 
@@ -99,6 +102,10 @@ class Settings:
     def POOLER(self) -> bool | None:
         value = self._get("POOLER")
         return None if value is None else bool(value)
+
+    @property
+    def PAGE_LOCK_TIMEOUT(self) -> float:
+        return float(self._get("PAGE_LOCK_TIMEOUT"))
 
     @property
     def RETENTION(self) -> dict[str, timedelta] | None:

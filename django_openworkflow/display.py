@@ -348,6 +348,8 @@ def refusal_text(reason: Refusal | None, status: str | None) -> str:
         return _("the new deadline is not in the future")
     if reason is Refusal.STALE:
         return _("it was resumed or rerun since it was shown")
+    if reason is Refusal.BUSY:
+        return _("it is busy in a step")
     if status is None:
         return _("it no longer exists")
     return _("it is %(status)s") % {"status": WorkflowRun.Status(status).label}

@@ -31,6 +31,10 @@ class Refusal(str, enum.Enum):
     STALE = "stale"
     """Resume, rerun: ``expected_generation=`` is not the run's ``resume_generation`` any more:
     it was resumed or rerun since the caller read it (a page showed it, say)."""
+    BUSY = "busy"
+    """Resume, rerun, cancel with ``lock_timeout=``: a row the transition must lock (the
+    run's, or its parent's or a child's) stayed locked longer than that, by a step of a
+    worker (``RunBusy``); nothing was read, so ``InvalidTransition.status`` is None."""
 
     def __str__(self) -> str:
         return self.value
@@ -55,6 +59,32 @@ class InvalidTransition(WorkflowError):
         self.run_id = run_id
         self.status = status
         self.reason = reason
+
+
+class RunBusy(InvalidTransition):
+    """A transition given ``lock_timeout=`` found a row it must lock held that long.
+
+    The run (or its parent or a child run the transition locks with it) is in
+    a step of a worker that holds the row: a ``step.atomic`` completing, say,
+    and on SQLite any transaction, which holds the whole database. Nothing
+    changed; trying again once the step commits will do. A subclass of
+    ``InvalidTransition`` (``reason`` is ``Refusal.BUSY``, ``status`` None), so
+    code that reports refused transitions reports it too; ``lock_timeout`` is
+    the wait given, ``action`` the transition ("resume", "rerun", "cancel").
+    Only raised when the caller passes ``lock_timeout=`` (the pages and the
+    admin do: ``OPENWORKFLOW["PAGE_LOCK_TIMEOUT"]``).
+    """
+
+    def __init__(self, run_id: Any, *, action: str, lock_timeout: float) -> None:
+        super().__init__(
+            f"cannot {action} run {run_id} now: it is busy in a step (a row the {action} "
+            f"must lock, the run's or a parent or child run's, stayed locked for "
+            f"{lock_timeout:g}s); try again in a moment",
+            run_id=run_id,
+            reason=Refusal.BUSY,
+        )
+        self.action = action
+        self.lock_timeout = lock_timeout
 
 
 class StepFailed(WorkflowError):

@@ -24,7 +24,8 @@ transitions check and write under the locks they hold) and
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -44,11 +45,12 @@ from .corrections import (
     stale_message,
 )
 from .corrections import expected_generation as expected_generation_of
-from .exceptions import InvalidTransition, Refusal
+from .exceptions import InvalidTransition, Refusal, RunBusy
 from .names import check_name
 from .pauses import pause_point
 from .queues import frees_a_place
 from .signals import run_canceled, run_rerun, run_resumed, send_after_commit
+from .store.base import LockWaitExpired
 from .subjects import content_type_of, subject_key
 from .tracing import resumed
 
@@ -88,6 +90,15 @@ def _pk(run_or_id: Any) -> uuid.UUID:
         return uuid.UUID(str(value))
     except (TypeError, ValueError, AttributeError):
         raise WorkflowRun.DoesNotExist(f"no workflow run has the id {value!r}") from None
+
+
+def _lock_timeout(value: Any) -> float | None:
+    """``lock_timeout=``: None, or seconds (a number ≥ 0); anything else is a ``ValueError``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"lock_timeout must be None or a number of seconds >= 0, not {value!r}")
+    return float(value)
 
 
 def _aware_deadline(value: Any) -> datetime | None:
@@ -355,6 +366,22 @@ class RunLocks(models.Manager.from_queryset(WorkflowRunQuerySet)):  # type: igno
 
         return StepAttempt.objects.using(self.db)
 
+    @contextmanager
+    def _locking(self, action: str, pk: Any, lock_timeout: float | None) -> Iterator[None]:
+        """A transition's transaction. With ``lock_timeout`` (seconds, for a person waiting:
+        the pages, the admin), each of its waits for a row lock lasts at most that long; one
+        that runs out rolls it back and raises ``RunBusy`` naming the run. None: wait as
+        long as the database does."""
+        if lock_timeout is None:
+            with transaction.atomic(using=self.db):
+                yield
+            return
+        try:
+            with self.store.atomic_with_lock_timeout(lock_timeout):
+                yield
+        except LockWaitExpired as exc:
+            raise RunBusy(pk, action=action, lock_timeout=lock_timeout) from exc
+
 
 class RunWrites(RunLocks):
     """What the transitions check and write, each under the row locks its transition holds."""
@@ -536,6 +563,7 @@ class WorkflowRunManager(RunWrites):
         input: Any = NOT_GIVEN,
         step_outputs: dict[str, Any] | None = None,
         expected_generation: int | None = None,
+        lock_timeout: float | None = None,
     ) -> WorkflowRun:
         """Send a failed run back to the queue; completed steps keep their results.
 
@@ -557,14 +585,20 @@ class WorkflowRunManager(RunWrites):
         ``correct_workflowrun`` (``PermissionDenied``). The event's
         ``details`` hold the old and new values, and a user's change is
         written to the admin's history too. Any refusal changes nothing.
+
+        ``lock_timeout`` (seconds; the pages and the admin pass
+        ``OPENWORKFLOW["PAGE_LOCK_TIMEOUT"]``): wait at most that long for the
+        run's row lock, then raise ``RunBusy`` (an ``InvalidTransition``). None,
+        the default: wait until the row is free.
         """
         pk = _pk(run_or_id)
         deadline_at = _aware_deadline(deadline_at)
         expected = expected_generation_of(expected_generation)
+        timeout = _lock_timeout(lock_timeout)
         correction = Correction.checked(pk, input, step_outputs)
         if correction.given:
             require_correct_permission(by, pk)
-        with transaction.atomic(using=self.db):
+        with self._locking("resume", pk, timeout):
             run = self._lock_one(pk)
             pause_point("resume.locked", run_id=run.pk)
             self._refuse("resume", run, expected, deadline_at, run.resume_refusal)
@@ -595,6 +629,7 @@ class WorkflowRunManager(RunWrites):
         by: Any = None,
         deadline_at: Any = None,
         expected_generation: int | None = None,
+        lock_timeout: float | None = None,
     ) -> WorkflowRun:
         """Take a finished run back to ``pending`` in place: same id, a new generation.
 
@@ -613,14 +648,16 @@ class WorkflowRunManager(RunWrites):
         not touch its parent.
 
         The lock order: the run, then the child runs to cancel and their
-        descendants, oldest first.
+        descendants, oldest first. ``lock_timeout``: as ``resume()``'s, for
+        each of these locks.
         """
         pk = _pk(run_or_id)
         deadline_at = _aware_deadline(deadline_at)
         expected = expected_generation_of(expected_generation)
+        timeout = _lock_timeout(lock_timeout)
         if from_step is not None:
             check_name(from_step, "from_step", of=f" of the rerun of run {pk}")
-        with transaction.atomic(using=self.db):
+        with self._locking("rerun", pk, timeout):
             run = self._lock_one(pk)
             pause_point("rerun.locked", run_id=run.pk)
             self._refuse("rerun", run, expected, deadline_at, run.rerun_refusal)
@@ -649,17 +686,21 @@ class WorkflowRunManager(RunWrites):
             log_run_change(run, by, plan.log_message(), using=self.db)
         return run
 
-    def cancel(self, run_or_id: Any, *, by: Any = None) -> WorkflowRun:
+    def cancel(
+        self, run_or_id: Any, *, by: Any = None, lock_timeout: float | None = None
+    ) -> WorkflowRun:
         """Cancel a pending or running run and its unfinished descendant runs.
 
         A worker executing one stops at its next step boundary and stores
         nothing further as success. Raises ``InvalidTransition`` for a
         finished run and ``WorkflowRun.DoesNotExist`` for an unknown id.
         One transaction, locking in the lock order: the run's parent, the
-        run, then its descendants.
+        run, then its descendants. ``lock_timeout``: as ``resume()``'s, for
+        each of these locks.
         """
         pk = _pk(run_or_id)
-        with transaction.atomic(using=self.db):
+        timeout = _lock_timeout(lock_timeout)
+        with self._locking("cancel", pk, timeout):
             self.lock_parents([pk])
             run = self.select_for_update().annotate(db_now=Now()).get(pk=pk)
             refusal = run.cancel_refusal()

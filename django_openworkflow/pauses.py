@@ -31,6 +31,8 @@ PAUSE_POINTS: dict[str, str] = {
     "claim.before-commit": "a claim marked its runs and recorded their starts; not committed",
     "claim.after-commit": "a worker committed a claim and is about to hand the run to a slot",
     "step.before-fence": "a step is about to open its fenced transaction (start or finish)",
+    "step.atomic-stored": "a step.atomic stored its result under the fence, which holds the"
+    " run's row (PostgreSQL, MariaDB) until the step's transaction commits; not committed",
     "step.after-commit": "a step.atomic committed its writes and result; its on_commit hooks ran",
     "step.before-failure": "a step raised; its failure is about to be stored",
     "wait.before-settle": "a replaying run is about to lock itself and re-check an open wait",

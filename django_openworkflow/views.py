@@ -11,6 +11,7 @@ changes go through ``WorkflowRun.objects.resume()`` / ``.cancel()`` /
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -22,6 +23,7 @@ from django.contrib import messages
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
+from django.db import DatabaseError
 from django.db.models import OuterRef, Q, QuerySet, Subquery
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
@@ -45,15 +47,18 @@ from .correction_forms import (
 )
 from .corrections import CORRECT_PERMISSION
 from .display import duration_of, error_parts, history, refusal_text, timeline
-from .exceptions import InvalidTransition, Refusal
+from .exceptions import InvalidTransition, Refusal, RunBusy
 from .managers import WorkflowRunQuerySet
 from .models import StepAttempt, WorkflowRun, WorkflowSchedule, WorkflowWorker
 from .queue_status import queue_overview, slot_wait
 from .queues import configured_queues
 from .registry import get_workflow, workflow_names
+from .store import get_store
 from .subjects import load_subject, model_of, parse_filter_value, subject_shown
 from .waiting import waiting_for
 from .workers import LIVE, LiveWorker, live_q, live_window, unserved_reason
+
+logger = logging.getLogger(__name__)
 
 VIEW_PERMISSION = "django_openworkflow.view_workflowrun"
 CHANGE_PERMISSION = "django_openworkflow.change_workflowrun"
@@ -437,6 +442,11 @@ def _back(request: HttpRequest, run_id: uuid.UUID) -> HttpResponseRedirect:
     return HttpResponseRedirect(reverse("django_openworkflow:run-detail", args=[run_id]))
 
 
+# What a person sees when a step of a worker holds the run's row (or, on SQLite, the
+# database) longer than OPENWORKFLOW["PAGE_LOCK_TIMEOUT"]: RunBusy.
+BUSY_MESSAGE = gettext_lazy("This run is busy in a step; try again in a moment.")
+
+
 def _transition(
     request: HttpRequest,
     run_id: uuid.UUID,
@@ -444,11 +454,14 @@ def _transition(
     done: str,
     log_message: str,
 ) -> HttpResponse:
-    """Apply a manager transition for the user; report it, or why it was refused."""
+    """Apply a manager transition for the user; report it, or why it was refused (a run
+    busy in a step: after ``PAGE_LOCK_TIMEOUT`` seconds)."""
     try:
-        run = transition(run_id, by=request.user)
+        run = transition(run_id, by=request.user, lock_timeout=app_settings.PAGE_LOCK_TIMEOUT)
     except WorkflowRun.DoesNotExist:
         raise Http404(_("No workflow run with this id.")) from None
+    except RunBusy:
+        messages.error(request, BUSY_MESSAGE)
     except InvalidTransition as exc:
         messages.error(request, str(exc))
     else:
@@ -458,9 +471,21 @@ def _transition(
 
 
 def _log_admin_change(request: HttpRequest, run: WorkflowRun, message: str) -> None:
-    """Write the change to the admin history too, as the admin actions do."""
+    """Write the change to the admin history too, as the admin actions do.
+
+    After the change committed: a database too busy to take the entry (SQLite's
+    "database is locked", a step holding it) loses the entry, logged, not the page.
+    """
     assert request.user.pk is not None  # the views require a logged-in user
-    log_run_change(run, request.user, message, using=run._state.db or app_settings.DATABASE)
+    using = run._state.db or app_settings.DATABASE
+    try:
+        log_run_change(run, request.user, message, using=using)
+    except DatabaseError as exc:
+        if not get_store(using).lock_wait_expired(exc):
+            raise
+        logger.error(
+            "admin log entry not written run=%s user=%s error=%s", run.pk, request.user.pk, exc
+        )
 
 
 @require_POST
@@ -485,9 +510,16 @@ def run_rerun(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
     """Rerun a finished run from the start, or from the step chosen (``from_step``)."""
     from_step = request.POST.get("from_step") or None
     try:
-        WorkflowRun.objects.rerun(run_id, from_step=from_step, by=request.user)
+        WorkflowRun.objects.rerun(
+            run_id,
+            from_step=from_step,
+            by=request.user,
+            lock_timeout=app_settings.PAGE_LOCK_TIMEOUT,
+        )
     except WorkflowRun.DoesNotExist:
         raise Http404(_("No workflow run with this id.")) from None
+    except RunBusy:
+        messages.error(request, BUSY_MESSAGE)
     except (InvalidTransition, ValueError) as exc:  # active, past its deadline, unknown step
         messages.error(request, str(exc))
     else:
@@ -553,9 +585,19 @@ def _correct_confirm(
     if correction is None:
         return _correct_page(request, run, failed, form, formset)
     try:
-        WorkflowRun.objects.resume(run.pk, by=request.user, **correction.resume_kwargs())
+        WorkflowRun.objects.resume(
+            run.pk,
+            by=request.user,
+            lock_timeout=app_settings.PAGE_LOCK_TIMEOUT,
+            **correction.resume_kwargs(),
+        )
     except WorkflowRun.DoesNotExist:
         raise Http404(_("No workflow run with this id.")) from None
+    except RunBusy:  # the form as it was filled in, to confirm again in a moment
+        form.add_error(None, BUSY_MESSAGE)
+        return _correct_page(
+            request, run, failed, form, formset, diffs=correction_diffs(run, correction, failed)
+        )
     except InvalidTransition as exc:  # not failed (any more), resumed or rerun meanwhile
         messages.error(request, str(exc))
     except (ValueError, TypeError) as exc:  # a value or a step the manager refused

@@ -172,6 +172,7 @@ class Steps:
                 self.check_result(attempt.step_name, result)
                 self.complete(attempt, result)
                 stored = True
+                pause_point("step.atomic-stored", run_id=x.run.pk, step=attempt.step_name)
         except ClaimLost:
             with self.store.atomic():
                 if not self.store.fence(x.claim):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .base import Claim, Claims, Deferred, Store
+from .base import Claim, Claims, Deferred, LockWaitExpired, Store
 
-__all__ = ["Claim", "Claims", "Deferred", "Store", "get_store"]
+__all__ = ["Claim", "Claims", "Deferred", "LockWaitExpired", "Store", "get_store"]
 
 _stores: dict[tuple[str, str], Store] = {}
 

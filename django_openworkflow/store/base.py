@@ -37,12 +37,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from django.db import connections, transaction
+from django.db import DatabaseError, OperationalError, connections, transaction
 from django.utils import timezone
 
 if TYPE_CHECKING:
@@ -53,6 +53,11 @@ if TYPE_CHECKING:
 # A finished ``step.run``'s result on its way to the next write:
 # (attempt id, the result's JSON text, when the step finished).
 Deferred = tuple[int, str, datetime]
+
+
+class LockWaitExpired(OperationalError):
+    """A wait for a lock in ``Store.atomic_with_lock_timeout()`` ran out (the database's
+    own error is the ``__cause__``); the block's transaction was rolled back."""
 
 
 @dataclass
@@ -119,6 +124,33 @@ class Store:
         (the metrics' queue gauges); a database with no way to do it sets none.
         """
         yield
+
+    @contextmanager
+    def atomic_with_lock_timeout(self, seconds: float) -> Iterator[None]:
+        """A transaction (``atomic()``) whose waits for a lock last at most ``seconds``
+        each (0: none), for what a person waits on (a page, an admin action).
+
+        A wait that runs out raises ``LockWaitExpired``, after the block's
+        transaction (or savepoint) rolled back. The limit is the block's only:
+        the connection is left as it was found. Each database's way:
+        ``lock_wait_expired()`` recognises its error.
+        """
+        try:
+            with self.limited_lock_waits(seconds):
+                yield
+        except DatabaseError as exc:
+            if self.lock_wait_expired(exc):
+                raise LockWaitExpired(str(exc)) from exc
+            raise
+
+    def limited_lock_waits(self, seconds: float) -> AbstractContextManager[Any]:
+        """``atomic_with_lock_timeout()``'s transaction, with the database's limit on lock
+        waits set for it and taken off after it. Here: no limit."""
+        return self.atomic()
+
+    def lock_wait_expired(self, exc: DatabaseError) -> bool:
+        """Whether ``exc`` says that a wait for a lock ran out (nothing else failed)."""
+        return False
 
     # --- runs ------------------------------------------------------------------
 

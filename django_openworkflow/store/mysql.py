@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,6 +32,7 @@ from .orm import OrmStore
 
 KEY_LOCK_SLOTS = 65_536  # rows of WorkflowKeyLock that keys hash to
 MYSQL_JSON_DEPTH = 30  # one level left for the engine's {"data": payload}
+LOCK_WAIT_TIMEOUT = 1205  # ER_LOCK_WAIT_TIMEOUT
 
 
 class MysqlStore(OrmStore):
@@ -57,11 +59,32 @@ class MysqlStore(OrmStore):
         if seconds is None:
             yield
             return
-        connection = self.connection
-        if connection.mysql_is_mariadb:
+        if self.connection.mysql_is_mariadb:
             variable, value = "max_statement_time", max(seconds, 0.000001)
         else:
             variable, value = "max_execution_time", max(1, round(seconds * 1000))
+        with self.session_variable(variable, value):
+            yield
+
+    @contextmanager
+    def limited_lock_waits(self, seconds: float) -> Iterator[None]:
+        """``innodb_lock_wait_timeout``, whole seconds rounded up (MySQL: at least 1; MariaDB:
+        0 waits not at all), set for the session and put back after the block."""
+        wait = math.ceil(seconds)
+        if not self.connection.mysql_is_mariadb:
+            wait = max(1, wait)
+        with self.session_variable("innodb_lock_wait_timeout", wait), self.atomic():
+            yield
+
+    def lock_wait_expired(self, exc: DatabaseError) -> bool:
+        """Error 1205, "Lock wait timeout exceeded": ``innodb_lock_wait_timeout`` ran out."""
+        return bool(exc.args) and exc.args[0] == LOCK_WAIT_TIMEOUT
+
+    @contextmanager
+    def session_variable(self, variable: str, value: Any) -> Iterator[None]:
+        """Set a session variable for the block; put it back after (or, if that fails,
+        close the connection: never leave one with our value behind)."""
+        connection = self.connection
         with connection.cursor() as cursor:
             cursor.execute(f"SELECT @@SESSION.{variable}")
             (before,) = cursor.fetchone()
@@ -72,7 +95,7 @@ class MysqlStore(OrmStore):
             try:
                 with connection.cursor() as cursor:
                     cursor.execute(f"SET SESSION {variable} = %s", [before])
-            except DatabaseError:  # never leave a connection with our limit behind
+            except DatabaseError:
                 connection.close()
 
     def lock_runs(self, ids: Iterable[Any]) -> list[Any]:

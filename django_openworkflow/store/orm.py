@@ -17,9 +17,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from functools import reduce
+from sqlite3 import SQLITE_BUSY
 from typing import Any
 
-from django.db import models
+from django.db import DatabaseError, models
 from django.db.models import Count, F, Min, Q, Subquery
 from django.db.models.functions import Coalesce
 
@@ -236,6 +237,34 @@ class OrmStore(OrmWakeUps):
         finally:
             if connection.connection is raw:
                 raw.set_progress_handler(None, 0)
+
+    @contextmanager
+    def limited_lock_waits(self, seconds: float) -> Iterator[None]:
+        """SQLite: the connection's busy timeout, how long the transaction's ``BEGIN
+        IMMEDIATE`` waits for the database's write lock (any other transaction holds it), is
+        ``seconds`` for the block, then what it was. Other databases: no limit."""
+        connection = self.connection
+        if connection.vendor != "sqlite":
+            with self.atomic():
+                yield
+            return
+        connection.ensure_connection()
+        raw = connection.connection
+        (before,) = raw.execute("PRAGMA busy_timeout").fetchone()
+        raw.execute(f"PRAGMA busy_timeout = {max(0, round(seconds * 1000))}")
+        try:
+            with self.atomic():
+                yield
+        finally:
+            if connection.connection is raw:  # (the same connection, not a new one)
+                raw.execute(f"PRAGMA busy_timeout = {int(before)}")
+
+    def lock_wait_expired(self, exc: DatabaseError) -> bool:
+        """SQLite: "database is locked" (``SQLITE_BUSY``): the write lock was not granted."""
+        code = getattr(exc.__cause__, "sqlite_errorcode", None)
+        if code is not None:
+            return bool(code & 0xFF == SQLITE_BUSY)
+        return self.connection.vendor == "sqlite" and str(exc) == "database is locked"
 
     def claim(
         self,

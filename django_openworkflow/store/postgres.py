@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from django.db import transaction
+from django.db import DatabaseError, transaction
 
 from ..ids import uuid7
 from ..logfields import failure, failure_text
@@ -92,6 +92,29 @@ class PostgresStore(OrmStore):
                     [f"{max(1, round(seconds * 1000))}ms"],  # 0 would mean no limit
                 )
             yield
+
+    @contextlib.contextmanager
+    def limited_lock_waits(self, seconds: float) -> Iterator[None]:
+        """``lock_timeout`` for the block's transaction; in a savepoint of the caller's
+        transaction, put back as it was when the block ends (a rollback undoes it anyway).
+        Never set for the session: behind a pooler it would stay on a server connection."""
+        nested = self.connection.in_atomic_block
+        with transaction.atomic(using=self.using):
+            with self.connection.cursor() as cursor:
+                cursor.execute("SELECT current_setting('lock_timeout')")
+                (before,) = cursor.fetchone()
+                cursor.execute(
+                    "SELECT set_config('lock_timeout', %s, true)",
+                    [f"{max(1, round(seconds * 1000))}ms"],  # 0 would mean no limit
+                )
+            yield
+            if nested:
+                with self.connection.cursor() as cursor:
+                    cursor.execute("SELECT set_config('lock_timeout', %s, true)", [before])
+
+    def lock_wait_expired(self, exc: DatabaseError) -> bool:
+        """``lock_not_available`` (55P03): ``lock_timeout`` ran out."""
+        return getattr(exc.__cause__, "sqlstate", None) == "55P03"
 
     START_RUN = f"""
     WITH run AS (

@@ -587,4 +587,19 @@ def counts_executions(ctx):
     return {name: ctx.step.run(name, counted(name)) for name in ("a", "b", "c")}
 
 
+@workflow(name="atomic-then")
+def atomic_then(ctx):
+    """A ``step.atomic`` "write" (a Ledger row), then by ``ctx.input["then"]``: "fail" fails
+    the run (no retry), "sleep" parks it for an hour (tests/test_busy_pages.py)."""
+
+    def write():
+        return Ledger.objects.create(run_id=ctx.run_id, note="write").pk
+
+    ctx.step.atomic("write", write, retry_policy=ONCE)
+    if ctx.input["then"] == "fail":
+        raise RuntimeError("after the atomic step")
+    ctx.step.sleep("nap", "1h")
+    return "woke"
+
+
 from . import async_steps, replaying  # noqa: E402, F401  (their @workflow definitions)
