@@ -27,8 +27,9 @@ DEFAULTS: dict[str, Any] = {
     "NOTIFY": True,
     # Largest input, step result, output or signal data, as bytes of JSON (0: no limit).
     "MAX_PAYLOAD_BYTES": 1_048_576,
-    # PostgreSQL: prepare the worker's step statements (off behind an old PgBouncer).
-    "PREPARED_STATEMENTS": True,
+    # PostgreSQL: prepare the worker's step statements. None: yes, unless behind a pooler
+    # (POOLER); True: also behind one (PgBouncer 1.21+ with max_prepared_statements).
+    "PREPARED_STATEMENTS": None,
     # The database alias where the engine's tables live (route the app there too).
     "DATABASE": "default",
     # Queues and their limits (concurrency, key_concurrency, rate_limit); see docs/queues.md.
@@ -40,6 +41,9 @@ DEFAULTS: dict[str, Any] = {
     # PostgreSQL: is DATABASE reached through a pooler in transaction mode (PgBouncer)?
     # None: the worker finds out (pooler.py); True or False: as you say.
     "POOLER": None,
+    # PostgreSQL: a DATABASES alias reaching DATABASE's database directly (not through a
+    # pooler), where the worker LISTENs. None: DATABASE itself, unless behind a pooler.
+    "LISTEN_DATABASE": None,
 }
 
 
@@ -80,8 +84,10 @@ class Settings:
         return bool(self._get("NOTIFY"))
 
     @property
-    def PREPARED_STATEMENTS(self) -> bool:
-        return bool(self._get("PREPARED_STATEMENTS"))
+    def PREPARED_STATEMENTS(self) -> bool | None:
+        """None: decided by ``pooler.prepared_statements()``."""
+        value = self._get("PREPARED_STATEMENTS")
+        return None if value is None else bool(value)
 
     @property
     def DATABASE(self) -> str:
@@ -99,6 +105,11 @@ class Settings:
     def POOLER(self) -> bool | None:
         value = self._get("POOLER")
         return None if value is None else bool(value)
+
+    @property
+    def LISTEN_DATABASE(self) -> str | None:
+        value = self._get("LISTEN_DATABASE")
+        return None if value is None else str(value)
 
     @property
     def RETENTION(self) -> dict[str, timedelta] | None:
