@@ -57,7 +57,7 @@ def behind_pooler(using: str) -> bool:
         with _lock:
             if key not in _detected:
                 _detected[key] = found
-                logger.info("database=%s behind_pooler=%s (detected)", using, found)
+                logger.info("pooler detected database=%s behind_pooler=%s", using, found)
     return found
 
 
