@@ -92,8 +92,10 @@ def start(args: argparse.Namespace) -> int:
     result = subprocess.run(command, capture_output=True, text=True)
     for _ in range(100):
         if answers(args):
-            print(f"PgBouncer up on {where}, transaction mode, * -> "
-                  f"{args.server_host}:{args.server_port} ({args.dir})")
+            print(
+                f"PgBouncer up on {where}, transaction mode, * -> "
+                f"{args.server_host}:{args.server_port} ({args.dir})"
+            )
             return 0
         time.sleep(0.1)
     print(f"PgBouncer did not come up on {where}: {result.stderr.strip()}", file=sys.stderr)
@@ -119,10 +121,8 @@ def stop(args: argparse.Namespace) -> int:
 
 
 def pgbouncer_binary() -> str | None:
-    return shutil.which("pgbouncer") or next(
-        (path for path in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.access(path, os.X_OK)),
-        None,
-    )
+    candidates = (shutil.which("pgbouncer"), "/usr/sbin/pgbouncer", "/usr/bin/pgbouncer")
+    return next((path for path in candidates if path and os.access(path, os.X_OK)), None)
 
 
 def install() -> str | None:

@@ -17,8 +17,8 @@ import os
 
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
 
-from .settings import *  # noqa: E402, F403
-from .settings import DATABASES, OPENWORKFLOW, _second_database, env  # noqa: E402
+from .settings import *  # noqa: F403
+from .settings import DATABASES, OPENWORKFLOW, _second_database, env
 
 _direct = DATABASES["default"]
 if not _direct["ENGINE"].endswith("postgresql"):
@@ -28,6 +28,9 @@ _pooled = env.db_url_config(
     os.environ.get("OPENWORKFLOW_PGBOUNCER_URL", "postgres://postgres@127.0.0.1:6432/test")
 )
 _pooled["ENGINE"] = "tests.pgbouncer_postgresql"
+# Django's advice for transaction pooling: .iterator()'s cursors WITH HOLD outlive a
+# transaction (check_inflight_runs reads with .iterator()).
+_pooled["DISABLE_SERVER_SIDE_CURSORS"] = True
 # The test database's name (OPENWORKFLOW_PG_TEST_NAME), and in a worker subprocess the
 # database itself (OPENWORKFLOW_TEST_DB): as tests.settings made them.
 _pooled["NAME"] = _direct["NAME"]

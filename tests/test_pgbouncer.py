@@ -179,6 +179,24 @@ def test_without_a_listen_database_the_worker_polls_and_says_so_once(settings, c
     ]
 
 
+@pytest.mark.django_db(transaction=True, databases=["default", "direct", "workflows"])
+def test_a_listen_database_that_reaches_another_database_is_refused(settings, caplog, monkeypatch):
+    settings.OPENWORKFLOW = {**settings.OPENWORKFLOW, "LISTEN_DATABASE": "workflows"}
+    monkeypatch.setitem(postgres._POLLING_SAID, "said", False)
+    stopping = threading.Event()
+    stopping.set()  # were it to listen, it would stop at once and return True
+    with caplog.at_level(logging.WARNING, logger="django_openworkflow"):
+        assert get_store().listen("default", threading.Event(), stopping, "w-1") is False
+    name = connections["default"].settings_dict["NAME"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "LISTEN_DATABASE reaches another database than DATABASE, the worker polls every"
+        " POLL_INTERVAL worker=w-1 database=default listen_database=workflows"
+        f" reaches={name}_workflows expected={name}"
+    ]
+    settings.OPENWORKFLOW = {**settings.OPENWORKFLOW, "LISTEN_DATABASE": "direct"}
+    assert get_store().listen("default", threading.Event(), stopping, "w-1") is True
+
+
 def test_without_a_listen_database_a_worker_thread_still_runs_what_is_started(settings, workers):
     settings.OPENWORKFLOW = {**settings.OPENWORKFLOW, "LISTEN_DATABASE": None}
     workers.start(concurrency=2)

@@ -525,9 +525,7 @@ class PostgresStore(OrmStore):
             lease_seconds,
         ]
         one_round_trip = (
-            sql_prepare(self.using)
-            and _ONE_ROUND_TRIP["usable"]
-            and not has_hooks(*CLAIM_PAUSES)
+            sql_prepare(self.using) and _ONE_ROUND_TRIP["usable"] and not has_hooks(*CLAIM_PAUSES)
         )
         if one_round_trip and not self.connection.in_atomic_block:
             lock = self.lock_due_queues_statement(namespace, names, queue_names)
@@ -685,9 +683,10 @@ class PostgresStore(OrmStore):
 
     def listen_alias(self, worker_id: str) -> str | None:
         """The alias whose database the worker LISTENs on: ``OPENWORKFLOW["LISTEN_DATABASE"]``
-        when set, else the engine's own unless it is behind a pooler in transaction mode
-        (a LISTEN there holds for one transaction's server session only). None then, said
-        once per process in a warning: the worker polls."""
+        when set and it reaches the engine's database (the same name on a server started
+        at the same moment), else the engine's own unless it is behind a pooler in
+        transaction mode (a LISTEN there holds for one transaction's server session
+        only). None otherwise, said once per process: the worker polls."""
         from django.db import connections
 
         from ..conf import app_settings
@@ -705,6 +704,22 @@ class PostgresStore(OrmStore):
                         self.using,
                     )
                 return None
+            if alias is not None and alias != self.using:
+                here, there = (_whereabouts(a) for a in (self.using, alias))
+                if here != there:
+                    if not _POLLING_SAID["said"]:
+                        _POLLING_SAID["said"] = True
+                        logger.error(
+                            "LISTEN_DATABASE reaches another database than DATABASE, the"
+                            " worker polls every POLL_INTERVAL worker=%s database=%s"
+                            " listen_database=%s reaches=%s expected=%s",
+                            worker_id,
+                            self.using,
+                            alias,
+                            there[0],
+                            here[0],
+                        )
+                    return None
         finally:
             connections.close_all()  # this thread's, opened to find out
         return self.using if alias is None else alias
@@ -842,6 +857,16 @@ def _server_statement(sql: str) -> tuple[str, str, int]:
     text = parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], 1))
     name = "owf_" + hashlib.sha1(sql.encode()).hexdigest()[:16]
     return name, text, len(parts) - 1
+
+
+def _whereabouts(alias: str) -> tuple[str, datetime]:
+    """The database an alias reaches: its name, and when its server started."""
+    from django.db import connections
+
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT current_database(), pg_postmaster_start_time()")
+        name, started = cursor.fetchone()
+    return name, started
 
 
 def _only_concurrency(queue: Queue) -> bool:

@@ -16,15 +16,14 @@ from django.db.backends.postgresql import base, creation
 class DatabaseCreation(creation.DatabaseCreation):
     def _execute_create_test_db(self, cursor, parameters, keepdb=False):
         if not keepdb:
-            cursor.execute("DROP DATABASE IF EXISTS %(dbname)s WITH (FORCE)" % parameters)
+            cursor.execute(f"DROP DATABASE IF EXISTS {parameters['dbname']} WITH (FORCE)")
         super()._execute_create_test_db(cursor, parameters, keepdb)
 
     def _destroy_test_db(self, test_database_name, verbosity):
         self.connection.close_pool()
         with self._nodb_cursor() as cursor:
-            cursor.execute(
-                "DROP DATABASE %s WITH (FORCE)" % self.connection.ops.quote_name(test_database_name)
-            )
+            name = self.connection.ops.quote_name(test_database_name)
+            cursor.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 class DatabaseWrapper(base.DatabaseWrapper):
