@@ -29,6 +29,12 @@ from django_openworkflow.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 ON_POSTGRES = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
+# Tests of what a session keeps between transactions (SQL PREPARE, a session's SET): not
+# through a pooler in transaction mode (tests.settings_pgbouncer), where sessions are shared.
+NOT_BEHIND_A_POOLER = pytest.mark.skipif(
+    getattr(settings, "OPENWORKFLOW_TEST_POOLER", False),
+    reason="a session's state between transactions: not behind a pooler in transaction mode",
+)
 # Row locks, SKIP LOCKED and real concurrency between connections: PostgreSQL or MariaDB/MySQL.
 ROW_LOCKS = ON_POSTGRES or settings.DATABASES["default"]["ENGINE"].endswith("mysql")
 
@@ -261,7 +267,8 @@ class WorkerProcess:
 
     def __init__(self, *args: str, log: Path, env_extra: dict[str, str] | None = None) -> None:
         env = dict(os.environ, **(env_extra or {}))
-        env["DJANGO_SETTINGS_MODULE"] = settings.SETTINGS_MODULE  # tests.settings_pgbouncer too
+        # tests.settings, or tests.settings_pgbouncer (pytest-django sets it from --ds)
+        env["DJANGO_SETTINGS_MODULE"] = os.environ.get("DJANGO_SETTINGS_MODULE", "tests.settings")
         env["OPENWORKFLOW_TEST_DB"] = str(connection.settings_dict["NAME"])
         env["PYTHONPATH"] = str(ROOT)
         self.log_path = log

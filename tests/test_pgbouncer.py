@@ -183,10 +183,8 @@ def test_without_a_listen_database_the_worker_polls_and_says_so_once(settings, c
 def test_a_listen_database_that_reaches_another_database_is_refused(settings, caplog, monkeypatch):
     settings.OPENWORKFLOW = {**settings.OPENWORKFLOW, "LISTEN_DATABASE": "workflows"}
     monkeypatch.setitem(postgres._POLLING_SAID, "said", False)
-    stopping = threading.Event()
-    stopping.set()  # were it to listen, it would stop at once and return True
     with caplog.at_level(logging.WARNING, logger="django_openworkflow"):
-        assert get_store().listen("default", threading.Event(), stopping, "w-1") is False
+        assert get_store().listen("default", threading.Event(), threading.Event(), "w-1") is False
     name = connections["default"].settings_dict["NAME"]
     assert [r.getMessage() for r in caplog.records] == [
         "LISTEN_DATABASE reaches another database than DATABASE, the worker polls every"
@@ -194,7 +192,7 @@ def test_a_listen_database_that_reaches_another_database_is_refused(settings, ca
         f" reaches={name}_workflows expected={name}"
     ]
     settings.OPENWORKFLOW = {**settings.OPENWORKFLOW, "LISTEN_DATABASE": "direct"}
-    assert get_store().listen("default", threading.Event(), stopping, "w-1") is True
+    assert get_store().listen_alias("w-1") == "direct"  # the same database
 
 
 def test_without_a_listen_database_a_worker_thread_still_runs_what_is_started(settings, workers):

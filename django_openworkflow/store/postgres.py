@@ -655,12 +655,13 @@ class PostgresStore(OrmStore):
         (behind a pooler without ``LISTEN_DATABASE``): the worker polls."""
         from django.db import connections
 
-        alias = self.listen_alias(worker_id)
-        if alias is None:
-            return False
+        alias: str | None = ""  # not known yet
         delay = 0.5
         while not stopping.is_set():
             try:
+                alias = alias or self.listen_alias(worker_id)
+                if alias is None:
+                    return False
                 params = connections[alias].get_connection_params()
                 for option in ("cursor_factory", "context", "server_side_binding"):
                     params.pop(option, None)
