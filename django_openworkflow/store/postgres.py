@@ -666,6 +666,8 @@ class PostgresStore(OrmStore):
                 for option in ("cursor_factory", "context", "server_side_binding"):
                     params.pop(option, None)
                 with psycopg.connect(**params, autocommit=True) as conn:
+                    if alias != self.using and not self.same_database(conn, alias, worker_id):
+                        return False
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     delay = 0.5
                     logger.debug("listening channel=%s database=%s", NOTIFY_CHANNEL, alias)
@@ -684,46 +686,55 @@ class PostgresStore(OrmStore):
 
     def listen_alias(self, worker_id: str) -> str | None:
         """The alias whose database the worker LISTENs on: ``OPENWORKFLOW["LISTEN_DATABASE"]``
-        when set and it reaches the engine's database (the same name on a server started
-        at the same moment), else the engine's own unless it is behind a pooler in
-        transaction mode (a LISTEN there holds for one transaction's server session
-        only). None otherwise, said once per process: the worker polls."""
+        when set, else the engine's own unless it is behind a pooler in transaction mode (a
+        LISTEN there holds for one transaction's server session only). None then, said once
+        per process in a warning: the worker polls."""
         from django.db import connections
 
         from ..conf import app_settings
 
         alias = app_settings.LISTEN_DATABASE
+        if alias is not None:
+            return alias
         try:
-            if alias is None and behind_pooler(self.using):
-                if not _POLLING_SAID["said"]:
-                    _POLLING_SAID["said"] = True
-                    logger.warning(
-                        "no LISTEN behind a pooler in transaction mode, the worker polls every"
-                        ' POLL_INTERVAL: set OPENWORKFLOW["LISTEN_DATABASE"] to an alias that'
-                        " reaches the same database directly worker=%s database=%s",
-                        worker_id,
-                        self.using,
-                    )
-                return None
-            if alias is not None and alias != self.using:
-                here, there = (_whereabouts(a) for a in (self.using, alias))
-                if here != there:
-                    if not _POLLING_SAID["said"]:
-                        _POLLING_SAID["said"] = True
-                        logger.error(
-                            "LISTEN_DATABASE reaches another database than DATABASE, the"
-                            " worker polls every POLL_INTERVAL worker=%s database=%s"
-                            " listen_database=%s reaches=%s expected=%s",
-                            worker_id,
-                            self.using,
-                            alias,
-                            there[0],
-                            here[0],
-                        )
-                    return None
+            if not behind_pooler(self.using):
+                return self.using
         finally:
             connections.close_all()  # this thread's, opened to find out
-        return self.using if alias is None else alias
+        if not _POLLING_SAID["said"]:
+            _POLLING_SAID["said"] = True
+            logger.warning(
+                "no LISTEN behind a pooler in transaction mode, the worker polls every"
+                ' POLL_INTERVAL: set OPENWORKFLOW["LISTEN_DATABASE"] to an alias that'
+                " reaches the same database directly worker=%s database=%s",
+                worker_id,
+                self.using,
+            )
+        return None
+
+    def same_database(self, conn: psycopg.Connection[Any], alias: str, worker_id: str) -> bool:
+        """Whether ``conn`` (to ``LISTEN_DATABASE``) reaches the engine's database: the same
+        name, on a server started at the same moment. When not, said once: the worker polls."""
+        where = "SELECT current_database(), pg_postmaster_start_time()"
+        there = conn.execute(where).fetchone()
+        with self.connection.cursor() as cursor:
+            cursor.execute(where)
+            here = cursor.fetchone()
+        if here == there:
+            return True
+        if not _POLLING_SAID["said"]:
+            _POLLING_SAID["said"] = True
+            logger.error(
+                "LISTEN_DATABASE reaches another database than DATABASE, the worker polls"
+                " every POLL_INTERVAL worker=%s database=%s listen_database=%s reaches=%s"
+                " expected=%s",
+                worker_id,
+                self.using,
+                alias,
+                there[0] if there else None,
+                here[0] if here else None,
+            )
+        return False
 
     # --- running the statements ---------------------------------------------------
 
@@ -858,16 +869,6 @@ def _server_statement(sql: str) -> tuple[str, str, int]:
     text = parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], 1))
     name = "owf_" + hashlib.sha1(sql.encode()).hexdigest()[:16]
     return name, text, len(parts) - 1
-
-
-def _whereabouts(alias: str) -> tuple[str, datetime]:
-    """The database an alias reaches: its name, and when its server started."""
-    from django.db import connections
-
-    with connections[alias].cursor() as cursor:
-        cursor.execute("SELECT current_database(), pg_postmaster_start_time()")
-        name, started = cursor.fetchone()
-    return name, started
 
 
 def _only_concurrency(queue: Queue) -> bool:
