@@ -410,3 +410,52 @@ def check_pages_included(app_configs: Any = None, **kwargs: Any) -> list[Any]:
             id="django_openworkflow.W002",
         )
     ]
+
+
+@register()
+def check_pooler_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    """E019: ``POOLER`` and ``PREPARED_STATEMENTS`` are True, False or None. E020:
+    ``LISTEN_DATABASE`` is None or the alias of a PostgreSQL database of ``DATABASES``."""
+    user = getattr(settings, "OPENWORKFLOW", None)
+    if not isinstance(user, dict):
+        return []
+    errors: list[Any] = []
+    hints = {
+        "POOLER": "None (the default) lets the worker detect PgBouncer; True or False says "
+        "whether OPENWORKFLOW['DATABASE'] is reached through a pooler in transaction mode.",
+        "PREPARED_STATEMENTS": "None (the default) prepares the worker's statements unless "
+        "the database is behind a pooler; True prepares them there too (PgBouncer 1.21+ with "
+        "max_prepared_statements); False never.",
+    }
+    for key, hint in hints.items():
+        if not (user.get(key) is None or isinstance(user[key], bool)):
+            errors.append(
+                Error(
+                    f"OPENWORKFLOW[{key!r}] must be True, False or None, not {user[key]!r}.",
+                    hint=hint,
+                    id="django_openworkflow.E019",
+                )
+            )
+    alias = user.get("LISTEN_DATABASE")
+    if alias is None:
+        return errors
+    if not isinstance(alias, str) or alias not in settings.DATABASES:
+        problem = "must name a database of DATABASES"
+    elif connections[alias].vendor != "postgresql":
+        engine = settings.DATABASES[alias].get("ENGINE")
+        problem = f"must name a PostgreSQL database, not a {engine} one"
+    else:
+        return errors
+    errors.append(
+        Error(
+            f"OPENWORKFLOW['LISTEN_DATABASE'] is {alias!r}: it {problem}.",
+            hint=(
+                "The alias of a database of DATABASES that reaches OPENWORKFLOW['DATABASE']'s "
+                "PostgreSQL database directly, not through a pooler: the worker LISTENs there. "
+                "None (the default) listens on OPENWORKFLOW['DATABASE'] unless it is behind a "
+                "pooler in transaction mode; then the worker polls."
+            ),
+            id="django_openworkflow.E020",
+        )
+    )
+    return errors

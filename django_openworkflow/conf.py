@@ -27,8 +27,9 @@ DEFAULTS: dict[str, Any] = {
     "NOTIFY": True,
     # Largest input, step result, output or signal data, as bytes of JSON (0: no limit).
     "MAX_PAYLOAD_BYTES": 1_048_576,
-    # PostgreSQL: prepare the worker's step statements (off behind an old PgBouncer).
-    "PREPARED_STATEMENTS": True,
+    # PostgreSQL: prepare the worker's step statements. None: yes, unless behind a pooler
+    # (POOLER); True: also behind one (PgBouncer 1.21+ with max_prepared_statements).
+    "PREPARED_STATEMENTS": None,
     # The database alias where the engine's tables live (route the app there too).
     "DATABASE": "default",
     # Queues and their limits (concurrency, key_concurrency, rate_limit); see docs/queues.md.
@@ -43,6 +44,9 @@ DEFAULTS: dict[str, Any] = {
     # How long the run pages and the admin wait for a run's row lock (a step holding it)
     # before they answer "busy in a step" (seconds).
     "PAGE_LOCK_TIMEOUT": 2.0,
+    # PostgreSQL: a DATABASES alias reaching DATABASE's database directly (not through a
+    # pooler), where the worker LISTENs. None: DATABASE itself, unless behind a pooler.
+    "LISTEN_DATABASE": None,
 }
 
 
@@ -83,8 +87,10 @@ class Settings:
         return bool(self._get("NOTIFY"))
 
     @property
-    def PREPARED_STATEMENTS(self) -> bool:
-        return bool(self._get("PREPARED_STATEMENTS"))
+    def PREPARED_STATEMENTS(self) -> bool | None:
+        """None: decided by ``pooler.prepared_statements()``."""
+        value = self._get("PREPARED_STATEMENTS")
+        return None if value is None else bool(value)
 
     @property
     def DATABASE(self) -> str:
@@ -106,6 +112,11 @@ class Settings:
     @property
     def PAGE_LOCK_TIMEOUT(self) -> float:
         return float(self._get("PAGE_LOCK_TIMEOUT"))
+
+    @property
+    def LISTEN_DATABASE(self) -> str | None:
+        value = self._get("LISTEN_DATABASE")
+        return None if value is None else str(value)
 
     @property
     def RETENTION(self) -> dict[str, timedelta] | None:

@@ -22,12 +22,19 @@ from django_openworkflow.diagnostics import stuck_runs
 from django_openworkflow.engine import Execution
 from django_openworkflow.engine.loops import close_thread_loop
 from django_openworkflow.models import WorkflowRun
+from django_openworkflow.pooler import behind_pooler
 from django_openworkflow.registry import get_workflow, workflow_names
 from django_openworkflow.store import Claim, get_store
 from django_openworkflow.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 ON_POSTGRES = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
+# Tests of what a session keeps between transactions (SQL PREPARE, a session's SET): not
+# through a pooler in transaction mode (tests.settings_pgbouncer), where sessions are shared.
+NOT_BEHIND_A_POOLER = pytest.mark.skipif(
+    getattr(settings, "OPENWORKFLOW_TEST_POOLER", False),
+    reason="a session's state between transactions: not behind a pooler in transaction mode",
+)
 # Row locks, SKIP LOCKED and real concurrency between connections: PostgreSQL or MariaDB/MySQL.
 ROW_LOCKS = ON_POSTGRES or settings.DATABASES["default"]["ENGINE"].endswith("mysql")
 
@@ -133,9 +140,18 @@ def lock_holders(pid: int) -> list[int] | None:
     """The backends whose locks backend ``pid`` waits for; None when it waits for no lock.
 
     Asked on this thread's connection (autocommit: a fresh snapshot each time):
-    ``pg_stat_activity`` on PostgreSQL, InnoDB's engine status on MariaDB/MySQL.
+    ``pg_stat_activity`` on PostgreSQL, InnoDB's engine status on MariaDB/MySQL; behind a
+    pooler, [] when any backend of the database waits for a lock.
     """
     with connection.cursor() as cursor:
+        if connection.vendor == "postgresql" and behind_pooler(connection.alias):
+            # A client of a pooler in transaction mode has no server process of its own (its
+            # pid is made up): any backend of this database waiting for a lock, holder unknown.
+            cursor.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            )
+            return [] if cursor.fetchone() else None
         if connection.vendor == "postgresql":
             cursor.execute(
                 "SELECT wait_event_type, pg_blocking_pids(pid) FROM pg_stat_activity"
@@ -161,7 +177,7 @@ def wait_until_blocked(pid: int, *, by: int, timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
     while True:
         holders = lock_holders(pid)
-        if holders is not None and (by in holders or holders == []):  # []: MariaDB
+        if holders is not None and (by in holders or holders == []):  # []: MariaDB, a pooler
             return
         assert time.monotonic() < end, f"backend {pid} is not waiting for {by}: {holders}"
         time.sleep(0.01)
@@ -251,7 +267,8 @@ class WorkerProcess:
 
     def __init__(self, *args: str, log: Path, env_extra: dict[str, str] | None = None) -> None:
         env = dict(os.environ, **(env_extra or {}))
-        env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+        # tests.settings, or tests.settings_pgbouncer (pytest-django sets it from --ds)
+        env["DJANGO_SETTINGS_MODULE"] = os.environ.get("DJANGO_SETTINGS_MODULE", "tests.settings")
         env["OPENWORKFLOW_TEST_DB"] = str(connection.settings_dict["NAME"])
         env["PYTHONPATH"] = str(ROOT)
         self.log_path = log

@@ -380,3 +380,67 @@ def test_the_isolation_level_of_the_engine_database_is_checked():
             "django-openworkflow needs READ COMMITTED.",
         )
     ]
+
+
+# --- behind a pooler: POOLER, PREPARED_STATEMENTS, LISTEN_DATABASE ------------------
+
+
+@pytest.mark.parametrize("key", ["POOLER", "PREPARED_STATEMENTS"])
+@pytest.mark.parametrize("value", [None, True, False])
+def test_pooler_and_prepared_statements_may_be_true_false_or_none(key, value):
+    from django_openworkflow.checks import check_pooler_settings
+
+    with override_settings(OPENWORKFLOW={key: value}):
+        assert check_pooler_settings() == []
+
+
+@pytest.mark.parametrize("key", ["POOLER", "PREPARED_STATEMENTS"])
+@pytest.mark.parametrize("value", ["auto", 1, 0])
+def test_pooler_and_prepared_statements_of_another_kind_are_reported(key, value):
+    from django_openworkflow.checks import check_pooler_settings
+
+    with override_settings(OPENWORKFLOW={key: value}):
+        [error] = check_pooler_settings()
+    assert (error.id, error.msg) == (
+        "django_openworkflow.E019",
+        f"OPENWORKFLOW[{key!r}] must be True, False or None, not {value!r}.",
+    )
+    assert error.hint
+
+
+@pytest.mark.parametrize("value", ["nowhere", 5])
+def test_a_listen_database_that_is_not_an_alias_is_reported(value):
+    from django_openworkflow.checks import check_pooler_settings
+
+    with override_settings(OPENWORKFLOW={"LISTEN_DATABASE": value}):
+        [error] = check_pooler_settings()
+    assert (error.id, error.msg) == (
+        "django_openworkflow.E020",
+        f"OPENWORKFLOW['LISTEN_DATABASE'] is {value!r}: it must name a database of DATABASES.",
+    )
+    assert "reaches OPENWORKFLOW['DATABASE']'s PostgreSQL database directly" in error.hint
+
+
+def test_a_listen_database_must_be_postgresql():
+    from django_openworkflow.checks import check_pooler_settings
+
+    with override_settings(OPENWORKFLOW={"LISTEN_DATABASE": "default"}):
+        found = ids(check_pooler_settings())
+    engine = connections["default"].settings_dict["ENGINE"]
+    if connections["default"].vendor == "postgresql":
+        assert found == []
+    else:
+        assert found == [
+            (
+                "django_openworkflow.E020",
+                "OPENWORKFLOW['LISTEN_DATABASE'] is 'default': it must name a PostgreSQL "
+                f"database, not a {engine} one.",
+            )
+        ]
+
+
+@ALL_DATABASES
+def test_the_pooler_checks_run_with_the_others():
+    with override_settings(OPENWORKFLOW={"POOLER": "yes", "LISTEN_DATABASE": "nowhere"}):
+        found = [m.id for m in checks.run_checks() if m.id.startswith("django_openworkflow.")]
+    assert found == ["django_openworkflow.E019", "django_openworkflow.E020"]

@@ -39,7 +39,7 @@ from django_openworkflow.queues import configured_queues, parse_rate
 from django_openworkflow.store import Claim, Claims, Store, get_store
 from django_openworkflow.testing import drain, pause_at
 from django_openworkflow.worker import Worker
-from tests.conftest import Backend, blocked_on_a_lock, claim_and_execute
+from tests.conftest import NOT_BEHIND_A_POOLER, Backend, blocked_on_a_lock, claim_and_execute
 from tests.testapp.workflows import counts_its_queue, echo, queued, queued_parent
 
 QUEUES = {
@@ -667,6 +667,7 @@ def other_claimer():
 
 
 @pytest.mark.postgres
+@NOT_BEHIND_A_POOLER
 @pytest.mark.django_db(transaction=True)
 def test_the_one_round_trip_claim_counts_what_another_committed_while_it_waited(
     settings, monkeypatch
@@ -708,6 +709,7 @@ def test_the_one_round_trip_claim_counts_what_another_committed_while_it_waited(
 
 
 @pytest.mark.postgres
+@NOT_BEHIND_A_POOLER
 @pytest.mark.django_db(transaction=True)
 def test_a_failed_one_round_trip_claim_leaves_its_connection_clean(settings):
     """An error inside the one-round-trip claim (here the queue lock's timeout) rolls it
@@ -746,6 +748,7 @@ def test_a_failed_one_round_trip_claim_leaves_its_connection_clean(settings):
 
 
 @pytest.mark.postgres
+@NOT_BEHIND_A_POOLER
 @pytest.mark.django_db(transaction=True)
 def test_the_one_round_trip_claim_prepares_its_statements_again_after_a_discard(settings):
     """A pooler or a ``DISCARD ALL`` drops a session's prepared statements; the claim then
@@ -763,6 +766,7 @@ def test_the_one_round_trip_claim_prepares_its_statements_again_after_a_discard(
 
 
 @pytest.mark.postgres
+@NOT_BEHIND_A_POOLER
 @pytest.mark.django_db(transaction=True)
 def test_behind_a_pooler_that_loses_prepared_statements_claims_go_one_by_one(
     settings, monkeypatch, caplog

@@ -27,6 +27,7 @@ from ..ids import uuid7
 from ..logfields import failure, failure_text
 from ..models import QueueStart, StepAttempt, WorkflowRun
 from ..pauses import has_hooks, pause_point
+from ..pooler import behind_pooler, prepared_statements, sql_prepare
 from ..queues import Queue, frees_a_place
 from .base import Claim, Claims, Deferred
 from .limits import Candidate, ClaimPlan, Page, SlotCounts, lock_queues
@@ -527,7 +528,8 @@ class PostgresStore(OrmStore):
 
         The two go in one round trip (``_in_one_transaction``) unless a test waits at one of
         the claim's pause points, the caller has a transaction open, or
-        ``PREPARED_STATEMENTS`` is off: then one at a time.
+        SQL ``PREPARE`` is not to be used (``pooler.sql_prepare``: ``PREPARED_STATEMENTS``
+        off, or behind a pooler): then one at a time.
         """
         token = uuid.uuid4()
         sql, open_params = self.with_open_queues(self.CLAIM_CONCURRENCY, namespace, plan, limit)
@@ -545,12 +547,8 @@ class PostgresStore(OrmStore):
             token,
             lease_seconds,
         ]
-        from ..conf import app_settings
-
         one_round_trip = (
-            app_settings.PREPARED_STATEMENTS
-            and _ONE_ROUND_TRIP["usable"]
-            and not has_hooks(*CLAIM_PAUSES)
+            sql_prepare(self.using) and _ONE_ROUND_TRIP["usable"] and not has_hooks(*CLAIM_PAUSES)
         )
         if one_round_trip and not self.connection.in_atomic_block:
             lock = self.lock_due_queues_statement(namespace, names, queue_names)
@@ -675,19 +673,27 @@ class PostgresStore(OrmStore):
         stopping: threading.Event,
         worker_id: str,
     ) -> bool:
-        """LISTEN on a connection of its own; reconnect with backoff (polling covers gaps)."""
+        """LISTEN on a connection of its own, to ``listen_alias()``'s database; reconnect
+        with backoff (polling covers gaps). False at once when there is nowhere to LISTEN
+        (behind a pooler without ``LISTEN_DATABASE``): the worker polls."""
         from django.db import connections
 
+        alias: str | None = ""  # not known yet
         delay = 0.5
         while not stopping.is_set():
             try:
-                params = self.connection.get_connection_params()
+                alias = alias or self.listen_alias(worker_id)
+                if alias is None:
+                    return False
+                params = connections[alias].get_connection_params()
                 for option in ("cursor_factory", "context", "server_side_binding"):
                     params.pop(option, None)
                 with psycopg.connect(**params, autocommit=True) as conn:
+                    if alias != self.using and not self.same_database(conn, alias, worker_id):
+                        return False
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     delay = 0.5
-                    logger.debug("listening channel=%s", NOTIFY_CHANNEL)
+                    logger.debug("listening channel=%s database=%s", NOTIFY_CHANNEL, alias)
                     while not stopping.is_set():
                         for notice in conn.notifies(timeout=1.0):
                             if notice.payload in ("", namespace):
@@ -701,6 +707,58 @@ class PostgresStore(OrmStore):
                 connections.close_all()
         return True
 
+    def listen_alias(self, worker_id: str) -> str | None:
+        """The alias whose database the worker LISTENs on: ``OPENWORKFLOW["LISTEN_DATABASE"]``
+        when set, else the engine's own unless it is behind a pooler in transaction mode (a
+        LISTEN there holds for one transaction's server session only). None then, said once
+        per process in a warning: the worker polls."""
+        from django.db import connections
+
+        from ..conf import app_settings
+
+        alias = app_settings.LISTEN_DATABASE
+        if alias is not None:
+            return alias
+        try:
+            if not behind_pooler(self.using):
+                return self.using
+        finally:
+            connections.close_all()  # this thread's, opened to find out
+        if not _POLLING_SAID["said"]:
+            _POLLING_SAID["said"] = True
+            logger.warning(
+                "no LISTEN behind a pooler in transaction mode, the worker polls every"
+                ' POLL_INTERVAL: set OPENWORKFLOW["LISTEN_DATABASE"] to an alias that'
+                " reaches the same database directly worker=%s database=%s",
+                worker_id,
+                self.using,
+            )
+        return None
+
+    def same_database(self, conn: psycopg.Connection[Any], alias: str, worker_id: str) -> bool:
+        """Whether ``conn`` (to ``LISTEN_DATABASE``) reaches the engine's database: the same
+        name, on a server started at the same moment. When not, said once: the worker polls."""
+        where = "SELECT current_database(), pg_postmaster_start_time()"
+        there = conn.execute(where).fetchone()
+        with self.connection.cursor() as cursor:
+            cursor.execute(where)
+            here = cursor.fetchone()
+        if here == there:
+            return True
+        if not _POLLING_SAID["said"]:
+            _POLLING_SAID["said"] = True
+            logger.error(
+                "LISTEN_DATABASE reaches another database than DATABASE, the worker polls"
+                " every POLL_INTERVAL worker=%s database=%s listen_database=%s reaches=%s"
+                " expected=%s",
+                worker_id,
+                self.using,
+                alias,
+                there[0] if there else None,
+                here[0] if here else None,
+            )
+        return False
+
     # --- running the statements ---------------------------------------------------
 
     def _fetch(self, sql: str, params: list[Any]) -> tuple[list[tuple[Any, ...]], list[str]]:
@@ -708,17 +766,16 @@ class PostgresStore(OrmStore):
 
         Django's own cursors bind parameters on the client and never prepare;
         the worker runs these few statements thousands of times, so PostgreSQL
-        parses and plans each once per connection instead
-        (``OPENWORKFLOW["PREPARED_STATEMENTS"]`` turns that off, e.g. behind
-        PgBouncer in transaction mode). Errors still arrive as
-        ``django.db`` exceptions.
+        parses and plans each once per connection instead; not behind a pooler
+        in transaction mode, unless ``OPENWORKFLOW["PREPARED_STATEMENTS"]`` says
+        so (``pooler.prepared_statements``): there the statement goes unnamed,
+        parsed and run in one message. Errors still arrive as ``django.db``
+        exceptions.
         """
-        from ..conf import app_settings
-
         connection = self.connection
         connection.ensure_connection()
         raw = connection.connection
-        prepare = app_settings.PREPARED_STATEMENTS
+        prepare = prepared_statements(self.using)
         if prepare and raw.prepare_threshold is None:
             # Django turns preparing off with None; a threshold never reached keeps
             # every other query unprepared while these are prepared on request.
@@ -773,7 +830,7 @@ class PostgresStore(OrmStore):
                             "statements prepared with SQL PREPARE were gone at the next query"
                             " twice (a pooler in transaction mode?): claims of limited queues"
                             " go statement by statement from now on; behind such a pooler set"
-                            ' OPENWORKFLOW["PREPARED_STATEMENTS"] = False'
+                            ' OPENWORKFLOW["POOLER"] = True'
                         )
                         raise
         raise AssertionError("unreachable")
@@ -814,6 +871,9 @@ class PostgresStore(OrmStore):
 def _statement(template: str, open_queues: str, limit: int) -> str:
     return template.format(open_queues=open_queues, limit=int(limit), pool=2 * int(limit))
 
+
+# True once the worker said that it polls, behind a pooler without LISTEN_DATABASE.
+_POLLING_SAID = {"said": False}
 
 # False once SQL PREPARE's statements were found gone twice in a row (a pooler).
 _ONE_ROUND_TRIP = {"usable": True}
