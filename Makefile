@@ -9,6 +9,7 @@ PYTHON_DJANGO6 ?= $(or $(lastword $(sort $(wildcard $(PYENV_ROOT)/versions/3.13*
 NOX_DJANGO6 = PYTHON_DJANGO6="$(PYTHON_DJANGO6)" $(VENV)/bin/nox --error-on-missing-interpreters -s "tests(django6)"
 PG_URL ?= postgres://postgres@127.0.0.1:5432/test
 MYSQL_URL ?= mysql://root@127.0.0.1:3306/test
+PGBOUNCER_URL ?= postgres://postgres@127.0.0.1:6432/test
 DEMO_ADDR ?= 127.0.0.1:8000
 BENCH_URL ?= postgres://postgres@127.0.0.1:5432/openworkflow_bench
 BENCH_ARGS ?=
@@ -19,6 +20,7 @@ PG_CTL ?= pg_ctlcluster --skip-systemctl-redirect $(shell ls /etc/postgresql 2>/
 
 
 .PHONY: test-setup test-lane-postgres test-lane-others
+.PHONY: pgbouncer-up test-pgbouncer
 .PHONY: install demo test test-sqlite test-postgres test-mariadb test-django6 test-django6-postgres lint format pg-up mariadb-up mysql-driver browser bench bench-db bench-queues bench-compare bench-ab chaos chaos-short chaos-db clean
 
 install: $(VENV)/.installed
@@ -96,6 +98,20 @@ test-django6-postgres: .nox/.django6-installed pg-up
 		$(DJANGO6_POSTGRES_TESTS)
 DJANGO6_POSTGRES_TESTS = tests/test_tasks.py tests/test_review_tasks.py tests/test_async.py \
 	tests/test_async_steps.py tests/test_review_async.py
+# PgBouncer in transaction mode on 127.0.0.1:6432 in front of the local PostgreSQL (Debian's
+# package, installed when missing); idempotent. scripts/pgbouncer.py stop ends it.
+pgbouncer-up: install pg-up
+	$(PY) scripts/pgbouncer.py up
+
+# The engine through PgBouncer: the default database behind the pooler, LISTEN on a direct
+# alias (tests/settings_pgbouncer.py): start(), workers, resume, signals, children, fencing.
+test-pgbouncer: install pg-up pgbouncer-up
+	DATABASE_URL=$(PG_URL) OPENWORKFLOW_PGBOUNCER_URL=$(PGBOUNCER_URL) \
+		OPENWORKFLOW_PG_TEST_NAME=test_pgbouncer $(PY) -m pytest --ds tests.settings_pgbouncer \
+		$(PGBOUNCER_TESTS)
+PGBOUNCER_TESTS = tests/test_pgbouncer.py tests/test_children.py tests/test_signaling.py \
+	tests/test_resume.py tests/test_fencing.py tests/test_worker.py
+
 test-mariadb: install browser mysql-driver mariadb-up
 	DATABASE_URL=$(MYSQL_URL) $(PY) -m pytest
 
@@ -106,10 +122,11 @@ test-mariadb: install browser mysql-driver mariadb-up
 test: test-setup
 	@$(MAKE) --no-print-directory -j2 --output-sync=line test-lane-postgres test-lane-others
 
-test-setup: install browser pg-up mariadb-up mysql-driver chaos-db .nox/.django6-installed
+test-setup: install browser pg-up pgbouncer-up mariadb-up mysql-driver chaos-db .nox/.django6-installed
 
 test-lane-postgres:
 	@$(MAKE) --no-print-directory test-postgres
+	@$(MAKE) --no-print-directory test-pgbouncer
 	@$(MAKE) --no-print-directory chaos-short
 	@$(MAKE) --no-print-directory test-django6
 	@$(MAKE) --no-print-directory test-django6-postgres
