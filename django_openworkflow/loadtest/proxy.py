@@ -42,7 +42,7 @@ CHUNK = 65536
 class _Side:
     """One socket of a connection and the bytes waiting to be written to it."""
 
-    __slots__ = ("sock", "pending", "eof", "name")
+    __slots__ = ("eof", "name", "pending", "sock")
 
     def __init__(self, sock: socket.socket | None, name: str) -> None:
         self.sock = sock
@@ -127,6 +127,19 @@ class PartitionProxy:
         with self._lock:
             connections = list(self._connections)
         return sum(len(c.client.pending) + len(c.server.pending) for c in connections)
+
+    def upstream_ports(self, *, client_gone: bool = False) -> list[int]:
+        """The local ports of the open upstream connections (the server's ``client_port``);
+        with ``client_gone``, of those whose client closed its side (held by a partition)."""
+        with self._lock:
+            connections = list(self._connections)
+        ports = []
+        for conn in connections:
+            sock = conn.server.sock
+            if sock is not None and not conn.closed and (conn.client.eof or not client_gone):
+                with contextlib.suppress(OSError):
+                    ports.append(sock.getsockname()[1])
+        return ports
 
     def stop(self) -> None:
         """Close every connection and the listening socket; end the thread."""

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import logging
+import time
 import uuid
 import weakref
 from collections import Counter
@@ -24,6 +25,7 @@ import psycopg
 from django.db import transaction
 
 from ..ids import uuid7
+from ..liveness import LISTEN_PING_SECONDS, watch_here
 from ..logfields import failure, failure_text
 from ..models import QueueStart, StepAttempt, WorkflowRun
 from ..pauses import has_hooks, pause_point
@@ -662,13 +664,18 @@ class PostgresStore(OrmStore):
                 for option in ("cursor_factory", "context", "server_side_binding"):
                     params.pop(option, None)
                 with psycopg.connect(**params, autocommit=True) as conn:
+                    watch_here(conn)  # the statement watchdog's (liveness.py)
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     delay = 0.5
                     logger.debug("listening channel=%s", NOTIFY_CHANNEL)
+                    pinged = time.monotonic()
                     while not stopping.is_set():
                         for notice in conn.notifies(timeout=1.0):
                             if notice.payload in ("", namespace):
                                 wakeup.set()
+                        if time.monotonic() - pinged >= LISTEN_PING_SECONDS:
+                            conn.execute("SELECT 1")  # a dead connection never answers
+                            pinged = time.monotonic()
             except Exception as exc:
                 logger.warning("listen failed worker=%s error=%s", worker_id, failure(exc))
                 logger.debug("listen failed worker=%s detail=%s", worker_id, failure_text(exc))
