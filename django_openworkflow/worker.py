@@ -193,9 +193,7 @@ class Worker:
         helpers = [threading.Thread(target=self._heartbeat_loop, name="openworkflow-heartbeat")]
         # A burst worker exits when idle: nothing to wait for.
         if app_settings.NOTIFY and not self.burst and self.store.notifies:
-            helpers.append(
-                threading.Thread(target=self._listen, name="openworkflow-listen")
-            )
+            helpers.append(threading.Thread(target=self._listen, name="openworkflow-listen"))
         purger = purge_thread(
             self.worker_id, self._stopping, using=self.using, namespace=self.namespace
         )

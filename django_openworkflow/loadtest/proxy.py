@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 # Bytes kept per direction of one connection during a partition before the proxy stops
 # reading that side (its sender's buffers then fill up, as with a real partition).
 KEEP_LIMIT = 4 * 1024 * 1024
+# A chaos worker's settings (``worker_settings.py``): its engine database through this proxy.
+PROXY_ENV = "OPENWORKFLOW_CHAOS_PROXY"
 CHUNK = 65536
 
 
