@@ -22,8 +22,14 @@ from django_openworkflow.loadtest.proxy import PartitionProxy, upstream_of
 from django_openworkflow.models import StepAttempt, WorkflowRun
 from django_openworkflow.testing import pause_at
 from django_openworkflow.worker import Worker
+from tests.conftest import make_due
 from tests.testapp.models import Ledger
-from tests.testapp.workflows import connection_settings, partition_ledger, slow_query
+from tests.testapp.workflows import (
+    connection_settings,
+    partition_ledger,
+    sleeper,
+    slow_query,
+)
 
 pytestmark = [
     pytest.mark.postgres,
@@ -311,3 +317,30 @@ def test_the_watchdog_ends_only_a_connection_whose_statement_has_no_answer(proxy
         assert watchdog.ended == 1
     finally:
         watchdog.stop()
+
+
+def test_an_engine_statement_that_fails_inside_the_workflow_releases_the_run(proxy):
+    """A lost connection under a ``ctx.step`` call is no failure of the workflow function:
+    the run is released and replayed, not failed (its retry policy allows one attempt).
+
+    Worker A replays a sleeping run woken early: its wait's settlement, a transaction
+    inside ``ctx.step.sleep``, loses its session before parking the run again."""
+    run = start_direct(sleeper, {"sleep": "4s"})
+    with through_proxy(), InProcessWorker():
+        wait_until(
+            lambda: StepAttempt.objects.filter(workflow_run=run, step_name="nap").exists(),
+            "the run to sleep",
+        )
+        with pause_at("wait.before-park", when=lambda c: c["run_id"] == run.pk) as park:
+            make_due(run)  # woken early: the replay finds the sleep not over, will park
+            park.wait()
+            with connection.cursor() as cursor:  # end worker A's sessions under it
+                cursor.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE client_port = ANY(%s)",
+                    [proxy.upstream_ports()],
+                )
+                assert cursor.fetchone()[0] >= 1
+        wait_until(lambda: completed(run), "the run to be replayed and completed")
+    run.refresh_from_db()
+    assert (run.status, run.output, run.attempts) == ("completed", 2, 0)
