@@ -362,6 +362,7 @@ class Command(BaseCommand):
                     ]
                 )
             self.probes += 1
+            self.progress.total = self.options["runs"] + self.probes
             while worker in self.recovering:
                 time.sleep(0.2)
                 self.partition_step(0)
