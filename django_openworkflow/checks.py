@@ -118,7 +118,27 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                 id="django_openworkflow.E017",
             )
         )
+    for key in LIVENESS_KEYS:
+        value = user.get(key)
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 < value < float("inf")
+        ):
+            errors.append(
+                Error(
+                    f"OPENWORKFLOW[{key!r}] must be a positive number of seconds or None, "
+                    f"not {value!r}.",
+                    hint=f"The default is {DEFAULTS[key]!r}; None turns it off. See "
+                    "'Connection liveness' in the operations docs.",
+                    id="django_openworkflow.E021",
+                )
+            )
     return errors
+
+
+# The worker's connection liveness settings (liveness.py): each seconds, or None.
+LIVENESS_KEYS = ("CONNECT_TIMEOUT", "TCP_KEEPALIVE", "TCP_USER_TIMEOUT", "STATEMENT_TIMEOUT")
 
 
 # Shown by W001 and by the worker's log when SQLite answers "database is locked".

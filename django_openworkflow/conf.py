@@ -47,6 +47,16 @@ DEFAULTS: dict[str, Any] = {
     # PostgreSQL: a DATABASES alias reaching DATABASE's database directly (not through a
     # pooler), where the worker LISTENs. None: DATABASE itself, unless behind a pooler.
     "LISTEN_DATABASE": None,
+    # PostgreSQL: how the worker notices a dead connection (liveness.py; docs/operations.md).
+    # Seconds; None leaves each to libpq, the kernel and the server.
+    # libpq's connect_timeout of the worker's connections (whole seconds, at least 2).
+    "CONNECT_TIMEOUT": 10,
+    # TCP keepalives: first probe after this idle time, 3 probes a third of it apart.
+    "TCP_KEEPALIVE": 10,
+    # tcp_user_timeout: how long sent data may stay unacknowledged before the kernel gives up.
+    "TCP_USER_TIMEOUT": 30,
+    # The worker's own statements: one without an answer this long ends its connection.
+    "STATEMENT_TIMEOUT": 30,
 }
 
 
@@ -119,6 +129,22 @@ class Settings:
         return None if value is None else str(value)
 
     @property
+    def CONNECT_TIMEOUT(self) -> float | None:
+        return _seconds(self._get("CONNECT_TIMEOUT"))
+
+    @property
+    def TCP_KEEPALIVE(self) -> float | None:
+        return _seconds(self._get("TCP_KEEPALIVE"))
+
+    @property
+    def TCP_USER_TIMEOUT(self) -> float | None:
+        return _seconds(self._get("TCP_USER_TIMEOUT"))
+
+    @property
+    def STATEMENT_TIMEOUT(self) -> float | None:
+        return _seconds(self._get("STATEMENT_TIMEOUT"))
+
+    @property
     def RETENTION(self) -> dict[str, timedelta] | None:
         """Status -> how long runs of that status are kept; None (or empty): keep them all.
 
@@ -128,6 +154,10 @@ class Settings:
 
 
 app_settings = Settings()
+
+
+def _seconds(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _retention(value: Any) -> dict[str, timedelta] | None:

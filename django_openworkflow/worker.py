@@ -30,6 +30,7 @@ from .checks import SQLITE_LOCKED_HINT
 from .conf import app_settings
 from .engine import Execution
 from .engine.loops import close_thread_loop
+from .liveness import Liveness
 from .logfields import failure, failure_text
 from .models import WorkflowRun, WorkflowSchedule
 from .names import check_name
@@ -96,6 +97,8 @@ class Worker:
             queues=self.queues,
             using=self.using,
         )
+        # PostgreSQL: how its connections notice a dead peer (liveness.py).
+        self.liveness = Liveness(self.using, self.worker_id)
 
     @property
     def busy_slots(self) -> int:
@@ -163,6 +166,14 @@ class Worker:
             self.lease_seconds,
             len(names),
         )
+        self.liveness.start()
+        try:
+            with self.liveness.thread():
+                self._run(names)
+        finally:
+            self.liveness.stop()
+
+    def _run(self, names: list[str]) -> None:
         self.presence.register(names)
         instruments.prepare()  # their imports now, not in the first passes
         self._declare_schedules()
@@ -182,13 +193,7 @@ class Worker:
         helpers = [threading.Thread(target=self._heartbeat_loop, name="openworkflow-heartbeat")]
         # A burst worker exits when idle: nothing to wait for.
         if app_settings.NOTIFY and not self.burst and self.store.notifies:
-            helpers.append(
-                threading.Thread(
-                    target=self.store.listen,
-                    args=(self.namespace, self._wakeup, self._stopping, self.worker_id),
-                    name="openworkflow-listen",
-                )
-            )
+            helpers.append(threading.Thread(target=self._listen, name="openworkflow-listen"))
         purger = purge_thread(
             self.worker_id, self._stopping, using=self.using, namespace=self.namespace
         )
@@ -350,27 +355,31 @@ class Worker:
         ``CRASH_RELEASE_DELAY``, and the slot takes the next run.
         """
         try:
-            while True:
-                claim = self._queue.get()
-                if claim is None:
-                    return
-                try:
-                    self._execute(claim)
-                except BaseException as exc:
-                    # With the traceback: this is a bug (of the engine, or a
-                    # KeyboardInterrupt from a step), and no stored error records it.
-                    logger.exception(
-                        "run crashed the engine, releasing it run=%s workflow=%s error=%s",
-                        claim.run_id,
-                        claim.run.workflow_name,
-                        type(exc).__name__,
-                    )
-                    release(self.store, claim, delay=CRASH_RELEASE_DELAY)
-                finally:
-                    self._done(claim)
+            with self.liveness.thread():
+                self._slots()
         finally:
             close_thread_loop()  # the event loop of its async steps, if one ran
             connections.close_all()
+
+    def _slots(self) -> None:
+        while True:
+            claim = self._queue.get()
+            if claim is None:
+                return
+            try:
+                self._execute(claim)
+            except BaseException as exc:
+                # With the traceback: this is a bug (of the engine, or a
+                # KeyboardInterrupt from a step), and no stored error records it.
+                logger.exception(
+                    "run crashed the engine, releasing it run=%s workflow=%s error=%s",
+                    claim.run_id,
+                    claim.run.workflow_name,
+                    type(exc).__name__,
+                )
+                release(self.store, claim, delay=CRASH_RELEASE_DELAY)
+            finally:
+                self._done(claim)
 
     def _execute(self, claim: Claim) -> None:
         run = claim.run
@@ -418,15 +427,20 @@ class Worker:
         died would let every lease run out while the worker goes on claiming.)
         """
         try:
-            while not self._finished.wait(self.heartbeat_seconds):
-                with self._lock:
-                    tokens = list({token for token, _ in self._in_flight})
-                    busy = len(self._in_flight)
-                if tokens:
-                    self._renew_leases(tokens)
-                self.presence.beat(busy)  # idle or not; logs its own failures
+            with self.liveness.thread():
+                while not self._finished.wait(self.heartbeat_seconds):
+                    with self._lock:
+                        tokens = list({token for token, _ in self._in_flight})
+                        busy = len(self._in_flight)
+                    if tokens:
+                        self._renew_leases(tokens)
+                    self.presence.beat(busy)  # idle or not; logs its own failures
         finally:
             connections[self.using].close()
+
+    def _listen(self) -> None:
+        with self.liveness.thread():
+            self.store.listen(self.namespace, self._wakeup, self._stopping, self.worker_id)
 
     def _renew_leases(self, tokens: list[uuid.UUID]) -> None:
         try:

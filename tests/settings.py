@@ -121,6 +121,10 @@ def _second_database(db: dict) -> dict:
 # OPENWORKFLOW["DATABASE"] = "workflows" (tests/test_database_alias.py). pytest-django creates
 # only the databases the collected tests ask for: the others never touch this one.
 DATABASES["workflows"] = _second_database(_db)
+# tests/test_partitions.py (PostgreSQL): the test database through a partition proxy, whose
+# port the test sets; a mirror, so no database is created for it.
+if _db["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["partitioned"] = {**copy.deepcopy(_db), "TEST": {"MIRROR": "default"}}
 if os.environ.get("OPENWORKFLOW_TEST_DB"):
     # A worker subprocess: talk to the database the test runner created.
     _db["NAME"] = os.environ["OPENWORKFLOW_TEST_DB"]

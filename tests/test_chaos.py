@@ -58,6 +58,7 @@ def test_killing_workers_loses_and_doubles_nothing(worker_env, monkeypatch):
         "--pause-ms=5",
         "--seed=7",
         "--timeout=60",
+        "--partitions=1",
         stdout=out,
         stderr=err,
     )
@@ -65,16 +66,19 @@ def test_killing_workers_loses_and_doubles_nothing(worker_env, monkeypatch):
     # on a terminal: the runs finished and the kills so far, on one line rewritten in place
     progress = err.getvalue().split("\n")[0].split("\r")
     assert progress[1].startswith("chaos: ")
-    kills = summary_numbers(line)["worker kills"]
+    numbers = summary_numbers(line)
+    # a run queued for the partitioned worker alone, if the others had finished every run
+    runs = 60 + int(re.search(r"runs queued for them alone (\d+)\)", line)[1])
     assert re.fullmatch(
-        rf"chaos: 60/60 runs finished \(100%\), worker kills {kills}, database restarts 0; "
-        r"[0-9.]+/s, took 0:\d\d *",
+        rf"chaos: {runs}/{runs} runs finished \(100%\), worker kills {numbers['worker kills']}, "
+        r"database restarts 0, partitions 1; [0-9.]+/s, took \d:\d\d *",
         progress[-1],
     )
     assert line.startswith(
-        "chaos: runs completed 60/60, lost 0, duplicated ledger rows 0, stuck 0, "
+        f"chaos: runs completed {runs}/{runs}, lost 0, duplicated ledger rows 0, stuck 0, "
+        "partitions 1, "
     )
-    numbers = summary_numbers(line)
+    assert "partitioned workers running again 1/1 " in line
     assert numbers["missing ledger rows"] == 0
     assert numbers["wrong outputs"] == 0
     assert numbers["worker kills"] >= 1

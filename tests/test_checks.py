@@ -2,6 +2,7 @@ from contextlib import contextmanager
 from io import StringIO
 
 import pytest
+from django.conf import settings
 from django.core import checks
 from django.core.management import call_command
 from django.db import connections
@@ -290,9 +291,10 @@ def test_a_database_that_is_not_an_alias_is_reported(value):
         "django_openworkflow.E012",
         f"OPENWORKFLOW['DATABASE'] must name a database of DATABASES, not {value!r}.",
     )
+    aliases = ", ".join(map(repr, sorted(settings.DATABASES)))  # 'default', 'workflows', ...
     assert error.hint == (
-        "The alias where the engine's tables live; the aliases of DATABASES: 'default', "
-        "'workflows'. The default is 'default'."
+        f"The alias where the engine's tables live; the aliases of DATABASES: {aliases}. "
+        "The default is 'default'."
     )
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from django.db import DatabaseError
 
 from ..durations import Duration, RetryPolicy
 from ..subjects import load_subject
+from .control import EngineDatabaseError
 
 if TYPE_CHECKING:
     from django.db import models
@@ -16,6 +20,22 @@ if TYPE_CHECKING:
     from .execution import Execution
 
 _UNREAD = object()  # ctx.subject not read yet in this pass
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def engine_statements(method: F) -> F:
+    """A ``DatabaseError`` out of a ``ctx.step`` operation is the engine's own (a step
+    function's errors are its step's failures): unwind as ``EngineDatabaseError``."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except DatabaseError as exc:
+            raise EngineDatabaseError(exc) from exc
+
+    return wrapper  # type: ignore[return-value]
 
 
 class WorkflowContext:
@@ -63,18 +83,21 @@ class StepApi:
     def __init__(self, execution: Execution | ReplayPass) -> None:
         self._execution = execution
 
+    @engine_statements
     def run(
         self, name: str, fn: Callable[[], Any], *, retry_policy: RetryPolicy | None = None
     ) -> Any:
         """Run ``fn`` once and store its JSON result; on replay return the stored result."""
         return self._execution.steps.run(name, fn, retry_policy, atomic=False)
 
+    @engine_statements
     def atomic(
         self, name: str, fn: Callable[[], Any], *, retry_policy: RetryPolicy | None = None
     ) -> Any:
         """Like ``run``, but ``fn``'s database writes commit together with the step's result."""
         return self._execution.steps.run(name, fn, retry_policy, atomic=True)
 
+    @engine_statements
     def parallel(
         self,
         steps: Iterable[tuple[str, Callable[[], Any]]],
@@ -88,10 +111,12 @@ class StepApi:
         """
         return self._execution.steps.parallel(steps, retry_policy)
 
+    @engine_statements
     def sleep(self, name: str, duration: Duration) -> None:
         """Park the run for ``duration`` without holding a worker slot."""
         return self._execution.waits.sleep(name, duration)
 
+    @engine_statements
     def run_workflow(
         self,
         workflow: Workflow | str,
@@ -117,10 +142,12 @@ class StepApi:
             placement=(queue, priority, concurrency_key),
         )
 
+    @engine_statements
     def send_signal(self, signal: str, data: Any = None, *, name: str | None = None) -> list[str]:
         """Deliver ``data`` to the runs waiting on ``signal`` now (exactly once, as a step)."""
         return self._execution.waits.send_signal(signal, data, name=name)
 
+    @engine_statements
     def wait_for_signal(
         self, signal: str, *, name: str | None = None, timeout: Duration | None = None
     ) -> dict[str, Any] | None:

@@ -14,6 +14,16 @@ class ClaimLost(Suspend):
     """A fenced write found the claim gone: lease taken over, canceled, or past the deadline."""
 
 
+class EngineDatabaseError(Suspend):
+    """A statement of the engine's own failed inside a ``ctx.step`` call (a lost connection,
+    say): it unwinds the workflow function, which must not take it for its own failure; the
+    pass then re-raises ``error`` for the worker, which releases the run."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class NonDeterminism(Suspend):
     """The workflow called its steps in another order than when they first ran.
 

@@ -46,7 +46,7 @@ from ..serialization import describe_exception, ensure_json
 from ..signals import run_completed, run_failed, send_after_commit, step_failed
 from ..store import Claim, Deferred, Store, get_store
 from .context import WorkflowContext
-from .control import ClaimLost, NonDeterminism, Suspend
+from .control import ClaimLost, EngineDatabaseError, NonDeterminism, Suspend
 from .history import History
 from .loops import Step, run_on_thread_loop
 from .steps import Steps
@@ -174,6 +174,8 @@ class Execution:
         except ClaimLost:
             ending = "lost"
             self.claim_lost()
+        except EngineDatabaseError as exc:
+            raise exc.error from None  # the worker releases the run
         except NonDeterminism as exc:
             self.finish(WorkflowRun.Status.FAILED, error=non_deterministic(str(exc)))
             logger.warning(

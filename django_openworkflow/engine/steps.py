@@ -14,6 +14,8 @@ from django.db import connections
 from ..durations import DEFAULT_STEP_RETRY_POLICY, RetryPolicy
 from ..errors import Refused, deadline_error, refused_again, step_error
 from ..exceptions import StepFailed
+from ..liveness import current as current_liveness
+from ..liveness import enter_user_code, leave_user_code
 from ..models import StepAttempt, WorkflowRun
 from ..pauses import pause_point
 from ..registry import is_async_function
@@ -207,12 +209,14 @@ class Steps:
     def call(self, attempt: StepAttempt, fn: Callable[[], Any]) -> Any:
         """``fn()``; a coroutine it returns (an ``async def`` function's) is run to completion."""
         self.x.in_step.name = attempt.step_name
+        watched = enter_user_code()  # the statement watchdog leaves the step's own alone
         try:
             result = fn()
             if type(result) is CoroutineType:  # the one check the sync path pays
                 return self.await_step(attempt, result)
             return result
         finally:
+            leave_user_code(watched)
             self.x.in_step.name = None
 
     def await_step(self, attempt: StepAttempt, coro: Step) -> Any:
@@ -236,9 +240,11 @@ class Steps:
         this catches a plain callable that returns a coroutine.)
         """
         self.x.in_step.name = attempt.step_name
+        watched = enter_user_code()
         try:
             result = fn()
         finally:
+            leave_user_code(watched)
             self.x.in_step.name = None
         if type(result) is CoroutineType:
             result.close()  # never awaited: no warning about it
@@ -268,10 +274,14 @@ class Steps:
         if self.x.max_parallel <= 1 or len(calls) <= 1:
             return [self.invoke(attempt, fn, atomic=False) for attempt, fn in calls]
         using = self.store.using
+        liveness = current_liveness()
 
         def call(attempt: StepAttempt, fn: Callable[[], Any]) -> Outcome:
             try:
-                return self.invoke(attempt, fn, atomic=False)
+                if liveness is None:
+                    return self.invoke(attempt, fn, atomic=False)
+                with liveness.thread():  # this thread's engine statements are watched too
+                    return self.invoke(attempt, fn, atomic=False)
             finally:
                 close_thread_loop()  # the event loop of an async step, made for this call
                 connections[using].close()  # this thread's own connection

@@ -1,4 +1,5 @@
-"""Settings of a ``bench_workflows`` worker: the project's, with ``OPENWORKFLOW`` keys replaced.
+"""Settings of a ``bench_workflows`` or ``chaos_workflows`` worker: the project's, with
+``OPENWORKFLOW`` keys replaced.
 
 ``bench_workflows`` starts the worker of a limit variant with
 ``DJANGO_SETTINGS_MODULE`` naming this module (``limits.worker_env``):
@@ -7,6 +8,10 @@ whose settings are taken as they are, and ``OPENWORKFLOW_BENCH_OVERRIDES``
 is a JSON object of ``OPENWORKFLOW`` keys that replace the project's (the
 variant's ``QUEUES``). The command itself uses ``override_settings`` with
 the same keys, so both sides see one configuration.
+
+``chaos_workflows`` also sets ``OPENWORKFLOW_CHAOS_PROXY`` (``host:port``): the
+worker's engine database is reached through that partition proxy
+(``loadtest/proxy.py``) instead of its own ``HOST`` and ``PORT``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 from django.core.exceptions import ImproperlyConfigured
 
 from .limits import OVERRIDES_ENV, PROJECT_SETTINGS_ENV
+from .proxy import PROXY_ENV
 
 if PROJECT_SETTINGS_ENV not in os.environ:
     raise ImproperlyConfigured(
@@ -30,3 +36,10 @@ OPENWORKFLOW = {
     **(getattr(_project, "OPENWORKFLOW", None) or {}),
     **json.loads(os.environ.get(OVERRIDES_ENV, "{}")),
 }
+if PROXY_ENV in os.environ:
+    import copy
+
+    _alias = OPENWORKFLOW.get("DATABASE", "default")
+    _host, _, _port = os.environ[PROXY_ENV].rpartition(":")
+    DATABASES = copy.deepcopy(_project.DATABASES)
+    DATABASES[_alias].update(HOST=_host, PORT=_port)

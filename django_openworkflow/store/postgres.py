@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import logging
+import time
 import uuid
 import weakref
 from collections import Counter
@@ -24,6 +25,7 @@ import psycopg
 from django.db import DatabaseError, transaction
 
 from ..ids import uuid7
+from ..liveness import LISTEN_PING_SECONDS, watch_here
 from ..logfields import failure, failure_text
 from ..models import QueueStart, StepAttempt, WorkflowRun
 from ..pauses import has_hooks, pause_point
@@ -691,13 +693,18 @@ class PostgresStore(OrmStore):
                 with psycopg.connect(**params, autocommit=True) as conn:
                     if alias != self.using and not self.same_database(conn, alias, worker_id):
                         return False
+                    watch_here(conn)  # the statement watchdog's (liveness.py)
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     delay = 0.5
                     logger.debug("listening channel=%s database=%s", NOTIFY_CHANNEL, alias)
+                    pinged = time.monotonic()
                     while not stopping.is_set():
                         for notice in conn.notifies(timeout=1.0):
                             if notice.payload in ("", namespace):
                                 wakeup.set()
+                        if time.monotonic() - pinged >= LISTEN_PING_SECONDS:
+                            conn.execute("SELECT 1")  # a dead connection never answers
+                            pinged = time.monotonic()
             except Exception as exc:
                 logger.warning("listen failed worker=%s error=%s", worker_id, failure(exc))
                 logger.debug("listen failed worker=%s detail=%s", worker_id, failure_text(exc))

@@ -603,3 +603,59 @@ def atomic_then(ctx):
 
 
 from . import async_steps, replaying  # noqa: E402, F401  (their @workflow definitions)
+
+# --- network partitions (tests/test_partitions.py) ---------------------------------------
+
+
+def _partition_ledger_row(run_id):
+    from django_openworkflow.conf import app_settings
+
+    # On the engine's alias, so the row commits with the step's result.
+    Ledger.objects.db_manager(app_settings.DATABASE).create(run_id=run_id, note="second")
+    return 2
+
+
+@workflow(name="partition-ledger")
+def partition_ledger(ctx):
+    first = ctx.step.run("first", lambda: 1)
+    second = ctx.step.atomic("second", lambda: _partition_ledger_row(ctx.run_id))
+    return {"total": first + second}
+
+
+def _connection_settings():
+    from django.db import connections
+
+    from django_openworkflow.conf import app_settings
+
+    connection = connections[app_settings.DATABASE]
+    with connection.cursor() as cursor:
+        shown = {}
+        for name in (
+            "tcp_keepalives_idle",
+            "tcp_keepalives_interval",
+            "tcp_keepalives_count",
+            "tcp_user_timeout",
+        ):
+            cursor.execute(f"SHOW {name}")
+            shown[name] = cursor.fetchone()[0]
+    parameters = connection.connection.info.get_parameters()
+    return {"server": shown, "libpq": parameters}
+
+
+@workflow(name="connection-settings")
+def connection_settings(ctx):
+    return ctx.step.run("show", _connection_settings)
+
+
+@workflow(name="slow-query")
+def slow_query(ctx):
+    def query():
+        from django.db import connections
+
+        from django_openworkflow.conf import app_settings
+
+        with connections[app_settings.DATABASE].cursor() as cursor:
+            cursor.execute("SELECT pg_sleep(%s)", [ctx.input["seconds"]])
+        return "done"
+
+    return ctx.step.run("query", query)
