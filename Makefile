@@ -175,15 +175,16 @@ BASE ?= HEAD
 bench-ab: install pg-up
 	$(PY) scripts/bench_ab.py $(BASE) $(BENCH_AB_ARGS)
 
-# Chaos (PostgreSQL): kill workers every ~0.5 s and restart PostgreSQL once, then count
-# lost runs and doubled step.atomic writes (both must be 0). `make test` runs a short one.
+# Chaos (PostgreSQL): kill workers every ~0.5 s, restart PostgreSQL once and cut workers off
+# behind their proxies (--partitions, 3 by default), then count lost runs and doubled
+# step.atomic writes (both must be 0). `make test` runs a short one, with one partition.
 chaos: chaos-db
 	DEBUG=false DATABASE_URL=$(CHAOS_URL) $(PY) manage.py chaos_workflows \
 		$(if $(strip $(PG_CTL)),--restart-db-command "$(PG_CTL) restart") $(CHAOS_ARGS)
 
 chaos-short: chaos-db
 	DEBUG=false DATABASE_URL=$(CHAOS_URL) $(PY) manage.py chaos_workflows \
-		--runs 300 --pause-ms 10 --duration 20 $(if $(strip $(PG_CTL)),--restart-db-command "$(PG_CTL) restart") $(CHAOS_ARGS)
+		--runs 300 --pause-ms 10 --duration 20 --partitions 1 $(if $(strip $(PG_CTL)),--restart-db-command "$(PG_CTL) restart") $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .nox .pytest_cache .ruff_cache .mypy_cache demo_project/db.sqlite3 bench-results test-artifacts
