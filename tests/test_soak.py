@@ -1,0 +1,216 @@
+"""``soak_workflows``: a tiny clean soak passes, leaking workers fail it by name, and the
+growth verdict (``loadtest/growth.py``) at the scale of the short soak of ``make test``.
+
+``make soak`` is the long one (200,000 runs in about an hour); ``make test`` runs a
+short one after this suite.
+"""
+
+import csv
+import re
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import connection
+
+from django_openworkflow.loadtest import growth, soak
+from django_openworkflow.models import WorkflowRun
+
+LEAKS = "tests.testapp.soak_leaks"
+
+
+def run_soak(monkeypatch, *args):
+    """A tiny soak on the test database (its workers are told which one); stdout's lines."""
+    monkeypatch.setenv("OPENWORKFLOW_TEST_DB", str(connection.settings_dict["NAME"]))
+    out = StringIO()
+    try:
+        call_command(
+            "soak_workflows",
+            "--runs=200",
+            "--duration=4",
+            "--sample-every=0.25",
+            "--warmup=20",
+            "--timeout=60",
+            *args,
+            stdout=out,
+            stderr=StringIO(),
+        )
+    finally:
+        run_soak.lines = out.getvalue().splitlines()
+    return run_soak.lines
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_clean_soak_passes_and_reports_each_metric_of_each_worker(monkeypatch, tmp_path):
+    samples_file = tmp_path / "samples.csv"
+    lines = run_soak(monkeypatch, f"--samples-file={samples_file}")
+    assert re.fullmatch(
+        r"soak: runs completed 200/200, children completed 20, not completed 0, "
+        r"wrong outputs 0, stuck 0, signals sent 20, planned step failures 40, "
+        r"other failed attempts 0, worker exits 0, engine crashes 0, "
+        r"growth beyond tolerance 0, samples \d+, [0-9.]+ s, [0-9.]+ runs/s",
+        lines[0],
+    )
+    assert lines[1].split() == [
+        "worker", "metric", "start", "end", "slope/h", "slope/10k", "runs", "allowed"
+    ]  # fmt: skip
+    expected = [(w, m) for w in (1, 2) for m in ("RSS", "threads", "open", "connections")]
+    for line, (worker, metric) in zip(lines[2:10], expected, strict=True):
+        assert line.startswith(f"{worker}       {metric} ")
+    assert all(line.endswith(" ok") for line in lines[2:10])
+    assert lines[10].startswith("database (not judged): django_openworkflow_workflowrun ")
+    with samples_file.open() as f:
+        samples = list(csv.DictReader(f))
+    assert {s["worker"] for s in samples} == {"1", "2"}
+    assert all(int(s["connections"]) >= 1 and int(s["threads"]) >= 1 for s in samples)
+    assert int(samples[-1]["runs"]) == 200
+    assert not WorkflowRun.objects.filter(namespace=soak.NAMESPACE).exists()  # cleaned up
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_workers_that_leak_fail_the_soak_naming_each_metric(monkeypatch):
+    mix = "plain=6,leak-thread=1,leak-file=1,leak-connection=1,leak-memory=1"
+    with pytest.raises(CommandError) as info:
+        run_soak(monkeypatch, f"--mix={mix}", f"--workflows-module={LEAKS}")
+    message = str(info.value)
+    assert message.startswith("soak failed: worker 1 RSS (MB) grew from ")
+    for worker in (1, 2):
+        for metric in ("RSS (MB)", "threads", "open files", "connections"):
+            assert f"worker {worker} {metric} grew from " in message
+    # The runs themselves were fine: only the growth failed the soak.
+    assert run_soak.lines[0].startswith(
+        "soak: runs completed 200/200, children completed 0, not completed 0, wrong outputs 0, "
+        "stuck 0, "
+    )
+    assert (
+        "growth beyond tolerance 8 (RSS (MB), connections, open files, threads)"
+        in (run_soak.lines[0])
+    )
+    assert not WorkflowRun.objects.filter(namespace=soak.NAMESPACE).exists()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_that_exits_on_its_own_fails_the_soak(monkeypatch):
+    with pytest.raises(CommandError, match=r"^1 worker\(s\) exited on their own$"):
+        run_soak(monkeypatch, "--mix=exit-worker=1", f"--workflows-module={LEAKS}", "--workers=1")
+    assert not WorkflowRun.objects.filter(namespace=soak.NAMESPACE).exists()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_an_unknown_kind_is_refused_by_name(monkeypatch):
+    with pytest.raises(CommandError, match=r"^--mix: unknown kind 'nap' in the mix"):
+        run_soak(monkeypatch, "--mix=plain=1,nap=1")
+
+
+# --- the verdict, without workers ----------------------------------------------------------
+
+
+def samples(runs, per_sample, metric_at):
+    """Samples of worker 1 every ``per_sample`` runs up to ``runs``, one a second."""
+    return [
+        growth.Sample(
+            worker=1,
+            seconds=float(k),
+            runs=k * per_sample,
+            **{m: metric_at(m, k * per_sample) for m in growth.METRICS},
+        )
+        for k in range(runs // per_sample + 1)
+    ]
+
+
+def flat(metric, runs):
+    base = {"rss_mb": 62.0, "threads": 7, "open_files": 10, "connections": 7}[metric]
+    noise = [0, 1, -1, 0, 2][runs // 30 % 5] if metric == "rss_mb" else 0
+    return base + noise
+
+
+def verdict(found):
+    return {t.metric: t.ok for t in found}
+
+
+def test_flat_workers_pass_the_short_soak():
+    found = growth.trends(samples(3000, 30, flat), warmup_runs=300)
+    assert verdict(found) == dict.fromkeys(growth.METRICS, True)
+    assert [t.growth for t in found] == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("metric", ["threads", "open_files", "connections"])
+def test_one_leak_per_100_runs_fails_the_short_soak(metric):
+    def leaking(m, runs):
+        return flat(m, runs) + (runs // 100 if m == metric else 0)
+
+    found = growth.trends(samples(3000, 30, leaking), warmup_runs=300)
+    assert verdict(found) == {m: m != metric for m in growth.METRICS}
+    (trend,) = [t for t in found if not t.ok]
+    assert trend.growth == 29 - 3  # the medians of the first and of the last three samples
+    assert trend.per_10k_runs == pytest.approx(100, rel=0.02)
+    assert trend.problem().startswith(f"worker 1 {growth.LABELS[metric]} grew from ")
+
+
+def test_memory_may_grow_by_its_floor_plus_its_allowance_per_10k_runs():
+    tolerance = growth.TOLERANCES["rss_mb"]
+    assert tolerance.allowed(180_000) == 16 + 2 * 18
+
+    def growing(mb_per_10k):
+        return lambda m, runs: flat(m, runs) + (mb_per_10k * runs / 10_000 if m == "rss_mb" else 0)
+
+    within = growth.trends(samples(200_000, 2000, growing(2)), warmup_runs=20_000)
+    beyond = growth.trends(samples(200_000, 2000, growing(4)), warmup_runs=20_000)
+    assert verdict(within)["rss_mb"] is True
+    assert verdict(beyond)["rss_mb"] is False
+    (rss,) = [t for t in beyond if t.metric == "rss_mb"]
+    assert rss.per_10k_runs == pytest.approx(4, rel=0.02)
+    assert rss.per_hour == pytest.approx(4 * 2000 / 10_000 * 3600, rel=0.02)  # 2000 runs/s
+
+
+def test_one_odd_sample_does_not_decide():
+    def spike(m, runs):
+        return flat(m, runs) + (5 if m == "threads" and runs == 3000 else 0)
+
+    assert verdict(growth.trends(samples(3000, 30, spike), warmup_runs=300))["threads"] is True
+
+
+def test_too_few_samples_after_the_warm_up_is_an_error_saying_what_to_do():
+    with pytest.raises(ValueError) as info:
+        growth.trends(samples(100, 30, flat), warmup_runs=60)
+    assert str(info.value) == (
+        "worker 1 has 2 samples after the warm-up, fewer than 3: sample more often "
+        "(--sample-every) or run longer (--runs, --duration)"
+    )
+
+
+def test_the_least_squares_slope():
+    assert growth.slope([0, 1, 2, 3], [1, 3, 5, 7]) == 2
+    assert growth.slope([0, 1, 2], [5, 4, 6]) == 0.5
+    assert growth.slope([1, 1], [1, 9]) == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("plain=2,nap=1", "unknown kind 'nap' in the mix (known: "),
+        ("plain=x", "the weight of 'plain' must be a whole number, not 'x'"),
+        ("plain", "the weight of 'plain' must be a whole number, not ''"),
+        ("plain=0", "the mix 'plain=0' names no run"),
+    ],
+)
+def test_bad_mixes_are_refused_naming_the_part(text, message):
+    with pytest.raises(ValueError) as info:
+        soak.parse_mix(text)
+    assert str(info.value).startswith(message)
+
+
+def test_the_default_mix_and_its_planned_failures():
+    cycle = soak.parse_mix(soak.DEFAULT_MIX)
+    assert cycle == ["plain"] * 4 + ["sleep"] * 2 + ["retry", "child", "signal", "deadline"]
+    assert [soak.kind_of(cycle, i) for i in (0, 6, 16, 19)] == [
+        "plain",
+        "retry",
+        "retry",
+        "deadline",
+    ]
+    assert soak.expected_flakes(cycle, 200) == 2 * 20
