@@ -6,9 +6,11 @@ short one after this suite.
 """
 
 import csv
+import os
 import re
 from io import StringIO
 
+import psycopg
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
@@ -104,6 +106,27 @@ def test_a_worker_that_exits_on_its_own_fails_the_soak(monkeypatch):
 def test_an_unknown_kind_is_refused_by_name(monkeypatch):
     with pytest.raises(CommandError, match=r"^--mix: unknown kind 'nap' in the mix"):
         run_soak(monkeypatch, "--mix=plain=1,nap=1")
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)  # pg_stat_activity is read once per transaction
+def test_a_worker_s_sessions_are_told_apart_from_another_soak_s_by_the_command_s_pid():
+    params = connection.get_connection_params()
+    params.pop("cursor_factory", None)
+    names = [
+        growth.app_name(1),
+        growth.app_name(2),
+        f"openworkflow-soak-{os.getpid() + 1}-worker-1",
+    ]
+    sessions = [psycopg.connect(**params, application_name=name, autocommit=True) for name in names]
+    try:
+        assert growth.sessions(2) == {1: 1, 2: 1}
+        assert growth.sessions(2, listening=True) == {1: 0, 2: 0}
+        sessions[1].execute("LISTEN django_openworkflow_test")
+        assert growth.sessions(2, listening=True) == {1: 0, 2: 1}
+    finally:
+        for session in sessions:
+            session.close()
 
 
 # --- the verdict, without workers ----------------------------------------------------------

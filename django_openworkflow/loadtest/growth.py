@@ -3,9 +3,10 @@
 A ``Sample`` is one look at one worker process: its resident memory
 (``VmRSS``) and thread count (``Threads``) from ``/proc/<pid>/status``, its
 open files (the entries of ``/proc/<pid>/fd``) and its database sessions
-(``pg_stat_activity`` rows whose ``application_name`` is the worker's own:
-the command starts each worker with ``PGAPPNAME`` set, which libpq, and so
-Django's PostgreSQL backend, uses for every connection the worker opens).
+(``pg_stat_activity`` rows whose ``application_name`` is the worker's own,
+``openworkflow-soak-<command's pid>-worker-<N>``: the command starts each
+worker with ``PGAPPNAME`` set, which libpq, and so Django's PostgreSQL
+backend, uses for every connection the worker opens).
 
 ``trends`` turns the samples taken after the warm-up into, per worker and
 metric: the start (the median of the first three samples), the end (the
@@ -29,7 +30,6 @@ from typing import Any
 
 from django.db import connection
 
-APP_NAME_PREFIX = "openworkflow-soak-worker-"
 METRICS = ("rss_mb", "threads", "open_files", "connections")
 LABELS = {
     "rss_mb": "RSS (MB)",
@@ -69,8 +69,12 @@ def tolerances_text() -> str:
 
 
 def app_name(worker: int) -> str:
-    """The ``application_name`` of worker number ``worker``'s database sessions."""
-    return f"{APP_NAME_PREFIX}{worker}"
+    """The ``application_name`` of worker number ``worker``'s database sessions.
+
+    With the soak command's pid in it: two soaks at once (on two databases of
+    one server) count only their own workers.
+    """
+    return f"openworkflow-soak-{os.getpid()}-worker-{worker}"
 
 
 @dataclass(frozen=True)

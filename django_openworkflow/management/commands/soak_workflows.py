@@ -4,7 +4,8 @@ Against your own PostgreSQL database (runs use their own namespace,
 ``openworkflow-soak``, deleted before and after unless ``--keep``):
 
 1. starts ``--workers`` ``runworker`` processes, each with ``PGAPPNAME`` set
-   to ``openworkflow-soak-worker-N`` so its database sessions can be counted;
+   to ``openworkflow-soak-<pid>-worker-<N>`` so its database sessions can be
+   counted;
 2. feeds ``--runs`` runs of the mix (``loadtest/soak.py``: sleeps, retries,
    children, signals, deadlines) evenly over ``--duration`` seconds, in
    batches, never more than ``--max-active`` unfinished at once, and sends
