@@ -45,18 +45,20 @@ class Tolerance:
 
     floor: float
     per_10k: float
+    unit: str = ""
 
     def allowed(self, runs: float) -> float:
         return self.floor + self.per_10k * runs / 10_000
 
     def __str__(self) -> str:
+        text = f"+{self.floor:g}{self.unit}"
         if self.per_10k:
-            return f"{self.floor:g} + {self.per_10k:g} per 10,000 runs"
-        return f"{self.floor:g}"
+            text += f" + {self.per_10k:g}{self.unit} per 10,000 runs"
+        return text
 
 
 TOLERANCES: dict[str, Tolerance] = {
-    "rss_mb": Tolerance(floor=16, per_10k=2),
+    "rss_mb": Tolerance(floor=16, per_10k=2, unit=" MB"),
     "threads": Tolerance(floor=2, per_10k=0),
     "open_files": Tolerance(floor=4, per_10k=0),
     "connections": Tolerance(floor=2, per_10k=0),
@@ -65,7 +67,8 @@ TOLERANCES: dict[str, Tolerance] = {
 
 def tolerances_text() -> str:
     """The tolerances in words, for ``--help`` and the docs."""
-    return "; ".join(f"{LABELS[m]} {TOLERANCES[m]}" for m in METRICS)
+    names = {**LABELS, "rss_mb": "RSS"}
+    return ", ".join(f"{names[m]} {TOLERANCES[m]}" for m in METRICS)
 
 
 def app_name(worker: int) -> str:

@@ -92,8 +92,9 @@ class Command(BaseCommand):
     help = (
         "Soak test on PostgreSQL: push many runs (sleeps, retries, children, signals, deadlines) "
         "through long-lived runworker processes, sample each worker's RSS, threads, open files "
-        "and database connections, and fail on growth beyond tolerance "
-        f"({growth.tolerances_text()}) or on any run that did not complete with its output."
+        "and database connections, and fail on growth beyond tolerance (from the start after "
+        f"the warm-up to the end: {growth.tolerances_text()}) or on any run that did not "
+        "complete with its output."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
