@@ -237,3 +237,11 @@ def test_the_default_mix_and_its_planned_failures():
         "deadline",
     ]
     assert soak.expected_flakes(cycle, 200) == 2 * 20
+
+
+def test_runs_are_due_evenly_over_the_duration_after_a_first_burst():
+    assert soak.due(200_000, 3600, elapsed=0, burst=32) == 32
+    assert soak.due(200_000, 3600, elapsed=1800, burst=32) == 100_001
+    assert soak.due(200_000, 3600, elapsed=4000, burst=32) == 200_000
+    assert soak.due(20, 3600, elapsed=0, burst=32) == 20
+    assert soak.due(500, 0, elapsed=0, burst=32) == 500

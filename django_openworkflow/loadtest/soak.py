@@ -189,6 +189,17 @@ def kind_of(cycle: list[str], i: int) -> str:
     return cycle[i % len(cycle)]
 
 
+def due(runs: int, duration: float, elapsed: float, burst: int) -> int:
+    """How many of ``runs`` fed evenly over ``duration`` seconds are due ``elapsed`` in.
+
+    At least ``burst`` (a first batch that keeps every slot busy); all at once
+    without a duration.
+    """
+    if not duration:
+        return runs
+    return min(runs, max(burst, int(runs * elapsed / duration) + 1))
+
+
 def start_batch(
     cycle: list[str], first: int, count: int, now: Any
 ) -> list[tuple[uuid.UUID, int, str]]:

@@ -268,11 +268,14 @@ class Command(BaseCommand):
         self.take_sample(started, last=True)
 
     def feed(self, elapsed: float) -> None:
-        """Start the runs due by now (evenly over --duration), within --max-active."""
+        """Start the runs due by now (evenly over --duration), within --max-active.
+
+        The first batch is a burst of four runs a slot, so that every slot of
+        every worker works (and opens its connection) during the warm-up.
+        """
         options = self.options
-        due = options["runs"]
-        if options["duration"]:
-            due = min(due, int(options["runs"] * elapsed / options["duration"]) + 1)
+        burst = 4 * options["workers"] * options["concurrency"]
+        due = soak.due(options["runs"], options["duration"], elapsed, burst)
         room = options["max_active"] - (self.fed - self.finished)
         count = min(due - self.fed, room, 500)
         if count <= 0:
