@@ -6,17 +6,22 @@ short one after this suite.
 """
 
 import csv
+import json
 import os
 import re
+from datetime import timedelta
 from io import StringIO
 
 import psycopg
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
+from django.test.utils import override_settings
+from django.utils import timezone
 
 from django_openworkflow.loadtest import growth, soak
-from django_openworkflow.models import WorkflowRun
+from django_openworkflow.management.commands.soak_workflows import Command
+from django_openworkflow.models import StepAttempt, WorkflowRun
 
 LEAKS = "tests.testapp.soak_leaks"
 
@@ -127,6 +132,65 @@ def test_a_worker_s_sessions_are_told_apart_from_another_soak_s_by_the_command_s
     finally:
         for session in sessions:
             session.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_the_audit_counts_every_kind_of_damage():
+    cycle = soak.parse_mix("plain=1,retry=1")
+    with override_settings(OPENWORKFLOW={"NAMESPACE": soak.NAMESPACE}):
+        started = soak.start_batch(cycle, 0, 4, timezone.now())
+    assert sorted(i for _, i, _ in started) == [0, 1, 2, 3]
+    ids = [run_id for run_id, _, _ in sorted(started, key=lambda run: run[1])]
+    right, wrong, parked, failed = ids
+    runs = WorkflowRun.objects.filter
+    runs(pk=right).update(status="completed", output=soak.output("plain", 0, 3))
+    runs(pk=wrong).update(status="completed", output=soak.output("retry", 1, None))
+    runs(pk=parked).update(available_at=None)  # parked with nothing to wake it: stuck
+    runs(pk=failed).update(status="failed")
+    for error in ("Flake", "Flake", "ValueError"):
+        StepAttempt.objects.create(
+            workflow_run_id=wrong, step_name="flaky", status="failed", error={"type": error}
+        )
+    found = soak.audit(4, soak.expected_flakes(cycle, 4))
+    assert (found.completed, found.not_completed, found.ok) == (2, 2, False)
+    assert found.wrong_output_count == 1
+    assert found.wrong_outputs == [
+        "run 1 (retry): output {'i': 1, 'kind': 'retry', 'value': None}, "
+        "expected {'i': 1, 'kind': 'retry', 'value': 1}"
+    ]
+    assert [(f.run_id, f.reason) for f in found.stuck] == [(str(parked), "parked-without-wake")]
+    assert found.flakes == 2
+    assert found.other_failures == {"ValueError": 1, "Flake (expected 4)": 2}
+    soak.delete_runs()
+    assert not WorkflowRun.objects.filter(namespace=soak.NAMESPACE).exists()
+
+
+@pytest.mark.django_db
+def test_only_the_deadline_kind_starts_with_a_deadline_ten_minutes_ahead():
+    now = timezone.now()
+    with override_settings(OPENWORKFLOW={"NAMESPACE": soak.NAMESPACE}):
+        started = soak.start_batch(soak.parse_mix("plain=1,deadline=1"), 0, 2, now)
+    deadlines = dict(WorkflowRun.objects.values_list("input__kind", "deadline_at"))
+    assert deadlines == {"plain": None, "deadline": now + timedelta(minutes=10)}
+    assert len(started) == 2
+
+
+def test_the_samples_file_is_json_when_its_name_ends_in_json(tmp_path):
+    command = Command()
+    command.samples = samples(60, 30, flat)
+    command.write_samples(tmp_path / "samples.json")
+    written = json.loads((tmp_path / "samples.json").read_text())
+    assert written == growth.as_rows(command.samples)
+    assert written[0] == {
+        "worker": 1,
+        "seconds": 0.0,
+        "runs": 0,
+        "rss_mb": 62.0,
+        "threads": 7,
+        "open_files": 10,
+        "connections": 7,
+    }
 
 
 # --- the verdict, without workers ----------------------------------------------------------
