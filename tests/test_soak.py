@@ -309,3 +309,12 @@ def test_runs_are_due_evenly_over_the_duration_after_a_first_burst():
     assert soak.due(200_000, 3600, elapsed=4000, burst=32) == 200_000
     assert soak.due(20, 3600, elapsed=0, burst=32) == 20
     assert soak.due(500, 0, elapsed=0, burst=32) == 500
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("100", "must be from 0 to below 100, not '100'"), ("x", "must be a percentage, not 'x'")],
+)
+def test_a_warm_up_that_is_not_a_percentage_below_100_is_refused(value, message):
+    with pytest.raises(CommandError, match=rf"^Error: argument --warmup: {re.escape(message)}$"):
+        call_command("soak_workflows", f"--warmup={value}")

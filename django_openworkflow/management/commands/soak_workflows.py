@@ -20,7 +20,6 @@ Against your own PostgreSQL database (runs use their own namespace,
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib
 import json
@@ -40,21 +39,10 @@ from ... import send_signal
 from ...loadtest import growth, soak
 from ...models import StepAttempt, WorkflowRun
 from ...progress import Progress
-from ..workers import positive_int, seconds, spawn_runworker, stop_process
+from ..workers import percent, positive_int, seconds, spawn_runworker, stop_process
 from .chaos_workflows import ENGINE_CRASH
 
 TICK = 0.2  # seconds between two looks at the queue
-
-
-def _percent(value: str) -> float:
-    """argparse type: a percentage from 0 to below 100."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a percentage, not {value!r}") from None
-    if not 0 <= number < 100:
-        raise argparse.ArgumentTypeError(f"must be from 0 to below 100, not {value!r}")
-    return number
 
 
 class SoakWorker:
@@ -137,7 +125,7 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--warmup",
-            type=_percent,
+            type=percent,
             default=10.0,
             metavar="PERCENT",
             help="Percent of the runs that finish before measuring starts. Default: 10.",
