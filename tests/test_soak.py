@@ -37,6 +37,7 @@ def run_soak(monkeypatch, *args):
             "--duration=4",
             "--sample-every=0.25",
             "--warmup=20",
+            "--warmup-seconds=0",
             "--timeout=60",
             *args,
             stdout=out,
@@ -252,6 +253,15 @@ def test_memory_may_grow_by_its_floor_plus_its_allowance_per_10k_runs():
     (rss,) = [t for t in beyond if t.metric == "rss_mb"]
     assert rss.per_10k_runs == pytest.approx(4, rel=0.02)
     assert rss.per_hour == pytest.approx(4 * 2000 / 10_000 * 3600, rel=0.02)  # 2000 runs/s
+
+
+def test_the_warm_up_lasts_its_runs_and_its_seconds():
+    def heartbeat_connects_late(m, runs):  # at run 600, 20 s in (one sample a second)
+        return flat(m, runs) + (3 if m == "connections" and runs >= 600 else 0)
+
+    late = samples(3000, 30, heartbeat_connects_late)
+    assert verdict(growth.trends(late, warmup_runs=300))["connections"] is False
+    assert verdict(growth.trends(late, warmup_runs=300, warmup_seconds=20))["connections"] is True
 
 
 def test_one_odd_sample_does_not_decide():

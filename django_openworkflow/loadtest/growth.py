@@ -195,12 +195,13 @@ class Trend:
         )
 
 
-def trends(samples: list[Sample], warmup_runs: int) -> list[Trend]:
-    """Per worker and metric, from the samples taken once ``warmup_runs`` runs finished.
+def trends(samples: list[Sample], warmup_runs: int, warmup_seconds: float = 0.0) -> list[Trend]:
+    """Per worker and metric, from the samples taken once ``warmup_runs`` runs finished
+    and ``warmup_seconds`` passed.
 
     ``ValueError`` when a worker has fewer than three samples after the warm-up.
     """
-    measured = [s for s in samples if s.runs >= warmup_runs]
+    measured = [s for s in samples if s.runs >= warmup_runs and s.seconds >= warmup_seconds]
     result = []
     for worker in sorted({s.worker for s in samples}):
         mine = [s for s in measured if s.worker == worker]

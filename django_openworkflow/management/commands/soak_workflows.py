@@ -36,6 +36,7 @@ from django.test.utils import override_settings
 from django.utils import timezone
 
 from ... import send_signal
+from ...conf import app_settings
 from ...loadtest import growth, soak
 from ...models import StepAttempt, WorkflowRun
 from ...progress import Progress
@@ -131,6 +132,15 @@ class Command(BaseCommand):
             help="Percent of the runs that finish before measuring starts. Default: 10.",
         )
         parser.add_argument(
+            "--warmup-seconds",
+            type=seconds,
+            default=None,
+            metavar="SECONDS",
+            help="Seconds that pass before measuring starts, whatever --warmup says, so that "
+            "each worker's heartbeat thread has beaten (and connected). Default: twice "
+            f"OPENWORKFLOW['HEARTBEAT_SECONDS'] ({2 * app_settings.HEARTBEAT_SECONDS:g}).",
+        )
+        parser.add_argument(
             "--sample-every",
             type=seconds,
             default=None,
@@ -170,6 +180,9 @@ class Command(BaseCommand):
         self.options = options
         self.sample_every = options["sample_every"] or max(1.0, options["duration"] / 100)
         self.warmup_runs = int(options["runs"] * options["warmup"] / 100)
+        self.warmup_seconds = options["warmup_seconds"]
+        if self.warmup_seconds is None:
+            self.warmup_seconds = 2 * app_settings.HEARTBEAT_SECONDS
         self.samples: list[growth.Sample] = []
         self.sizes: list[dict[str, int]] = []
         self.exited: list[SoakWorker] = []
@@ -286,7 +299,8 @@ class Command(BaseCommand):
     def take_sample(self, started: float, *, last: bool = False) -> None:
         pids = {worker.number: worker.pid for worker in self.workers}
         self.samples += growth.sample(pids, time.monotonic() - started, self.finished)
-        if not self.sizes and self.finished >= self.warmup_runs:
+        warm = self.finished >= self.warmup_runs and self.samples[-1].seconds >= self.warmup_seconds
+        if not self.sizes and warm:
             self.sizes.append(self.table_sizes())  # after the warm-up ...
         if last:
             self.sizes[1:] = [self.table_sizes()]  # ... and at the end
@@ -312,7 +326,7 @@ class Command(BaseCommand):
         seconds_ = time.monotonic() - started
         result = soak.audit(self.options["runs"], soak.expected_flakes(self.cycle, self.fed))
         try:
-            found = growth.trends(self.samples, self.warmup_runs)
+            found = growth.trends(self.samples, self.warmup_runs, self.warmup_seconds)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         grown = [t for t in found if not t.ok]
