@@ -234,7 +234,8 @@ class Command(BaseCommand):
 
     def feed_until_done(self, started: float) -> None:
         runs = self.options["runs"]
-        deadline = started + self.options["duration"] + self.options["timeout"]
+        feeding_since = time.monotonic()  # the workers are ready: the clock of the feed starts
+        deadline = feeding_since + self.options["duration"] + self.options["timeout"]
         next_sample = time.monotonic()
         progress = Progress(
             self.stderr,
@@ -256,7 +257,7 @@ class Command(BaseCommand):
                         f"{duration:g} s and --timeout {timeout:g} s"
                     )
                     break
-                self.feed(time.monotonic() - started)
+                self.feed(time.monotonic() - feeding_since)
                 self.send_signals()
                 if time.monotonic() >= next_sample:
                     self.take_sample(started)
