@@ -20,7 +20,6 @@ from django.test.utils import override_settings
 from django.utils import timezone
 
 from django_openworkflow.loadtest import growth, soak
-from django_openworkflow.management.commands.soak_workflows import Command
 from django_openworkflow.models import StepAttempt, WorkflowRun
 
 LEAKS = "tests.testapp.soak_leaks"
@@ -178,11 +177,10 @@ def test_only_the_deadline_kind_starts_with_a_deadline_ten_minutes_ahead():
 
 
 def test_the_samples_file_is_json_when_its_name_ends_in_json(tmp_path):
-    command = Command()
-    command.samples = samples(60, 30, flat)
-    command.write_samples(tmp_path / "samples.json")
+    taken = samples(60, 30, flat)
+    growth.write_samples(taken, tmp_path / "samples.json")
     written = json.loads((tmp_path / "samples.json").read_text())
-    assert written == growth.as_rows(command.samples)
+    assert written == growth.as_rows(taken)
     assert written[0] == {
         "worker": 1,
         "seconds": 0.0,

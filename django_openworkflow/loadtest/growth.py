@@ -22,10 +22,13 @@ or connection per 100 runs fails a soak of a few thousand runs.
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import statistics
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from django.db import connection
@@ -253,3 +256,15 @@ def table(found: list[Trend]) -> list[str]:
 
 def as_rows(samples: list[Sample]) -> list[dict[str, Any]]:
     return [asdict(s) for s in samples]
+
+
+def write_samples(samples: list[Sample], path: Path) -> None:
+    """Every sample to ``path``: CSV, or JSON when its name ends in ``.json``."""
+    rows = as_rows(samples)
+    with path.open("w", newline="") as f:
+        if path.suffix == ".json":
+            json.dump(rows, f, indent=1)
+            return
+        writer = csv.DictWriter(f, fieldnames=[field.name for field in fields(Sample)])
+        writer.writeheader()
+        writer.writerows(rows)

@@ -20,9 +20,7 @@ Against your own PostgreSQL database (runs use their own namespace,
 
 from __future__ import annotations
 
-import csv
 import importlib
-import json
 import time
 import uuid
 from pathlib import Path
@@ -347,7 +345,7 @@ class Command(BaseCommand):
         for finding in result.stuck:
             self.stderr.write(f"stuck: {finding}")
         if self.options["samples_file"]:
-            self.write_samples(Path(self.options["samples_file"]))
+            growth.write_samples(self.samples, Path(self.options["samples_file"]))
         problems = [t.problem() for t in grown]
         if not result.ok or result.other_failures or crashes:
             problems.insert(0, "runs that did not complete with their output (see above)")
@@ -375,13 +373,3 @@ class Command(BaseCommand):
             f"samples {len(self.samples)}, "
             f"{seconds_:.1f} s, {result.runs / seconds_:.1f} runs/s"
         )
-
-    def write_samples(self, path: Path) -> None:
-        rows = growth.as_rows(self.samples)
-        with path.open("w", newline="") as f:
-            if path.suffix == ".json":
-                json.dump(rows, f, indent=1)
-                return
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
