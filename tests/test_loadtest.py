@@ -1,4 +1,4 @@
-"""``django_openworkflow.loadtest``: only the two load-test commands import it, never the core;
+"""``django_openworkflow.loadtest``: only the load-test commands import it, never the core;
 the pure pieces of the benchmark's queue-limit variants (``loadtest/limits.py``)."""
 
 import importlib
@@ -33,6 +33,7 @@ LOAD_TESTS = {
     "django_openworkflow.loadtest",
     "django_openworkflow.management.commands.bench_workflows",
     "django_openworkflow.management.commands.chaos_workflows",
+    "django_openworkflow.management.commands.soak_workflows",
 }
 
 
@@ -56,6 +57,7 @@ call_command("check")
 core = loaded_load_tests()
 importlib.import_module("django_openworkflow.management.commands.chaos_workflows")
 importlib.import_module("django_openworkflow.management.commands.bench_workflows")
+importlib.import_module("django_openworkflow.management.commands.soak_workflows")
 print(json.dumps({"imported": imported, "core": core, "commands": loaded_load_tests()}))
 """
 
@@ -86,13 +88,15 @@ def test_the_core_never_imports_the_load_tests():
     } <= set(found["imported"])
     assert not [name for name in found["imported"] if "loadtest" in name]
     assert found["core"] == []
-    # ...and the check would see it: the two load-test commands import the package.
+    # ...and the check would see it: the load-test commands import the package.
     assert found["commands"] == [
         "django_openworkflow.loadtest",
         "django_openworkflow.loadtest.bench",
         "django_openworkflow.loadtest.chaos",
+        "django_openworkflow.loadtest.growth",
         "django_openworkflow.loadtest.history",
         "django_openworkflow.loadtest.limits",
+        "django_openworkflow.loadtest.soak",
     ]
 
 

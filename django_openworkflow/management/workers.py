@@ -52,6 +52,17 @@ def seconds(value: str) -> float:
     return number
 
 
+def percent(value: str) -> float:
+    """argparse type: a percentage from 0 to below 100."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a percentage, not {value!r}") from None
+    if not 0 <= number < 100:
+        raise argparse.ArgumentTypeError(f"must be from 0 to below 100, not {value!r}")
+    return number
+
+
 def stop_process(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM (the worker finishes its runs in flight), SIGKILL after 30 s."""
     if process.poll() is None:
