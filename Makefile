@@ -16,11 +16,13 @@ BENCH_ARGS ?=
 BENCH_QUEUES_ARGS ?=
 CHAOS_URL ?= postgres://postgres@127.0.0.1:5432/openworkflow_chaos
 CHAOS_ARGS ?=
+SOAK_URL ?= postgres://postgres@127.0.0.1:5432/openworkflow_soak
+SOAK_ARGS ?=
 PG_CTL ?= pg_ctlcluster --skip-systemctl-redirect $(shell ls /etc/postgresql 2>/dev/null | tail -n 1) main
 
 
 .PHONY: test-setup test-lane-postgres test-lane-others
-.PHONY: pgbouncer-up test-pgbouncer
+.PHONY: pgbouncer-up test-pgbouncer soak soak-short soak-db
 .PHONY: install demo test test-sqlite test-postgres test-mariadb test-django6 test-django6-postgres lint format pg-up mariadb-up mysql-driver browser bench bench-db bench-queues bench-compare bench-ab chaos chaos-short chaos-db clean
 
 install: $(VENV)/.installed
@@ -122,12 +124,14 @@ test-mariadb: install browser mysql-driver mariadb-up
 test: test-setup
 	@$(MAKE) --no-print-directory -j2 --output-sync=line test-lane-postgres test-lane-others
 
-test-setup: install browser pg-up pgbouncer-up mariadb-up mysql-driver chaos-db .nox/.django6-installed
+test-setup: install browser pg-up pgbouncer-up mariadb-up mysql-driver chaos-db soak-db \
+	.nox/.django6-installed
 
 test-lane-postgres:
 	@$(MAKE) --no-print-directory test-postgres
 	@$(MAKE) --no-print-directory test-pgbouncer
 	@$(MAKE) --no-print-directory chaos-short
+	@$(MAKE) --no-print-directory soak-short
 	@$(MAKE) --no-print-directory test-django6
 	@$(MAKE) --no-print-directory test-django6-postgres
 
@@ -150,11 +154,12 @@ demo: install
 
 # Benchmarks (PostgreSQL): ours alone, or ours beside the peers of ../shared/bench-peers.
 # A database of their own for the benchmark and the chaos test, created and migrated on demand.
-bench-db chaos-db: install pg-up
+bench-db chaos-db soak-db: install pg-up
 	@db=openworkflow_$(@:-db=); \
 		psql -h 127.0.0.1 -U postgres -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$$db'" | grep -q 1 \
 		|| createdb -h 127.0.0.1 -U postgres $$db; \
-		DATABASE_URL=$(if $(filter bench-db,$@),$(BENCH_URL),$(CHAOS_URL)) $(PY) manage.py migrate --verbosity 0
+		DATABASE_URL=$(if $(filter bench-db,$@),$(BENCH_URL),$(if $(filter soak-db,$@),$(SOAK_URL),$(CHAOS_URL))) \
+		$(PY) manage.py migrate --verbosity 0
 
 bench: bench-db
 	DEBUG=false DATABASE_URL=$(BENCH_URL) $(PY) manage.py bench_workflows $(BENCH_ARGS)
@@ -185,6 +190,15 @@ chaos: chaos-db
 chaos-short: chaos-db
 	DEBUG=false DATABASE_URL=$(CHAOS_URL) $(PY) manage.py chaos_workflows \
 		--runs 300 --pause-ms 10 --duration 20 --partitions 1 $(if $(strip $(PG_CTL)),--restart-db-command "$(PG_CTL) restart") $(CHAOS_ARGS)
+
+# Soak (PostgreSQL): 200,000 runs of sleeps, retries, children, signals and deadlines through
+# two workers over about an hour; fails on growth of RSS, threads, open files or connections.
+# `make test` runs a 2,000-run one.
+soak: soak-db
+	DEBUG=false DATABASE_URL=$(SOAK_URL) $(PY) manage.py soak_workflows $(SOAK_ARGS)
+
+soak-short: soak-db
+	DEBUG=false DATABASE_URL=$(SOAK_URL) $(PY) manage.py soak_workflows --runs 2000 --duration 60 $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .nox .pytest_cache .ruff_cache .mypy_cache demo_project/db.sqlite3 bench-results test-artifacts
