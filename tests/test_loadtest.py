@@ -96,6 +96,7 @@ def test_the_core_never_imports_the_load_tests():
         "django_openworkflow.loadtest.growth",
         "django_openworkflow.loadtest.history",
         "django_openworkflow.loadtest.limits",
+        "django_openworkflow.loadtest.proxy",
         "django_openworkflow.loadtest.soak",
     ]
 
