@@ -155,7 +155,8 @@ class Liveness:
         self.using = using
         self.worker_id = worker_id
         self.timeout: float | None = None
-        self.server_side: dict[str, str] = {}
+        # The server's side of each session; None: not known yet (pooler detection failed).
+        self._server_side: dict[str, str] | None = {}
         self.ended = 0  # connections ended by the watchdog
         self._watched: list[_Watched] = []
         self._lock = threading.Lock()
@@ -176,7 +177,18 @@ class Liveness:
         self._started = True
         self._stopped.clear()
         _apply_options(self.using)
-        self.server_side = {} if behind_pooler(self.using) else server_settings()
+        try:
+            self._server_side = {} if behind_pooler(self.using) else server_settings()
+        except Exception as exc:  # the database is down: find out on the next connection
+            self._server_side = None
+            logger.warning(
+                "pooler detection failed at the start, tried again at the next connection "
+                "worker=%s error=%s",
+                self.worker_id,
+                type(exc).__name__,
+            )
+        finally:
+            connections[self.using].close()  # the detection's; the next one is watched
         connection_created.connect(_on_connection_created, dispatch_uid=__name__)
         self.timeout = app_settings.STATEMENT_TIMEOUT
         if self.timeout is not None and _TCP_INFO is None:
@@ -195,7 +207,7 @@ class Liveness:
             "connection liveness worker=%s options=%s server=%s statement_timeout=%s",
             self.worker_id,
             libpq_options(),
-            self.server_side or "-",
+            self._server_side if self._server_side is not None else "not known yet",
             self.timeout,
         )
 
@@ -234,16 +246,33 @@ class Liveness:
             with self._lock:
                 self._watched = [w for w in self._watched if w.state is not state]
 
+    @property
+    def server_side(self) -> dict[str, str]:
+        """The settings set on the server's side of each session ({} when not known yet)."""
+        return self._server_side or {}
+
     def watch(self, raw: Any, *, prepare: bool = True) -> None:
         """Watch ``raw`` (a psycopg connection of this thread); set the server's side."""
         state = getattr(_local, "state", None)
         if state is None or state.liveness is not self:
             return
+        if prepare and self._server_side is None:
+            self._detect_pooler(raw)
         if prepare and self.server_side:
             self._prepare(raw)
         if self.timeout is not None:
             with self._lock:
                 self._watched.append(_Watched(raw, state))
+
+    def _detect_pooler(self, raw: Any) -> None:
+        """The pooler detection that failed at the start, on ``raw``; until one succeeds,
+        no session setting (behind a pooler it would stay on a server connection)."""
+        from .pooler import behind_pooler
+
+        try:
+            self._server_side = {} if behind_pooler(self.using, raw) else server_settings()
+        except Exception as exc:
+            logger.debug("pooler detection failed worker=%s detail=%s", self.worker_id, exc)
 
     def _prepare(self, raw: Any) -> None:
         names = list(self.server_side)

@@ -166,8 +166,8 @@ class Worker:
             self.lease_seconds,
             len(names),
         )
-        self.liveness.start()
         try:
+            self.liveness.start()
             with self.liveness.thread():
                 self._run(names)
         finally:

@@ -17,7 +17,7 @@ import pytest
 from django.db import connection, connections
 from django.test import override_settings
 
-from django_openworkflow import liveness
+from django_openworkflow import liveness, pooler
 from django_openworkflow.loadtest.proxy import PartitionProxy, upstream_of
 from django_openworkflow.models import StepAttempt, WorkflowRun
 from django_openworkflow.testing import pause_at
@@ -344,3 +344,24 @@ def test_an_engine_statement_that_fails_inside_the_workflow_releases_the_run(pro
         wait_until(lambda: completed(run), "the run to be replayed and completed")
     run.refresh_from_db()
     assert (run.status, run.output, run.attempts) == ("completed", 2, 0)
+
+
+def test_a_worker_started_while_the_database_is_unreachable_waits_for_it(proxy, caplog):
+    """The pooler detection at the start finds no database: the worker neither dies nor
+    takes a guess for good; once the database answers, it runs runs, with the server's
+    session settings (detected as not behind a pooler then)."""
+    caplog.set_level(logging.WARNING, logger="django_openworkflow")
+    pooler.forget()
+    run = start_direct(connection_settings)
+    proxy.partition()  # every connection attempt of A's hangs until connect_timeout
+    with through_proxy(TCP_KEEPALIVE=9), InProcessWorker(concurrency=1) as a:
+        wait_until(
+            lambda: any("pooler" in r.getMessage() for r in caplog.records),
+            "the worker to say it could not detect a pooler",
+        )
+        assert a.liveness.active
+        proxy.heal()
+        wait_until(lambda: completed(run), "the run, once the database answers")
+    run.refresh_from_db()
+    assert run.output["server"]["tcp_keepalives_idle"] == "9"
+    assert "keepalives_idle" not in connections.settings[ALIAS]["OPTIONS"]
