@@ -365,3 +365,36 @@ def test_a_worker_started_while_the_database_is_unreachable_waits_for_it(proxy, 
     run.refresh_from_db()
     assert run.output["server"]["tcp_keepalives_idle"] == "9"
     assert "keepalives_idle" not in connections.settings[ALIAS]["OPTIONS"]
+
+
+@pytest.mark.parametrize("lands", [True, False], ids=["commit-lands", "session-ends"])
+def test_a_step_atomic_commit_ended_by_the_watchdog_is_stored_once(proxy, caplog, lands):
+    """The watchdog ends the connection while a step.atomic's COMMIT is in flight. Held by
+    the partition, the late COMMIT lands at the heal: the step's row and result count once,
+    the step is not run again. Or the server ends the session first (its keepalives): the
+    transaction rolls back, and the step runs again, once."""
+    caplog.set_level(logging.WARNING, logger="django_openworkflow")
+    run = start_direct(partition_ledger)
+    with through_proxy(STATEMENT_TIMEOUT=1), InProcessWorker() as a:
+        with pause_at(
+            "step.atomic-stored", when=lambda c: c["run_id"] == run.pk and c["step"] == "second"
+        ) as stored:
+            stored.wait()
+            proxy.partition()  # the COMMIT goes into the black hole
+        wait_until(lambda: a.liveness.ended >= 1, "the watchdog to end the COMMIT's connection")
+        if not lands:
+            cut_off = proxy.upstream_ports(client_gone=True)
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE client_port = ANY(%s)",
+                    [cut_off],
+                )
+            wait_until(lambda: sessions_of(cut_off) == 0, "the cut-off sessions to end")
+        proxy.heal()
+        wait_until(lambda: completed(run), "worker A to finish the run after the heal")
+    assert_once(run)
+    seconds = StepAttempt.objects.filter(workflow_run=run, step_name="second")
+    assert seconds.filter(status="completed").count() == 1
+    if lands:
+        assert seconds.count() == 1
