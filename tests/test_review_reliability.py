@@ -1,0 +1,71 @@
+"""Adversarial review of issue 17's engine changes (liveness, EngineDatabaseError, page lock
+timeouts, pooler detection): faults tried for real."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+
+from django_openworkflow.models import StepAttempt, WorkflowRun
+from django_openworkflow.testing import pause_at
+from tests.testapp.workflows import partition_ledger
+
+STEP = StepAttempt._meta.db_table
+
+
+def seconds_until_due(run: WorkflowRun) -> float:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT EXTRACT(EPOCH FROM available_at - now()) FROM {WorkflowRun._meta.db_table}"
+            " WHERE id = %s",
+            [run.pk],
+        )
+        return float(cursor.fetchone()[0])
+
+
+@pytest.fixture
+def doomed_step():
+    """A trigger that refuses the start of any step named "second": the engine's own
+    statement inside ``ctx.step.atomic`` fails the same way at every replay."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE FUNCTION review_refuse_second() RETURNS trigger LANGUAGE plpgsql AS $$"
+            " BEGIN IF NEW.step_name = 'second' THEN"
+            " RAISE EXCEPTION 'refused by the test' USING ERRCODE = 'data_exception';"
+            " END IF; RETURN NEW; END $$"
+        )
+        cursor.execute(
+            f"CREATE TRIGGER review_refuse_second BEFORE INSERT ON {STEP}"
+            " FOR EACH ROW EXECUTE FUNCTION review_refuse_second()"
+        )
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP TRIGGER review_refuse_second ON {STEP}")
+            cursor.execute("DROP FUNCTION review_refuse_second()")
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_an_engine_statement_failing_at_every_replay_does_not_spin_the_worker(workers, doomed_step):
+    run = partition_ledger.start({})
+    after = lambda c: c["run_id"] == run.pk  # noqa: E731
+    with pause_at("worker.after-execute", when=after) as first:
+        workers.start()
+        first.wait(30)
+        assert seconds_until_due(run) <= 0.1  # a lost connection, maybe: replayed at once
+    with pause_at("worker.after-execute", when=after) as again:
+        again.wait(30)
+        assert seconds_until_due(run) > 0.5  # the same again: not at once
+    run.refresh_from_db()
+    assert run.status == WorkflowRun.Status.RUNNING  # released, not failed
+    assert not StepAttempt.objects.filter(workflow_run=run, step_name="second").exists()
+
+
+def test_the_delays_grow_up_to_a_minute():
+    from django_openworkflow.worker import db_error_delay
+
+    assert [db_error_delay(n) for n in (1, 2, 3, 4)] == [0.0, 1.0, 2.0, 4.0]
+    assert db_error_delay(8) == 60.0
+    assert db_error_delay(10**6) == 60.0
