@@ -15,7 +15,9 @@ connections to ``OPENWORKFLOW["DATABASE"]``:
   acknowledging (a real partition, a dead host).
 - the same keepalives and ``tcp_user_timeout`` on the server's side of each
   session (``set_config(..., false)``, one query per new connection), so the
-  server ends the orphaned session of a partitioned worker and its locks go.
+  server ends the orphaned session of a partitioned worker and its locks go;
+  with the watchdog on, ``client_connection_check_interval`` too (PostgreSQL
+  14+), so a session whose statement the watchdog ended stops waiting.
   Not behind a pooler in transaction mode (``pooler.behind_pooler``): a
   session setting would leak to other clients there.
 - a statement watchdog, ``STATEMENT_TIMEOUT``: a thread of the worker
@@ -157,6 +159,7 @@ class Liveness:
         self.timeout: float | None = None
         # The server's side of each session; None: not known yet (pooler detection failed).
         self._server_side: dict[str, str] | None = {}
+        self._pooled = True  # behind a pooler (or not known yet): no session settings
         self.ended = 0  # connections ended by the watchdog
         self._watched: list[_Watched] = []
         self._lock = threading.Lock()
@@ -178,9 +181,10 @@ class Liveness:
         self._stopped.clear()
         _apply_options(self.using)
         try:
-            self._server_side = {} if behind_pooler(self.using) else server_settings()
+            self._pooled = behind_pooler(self.using)
+            self._server_side = {} if self._pooled else server_settings()
         except Exception as exc:  # the database is down: find out on the next connection
-            self._server_side = None
+            self._pooled, self._server_side = True, None
             logger.warning(
                 "pooler detection failed at the start, tried again at the next connection "
                 "worker=%s error=%s",
@@ -188,7 +192,8 @@ class Liveness:
                 type(exc).__name__,
             )
         finally:
-            connections[self.using].close()  # the detection's; the next one is watched
+            if not connections[self.using].in_atomic_block:
+                connections[self.using].close()  # the detection's; the next one is watched
         connection_created.connect(_on_connection_created, dispatch_uid=__name__)
         self.timeout = app_settings.STATEMENT_TIMEOUT
         if self.timeout is not None and _TCP_INFO is None:
@@ -258,7 +263,7 @@ class Liveness:
             return
         if prepare and self._server_side is None:
             self._detect_pooler(raw)
-        if prepare and self.server_side:
+        if prepare and not self._pooled:
             self._prepare(raw)
         if self.timeout is not None:
             with self._lock:
@@ -270,14 +275,24 @@ class Liveness:
         from .pooler import behind_pooler
 
         try:
-            self._server_side = {} if behind_pooler(self.using, raw) else server_settings()
+            pooled = behind_pooler(self.using, raw)
+            self._server_side = {} if pooled else server_settings()
+            self._pooled = pooled
         except Exception as exc:
             logger.debug("pooler detection failed worker=%s detail=%s", self.worker_id, exc)
 
     def _prepare(self, raw: Any) -> None:
-        names = list(self.server_side)
+        values = dict(self.server_side)
+        if self.timeout is not None and raw.info.server_version >= 140000:
+            # A session whose statement the watchdog ended would otherwise go on waiting (for
+            # a lock, say) and holding its locks until the wait ends: the server looks for
+            # the closed client every so often and ends the session (PostgreSQL 14+).
+            values["client_connection_check_interval"] = str(max(1000, round(self.timeout * 1000)))
+        if not values:
+            return
+        names = list(values)
         sql = "SELECT " + ", ".join(["set_config(%s, %s, false)"] * len(names))
-        params = [p for name in names for p in (name, self.server_side[name])]
+        params = [p for name in names for p in (name, values[name])]
         try:
             with raw.cursor() as cursor:
                 cursor.execute(sql, params)

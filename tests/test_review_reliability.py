@@ -3,9 +3,15 @@ timeouts, pooler detection): faults tried for real."""
 
 from __future__ import annotations
 
-import pytest
-from django.db import connection
+import threading
+import time
 
+import psycopg
+import pytest
+from django.db import connection, connections, transaction
+from django.test import override_settings
+
+from django_openworkflow import liveness
 from django_openworkflow.models import StepAttempt, WorkflowRun
 from django_openworkflow.testing import pause_at
 from tests.testapp.workflows import partition_ledger
@@ -69,3 +75,53 @@ def test_the_delays_grow_up_to_a_minute():
     assert [db_error_delay(n) for n in (1, 2, 3, 4)] == [0.0, 1.0, 2.0, 4.0]
     assert db_error_delay(8) == 60.0
     assert db_error_delay(10**6) == 60.0
+
+
+def session_alive(pid: int) -> bool:
+    """Asked on a connection of its own (pg_stat_activity is a snapshot per transaction)."""
+    params = connection.get_connection_params()
+    for option in ("cursor_factory", "context", "server_side_binding"):
+        params.pop(option, None)
+    with psycopg.connect(**params, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid])
+        return row.fetchone()[0] == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_statement_ended_while_it_waits_for_a_lock_leaves_no_session_holding_on():
+    """A false positive of the watchdog (a healthy statement waiting on a lock longer than
+    STATEMENT_TIMEOUT): its connection is ended; the server session behind it must not
+    go on waiting, and holding what its transaction locked, until the lock is free."""
+    run = partition_ledger.start({})
+    watchdog = liveness.Liveness("default", "sampler")
+    with override_settings(OPENWORKFLOW={"STATEMENT_TIMEOUT": 0.3}):
+        watchdog.start()
+    pids: list[int] = []
+    errors: list[BaseException] = []
+
+    def wait_for_the_row() -> None:
+        with watchdog.thread():
+            try:
+                with transaction.atomic():
+                    pids.append(connections["default"].connection.info.backend_pid)
+                    WorkflowRun.objects.select_for_update().get(pk=run.pk)
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                connections["default"].close()
+
+    try:
+        with transaction.atomic():
+            WorkflowRun.objects.select_for_update().get(pk=run.pk)  # held by the test
+            waiter = threading.Thread(target=wait_for_the_row)
+            waiter.start()
+            waiter.join(30)
+            assert [type(e).__name__ for e in errors] == ["OperationalError"]
+            assert watchdog.ended == 1
+            end = time.monotonic() + 20
+            while session_alive(pids[0]):  # while the test still holds the row
+                assert time.monotonic() < end, "the ended statement's session still waits"
+                time.sleep(0.05)
+    finally:
+        watchdog.stop()
