@@ -125,3 +125,18 @@ def test_a_statement_ended_while_it_waits_for_a_lock_leaves_no_session_holding_o
                 time.sleep(0.05)
     finally:
         watchdog.stop()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_two_workers_in_one_process_the_options_stay_until_the_last_stops():
+    options = connections.settings["default"]["OPTIONS"]
+    assert "tcp_user_timeout" not in options
+    first, second = liveness.Liveness("default", "one"), liveness.Liveness("default", "two")
+    with override_settings(OPENWORKFLOW={"TCP_USER_TIMEOUT": 7, "STATEMENT_TIMEOUT": None}):
+        first.start()
+        second.start()
+        first.stop()
+        assert options["tcp_user_timeout"] == 7000  # the second still runs
+        second.stop()
+    assert "tcp_user_timeout" not in options
