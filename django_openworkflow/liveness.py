@@ -15,7 +15,9 @@ connections to ``OPENWORKFLOW["DATABASE"]``:
   acknowledging (a real partition, a dead host).
 - the same keepalives and ``tcp_user_timeout`` on the server's side of each
   session (``set_config(..., false)``, one query per new connection), so the
-  server ends the orphaned session of a partitioned worker and its locks go.
+  server ends the orphaned session of a partitioned worker and its locks go;
+  with the watchdog on, ``client_connection_check_interval`` too (PostgreSQL
+  14+), so a session whose statement the watchdog ended stops waiting.
   Not behind a pooler in transaction mode (``pooler.behind_pooler``): a
   session setting would leak to other clients there.
 - a statement watchdog, ``STATEMENT_TIMEOUT``: a thread of the worker
@@ -155,7 +157,9 @@ class Liveness:
         self.using = using
         self.worker_id = worker_id
         self.timeout: float | None = None
-        self.server_side: dict[str, str] = {}
+        # The server's side of each session; None: not known yet (pooler detection failed).
+        self._server_side: dict[str, str] | None = {}
+        self._pooled = True  # behind a pooler (or not known yet): no session settings
         self.ended = 0  # connections ended by the watchdog
         self._watched: list[_Watched] = []
         self._lock = threading.Lock()
@@ -176,7 +180,20 @@ class Liveness:
         self._started = True
         self._stopped.clear()
         _apply_options(self.using)
-        self.server_side = {} if behind_pooler(self.using) else server_settings()
+        try:
+            self._pooled = behind_pooler(self.using)
+            self._server_side = {} if self._pooled else server_settings()
+        except Exception as exc:  # the database is down: find out on the next connection
+            self._pooled, self._server_side = True, None
+            logger.warning(
+                "pooler detection failed at the start, tried again at the next connection "
+                "worker=%s error=%s",
+                self.worker_id,
+                type(exc).__name__,
+            )
+        finally:
+            if not connections[self.using].in_atomic_block:
+                connections[self.using].close()  # the detection's; the next one is watched
         connection_created.connect(_on_connection_created, dispatch_uid=__name__)
         self.timeout = app_settings.STATEMENT_TIMEOUT
         if self.timeout is not None and _TCP_INFO is None:
@@ -195,7 +212,7 @@ class Liveness:
             "connection liveness worker=%s options=%s server=%s statement_timeout=%s",
             self.worker_id,
             libpq_options(),
-            self.server_side or "-",
+            self._server_side if self._server_side is not None else "not known yet",
             self.timeout,
         )
 
@@ -234,21 +251,48 @@ class Liveness:
             with self._lock:
                 self._watched = [w for w in self._watched if w.state is not state]
 
+    @property
+    def server_side(self) -> dict[str, str]:
+        """The settings set on the server's side of each session ({} when not known yet)."""
+        return self._server_side or {}
+
     def watch(self, raw: Any, *, prepare: bool = True) -> None:
         """Watch ``raw`` (a psycopg connection of this thread); set the server's side."""
         state = getattr(_local, "state", None)
         if state is None or state.liveness is not self:
             return
-        if prepare and self.server_side:
+        if prepare and self._server_side is None:
+            self._detect_pooler(raw)
+        if prepare and not self._pooled:
             self._prepare(raw)
         if self.timeout is not None:
             with self._lock:
                 self._watched.append(_Watched(raw, state))
 
+    def _detect_pooler(self, raw: Any) -> None:
+        """The pooler detection that failed at the start, on ``raw``; until one succeeds,
+        no session setting (behind a pooler it would stay on a server connection)."""
+        from .pooler import behind_pooler
+
+        try:
+            pooled = behind_pooler(self.using, raw)
+            self._server_side = {} if pooled else server_settings()
+            self._pooled = pooled
+        except Exception as exc:
+            logger.debug("pooler detection failed worker=%s detail=%s", self.worker_id, exc)
+
     def _prepare(self, raw: Any) -> None:
-        names = list(self.server_side)
+        values = dict(self.server_side)
+        if self.timeout is not None and raw.info.server_version >= 140000:
+            # A session whose statement the watchdog ended would otherwise go on waiting (for
+            # a lock, say) and holding its locks until the wait ends: the server looks for
+            # the closed client every so often and ends the session (PostgreSQL 14+).
+            values["client_connection_check_interval"] = str(max(1000, round(self.timeout * 1000)))
+        if not values:
+            return
+        names = list(values)
         sql = "SELECT " + ", ".join(["set_config(%s, %s, false)"] * len(names))
-        params = [p for name in names for p in (name, self.server_side[name])]
+        params = [p for name in names for p in (name, values[name])]
         try:
             with raw.cursor() as cursor:
                 cursor.execute(sql, params)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import Any
 
 from .conf import app_settings
 
@@ -45,15 +46,20 @@ _detected: dict[tuple[int, str], bool] = {}
 _lock = threading.Lock()
 
 
-def behind_pooler(using: str) -> bool:
-    """Whether the database ``using`` is reached through a pooler in transaction mode."""
+def behind_pooler(using: str, raw: Any = None) -> bool:
+    """Whether the database ``using`` is reached through a pooler in transaction mode.
+
+    Found out on ``raw`` (a psycopg connection to ``using``) when given, else on the
+    calling thread's connection. A detection that fails (the database is down) raises
+    and remembers nothing: the next call asks again.
+    """
     setting = app_settings.POOLER
     if setting is not None:
         return setting
     key = (os.getpid(), using)  # a forked child asks again: its connections are new
     found = _detected.get(key)
     if found is None:
-        found = _detect(using)
+        found = _detect(using) if raw is None else _detect_on(raw)
         with _lock:
             if key not in _detected:
                 _detected[key] = found
@@ -96,3 +102,10 @@ def _detect(using: str) -> bool:
         cursor.execute("SELECT pg_backend_pid()")
         (server_pid,) = cursor.fetchone()
     return int(connection.connection.info.backend_pid) != int(server_pid)
+
+
+def _detect_on(raw: Any) -> bool:
+    with raw.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (server_pid,) = cursor.fetchone()
+    return int(raw.info.backend_pid) != int(server_pid)

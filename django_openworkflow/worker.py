@@ -79,6 +79,8 @@ class Worker:
         # claim's runs share its token, and a run parked and claimed again while its last
         # slot is still finishing is two entries, each dropped by its own slot.
         self._in_flight: dict[tuple[uuid.UUID, Any], Claim] = {}
+        # Run id -> its passes in a row that ended in a database error (db_error_delay).
+        self._db_errors: dict[Any, int] = {}
         self._unknown_names: set[str] = set()  # names of due runs already reported
         self._schedules_declared = False  # tried again at each sweep until it succeeds
         self._queue: queue.SimpleQueue[Claim | None] = queue.SimpleQueue()
@@ -166,8 +168,8 @@ class Worker:
             self.lease_seconds,
             len(names),
         )
-        self.liveness.start()
         try:
+            self.liveness.start()
             with self.liveness.thread():
                 self._run(names)
         finally:
@@ -393,17 +395,27 @@ class Worker:
             execution.execute()
             self._add_timer(execution.parked_until)
         except DatabaseError as exc:
+            with self._lock:
+                if len(self._db_errors) >= MAX_DB_ERROR_RUNS:  # runs others took over
+                    self._db_errors.clear()
+                times = self._db_errors[run.pk] = self._db_errors.get(run.pk, 0) + 1
+            delay = db_error_delay(times)
             # The type only: a database's message may quote the values written (PostgreSQL's
             # CONTEXT of a JSON error, say). The message is for DEBUG.
             logger.warning(
-                "database error, releasing the run run=%s workflow=%s error=%s%s",
+                "database error, releasing the run run=%s workflow=%s error=%s%s%s",
                 run.pk,
                 run.workflow_name,
                 type(exc).__name__,
                 _hint(exc),
+                f" times={times} delay={delay:g}s" if delay else "",
             )
             logger.debug("database error run=%s detail=%s", run.pk, exc)
-            release(self.store, claim)
+            release(self.store, claim, delay=delay)
+        else:
+            if self._db_errors:
+                with self._lock:
+                    self._db_errors.pop(run.pk, None)
 
     def _done(self, claim: Claim) -> None:
         """The slot is free again: drop this claim (only this one) from flight."""
@@ -494,6 +506,20 @@ def report_unknown_names(
 # A run that crashed the engine (not a database error) is replayed after this many
 # seconds, so one that crashes before any step is recorded cannot spin a worker.
 CRASH_RELEASE_DELAY = 1.0
+# A run whose passes end in a database error again and again (a statement of the engine's
+# that fails the same way at every replay: a value the database refuses, a trigger) must
+# not spin a slot: released at once the first time (a lost connection, say), then later
+# and later, up to a minute.
+MAX_DB_ERROR_DELAY = 60.0
+MAX_DB_ERROR_RUNS = 10_000  # runs remembered (db_error_delay); beyond, forgotten at once
+
+
+def db_error_delay(times: int) -> float:
+    """Seconds before a run released after its ``times``-th database error in a row is due:
+    0, then CRASH_RELEASE_DELAY doubling up to ``MAX_DB_ERROR_DELAY``."""
+    if times <= 1:
+        return 0.0
+    return min(MAX_DB_ERROR_DELAY, CRASH_RELEASE_DELAY * 2 ** min(times - 2, 16))
 
 
 def release(store: Store, claim: Claim, *, delay: float = 0.0) -> None:

@@ -457,3 +457,60 @@ def test_sqlite_deleting_runs_while_the_database_is_locked_deletes_nothing_and_s
 
     assert admin_messages(response) == [("success", "Successfully deleted 1 workflow run.")]
     assert not WorkflowRun.objects.filter(pk=run.pk).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+@sqlite_only
+def test_sqlite_the_admin_action_waits_once_not_once_per_busy_run(monkeypatch):
+    """After the first busy run the action does not wait again: 50 busy runs must not keep
+    the person waiting 50 times PAGE_LOCK_TIMEOUT."""
+    manager = type(WorkflowRun.objects)
+    waits = []
+    resume = manager.resume
+
+    def recorded(self, run, **kwargs):
+        waits.append(kwargs["lock_timeout"])
+        return resume(self, run, **kwargs)
+
+    monkeypatch.setattr(manager, "resume", recorded)
+    client = superuser_client()
+    runs = [failed_run(), failed_run(), failed_run()]
+    with database_write_locked():
+        response = client.post(
+            CHANGELIST, {"action": "resume_runs", "_selected_action": [r.pk for r in runs]}
+        )
+    assert admin_messages(response)[-1] == ("warning", "3 runs skipped: it is busy in a step.")
+    assert waits == [0.2, 0.0, 0.0]
+
+
+@pytest.mark.django_db(transaction=True)
+@sqlite_only
+def test_sqlite_the_admin_actions_history_write_that_meets_a_locked_database_is_no_500():
+    """As the pages': the resume committed, the admin history entry after it finds the
+    database locked; the entry is lost (logged), the action reports the resume."""
+    client = superuser_client()
+    run = failed_run()
+    holders = []
+
+    def take_the_lock(sender, run, **kwargs):  # sent once the resume committed
+        other = sqlite3.connect(connection.settings_dict["NAME"], isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        holders.append(other)
+
+    run_resumed.connect(take_the_lock)
+    connection.ensure_connection()
+    raw = connection.connection
+    (before,) = raw.execute("PRAGMA busy_timeout").fetchone()
+    raw.execute("PRAGMA busy_timeout = 100")  # the connection's own wait, short
+    try:
+        response = client.post(CHANGELIST, {"action": "resume_runs", "_selected_action": [run.pk]})
+    finally:
+        run_resumed.disconnect(take_the_lock)
+        raw.execute(f"PRAGMA busy_timeout = {before}")
+        for other in holders:
+            other.close()
+
+    assert response.status_code == 302
+    assert admin_messages(response) == [("success", "1 run resumed.")]
+    assert WorkflowRun.objects.get(pk=run.pk).status == "pending"
+    assert LogEntry.objects.count() == 0

@@ -17,7 +17,7 @@ import pytest
 from django.db import connection, connections
 from django.test import override_settings
 
-from django_openworkflow import liveness
+from django_openworkflow import liveness, pooler
 from django_openworkflow.loadtest.proxy import PartitionProxy, upstream_of
 from django_openworkflow.models import StepAttempt, WorkflowRun
 from django_openworkflow.testing import pause_at
@@ -344,3 +344,57 @@ def test_an_engine_statement_that_fails_inside_the_workflow_releases_the_run(pro
         wait_until(lambda: completed(run), "the run to be replayed and completed")
     run.refresh_from_db()
     assert (run.status, run.output, run.attempts) == ("completed", 2, 0)
+
+
+def test_a_worker_started_while_the_database_is_unreachable_waits_for_it(proxy, caplog):
+    """The pooler detection at the start finds no database: the worker neither dies nor
+    takes a guess for good; once the database answers, it runs runs, with the server's
+    session settings (detected as not behind a pooler then)."""
+    caplog.set_level(logging.WARNING, logger="django_openworkflow")
+    pooler.forget()
+    run = start_direct(connection_settings)
+    proxy.partition()  # every connection attempt of A's hangs until connect_timeout
+    with through_proxy(TCP_KEEPALIVE=9), InProcessWorker(concurrency=1) as a:
+        wait_until(
+            lambda: any("pooler" in r.getMessage() for r in caplog.records),
+            "the worker to say it could not detect a pooler",
+        )
+        assert a.liveness.active
+        proxy.heal()
+        wait_until(lambda: completed(run), "the run, once the database answers")
+    run.refresh_from_db()
+    assert run.output["server"]["tcp_keepalives_idle"] == "9"
+    assert "keepalives_idle" not in connections.settings[ALIAS]["OPTIONS"]
+
+
+@pytest.mark.parametrize("lands", [True, False], ids=["commit-lands", "session-ends"])
+def test_a_step_atomic_commit_ended_by_the_watchdog_is_stored_once(proxy, caplog, lands):
+    """The watchdog ends the connection while a step.atomic's COMMIT is in flight. Held by
+    the partition, the late COMMIT lands at the heal: the step's row and result count once,
+    the step is not run again. Or the server ends the session first (its keepalives): the
+    transaction rolls back, and the step runs again, once."""
+    caplog.set_level(logging.WARNING, logger="django_openworkflow")
+    run = start_direct(partition_ledger)
+    with through_proxy(STATEMENT_TIMEOUT=1), InProcessWorker() as a:
+        with pause_at(
+            "step.atomic-stored", when=lambda c: c["run_id"] == run.pk and c["step"] == "second"
+        ) as stored:
+            stored.wait()
+            proxy.partition()  # the COMMIT goes into the black hole
+        wait_until(lambda: a.liveness.ended >= 1, "the watchdog to end the COMMIT's connection")
+        if not lands:
+            cut_off = proxy.upstream_ports(client_gone=True)
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE client_port = ANY(%s)",
+                    [cut_off],
+                )
+            wait_until(lambda: sessions_of(cut_off) == 0, "the cut-off sessions to end")
+        proxy.heal()
+        wait_until(lambda: completed(run), "worker A to finish the run after the heal")
+    assert_once(run)
+    seconds = StepAttempt.objects.filter(workflow_run=run, step_name="second")
+    assert seconds.filter(status="completed").count() == 1
+    if lands:
+        assert seconds.count() == 1
