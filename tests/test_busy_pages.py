@@ -368,13 +368,10 @@ def test_sqlite_resume_with_changes_keeps_the_form_when_busy():
     assert WorkflowRun.objects.get(pk=run.pk).input == {"amount": 2}
 
 
-@pytest.mark.django_db(transaction=True)
-@sqlite_only
-def test_sqlite_a_history_write_that_meets_a_locked_database_is_no_500():
-    """The resume committed; the admin history entry written after it finds the database
-    locked: the entry is lost (logged), the page reports the resume."""
-    client = superuser_client()
-    run = failed_run()
+@contextmanager
+def locked_once_resumed():
+    """SQLite: another connection takes the database's write lock as soon as a resume
+    commits (before the admin history entry is written); this connection waits 100 ms."""
     holders = []
 
     def take_the_lock(sender, run, **kwargs):  # sent once the resume committed
@@ -388,12 +385,23 @@ def test_sqlite_a_history_write_that_meets_a_locked_database_is_no_500():
     (before,) = raw.execute("PRAGMA busy_timeout").fetchone()
     raw.execute("PRAGMA busy_timeout = 100")  # the connection's own wait, short
     try:
-        response = client.post(page_url("resume", run))
+        yield
     finally:
         run_resumed.disconnect(take_the_lock)
         raw.execute(f"PRAGMA busy_timeout = {before}")
         for other in holders:
             other.close()
+
+
+@pytest.mark.django_db(transaction=True)
+@sqlite_only
+def test_sqlite_a_history_write_that_meets_a_locked_database_is_no_500():
+    """The resume committed; the admin history entry written after it finds the database
+    locked: the entry is lost (logged), the page reports the resume."""
+    client = superuser_client()
+    run = failed_run()
+    with locked_once_resumed():
+        response = client.post(page_url("resume", run))
 
     assert response.status_code == 302
     assert messages_of(response) == [f"Run {run.pk} resumed."]
@@ -490,25 +498,8 @@ def test_sqlite_the_admin_actions_history_write_that_meets_a_locked_database_is_
     database locked; the entry is lost (logged), the action reports the resume."""
     client = superuser_client()
     run = failed_run()
-    holders = []
-
-    def take_the_lock(sender, run, **kwargs):  # sent once the resume committed
-        other = sqlite3.connect(connection.settings_dict["NAME"], isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")
-        holders.append(other)
-
-    run_resumed.connect(take_the_lock)
-    connection.ensure_connection()
-    raw = connection.connection
-    (before,) = raw.execute("PRAGMA busy_timeout").fetchone()
-    raw.execute("PRAGMA busy_timeout = 100")  # the connection's own wait, short
-    try:
+    with locked_once_resumed():
         response = client.post(CHANGELIST, {"action": "resume_runs", "_selected_action": [run.pk]})
-    finally:
-        run_resumed.disconnect(take_the_lock)
-        raw.execute(f"PRAGMA busy_timeout = {before}")
-        for other in holders:
-            other.close()
 
     assert response.status_code == 302
     assert admin_messages(response) == [("success", "1 run resumed.")]
