@@ -88,6 +88,16 @@ def libpq_options() -> dict[str, int]:
     return options
 
 
+def own_connection_params(alias: str) -> dict[str, Any]:
+    """``psycopg.connect()``'s parameters for a connection the engine opens itself to
+    ``alias`` (the listener's): Django's, with ``libpq_options()`` wherever the project's
+    ``OPTIONS`` do not say otherwise, as the worker's own connections have them."""
+    params = connections[alias].get_connection_params()
+    for option in ("cursor_factory", "context", "server_side_binding"):
+        params.pop(option, None)
+    return {**libpq_options(), **params}
+
+
 def keepalive_interval(idle: float) -> int:
     return max(1, round(idle / KEEPALIVE_PROBES))
 

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 
+import psycopg
 import pytest
 from django.db import connection, connections
 from django.test import override_settings
@@ -262,6 +263,35 @@ def test_the_projects_options_win_and_a_pooler_gets_no_session_settings(proxy):
     assert run.output["libpq"]["keepalives_interval"] == "3"
     assert run.output["server"]["tcp_keepalives_idle"] == server_default
     assert connections.settings[ALIAS]["OPTIONS"] == {"keepalives_idle": 42}
+
+
+def test_the_listen_database_connection_gets_the_options_too(monkeypatch):
+    """The listener's own connection, to ``LISTEN_DATABASE``, has the libpq options the
+    worker's connections have, under the project's ``OPTIONS`` of that alias."""
+    saved = copy.deepcopy(connections.settings[ALIAS]["OPTIONS"])
+    connections.settings[ALIAS]["OPTIONS"] = {"keepalives_count": 5}
+    opened: list[dict[str, str]] = []
+    connect = psycopg.connect
+
+    def recording_connect(*args, **kwargs):
+        conn = connect(*args, **kwargs)
+        if kwargs.get("autocommit"):  # the listener's
+            opened.append(conn.info.get_parameters())
+        return conn
+
+    monkeypatch.setattr(psycopg, "connect", recording_connect)
+    settings = {"DATABASE": "default", "LISTEN_DATABASE": ALIAS, "POOLER": False}
+    try:
+        with (
+            override_settings(OPENWORKFLOW={**settings, "TCP_KEEPALIVE": 9, "CONNECT_TIMEOUT": 7}),
+            InProcessWorker(concurrency=1),
+        ):
+            wait_until(lambda: opened, "the listener to connect")
+    finally:
+        connections.settings[ALIAS]["OPTIONS"] = saved
+    params = opened[0]  # keepalives_count: the alias's own OPTIONS win
+    assert (params["connect_timeout"], params["keepalives_idle"]) == ("7", "9")
+    assert (params["keepalives_interval"], params["keepalives_count"]) == ("3", "5")
 
 
 def test_a_steps_own_slow_query_is_left_alone(proxy):

@@ -25,7 +25,7 @@ import psycopg
 from django.db import DatabaseError, transaction
 
 from ..ids import uuid7
-from ..liveness import LISTEN_PING_SECONDS, watch_here
+from ..liveness import LISTEN_PING_SECONDS, own_connection_params, watch_here
 from ..logfields import failure, failure_text
 from ..models import QueueStart, StepAttempt, WorkflowRun
 from ..pauses import has_hooks, pause_point
@@ -687,10 +687,7 @@ class PostgresStore(OrmStore):
                 alias = alias or self.listen_alias(worker_id)
                 if alias is None:
                     return False
-                params = connections[alias].get_connection_params()
-                for option in ("cursor_factory", "context", "server_side_binding"):
-                    params.pop(option, None)
-                with psycopg.connect(**params, autocommit=True) as conn:
+                with psycopg.connect(**own_connection_params(alias), autocommit=True) as conn:
                     if alias != self.using and not self.same_database(conn, alias, worker_id):
                         return False
                     watch_here(conn)  # the statement watchdog's (liveness.py)
