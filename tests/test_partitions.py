@@ -49,19 +49,33 @@ def wait_until(predicate, what: str, timeout: float = 60.0) -> None:
 
 
 @pytest.fixture
-def proxy():
-    """A proxy to the test database; the alias ``partitioned`` (a mirror) goes through it."""
+def proxy(request):
+    """A proxy to the test database; the alias ``partitioned`` (a mirror) goes through it.
+
+    Parametrized ``"django-pool"`` (indirect): the alias's connections come from Django's
+    connection pool (``OPTIONS["pool"]``, psycopg_pool), as a project's may.
+    """
     settings_dict = connections.settings[ALIAS]
     saved = copy.deepcopy(settings_dict)
+    pooled = getattr(request, "param", None) == "django-pool"
     with PartitionProxy(upstream_of(connection.settings_dict)) as p:
         settings_dict.update(HOST=p.address[0], PORT=str(p.port))
+        if pooled:
+            settings_dict["OPTIONS"] = {"pool": {"min_size": 1, "max_size": 8}}
         try:
             yield p
         finally:
             p.heal()
             connections[ALIAS].close()
+            if pooled:
+                connections[ALIAS].close_pool()
             settings_dict.clear()
             settings_dict.update(saved)
+
+
+with_and_without_django_pool = pytest.mark.parametrize(
+    "proxy", ["direct", "django-pool"], indirect=True
+)
 
 
 class InProcessWorker:
@@ -150,6 +164,7 @@ def cut_before_the_atomic_step(proxy, run: WorkflowRun) -> None:
         proxy.partition()
 
 
+@with_and_without_django_pool
 def test_a_statement_without_an_answer_is_ended_and_the_run_taken_over(
     proxy, worker_process, caplog
 ):
@@ -225,7 +240,8 @@ def test_a_claim_cut_off_before_its_commit_is_taken_over_after_the_lease(proxy, 
     assert_once(run)
 
 
-def test_the_options_land_on_the_worker_connections(proxy):
+@with_and_without_django_pool
+def test_the_options_land_on_the_worker_connections(proxy, request):
     run = connection_settings.start()
     with (
         through_proxy(TCP_KEEPALIVE=9, TCP_USER_TIMEOUT=21, CONNECT_TIMEOUT=7),
@@ -247,6 +263,7 @@ def test_the_options_land_on_the_worker_connections(proxy):
     )
     assert (libpq["keepalives_interval"], libpq["keepalives_count"]) == ("3", "3")
     assert libpq["tcp_user_timeout"] == "21000"
+    assert run.output["pooled"] == (request.node.callspec.params["proxy"] == "django-pool")
     assert "connect_timeout" not in connections.settings[ALIAS]["OPTIONS"]  # removed at the end
 
 

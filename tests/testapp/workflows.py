@@ -639,7 +639,7 @@ def _connection_settings():
             cursor.execute(f"SHOW {name}")
             shown[name] = cursor.fetchone()[0]
     parameters = connection.connection.info.get_parameters()
-    return {"server": shown, "libpq": parameters}
+    return {"server": shown, "libpq": parameters, "pooled": connection.pool is not None}
 
 
 @workflow(name="connection-settings")
