@@ -23,14 +23,15 @@ transitions check and write under the locks they hold) and
 
 from __future__ import annotations
 
+import logging
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from asgiref.sync import sync_to_async
-from django.db import models, transaction
+from django.db import DatabaseError, models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -58,7 +59,12 @@ if TYPE_CHECKING:
     from .models import StepAttempt, WorkflowRun, WorkflowRunEvent
     from .store import Store
 
+logger = logging.getLogger(__name__)
+R = TypeVar("R")
+
 ACTIVE = ("pending", "running")
+# A transition the database chose as a deadlock's victim runs again, this many times in all.
+DEADLOCK_ATTEMPTS = 3
 UUID_GROUPS = ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32))  # 8-4-4-4-12 hex digits
 
 
@@ -366,6 +372,31 @@ class RunLocks(models.Manager.from_queryset(WorkflowRunQuerySet)):  # type: igno
 
         return StepAttempt.objects.using(self.db)
 
+    def _transition(
+        self, action: str, pk: Any, lock_timeout: float | None, body: Callable[[], R]
+    ) -> R:
+        """``body()`` in ``_locking()``'s transaction. When the database ends that
+        transaction to break a deadlock with another one (a worker's, say), the whole
+        transition runs again, up to ``DEADLOCK_ATTEMPTS`` times in all: its reads and
+        refusals are made afresh under the new locks. Not inside a caller's transaction,
+        which the database rolled back: the error goes to the caller."""
+        for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+            try:
+                with self._locking(action, pk, lock_timeout):
+                    return body()
+            except DatabaseError as exc:
+                connection = transaction.get_connection(self.db)
+                if (
+                    attempt == DEADLOCK_ATTEMPTS
+                    or connection.in_atomic_block
+                    or not self.store.deadlocked(exc)
+                ):
+                    raise
+                logger.info(
+                    "deadlock victim, %s tried again run=%s attempt=%s", action, pk, attempt + 1
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
+
     @contextmanager
     def _locking(self, action: str, pk: Any, lock_timeout: float | None) -> Iterator[None]:
         """A transition's transaction. With ``lock_timeout`` (seconds, for a person waiting:
@@ -598,7 +629,8 @@ class WorkflowRunManager(RunWrites):
         correction = Correction.checked(pk, input, step_outputs)
         if correction.given:
             require_correct_permission(by, pk)
-        with self._locking("resume", pk, timeout):
+
+        def locked() -> WorkflowRun:
             run = self._lock_one(pk)
             pause_point("resume.locked", run_id=run.pk)
             self._refuse("resume", run, expected, deadline_at, run.resume_refusal)
@@ -619,7 +651,9 @@ class WorkflowRunManager(RunWrites):
             send_after_commit(run_resumed, run, using=self.db, by=by)
             if correction.given:
                 log_run_change(run, by, correction.log_message(), using=self.db)
-        return run
+            return run
+
+        return self._transition("resume", pk, timeout, locked)
 
     def rerun(
         self,
@@ -657,7 +691,8 @@ class WorkflowRunManager(RunWrites):
         timeout = _lock_timeout(lock_timeout)
         if from_step is not None:
             check_name(from_step, "from_step", of=f" of the rerun of run {pk}")
-        with self._locking("rerun", pk, timeout):
+
+        def locked() -> WorkflowRun:
             run = self._lock_one(pk)
             pause_point("rerun.locked", run_id=run.pk)
             self._refuse("rerun", run, expected, deadline_at, run.rerun_refusal)
@@ -684,7 +719,9 @@ class WorkflowRunManager(RunWrites):
             self.store.notify(run.namespace)
             send_after_commit(run_rerun, run, using=self.db, by=by, from_step=from_step)
             log_run_change(run, by, plan.log_message(), using=self.db)
-        return run
+            return run
+
+        return self._transition("rerun", pk, timeout, locked)
 
     def cancel(
         self, run_or_id: Any, *, by: Any = None, lock_timeout: float | None = None
@@ -700,7 +737,8 @@ class WorkflowRunManager(RunWrites):
         """
         pk = _pk(run_or_id)
         timeout = _lock_timeout(lock_timeout)
-        with self._locking("cancel", pk, timeout):
+
+        def locked() -> WorkflowRun:
             self.lock_parents([pk])
             run = self.select_for_update().annotate(db_now=Now()).get(pk=pk)
             refusal = run.cancel_refusal()
@@ -721,7 +759,9 @@ class WorkflowRunManager(RunWrites):
             woken = run.parent_step_attempt_id is not None and self.store.wake_parents([run.pk])
             if woken or any(frees_a_place(r) for r in ended):
                 self.store.notify(run.namespace)
-        return run
+            return run
+
+        return self._transition("cancel", pk, timeout, locked)
 
     # --- for async code (Django's "a" prefix): the same arguments, awaited ---------------
 

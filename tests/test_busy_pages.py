@@ -151,12 +151,12 @@ def test_resume_works_once_the_step_has_committed_and_the_run_failed(workers):
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.postgres
+@pytest.mark.row_locks
 def test_the_manager_without_lock_timeout_still_waits_for_the_step(workers):
     """Library callers are unchanged: no ``lock_timeout=``, no ``RunBusy``; the cancel
-    waits for the step's commit, then cancels. (PostgreSQL only: on MariaDB the waiting
-    cancel is sometimes chosen as a deadlock victim (1213) against the worker's next
-    write once the step commits; the unchanged path of before, reported, not fixed here.)"""
+    waits for the step's commit, then cancels. (On MariaDB the waiting cancel is sometimes
+    chosen as a deadlock victim (1213) against the worker's next write once the step
+    commits: it then runs again, ``test_races``.)"""
     run = atomic_then.start({"then": "sleep"})
     with held_in_step(workers, run):
         cancel = Backend(lambda: WorkflowRun.objects.cancel(run))

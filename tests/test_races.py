@@ -5,18 +5,21 @@ lets another transaction run into it, and checks the outcome the lock order
 promises. Every thread uses its own database connection.
 """
 
+import logging
 from datetime import timedelta
 
 import pytest
+from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
 from django_openworkflow import send_signal
 from django_openworkflow.engine import Execution
-from django_openworkflow.models import WorkflowRun
+from django_openworkflow.models import WorkflowRun, WorkflowRunEvent
 from django_openworkflow.registry import get_workflow
 from django_openworkflow.store import get_store
 from django_openworkflow.testing import drain, pause_at
 from tests.conftest import Backend, blocked_on_a_lock, make_due
+from tests.testapp.models import Ledger
 from tests.testapp.workflows import parent
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.row_locks]
@@ -79,6 +82,67 @@ def test_cancelling_a_parent_while_its_child_finishes_does_not_deadlock():
     child.refresh_from_db()
     assert (run.status, child.status) == ("canceled", "canceled")
     assert child.output is None  # the fenced-out child stored nothing as success
+
+
+def deadlock_a_cancel(run, child, cancel_it) -> Backend:
+    """Run ``cancel_it`` (a cancel of ``run``) into a deadlock, and return its finished
+    thread. The other transaction locks the child, then the parent: against the lock order
+    (no engine path does), so that the deadlock is certain. It also writes more rows (InnoDB
+    rolls back the one that wrote fewer) and checks for deadlocks later (PostgreSQL: the
+    first to check is rolled back), so that the cancel is the one ended; it commits."""
+
+    def against_the_lock_order():
+        with transaction.atomic():
+            if connection.vendor == "postgresql":
+                with connection.cursor() as cursor:
+                    cursor.execute("SET LOCAL deadlock_timeout = '30s'")
+            Ledger.objects.bulk_create(Ledger(run_id=run.pk, note=f"weight {i}") for i in range(20))
+            list(WorkflowRun.objects.select_for_update().filter(pk=child.pk))
+            list(WorkflowRun.objects.select_for_update().filter(pk=run.pk))
+
+    cancel = Backend(cancel_it)
+    with pause_at("cancel.before-children", when=lambda c: c["run_id"] == run.pk) as pause:
+        cancel.start()
+        pause.wait()  # the cancel holds the parent's row, not yet the child's
+        other = Backend(against_the_lock_order)
+        other.start()
+        assert blocked_on_a_lock(other)  # it holds the child's row, waits for the parent's
+    # The cancel asks for the child's row now: a deadlock, which ends the cancel's first try.
+    other.finish()
+    cancel.join(15)
+    assert not cancel.is_alive()
+    assert Ledger.objects.filter(run_id=run.pk).count() == 20  # the other one committed
+    return cancel
+
+
+def test_a_cancel_the_database_ends_to_break_a_deadlock_runs_again(caplog):
+    caplog.set_level(logging.INFO, logger="django_openworkflow")
+    run, child = parked_parent()
+    cancel = deadlock_a_cancel(run, child, lambda: WorkflowRun.objects.cancel(run))
+    assert cancel.error is None, repr(cancel.error)
+    run.refresh_from_db()
+    child.refresh_from_db()
+    assert (run.status, child.status) == ("canceled", "canceled")
+    assert WorkflowRunEvent.objects.filter(run=run, action="cancel").count() == 1
+    tried = [r.getMessage() for r in caplog.records if r.name == "django_openworkflow.managers"]
+    assert tried == [f"deadlock victim, cancel tried again run={run.pk} attempt=2"]
+
+
+def test_a_cancel_in_the_callers_transaction_leaves_the_deadlock_to_the_caller():
+    """The database rolled the caller's whole transaction back: running the cancel again
+    alone would commit it without the caller's other writes. The error is the caller's."""
+    run, child = parked_parent()
+
+    def in_a_transaction():
+        with transaction.atomic():
+            WorkflowRun.objects.cancel(run)
+
+    cancel = deadlock_a_cancel(run, child, in_a_transaction)
+    assert isinstance(cancel.error, OperationalError)
+    assert get_store().deadlocked(cancel.error)
+    run.refresh_from_db()
+    assert run.status == "pending"
+    assert not WorkflowRunEvent.objects.filter(run=run, action="cancel").exists()
 
 
 def test_the_deadline_sweep_and_a_cancel_of_the_parent_do_not_deadlock():

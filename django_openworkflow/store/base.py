@@ -152,6 +152,11 @@ class Store:
         """Whether ``exc`` says that a wait for a lock ran out (nothing else failed)."""
         return False
 
+    def deadlocked(self, exc: DatabaseError) -> bool:
+        """Whether ``exc`` says that the database ended the transaction to break a deadlock
+        (it rolled back, and the same work may simply be tried again). Here: never."""
+        return False
+
     # --- runs ------------------------------------------------------------------
 
     def insert_run(self, **fields: Any) -> WorkflowRun:

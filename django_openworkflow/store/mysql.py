@@ -33,6 +33,7 @@ from .orm import OrmStore
 KEY_LOCK_SLOTS = 65_536  # rows of WorkflowKeyLock that keys hash to
 MYSQL_JSON_DEPTH = 30  # one level left for the engine's {"data": payload}
 LOCK_WAIT_TIMEOUT = 1205  # ER_LOCK_WAIT_TIMEOUT
+DEADLOCK = 1213  # ER_LOCK_DEADLOCK
 
 
 class MysqlStore(OrmStore):
@@ -79,6 +80,10 @@ class MysqlStore(OrmStore):
     def lock_wait_expired(self, exc: DatabaseError) -> bool:
         """Error 1205, "Lock wait timeout exceeded": ``innodb_lock_wait_timeout`` ran out."""
         return bool(exc.args) and exc.args[0] == LOCK_WAIT_TIMEOUT
+
+    def deadlocked(self, exc: DatabaseError) -> bool:
+        """Error 1213, "Deadlock found when trying to get lock"."""
+        return bool(exc.args) and exc.args[0] == DEADLOCK
 
     @contextmanager
     def session_variable(self, variable: str, value: Any) -> Iterator[None]:

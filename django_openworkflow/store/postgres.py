@@ -119,6 +119,10 @@ class PostgresStore(OrmStore):
         """``lock_not_available`` (55P03): ``lock_timeout`` ran out."""
         return getattr(exc.__cause__, "sqlstate", None) == "55P03"
 
+    def deadlocked(self, exc: DatabaseError) -> bool:
+        """``deadlock_detected`` (40P01)."""
+        return getattr(exc.__cause__, "sqlstate", None) == "40P01"
+
     START_RUN = f"""
     WITH run AS (
         INSERT INTO {RUN} (id, namespace, workflow_name, version, status, input, attempts,
