@@ -380,22 +380,19 @@ class RunLocks(models.Manager.from_queryset(WorkflowRunQuerySet)):  # type: igno
         transition runs again, up to ``DEADLOCK_ATTEMPTS`` times in all: its reads and
         refusals are made afresh under the new locks. Not inside a caller's transaction,
         which the database rolled back: the error goes to the caller."""
-        for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+        attempt = 1
+        while True:
             try:
                 with self._locking(action, pk, lock_timeout):
                     return body()
             except DatabaseError as exc:
-                connection = transaction.get_connection(self.db)
-                if (
-                    attempt == DEADLOCK_ATTEMPTS
-                    or connection.in_atomic_block
-                    or not self.store.deadlocked(exc)
-                ):
+                in_callers = transaction.get_connection(self.db).in_atomic_block
+                if attempt == DEADLOCK_ATTEMPTS or in_callers or not self.store.deadlocked(exc):
                     raise
+                attempt += 1
                 logger.info(
-                    "deadlock victim, %s tried again run=%s attempt=%s", action, pk, attempt + 1
+                    "deadlock victim, %s tried again run=%s attempt=%s", action, pk, attempt
                 )
-        raise AssertionError("unreachable")  # pragma: no cover
 
     @contextmanager
     def _locking(self, action: str, pk: Any, lock_timeout: float | None) -> Iterator[None]:
